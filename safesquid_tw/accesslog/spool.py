@@ -1,0 +1,556 @@
+"""A slave's on-disk spool of access records waiting to be shipped to the master.
+
+Records go into append-only *segments*. Every line is `<crc32 hex> <seq> <payload>\\n`, the CRC
+covering `<seq> <payload>`, so a torn write or a flipped bit is found line by line. Files in the
+spool directory:
+
+- `<segment>.open`: the segment being appended to (at most one);
+- `<segment>.<records>.seg`: sealed, waiting to be shipped; the record count is in the name so
+  the backlog is known at start-up without reading every segment;
+- `<segment>[.<n>].corrupt`: a damaged segment set aside for inspection (its valid records were
+  copied into a clean `.seg` of the same id and ship as usual);
+- `spool-state.json`: the next segment id and the count of records dropped by the size cap.
+
+Exactly once, end to end: (node, segment, seq) names a record for ever. Sequence numbers restart
+at 0 in every segment, and segment ids never repeat: the next id is persisted *before* a segment
+file is created, and a spool without state (new, or its state lost) starts from the wall clock in
+milliseconds, above any id an earlier spool of the same node could have used. The master ignores
+a (node, segment, seq) it already has, so re-shipping after a crash is harmless; a segment is
+deleted only once `acknowledge()` says the master stored all of it.
+
+Threads: `append()` only touches memory under a short lock, so it is safe on the reactor thread.
+`flush()`, `seal()`, `read_batches()`, `acknowledge()` and `close()` do disk I/O (write, fsync,
+rename); they are serialised by a second lock and may run in a worker thread (`deferToThread`)
+while the reactor keeps appending.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import threading
+import time
+import zlib
+from pathlib import Path
+from typing import Callable, Iterator
+
+import attrs
+from twisted.logger import Logger
+
+from safesquid_tw.util.atomic import atomic_write
+
+_log = Logger()
+
+STATE_FILE = "spool-state.json"
+STATE_FORMAT = "safesquid-spool-state/1"
+# Far below Perspective Broker's 640 KiB string limit, so one record always fits in a message.
+MAX_RECORD_BYTES = 256 * 1024
+_PROBLEMS_KEPT = 100
+
+
+@attrs.frozen
+class Batch:
+    """Consecutive records of one segment: record i has sequence number `first_seq + i`."""
+
+    node: str
+    segment: int
+    first_seq: int
+    records: list[bytes]
+
+    @property
+    def last_seq(self) -> int:
+        return self.first_seq + len(self.records) - 1
+
+
+@attrs.frozen
+class SpoolProblem:
+    """Something the spool had to repair or give up; logged, and kept for the status pages."""
+
+    kind: str  # "torn-tail", "corrupt-segment", "corrupt-state", "dropped"
+    segment: int | None
+    detail: str
+
+
+@attrs.frozen
+class _Sealed:
+    path: Path
+    records: int
+    size: int
+
+
+@attrs.define
+class _Pending:
+    """Lines of one segment appended since the last flush; `seal_count` set once sealed."""
+
+    segment: int
+    lines: list[bytes] = attrs.Factory(list)
+    seal_count: int | None = None
+
+
+@attrs.frozen
+class _Scan:
+    records: list[tuple[int, bytes]]  # (seq, payload), in file order
+    bad_lines: int
+    valid_end: int  # offset just past the last valid line
+    damaged_inside: bool  # a damaged line is followed by a valid one: not just a torn tail
+
+
+def encode_line(seq: int, payload: bytes) -> bytes:
+    body = b"%d %s" % (seq, payload)
+    return b"%08x %s\n" % (zlib.crc32(body), body)
+
+
+def _decode_line(line: bytes) -> tuple[int, bytes] | None:
+    if len(line) < 11 or line[8:9] != b" ":
+        return None
+    body = line[9:]
+    try:
+        if int(line[:8], 16) != zlib.crc32(body):
+            return None
+        seq_text, payload = body.split(b" ", 1)
+        return int(seq_text), payload
+    except ValueError:
+        return None
+
+
+def scan_segment(data: bytes) -> _Scan:
+    """Valid records of a segment file, and where and how it is damaged."""
+    records: list[tuple[int, bytes]] = []
+    bad = 0
+    offset = valid_end = 0
+    damaged_inside = False
+    last_seq = -1
+    lines = data.split(b"\n")
+    # The element after the last newline is b"" for a complete file, else an unterminated tail.
+    for index, line in enumerate(lines):
+        end = offset + len(line) + 1
+        terminated = index < len(lines) - 1
+        decoded = _decode_line(line) if terminated else None
+        if decoded is not None and decoded[0] > last_seq:
+            if bad:
+                damaged_inside = True
+            records.append(decoded)
+            last_seq = decoded[0]
+            valid_end = end
+        elif terminated or line:
+            bad += 1
+        offset = end
+    return _Scan(records, bad, valid_end, damaged_inside)
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class Spool:
+    """Append-only, size-capped, crash-safe queue of access records (one JSON line each)."""
+
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        node: str,
+        segment_bytes: int = 4 << 20,
+        cap_bytes: int = 512 << 20,
+        fsync_interval: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        if segment_bytes <= 0 or cap_bytes < segment_bytes:
+            raise ValueError("spool needs segment_bytes > 0 and cap_bytes >= segment_bytes")
+        self.directory = Path(directory)
+        self.node = node
+        self.segment_bytes = segment_bytes
+        self.cap_bytes = cap_bytes
+        self.fsync_interval = fsync_interval
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._lock = threading.Lock()  # in-memory state; never held across disk I/O
+        self._disk_lock = threading.RLock()  # one thread at a time writes, renames or deletes
+        self._pending: list[_Pending] = []
+        self._buffered_bytes = 0
+        self._oldest_buffered_at: float | None = None
+        self._open_id: int | None = None
+        self._open_seq = 0
+        self._open_size = 0  # written + buffered bytes of the open segment: decides the seal
+        self._unsealed_records = 0  # appended, not yet in a sealed file (open or sealing)
+        self._unsealed_bytes = 0
+        self._open_on_disk = 0  # bytes of the open segment file; disk side only
+        self._open_fd: int | None = None
+        self._sealed: dict[int, _Sealed] = {}
+        self._sealed_records = 0
+        self._sealed_bytes = 0
+        self.problems: collections.deque[SpoolProblem] = collections.deque(maxlen=_PROBLEMS_KEPT)
+        self.dropped_records = 0
+        self._persisted_next = 0
+        self._next_segment = 0
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with self._disk_lock:
+            self._recover()
+
+    # -- reactor-side API (memory only) -------------------------------------------------------
+
+    def append(self, line: bytes) -> tuple[int, int]:
+        """Queue one record (a JSON line; one trailing newline is allowed) and name it."""
+        if line.endswith(b"\n"):
+            line = line[:-1]
+        if b"\n" in line:
+            raise ValueError("a spooled record must be a single line")
+        if len(line) > MAX_RECORD_BYTES:
+            raise ValueError(f"a spooled record must be at most {MAX_RECORD_BYTES} bytes")
+        with self._lock:
+            if self._open_id is None:
+                self._open_id = self._next_segment
+                self._next_segment += 1
+                self._open_seq = self._open_size = 0
+            segment, seq = self._open_id, self._open_seq
+            encoded = encode_line(seq, line)
+            if not self._pending or self._pending[-1].segment != segment:
+                self._pending.append(_Pending(segment))
+            self._pending[-1].lines.append(encoded)
+            self._open_seq += 1
+            self._open_size += len(encoded)
+            self._unsealed_records += 1
+            self._unsealed_bytes += len(encoded)
+            if self._oldest_buffered_at is None:
+                self._oldest_buffered_at = self._clock()
+            self._buffered_bytes += len(encoded)
+            if self._open_size >= self.segment_bytes:
+                self._seal_locked()
+        return segment, seq
+
+    def flush_due(self) -> bool:
+        """True when buffered records are `fsync_interval` old, or a segment's worth is waiting."""
+        with self._lock:
+            if self._oldest_buffered_at is None:
+                return bool(self._pending)  # a seal with no new lines still has to reach the disk
+            return (
+                self._clock() - self._oldest_buffered_at >= self.fsync_interval
+                or self._buffered_bytes >= self.segment_bytes
+            )
+
+    @property
+    def backlog_records(self) -> int:
+        with self._lock:
+            return self._sealed_records + self._unsealed_records
+
+    @property
+    def backlog_bytes(self) -> int:
+        with self._lock:
+            return self._sealed_bytes + self._unsealed_bytes
+
+    def sealed_segments(self) -> list[int]:
+        """Segments ready to ship, oldest first."""
+        with self._lock:
+            return sorted(self._sealed)
+
+    def corrupt_files(self) -> list[Path]:
+        """Damaged files set aside for inspection."""
+        return sorted(self.directory.glob("*.corrupt"))
+
+    # -- disk side (may run in a worker thread) -----------------------------------------------
+
+    def flush(self) -> None:
+        """Write and fsync every buffered line; perform pending seals; enforce the size cap."""
+        with self._disk_lock:
+            with self._lock:
+                work, self._pending = self._pending, []
+                self._buffered_bytes = 0
+                self._oldest_buffered_at = None
+            for index, pending in enumerate(work):
+                try:
+                    self._write_pending(pending)
+                except BaseException:
+                    with self._lock:  # keep what was not written, ahead of newer lines
+                        self._pending[:0] = work[index:]
+                        self._buffered_bytes += sum(len(x) for p in work[index:] for x in p.lines)
+                        self._oldest_buffered_at = self._clock()
+                    raise
+            self._enforce_cap()
+
+    def seal(self) -> None:
+        """Close the open segment even if small, so its records can ship; flushes."""
+        with self._lock:
+            self._seal_locked()
+        self.flush()
+
+    def close(self) -> None:
+        """Seal and flush everything; the spool can be reopened later on the same directory."""
+        self.seal()
+        with self._disk_lock:
+            self._close_open_fd()
+
+    def read_batches(
+        self, segment: int, max_records: int = 500, max_bytes: int = 256 * 1024
+    ) -> Iterator[Batch]:
+        """Batches of a sealed segment, in order, each of at most `max_records` records and
+        `max_bytes` payload bytes (a single larger record travels alone).
+
+        A damaged segment is set aside as `.corrupt` and reported; its valid records still ship.
+        A batch never spans a gap in sequence numbers, so `first_seq + i` is always right.
+        """
+        records = self._read_sealed(segment)
+        batch: list[bytes] = []
+        first_seq = expected = -1
+        size = 0
+        for seq, payload in records:
+            if batch and (
+                seq != expected or len(batch) >= max_records or size + len(payload) > max_bytes
+            ):
+                yield Batch(self.node, segment, first_seq, batch)
+                batch, size = [], 0
+            if not batch:
+                first_seq = seq
+            batch.append(payload)
+            size += len(payload)
+            expected = seq + 1
+        if batch:
+            yield Batch(self.node, segment, first_seq, batch)
+
+    def acknowledge(self, segment: int) -> None:
+        """The master stored the whole segment: delete it durably (unknown ids are ignored)."""
+        with self._disk_lock:
+            with self._lock:
+                sealed = self._forget_sealed(segment)
+            if sealed is None:
+                return
+            sealed.path.unlink(missing_ok=True)
+            _fsync_directory(self.directory)
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _seal_locked(self) -> None:
+        if self._open_id is None:
+            return
+        if not self._pending or self._pending[-1].segment != self._open_id:
+            self._pending.append(_Pending(self._open_id))
+        self._pending[-1].seal_count = self._open_seq
+        self._open_id = None
+
+    def _forget_sealed(self, segment: int) -> _Sealed | None:
+        sealed = self._sealed.pop(segment, None)
+        if sealed is not None:
+            self._sealed_records -= sealed.records
+            self._sealed_bytes -= sealed.size
+        return sealed
+
+    def _remember_sealed(self, segment: int, sealed: _Sealed) -> None:
+        self._forget_sealed(segment)
+        self._sealed[segment] = sealed
+        self._sealed_records += sealed.records
+        self._sealed_bytes += sealed.size
+
+    def _open_path(self, segment: int) -> Path:
+        return self.directory / f"{segment:020d}.open"
+
+    def _sealed_path(self, segment: int, records: int) -> Path:
+        return self.directory / f"{segment:020d}.{records}.seg"
+
+    def _write_pending(self, pending: _Pending) -> None:
+        path = self._open_path(pending.segment)
+        if self._open_fd is None:
+            if pending.segment >= self._persisted_next:
+                # The id is on disk before any file carries it: it can never be handed out again.
+                self._persisted_next = pending.segment + 1
+                self._save_state()
+            self._open_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+            self._open_on_disk = os.fstat(self._open_fd).st_size
+        if pending.lines:
+            data = b"".join(pending.lines)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(self._open_fd, view) :]
+                os.fsync(self._open_fd)
+            except OSError:
+                # Cut a partial write off so the retry does not leave a damaged line behind.
+                os.ftruncate(self._open_fd, self._open_on_disk)
+                raise
+            self._open_on_disk += len(data)
+            pending.lines = []  # written: a retry after a failed seal must not write them twice
+        if pending.seal_count is not None:
+            self._close_open_fd()
+            if pending.seal_count == 0:
+                path.unlink(missing_ok=True)
+                return
+            sealed_path = self._sealed_path(pending.segment, pending.seal_count)
+            os.replace(path, sealed_path)
+            _fsync_directory(self.directory)
+            with self._lock:
+                self._remember_sealed(
+                    pending.segment, _Sealed(sealed_path, pending.seal_count, self._open_on_disk)
+                )
+                self._unsealed_records -= pending.seal_count
+                self._unsealed_bytes -= self._open_on_disk
+
+    def _close_open_fd(self) -> None:
+        if self._open_fd is not None:
+            os.close(self._open_fd)
+            self._open_fd = None
+
+    def _enforce_cap(self) -> None:
+        while True:
+            with self._lock:
+                open_bytes = self._open_on_disk if self._open_fd is not None else 0
+                if not self._sealed or self._sealed_bytes + open_bytes <= self.cap_bytes:
+                    return
+                oldest = min(self._sealed)
+                victim = self._sealed[oldest]
+            # Count first, delete second: a crash in between over-counts, never loses silently.
+            self.dropped_records += victim.records
+            self._save_state()
+            victim.path.unlink(missing_ok=True)
+            _fsync_directory(self.directory)
+            with self._lock:
+                self._forget_sealed(oldest)
+            self._report(
+                "dropped",
+                oldest,
+                f"spool over its cap of {self.cap_bytes} bytes: dropped {victim.records} records "
+                f"(total dropped {self.dropped_records})",
+            )
+
+    def _read_sealed(self, segment: int) -> list[tuple[int, bytes]]:
+        with self._disk_lock:
+            with self._lock:
+                sealed = self._sealed.get(segment)
+            if sealed is None:
+                return []
+            try:
+                data = sealed.path.read_bytes()
+            except FileNotFoundError:
+                return []
+            scan = scan_segment(data)
+            if scan.bad_lines:
+                self._set_aside(segment, sealed.path, scan)
+            return scan.records
+
+    def _set_aside(self, segment: int, path: Path, scan: _Scan) -> None:
+        """Keep the damaged file as `.corrupt`; its valid records go on in a clean segment."""
+        clean_path = self._sealed_path(segment, len(scan.records))
+        tmp_path = clean_path.with_name(clean_path.name + ".tmp")
+        _write_durably(tmp_path, b"".join(encode_line(seq, p) for seq, p in scan.records))
+        corrupt_path = self.directory / f"{segment:020d}.corrupt"
+        n = 0
+        while corrupt_path.exists():
+            n += 1
+            corrupt_path = self.directory / f"{segment:020d}.{n}.corrupt"
+        os.replace(path, corrupt_path)
+        os.replace(tmp_path, clean_path)
+        if not scan.records:
+            clean_path.unlink()
+        _fsync_directory(self.directory)
+        clean = _Sealed(clean_path, len(scan.records), clean_path.stat().st_size if scan.records else 0)
+        with self._lock:
+            self._forget_sealed(segment)
+            if scan.records:
+                self._remember_sealed(segment, clean)
+        self._report(
+            "corrupt-segment",
+            segment,
+            f"{scan.bad_lines} damaged lines; set aside as {corrupt_path.name}, "
+            f"{len(scan.records)} valid records kept",
+        )
+
+    def _recover(self) -> None:
+        self._load_state()
+        highest = -1
+        for path in sorted(self.directory.iterdir()):
+            name = path.name
+            if name.startswith(f".{STATE_FILE}.") and name.endswith(".tmp"):
+                path.unlink()  # an interrupted state write; the old state is intact
+                continue
+            head = name.split(".", 1)[0]
+            if not head.isdigit():
+                continue
+            segment = int(head)
+            highest = max(highest, segment)
+            if name.endswith(".seg.tmp"):
+                self._recover_set_aside(segment, path)
+            elif name.endswith(".open"):
+                self._recover_open(segment, path)
+            elif name.endswith(".seg"):
+                parts = name.split(".")
+                if len(parts) == 3 and parts[1].isdigit():
+                    self._remember_sealed(segment, _Sealed(path, int(parts[1]), path.stat().st_size))
+        self._next_segment = max(self._persisted_next, highest + 1)
+
+    def _recover_set_aside(self, segment: int, tmp_path: Path) -> None:
+        # An interrupted `_set_aside`: the clean copy was synced before the damaged file moved.
+        original_gone = not list(self.directory.glob(f"{segment:020d}.*.seg"))
+        if original_gone and list(self.directory.glob(f"{segment:020d}*.corrupt")):
+            clean_path = tmp_path.with_name(tmp_path.name[: -len(".tmp")])
+            os.replace(tmp_path, clean_path)
+            records = int(clean_path.name.split(".")[1])
+            self._remember_sealed(segment, _Sealed(clean_path, records, clean_path.stat().st_size))
+        else:
+            tmp_path.unlink()
+
+    def _recover_open(self, segment: int, path: Path) -> None:
+        """A segment open at a crash: cut a torn tail off, set damage aside, then seal it."""
+        scan = scan_segment(path.read_bytes())
+        if scan.damaged_inside:
+            self._set_aside(segment, path, scan)
+            return
+        if scan.bad_lines:
+            with open(path, "r+b") as f:
+                cut = f.seek(0, os.SEEK_END) - scan.valid_end
+                f.truncate(scan.valid_end)
+                f.flush()
+                os.fsync(f.fileno())
+            self._report("torn-tail", segment, f"cut {cut} bytes of an interrupted write")
+        if not scan.records:
+            path.unlink()
+            return
+        sealed_path = self._sealed_path(segment, len(scan.records))
+        os.replace(path, sealed_path)
+        _fsync_directory(self.directory)
+        self._remember_sealed(segment, _Sealed(sealed_path, len(scan.records), scan.valid_end))
+
+    def _load_state(self) -> None:
+        path = self.directory / STATE_FILE
+        try:
+            state = json.loads(path.read_bytes())
+            if state.get("format") != STATE_FORMAT:
+                raise ValueError(f"unknown format {state.get('format')!r}")
+            self._persisted_next = int(state["next_segment"])
+            self.dropped_records = int(state["dropped_records"])
+            return
+        except FileNotFoundError:
+            pass
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            aside = path.with_name(f"{STATE_FILE}.{int(self._wall_clock())}.corrupt")
+            os.replace(path, aside)
+            self._report("corrupt-state", None, f"unreadable spool state ({e}); set aside as {aside.name}")
+        # New or lost state: ids from the wall clock are above anything this node used before.
+        self._persisted_next = int(self._wall_clock() * 1000)
+        self._save_state()
+
+    def _save_state(self) -> None:
+        state = {
+            "format": STATE_FORMAT,
+            "next_segment": self._persisted_next,
+            "dropped_records": self.dropped_records,
+        }
+        atomic_write(self.directory / STATE_FILE, json.dumps(state).encode("ascii"), mode=0o640)
+
+    def _report(self, kind: str, segment: int | None, detail: str) -> None:
+        self.problems.append(SpoolProblem(kind, segment, detail))
+        _log.warn(
+            "log spool {kind} (segment {segment}): {detail}", kind=kind, segment=segment, detail=detail
+        )
+
+
+__all__ = ["MAX_RECORD_BYTES", "Batch", "Spool", "SpoolProblem", "encode_line", "scan_segment"]

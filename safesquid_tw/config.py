@@ -1,0 +1,62 @@
+"""Node-local settings: where this node listens, where it keeps its state, its limits.
+
+Nothing here is ever part of the policy, and nothing here is ever synced between nodes.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import attrs
+
+ROLES = ("standalone", "master", "slave")
+
+
+@attrs.frozen
+class Limits:
+    """Protocol limits and deadlines of the proxy (seconds and bytes)."""
+
+    max_request_line: int = 8192
+    max_header_bytes: int = 65536
+    max_headers: int = 100
+    head_timeout: float = 30.0  # the whole request head must arrive within this (slowloris)
+    idle_timeout: float = 120.0  # keep-alive client connection with no request in progress
+    max_request_body: int = 1 << 30
+    max_connections: int = 10000
+    connect_timeout: float = 10.0  # TCP connect to the origin
+    response_timeout: float = 60.0  # request sent -> first byte of the response head
+    read_timeout: float = 300.0  # no bytes in either direction while a body streams
+    tunnel_idle_timeout: float = 600.0  # CONNECT / Upgrade tunnel with no bytes either way
+    dns_timeout: float = 5.0
+    dns_threads: int = 32
+    dns_cache_ttl: float = 60.0
+    upstream_idle_per_host: int = 16
+    upstream_idle_timeout: float = 30.0
+
+
+@attrs.frozen
+class NodeConfig:
+    role: str = "standalone"
+    listen: str = "tcp:8080"
+    portal: str = "tcp:8888"
+    state_dir: str = "safesquid-state"
+    policy_file: str | None = None
+    master: str | None = None
+    activation_key_file: str | None = None
+    node_name: str = attrs.field(factory=socket.gethostname)
+    log_rotate_bytes: int = 50 * 1024 * 1024
+    log_keep: int = 10
+    limits: Limits = attrs.field(factory=Limits)
+
+    @property
+    def serves_proxy(self) -> bool:
+        return self.role in ("standalone", "slave")
+
+
+def read_activation_key(path: str) -> str:
+    """The activation key is the first line of its file, surrounding blanks removed."""
+    with open(path, encoding="utf-8") as f:
+        key = f.readline().strip()
+    if not key:
+        raise ValueError(f"activation key file {path} is empty")
+    return key

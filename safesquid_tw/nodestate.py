@@ -1,0 +1,64 @@
+"""What a node reports about itself on /health and its status page.
+
+The node mutates one NodeState as it starts, loads policy, drains and stops; readers only look.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import attrs
+
+
+@attrs.define
+class NodeState:
+    role: str
+    node: str
+    policy_version: int | None = None
+    policy_digest: str | None = None
+    draining: bool = False
+    shutting_down: bool = False
+    policy_source: str | None = None  # "file", "cache", "master", ...
+    started: float = 0.0  # epoch seconds; 0 means not started yet
+    # Where "now" comes from, so uptimes are testable; a running node keeps the default.
+    now: Callable[[], float] = attrs.field(default=time.time, repr=False, eq=False)
+
+    @property
+    def ready(self) -> bool:
+        """Able to take traffic: a policy is loaded and the node is neither draining nor stopping."""
+        return self.policy_version is not None and not self.draining and not self.shutting_down
+
+    @property
+    def status(self) -> str:
+        """One word for people and load balancers: ready, starting, draining or stopping."""
+        if self.shutting_down:
+            return "stopping"
+        if self.draining:
+            return "draining"
+        if self.policy_version is None:
+            return "starting"
+        return "ready"
+
+    @property
+    def uptime_s(self) -> float | None:
+        if not self.started:
+            return None
+        return max(0.0, self.now() - self.started)
+
+    def as_health_json(self) -> dict[str, Any]:
+        uptime = self.uptime_s
+        return {
+            "role": self.role,
+            "node": self.node,
+            "ready": self.ready,
+            "status": self.status,
+            "policy_version": self.policy_version,
+            "policy_digest": self.policy_digest,
+            "policy_source": self.policy_source,
+            "draining": self.draining,
+            "uptime_s": None if uptime is None else round(uptime, 3),
+        }
+
+
+__all__ = ["NodeState"]

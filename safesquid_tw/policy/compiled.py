@@ -1,0 +1,196 @@
+"""A policy version compiled into look-up tables, and the decision for one request.
+
+`CompiledPolicy` is built once per version and shared by every request under it; its only
+changing parts are memo tables (host and client look-ups, verified credentials) that depend on
+nothing but the version itself, so a request in flight can keep using an old version safely.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+import attrs
+
+from safesquid_tw.policy.classify import ApplicationIndex, CategoryIndex
+from safesquid_tw.policy.content import ContentRules
+from safesquid_tw.policy.credentials import Credentials
+from safesquid_tw.policy.dlp import DlpRules
+from safesquid_tw.policy.hosts import normalise_host, suffixes
+from safesquid_tw.policy.model import CachedIdentity, Decision, Identity, RequestFacts
+from safesquid_tw.policy.networks import NetworkSet
+from safesquid_tw.policy.rules import CompiledRule, RuleTable, full_url
+
+# Memo tables are cleared when they reach this size: a working set of hosts and clients stays
+# fast, and a scan over millions of names cannot grow memory without bound.
+_MEMO_LIMIT = 65536
+
+
+class CompiledPolicy:
+    def __init__(self, document: dict[str, Any]) -> None:
+        access = document["access"]
+        self.default_action: str = access["default_action"]
+        self._default_reason = f"no rule matched; the default action is {self.default_action}"
+        self._rules = RuleTable(access["rules"])
+        self.rule_names = tuple(rule.name for rule in self._rules.rules)
+        self._categories = CategoryIndex(document["categories"])
+        self._applications = ApplicationIndex(document["applications"])
+        authentication = document["authentication"]
+        self.auth_enabled: bool = authentication["enabled"]
+        self.realm: str = authentication["realm"]
+        self._exempt = NetworkSet(authentication["exempt_networks"])
+        self._credentials = Credentials(document["users"])
+        self.connect_ports: frozenset[int] = frozenset(document["connect"]["allowed_ports"])
+        self.content = ContentRules(document["content_security"])
+        self.dlp = DlpRules(document["dlp"])
+        self._no_application_mask = self._rules.application_mask(None)
+        # host -> (normalised host, categories, rules its host satisfies, application candidates)
+        self._hosts: dict[str, tuple[str, tuple[str, ...], int, tuple[int, ...]]] = {}
+        # client address -> (rules its address satisfies, exempt from authentication)
+        self._clients: dict[str, tuple[int, bool]] = {}
+        self._ports: dict[int, int] = {}
+
+    # -- memo tables -------------------------------------------------------------------------
+
+    def _host(self, raw_host: str) -> tuple[str, tuple[str, ...], int, tuple[int, ...]]:
+        found = self._hosts.get(raw_host)
+        if found is None:
+            host = normalise_host(raw_host)
+            chain = suffixes(host)
+            categories = self._categories.lookup(chain)
+            found = (host, categories, self._rules.host_mask(chain, categories), self._applications.candidates(chain))
+            if len(self._hosts) >= _MEMO_LIMIT:
+                self._hosts.clear()
+            self._hosts[raw_host] = found
+        return found
+
+    def _client(self, client_ip: str) -> tuple[int, bool]:
+        found = self._clients.get(client_ip)
+        if found is None:
+            found = (self._rules.client_mask(client_ip), client_ip in self._exempt)
+            if len(self._clients) >= _MEMO_LIMIT:
+                self._clients.clear()
+            self._clients[client_ip] = found
+        return found
+
+    def _port(self, port: int) -> int:
+        found = self._ports.get(port)
+        if found is None:
+            found = self._ports[port] = self._rules.port_mask(port)
+        return found
+
+    # -- classification ----------------------------------------------------------------------
+
+    def categories_of(self, host: str) -> tuple[str, ...]:
+        return self._host(host)[1]
+
+    def category_of(self, host: str) -> str | None:
+        categories = self._host(host)[1]
+        return categories[0] if categories else None
+
+    def application_of(self, facts: RequestFacts) -> str | None:
+        candidates = self._host(facts.host)[3]
+        if not candidates:
+            return None
+        return self._applications.first_match(candidates, facts.path, facts.headers)
+
+    # -- access decision ---------------------------------------------------------------------
+
+    def decide(self, facts: RequestFacts) -> Decision:
+        host, categories, mask, app_candidates = self._host(facts.host)
+        application = None
+        if app_candidates:
+            application = self._applications.first_match(app_candidates, facts.path, facts.headers)
+        table = self._rules
+        if mask:
+            mask &= self._no_application_mask if application is None else table.application_mask(application)
+        if mask:
+            mask &= table.method_mask(facts.method)
+        if mask:
+            mask &= self._port(facts.port)
+        if mask:
+            mask &= self._client(facts.client_ip)[0]
+        if mask:
+            mask &= table.identity_mask(facts.user, facts.groups)
+        url: str | None = None
+        now: datetime | None = None
+        while mask:
+            lowest = mask & -mask
+            rule = table.rules[lowest.bit_length() - 1]
+            if lowest & table.needs_check:
+                if rule.url_regex is not None:
+                    if url is None:
+                        url = full_url(facts.scheme, host, facts.port, facts.path)
+                    if not rule.url_regex.match(url):
+                        mask ^= lowest
+                        continue
+                if rule.schedule is not None:
+                    if now is None:
+                        now = _aware_now(facts.now)
+                    if not rule.schedule.active(now):
+                        mask ^= lowest
+                        continue
+            return Decision(rule.action, rule.name, rule.reason, _reported_category(rule, categories), application)
+        return Decision(
+            self.default_action, None, self._default_reason, categories[0] if categories else None, application
+        )
+
+    # -- authentication ----------------------------------------------------------------------
+
+    def auth_required(self, client_ip: str) -> bool:
+        """Whether this client must send proxy credentials (authentication on, client not exempt)."""
+        return self.auth_enabled and not self._client(client_ip)[1]
+
+    def cached_identity(self, user: str, password: str) -> CachedIdentity:
+        """Fast: the identity, None for a pair known to be wrong, or MISS (verify it in a thread)."""
+        return self._credentials.cached(user, password)
+
+    def verify_credentials(self, user: str, password: str) -> Identity | None:
+        """Slow (argon2id) and thread-safe: run it off the reactor thread."""
+        return self._credentials.verify(user, password)
+
+    def identity(self, user: str) -> Identity | None:
+        """The user's identity under this version, without checking any password."""
+        return self._credentials.identity(user)
+
+    def inherit_from(self, previous: CompiledPolicy) -> None:
+        """Carry verified credentials over from the version this one replaces."""
+        self._credentials.inherit(previous._credentials)
+
+
+def _aware_now(now: datetime | None) -> datetime:
+    if now is None:
+        return datetime.now(timezone.utc)
+    if now.tzinfo is None:
+        return now.replace(tzinfo=timezone.utc)
+    return now
+
+
+def _reported_category(rule: CompiledRule, categories: tuple[str, ...]) -> str | None:
+    # A rule that matched on a category reports that category, even when the host is in others.
+    if rule.categories:
+        for name in categories:
+            if name in rule.categories:
+                return name
+    return categories[0] if categories else None
+
+
+def compile_policy(document: dict[str, Any]) -> CompiledPolicy:
+    """Compile a validated (canonical) document."""
+    return CompiledPolicy(document)
+
+
+@attrs.frozen(eq=False)
+class Policy:
+    """One version of the policy: its number, digest, canonical document and compiled form.
+
+    Compared by identity: two versions are the same policy when their digests are equal.
+    """
+
+    version: int
+    digest: str
+    document: dict[str, Any] = attrs.field(repr=False)
+    compiled: CompiledPolicy = attrs.field(repr=False)
+
+
+__all__ = ["CompiledPolicy", "Policy", "compile_policy"]

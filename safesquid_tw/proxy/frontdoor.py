@@ -1,0 +1,672 @@
+"""The proxy's front door: one protocol instance per client connection.
+
+It reads request heads under strict framing rules and deadlines, applies the policy version that
+is current when the head arrives (authentication, access rules, content and DLP checks), and then
+answers itself (block pages, errors, 407, OPTIONS/TRACE at Max-Forwards 0), opens a CONNECT tunnel,
+or hands the request to an `Exchange` that relays it to the origin. Requests on one connection are
+answered strictly in order; pipelined requests wait in the buffer, and reading pauses when too much
+is waiting.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+from typing import TYPE_CHECKING
+
+from twisted.internet import protocol, threads
+from twisted.logger import Logger
+
+from safesquid_tw import pages
+from safesquid_tw.policy.model import MISS, RequestFacts
+from safesquid_tw.proxy import http1
+from safesquid_tw.proxy.errors import ProxyFailure, error_response, simple_response
+from safesquid_tw.proxy.flow import ReadGate
+from safesquid_tw.proxy.forward import Exchange
+from safesquid_tw.proxy.headers import client_wants_close, strip_hop_by_hop, via_contains
+from safesquid_tw.proxy.target import Target, host_header_for, is_asterisk_options, parse_target
+from safesquid_tw.proxy.tunnel import Tunnel
+
+if TYPE_CHECKING:
+    from safesquid_tw.proxy.service import ProxyFactory
+
+log = Logger()
+
+PIPELINE_LIMIT = 256 * 1024  # bytes of pipelined requests buffered before reading pauses
+SENSITIVE_TRACE_FIELDS = frozenset({b"proxy-authorization", b"authorization", b"cookie"})
+
+
+class RequestContext:
+    """Everything known about one request; the access record is made from it at the end."""
+
+    __slots__ = (
+        "start", "method", "version", "target", "url", "policy", "framing", "client_close", "user",
+        "status", "action", "rule", "category", "application", "detail", "dlp", "bytes_in",
+        "head",
+    )
+
+    def __init__(self, start: float, head: http1.RequestHead, target: Target, policy, framing) -> None:
+        self.start = start
+        self.head = head
+        self.method = head.method
+        self.version = head.version
+        self.target = target
+        self.url = target.url_for_log()
+        self.policy = policy
+        self.framing = framing
+        self.client_close = client_wants_close(head.version, head.headers)
+        self.user: str | None = None
+        self.status = 0
+        self.action = "allow"
+        self.rule: str | None = None
+        self.category: str | None = None
+        self.application: str | None = None
+        self.detail: str | None = None
+        self.dlp: tuple[str, ...] = ()
+        self.bytes_in = 0
+
+
+class ClientConnection(protocol.Protocol):
+    def __init__(self, factory: "ProxyFactory") -> None:
+        self.factory = factory
+        self.limits = factory.limits
+        self.buf = bytearray()
+        self.state = "head"  # head, hold, body, waiting, tunnel, closing
+        self.gate: ReadGate | None = None
+        self.exchange: Exchange | None = None
+        self.ctx: RequestContext | None = None
+        self.tunnel: Tunnel | None = None
+        self.client_ip = "?"
+        self.bytes_out = 0
+        self._scanned = 0
+        self._timer = None
+        self._timer_kind = ""
+        self._pumping = False
+        self._body_remaining = 0
+        self._body_total = 0
+        self._decoder: http1.ChunkedDecoder | None = None
+        self._dlp_buffer: bytearray | None = None
+        self._upload_limit: int | None = None
+
+    # -- connection lifetime --------------------------------------------------------------
+    def connectionMade(self) -> None:
+        self.gate = ReadGate(self.transport)
+        self.client_ip = getattr(self.transport.getPeer(), "host", "?")
+        if hasattr(self.transport, "setTcpNoDelay"):
+            self.transport.setTcpNoDelay(True)
+        self.factory.connection_opened(self)
+        self._arm("idle", self.limits.idle_timeout)
+
+    def connectionLost(self, reason=protocol.connectionDone) -> None:
+        self._disarm()
+        self.state = "closing"
+        if self.tunnel is not None:
+            self.tunnel.side_closed("client")
+        if self.exchange is not None:
+            self.exchange.client_gone()
+        self.factory.connection_closed(self)
+
+    def write(self, data: bytes) -> None:
+        self.bytes_out += len(data)
+        self.transport.write(data)
+
+    # -- timers ---------------------------------------------------------------------------
+    def _arm(self, kind: str, seconds: float) -> None:
+        if self._timer is not None and self._timer.active():
+            if self._timer_kind == kind:
+                return
+            self._timer.cancel()
+        self._timer_kind = kind
+        self._timer = self.factory.reactor.callLater(seconds, self._timed_out, kind)
+
+    def _disarm(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self._timer_kind = ""
+
+    def _timed_out(self, kind: str) -> None:
+        self._timer = None
+        if kind == "idle":
+            self.transport.loseConnection()
+        elif kind == "head":
+            # RFC 9110 15.5.9: 408 tells the client why its slow request went unanswered.
+            self._reject(408, "the request head did not arrive in time", "http_request_error")
+        elif kind == "body":
+            self._reject(408, "the request body stalled", "http_request_error")
+
+    # -- reading --------------------------------------------------------------------------
+    def dataReceived(self, data: bytes) -> None:
+        state = self.state
+        if state == "tunnel":
+            self.tunnel.from_client(data)
+            return
+        if state == "closing":
+            return
+        if state == "body" and not self.buf:
+            self._body_bytes(data)
+            if self.state != "body" and self.buf:
+                self._pump()
+            return
+        self.buf += data
+        self._pump()
+
+    def _pump(self) -> None:
+        if self._pumping:
+            return
+        self._pumping = True
+        try:
+            while True:
+                state = self.state
+                if state == "head":
+                    if not self.buf:
+                        self._arm("idle", self.limits.idle_timeout)
+                        return
+                    if not self._read_head():
+                        return
+                elif state == "body":
+                    if not self.buf:
+                        return
+                    data = bytes(self.buf)
+                    self.buf.clear()
+                    self._body_bytes(data)
+                else:
+                    if state == "waiting" and len(self.buf) > PIPELINE_LIMIT:
+                        self.gate.pause("pipeline")
+                    return
+        except http1.ProtocolError as e:
+            self._reject(e.status, e.detail, "http_request_error")
+        finally:
+            self._pumping = False
+
+    def _read_head(self) -> bool:
+        """Parse one request head from the buffer and act on it; False when more bytes are needed."""
+        limits = self.limits
+        end = http1.split_head(self.buf, limits.max_request_line, limits.max_header_bytes, self._scanned)
+        if end < 0:
+            self._scanned = len(self.buf)
+            self._arm("head", limits.head_timeout)
+            return False
+        self._scanned = 0
+        raw = bytes(self.buf[:end])
+        del self.buf[:end]
+        self._disarm()
+        head = http1.parse_request_head(raw, limits.max_headers)
+        self._handle(head, len(raw))
+        return True
+
+    def _body_bytes(self, data: bytes) -> None:
+        """Request body bytes while state == 'body' (content-length or chunked framing)."""
+        if self._decoder is None:
+            n = self._body_remaining
+            if len(data) > n:
+                self.buf[:0] = data[n:]
+                data = data[:n]
+            self._body_remaining -= len(data)
+            pieces = [data] if data else []
+            finished = self._body_remaining == 0
+        else:
+            try:
+                pieces = self._decoder.feed(data)
+            except http1.ProtocolError as e:
+                self._body_error(e.status, e.detail)
+                return
+            finished = self._decoder.done
+            if finished:
+                self.buf[:0] = self._decoder.take_rest()
+        ctx = self.ctx
+        for piece in pieces:
+            size = len(piece)
+            self._body_total += size
+            ctx.bytes_in += size
+            if self._body_total > self.limits.max_request_body:
+                self._body_error(413, f"the request body is larger than {self.limits.max_request_body} bytes")
+                return
+            if self._upload_limit is not None and self._body_total > self._upload_limit:
+                self._upload_blocked(ctx)
+                return
+            if self._dlp_buffer is not None:
+                self._dlp_buffer += piece
+                if len(self._dlp_buffer) >= ctx.policy.compiled.dlp.scan_limit:
+                    if not self._dlp_verdict():
+                        return
+            else:
+                self.exchange.body_data(piece)
+        if self._timer_kind == "body":
+            self._timer.reset(self.limits.read_timeout)
+        if finished:
+            self._disarm()
+            self.state = "waiting"
+            self._decoder = None
+            if self._dlp_buffer is not None and not self._dlp_verdict():
+                return
+            self.exchange.body_end()
+
+    def _body_error(self, status: int, detail: str) -> None:
+        if self.exchange is not None:
+            self.ctx.detail = detail
+            self.exchange.fail(ProxyFailure(status, "http_request_error", detail))
+        else:
+            self._reject(status, detail, "http_request_error")
+
+    # -- the request ----------------------------------------------------------------------
+    def _handle(self, head: http1.RequestHead, head_size: int) -> None:
+        factory = self.factory
+        method = head.method
+        if is_asterisk_options(method, head.target):
+            self._answer_options(head)
+            return
+        target = parse_target(method, head.target)
+        framing = http1.request_framing(head)
+        policy = factory.current_policy()
+        ctx = RequestContext(time.time(), head, target, policy, framing)
+        ctx.bytes_in = head_size
+        self.ctx = ctx
+        self.state = "hold"
+        self.gate.pause("decision")
+        if policy is None:
+            self._respond_error(ctx, 503, "this node has no policy yet", "destination_unavailable", template="nopolicy")
+            return
+        if via_contains(head.headers, factory.pseudonym):
+            self._respond_error(ctx, 508, "this request has passed through this proxy before", "proxy_loop_detected")
+            return
+        if method in (b"OPTIONS", b"TRACE"):
+            max_forwards = head.get(b"max-forwards")
+            if max_forwards is not None and max_forwards.strip() == b"0":
+                self._answer_max_forwards(ctx, head)
+                return
+        compiled = policy.compiled
+        if compiled.auth_required(self.client_ip):
+            credentials = _basic_credentials(head.get(b"proxy-authorization"))
+            if credentials is None:
+                self._challenge(ctx)
+                return
+            cached = compiled.cached_identity(*credentials)
+            if cached is not MISS:
+                self._verified(cached, ctx)
+                return
+            # argon2 is deliberately slow: verify off the reactor thread.
+            d = threads.deferToThreadPool(
+                factory.reactor, factory.auth_pool, compiled.verify_credentials, *credentials
+            )
+            d.addCallbacks(self._verified, self._verify_failed, callbackArgs=(ctx,), errbackArgs=(ctx,))
+            return
+        self._decide(ctx, None)
+
+    def _verified(self, identity, ctx: RequestContext) -> None:
+        if self.ctx is not ctx or self.state == "closing":
+            return
+        if identity is None:
+            ctx.detail = "wrong user name or password"
+            self._challenge(ctx)
+        else:
+            self._authenticated(ctx, identity)
+
+    def _verify_failed(self, reason, ctx: RequestContext) -> None:
+        log.failure("verifying proxy credentials", reason)
+        if self.ctx is ctx and self.state != "closing":
+            self._respond_error(ctx, 500, "the credentials could not be checked", "proxy_internal_error")
+
+    def _authenticated(self, ctx: RequestContext, identity) -> None:
+        ctx.user = identity.user
+        self._decide(ctx, identity)
+
+    def _decide(self, ctx: RequestContext, identity) -> None:
+        compiled = ctx.policy.compiled
+        target = ctx.target
+        head = ctx.head
+        facts = RequestFacts(
+            client_ip=self.client_ip,
+            method=head.method.decode("ascii"),
+            scheme=target.scheme,
+            host=target.host,
+            port=target.port,
+            path=target.path,
+            user=identity.user if identity is not None else None,
+            groups=identity.groups if identity is not None else frozenset(),
+            headers=_header_map(head),
+        )
+        decision = compiled.decide(facts)
+        ctx.rule = decision.rule
+        ctx.category = decision.category
+        ctx.application = decision.application
+        if decision.action != "allow":
+            ctx.action = "deny"
+            self.respond_blocked(ctx, rule=decision.rule, reason=decision.reason, close=self._must_close(ctx))
+            self._finish_local(ctx)
+            return
+        if head.method == b"CONNECT":
+            if target.port not in compiled.connect_ports:
+                ctx.action = "deny"
+                ctx.rule = "connect-ports"
+                self.respond_blocked(
+                    ctx, rule="connect-ports", reason=f"tunnels to port {target.port} are not allowed",
+                    close=self._must_close(ctx),
+                )
+                self._finish_local(ctx)
+                return
+            self._open_tunnel(ctx)
+            return
+        content = compiled.content
+        reason = content.blocked_request(target.path)
+        if reason is not None:
+            ctx.action = "deny"
+            ctx.rule = "content-security"
+            self.respond_blocked(ctx, rule="content-security", reason=reason, close=self._must_close(ctx))
+            self._finish_local(ctx)
+            return
+        framing = ctx.framing
+        self._upload_limit = content.max_upload
+        if (
+            framing.kind == "length"
+            and content.max_upload is not None
+            and framing.length > content.max_upload
+        ):
+            self._upload_blocked(ctx)
+            return
+        dlp = compiled.dlp
+        query_at = target.path.find("?")
+        if query_at >= 0 and dlp.scans_bodies:
+            if not self._apply_dlp(ctx, dlp.scan(target.path[query_at + 1 :].encode("utf-8", "replace"))):
+                return
+        self._forward(ctx)
+
+    def _forward(self, ctx: RequestContext) -> None:
+        head = ctx.head
+        target = ctx.target
+        compiled = ctx.policy.compiled
+        framing = ctx.framing
+        body = framing.kind != "none"
+        upgrade = head.get(b"upgrade") is not None and head.method == b"GET" and not body
+        scan_body = body and compiled.dlp.scans_bodies
+        expect = head.get(b"expect")
+        if expect is not None and expect.lower() != b"100-continue":
+            self._respond_error(ctx, 417, "only the 100-continue expectation is supported", "http_request_error")
+            return
+        headers = strip_hop_by_hop(head.headers, keep_upgrade=upgrade)
+        headers = [(n, v) for n, v in headers if n.lower() not in (b"host", b"content-length", b"max-forwards", b"expect")]
+        headers.insert(0, (b"Host", host_header_for(target)))
+        max_forwards = head.get(b"max-forwards")
+        if max_forwards is not None and head.method in (b"OPTIONS", b"TRACE"):
+            try:
+                headers.append((b"Max-Forwards", b"%d" % max(int(max_forwards) - 1, 0)))
+            except ValueError:
+                pass
+        elif max_forwards is not None:
+            headers.append((b"Max-Forwards", max_forwards))
+        if expect is not None and not scan_body:
+            headers.append((b"Expect", b"100-continue"))
+        headers = self.factory.add_via(headers, head.version)
+        if framing.kind == "length":
+            headers.append((b"Content-Length", b"%d" % framing.length))
+        elif framing.kind == "chunked":
+            headers.append((b"Transfer-Encoding", b"chunked"))
+        if upgrade:
+            headers.append((b"Connection", b"upgrade"))
+        upstream_head = http1.serialize_request_head(head.method, target.path.encode("ascii", "replace") or b"/", headers)
+        exchange = Exchange(self, ctx, upstream_head, body=body)
+        exchange.upgrade = upgrade
+        self.exchange = exchange
+        if body:
+            self._body_total = 0
+            self._decoder = http1.ChunkedDecoder() if framing.kind == "chunked" else None
+            self._body_remaining = framing.length if framing.kind == "length" else 0
+            self.state = "body"
+            self._arm("body", self.limits.read_timeout)
+            if scan_body:
+                self._dlp_buffer = bytearray()
+                if expect is not None and ctx.version == b"HTTP/1.1":
+                    # The body must be scanned before anything goes upstream: ask for it ourselves.
+                    self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            else:
+                exchange.start()
+        else:
+            self.state = "waiting"
+            exchange.start()
+        self.gate.resume("decision")
+
+    def _dlp_verdict(self) -> bool:
+        """Scan the held body prefix; forward it (True) or answer with a block page (False)."""
+        ctx = self.ctx
+        held, self._dlp_buffer = bytes(self._dlp_buffer), None
+        if not self._apply_dlp(ctx, ctx.policy.compiled.dlp.scan(held), started=True):
+            return False
+        self.exchange.start()
+        if held:
+            self.exchange.body_data(held)
+        return True
+
+    def _apply_dlp(self, ctx: RequestContext, hits, *, started: bool = False) -> bool:
+        if not hits:
+            return True
+        ctx.dlp = tuple(sorted(set(ctx.dlp) | {h.detector for h in hits}))
+        blocking = [h for h in hits if h.action == "block"]
+        if not blocking:
+            return True
+        ctx.action = "deny"
+        ctx.rule = f"dlp:{blocking[0].detector}"
+        if started:
+            self.exchange = None
+        self.respond_blocked(
+            ctx, rule=ctx.rule, reason=f"the request carries data that may not leave ({blocking[0].detector})", close=True
+        )
+        self._finish_local(ctx, close=True)
+        return False
+
+    def _upload_blocked(self, ctx: RequestContext) -> None:
+        ctx.action = "deny"
+        ctx.rule = "content-security"
+        limit = ctx.policy.compiled.content.max_upload
+        ctx.detail = f"upload larger than {limit} bytes"
+        if self.exchange is not None and self.exchange is not None and self.state in ("body", "waiting"):
+            exchange, self.exchange = self.exchange, None
+            exchange._abandon_upstream()
+            exchange._finished = True
+        body = pages.render_block_page(
+            url=ctx.url, rule="content-security", reason=f"uploads are limited to {limit} bytes",
+            category=ctx.category, application=ctx.application, node=self.factory.node_name,
+            policy_version=ctx.policy.version, client=self.client_ip, user=ctx.user,
+        )
+        ctx.status = 413
+        self.write(simple_response(413, body, close=True, version=ctx.version))
+        self._finish_local(ctx, close=True)
+
+    # -- answers the proxy gives itself --------------------------------------------------
+    def respond_blocked(self, ctx: RequestContext, *, rule: str | None, reason: str, close: bool) -> None:
+        body = pages.render_block_page(
+            url=ctx.url, rule=rule, reason=reason, category=ctx.category, application=ctx.application,
+            node=self.factory.node_name, policy_version=ctx.policy.version if ctx.policy else None,
+            client=self.client_ip, user=ctx.user,
+        )
+        ctx.status = 403
+        ctx.detail = ctx.detail or reason
+        headers = [(b"Proxy-Status", self.factory.proxy_status("http_request_denied"))]
+        self.write(
+            simple_response(403, body, headers=headers, close=close, version=ctx.version,
+                            head_only=ctx.method == b"HEAD")
+        )
+
+    def respond_failure(self, ctx: RequestContext, failure: ProxyFailure) -> None:
+        ctx.status = failure.status
+        self.write(
+            error_response(
+                failure.status, node=self.factory.node_name, detail=failure.detail, url=ctx.url,
+                error_type=failure.error_type, extra=failure.extra, close=True, version=ctx.version,
+                head_only=ctx.method == b"HEAD",
+            )
+        )
+
+    def _respond_error(self, ctx: RequestContext, status: int, detail: str, error_type: str, *, template: str | None = None) -> None:
+        ctx.action = "error"
+        ctx.detail = detail
+        self.respond_failure(ctx, ProxyFailure(status, error_type, detail))
+        self._finish_local(ctx, close=True)
+
+    def _challenge(self, ctx: RequestContext) -> None:
+        realm = ctx.policy.compiled.realm.replace("\\", "\\\\").replace('"', '\\"')
+        ctx.action = "auth"
+        ctx.status = 407
+        ctx.detail = ctx.detail or "credentials required"
+        close = self._must_close(ctx)
+        self.write(
+            error_response(
+                407, node=self.factory.node_name, detail="This proxy needs your user name and password.",
+                url=ctx.url, close=close, version=ctx.version, head_only=ctx.method == b"HEAD",
+                headers=[(b"Proxy-Authenticate", b'Basic realm="%s", charset="UTF-8"' % realm.encode("utf-8"))],
+            )
+        )
+        self._finish_local(ctx, close=close)
+
+    def _answer_max_forwards(self, ctx: RequestContext, head: http1.RequestHead) -> None:
+        ctx.status = 200
+        if head.method == b"TRACE":
+            echoed = [(n, v) for n, v in head.headers if n.lower() not in SENSITIVE_TRACE_FIELDS]
+            body = http1.serialize_request_head(head.method, head.target, echoed, head.version)
+            self.write(simple_response(200, body, content_type=b"message/http", close=self._must_close(ctx), version=ctx.version))
+        else:
+            self.write(
+                simple_response(
+                    200, b"", content_type=b"text/plain",
+                    headers=[(b"Allow", b"GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE, CONNECT")],
+                    close=self._must_close(ctx), version=ctx.version,
+                )
+            )
+        self._finish_local(ctx)
+
+    def _answer_options(self, head: http1.RequestHead) -> None:
+        close = client_wants_close(head.version, head.headers) or http1.request_framing(head).kind != "none"
+        self.write(
+            simple_response(200, b"", content_type=b"text/plain",
+                            headers=[(b"Allow", b"GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE, CONNECT")],
+                            close=close, version=head.version)
+        )
+        if close:
+            self.state = "closing"
+            self.transport.loseConnection()
+
+    def _must_close(self, ctx: RequestContext) -> bool:
+        # A request whose body we will not read leaves the connection in an unknown place.
+        return ctx.client_close or ctx.framing.kind != "none"
+
+    def _reject(self, status: int, detail: str, error_type: str) -> None:
+        """A request that cannot be parsed: answer, close, never look at the rest of the bytes."""
+        if self.state == "closing":
+            return
+        ctx = self.ctx if self.state in ("body", "hold") else None
+        self.state = "closing"
+        self._disarm()
+        self.write(error_response(status, node=self.factory.node_name, detail=detail, error_type=error_type, close=True))
+        self.factory.log_rejected(self, status, detail, ctx)
+        self.transport.loseConnection()
+
+    # -- CONNECT --------------------------------------------------------------------------
+    def _open_tunnel(self, ctx: RequestContext) -> None:
+        self.state = "waiting"
+        tunnel = Tunnel(self, ctx)
+        self.tunnel = tunnel
+        tunnel.open()
+
+    def tunnel_ready(self, tunnel: Tunnel) -> None:
+        self.ctx.status = 200
+        self.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        self.state = "tunnel"
+        rest = bytes(self.buf)
+        self.buf.clear()
+        self.gate.resume("decision")
+        if rest:
+            tunnel.from_client(rest)
+
+    def tunnel_failed(self, tunnel: Tunnel, failure: ProxyFailure) -> None:
+        ctx = self.ctx
+        self.tunnel = None
+        ctx.action = "error"
+        ctx.detail = failure.detail
+        self.factory.log_upstream_error(ctx, failure)
+        self.respond_failure(ctx, failure)
+        self._finish_local(ctx, close=True)
+
+    def tunnel_closed(self, tunnel: Tunnel) -> None:
+        ctx = self.ctx
+        ctx.bytes_in += tunnel.bytes_from_client
+        self.bytes_out += tunnel.bytes_to_client
+        self.factory.record(self, ctx, tunnel_bytes=(tunnel.bytes_from_client, tunnel.bytes_to_client))
+        self.tunnel = None
+        self.ctx = None
+        self.state = "closing"
+        self.transport.loseConnection()
+
+    def switch_to_tunnel(self, exchange: Exchange, upstream) -> None:
+        """A 101 answer to an Upgrade request: from now on bytes flow unchanged both ways."""
+        self.exchange = None
+        tunnel = Tunnel(self, self.ctx)
+        self.tunnel = tunnel
+        self.state = "tunnel"
+        self._disarm()
+        tunnel.adopt(upstream)
+        rest = bytes(self.buf)
+        self.buf.clear()
+        self.gate.resume_all()
+        if rest:
+            tunnel.from_client(rest)
+
+    # -- endings --------------------------------------------------------------------------
+    def _finish_local(self, ctx: RequestContext, *, close: bool | None = None) -> None:
+        """A request the proxy answered itself is complete."""
+        if close is None:
+            close = self._must_close(ctx)
+        self.factory.record(self, ctx)
+        self.ctx = None
+        self.exchange = None
+        self._dlp_buffer = None
+        self._after_response(close=close, abort=False)
+
+    def exchange_finished(self, exchange: Exchange, *, close: bool, abort: bool) -> None:
+        if self.exchange is exchange:
+            self.exchange = None
+        ctx = self.ctx
+        if ctx is not None:
+            self.factory.record(self, ctx)
+            self.ctx = None
+        if self.state in ("body", "hold"):
+            close = True  # the response ended before the request body was read
+        self._after_response(close=close, abort=abort)
+
+    def _after_response(self, *, close: bool, abort: bool) -> None:
+        self._dlp_buffer = None
+        self._decoder = None
+        if self.state == "closing" or self.transport is None:
+            return
+        if close or self.factory.draining:
+            self.state = "closing"
+            self._disarm()
+            if abort:
+                self.transport.abortConnection()
+            else:
+                self.transport.loseConnection()
+            return
+        self.state = "head"
+        self.gate.resume_all()
+        self._arm("idle", self.limits.idle_timeout)
+        if self.buf and not self._pumping:
+            self._pump()
+
+
+def _basic_credentials(value: bytes | None) -> tuple[str, str] | None:
+    if not value:
+        return None
+    scheme, _, token = value.strip().partition(b" ")
+    if scheme.lower() != b"basic":
+        return None
+    try:
+        decoded = base64.b64decode(token.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    user, sep, password = decoded.partition(":")
+    if not sep or not user:
+        return None
+    return user, password
+
+
+def _header_map(head: http1.RequestHead) -> dict[str, str]:
+    return {n.decode("latin-1").lower(): v.decode("latin-1") for n, v in head.headers}

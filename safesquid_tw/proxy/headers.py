@@ -1,0 +1,120 @@
+"""Hop-by-hop header handling for a forwarding proxy (RFC 9110 7.6), in both directions.
+
+Headers are sequences of ``(name, value)`` byte pairs as produced by ``http1``; names keep the
+case they were received with, so every comparison lower-cases first.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+
+__all__ = [
+    "HOP_BY_HOP", "append_via", "client_wants_close", "connection_tokens",
+    "is_valid_pseudonym", "strip_hop_by_hop", "via_contains",
+]
+
+Header = tuple[bytes, bytes]
+
+# Fields that describe one connection, never the message, so a proxy must not forward them.
+# Proxy-Authorization carries the client's credentials for *this* proxy and is consumed here.
+# Proxy-Authenticate is in the set too, for responses: RFC 9110 11.7.1 says it "applies only to
+# the next outbound client on the response chain". Since this proxy never relays the client's
+# Proxy-Authorization upstream, an upstream's challenge could never be answered, and passed on
+# it would look like a challenge from this proxy, letting any origin prompt users for their
+# gateway credentials. A 407 of the proxy's own adds its header after stripping.
+HOP_BY_HOP: frozenset[bytes] = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+    b"transfer-encoding", b"upgrade", b"proxy-authorization", b"proxy-authenticate",
+})
+_UPGRADE = frozenset({b"upgrade"})
+_HOP_BY_HOP_KEEPING_UPGRADE = HOP_BY_HOP - _UPGRADE
+
+# Fields a Connection header may not make us drop: RFC 9110 7.6.1 forbids nominating fields
+# meant for every recipient, and losing these would change how the next hop reads the message.
+_NEVER_NOMINATED = frozenset({b"host", b"content-length"})
+
+_PSEUDONYM = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z:\[\]]+")
+
+
+def _as_sequence(headers: Iterable[Header]) -> Sequence[Header]:
+    return headers if isinstance(headers, (list, tuple)) else list(headers)
+
+
+def connection_tokens(headers: Iterable[Header]) -> frozenset[bytes]:
+    """Lower-case connection options from every Connection header field."""
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if len(name) == 10 and name.lower() == b"connection":
+            for item in value.split(b","):
+                token = item.strip(b" \t").lower()
+                if token:
+                    tokens.add(token)
+    return frozenset(tokens)
+
+
+def strip_hop_by_hop(
+    headers: Iterable[Header], *, keep_upgrade: bool = False
+) -> list[Header]:
+    """Headers to forward: without hop-by-hop fields and without fields named in Connection.
+
+    With ``keep_upgrade`` the Upgrade field survives (for a protocol switch the caller then
+    forwards); adding ``Connection: upgrade`` to the outgoing message is the caller's job.
+    Content-Length is left alone: keeping the framing consistent is the forwarder's job.
+    """
+    headers = _as_sequence(headers)
+    drop = _HOP_BY_HOP_KEEPING_UPGRADE if keep_upgrade else HOP_BY_HOP
+    nominated = connection_tokens(headers) - drop - _NEVER_NOMINATED
+    if keep_upgrade:
+        nominated -= _UPGRADE
+    if nominated:
+        drop = drop | nominated
+    return [(name, value) for name, value in headers if name.lower() not in drop]
+
+
+def client_wants_close(version: bytes, headers: Iterable[Header]) -> bool:
+    """True when the connection must close after this message (RFC 9112 9.3).
+
+    HTTP/1.1 persists unless "close" is given; HTTP/1.0 closes unless "keep-alive" is given.
+    """
+    tokens = connection_tokens(headers)
+    if b"close" in tokens:
+        return True
+    if version == b"HTTP/1.1":
+        return False
+    return b"keep-alive" not in tokens
+
+
+def is_valid_pseudonym(pseudonym: bytes) -> bool:
+    """Whether ``pseudonym`` can be a Via received-by (a token, or host:port); check at config."""
+    return _PSEUDONYM.fullmatch(pseudonym) is not None
+
+
+def append_via(headers: Iterable[Header], version: bytes, pseudonym: bytes) -> list[Header]:
+    """Headers with this hop added to Via: ``1.1 pseudonym`` (RFC 9110 7.6.3).
+
+    ``version`` is the version of the message as received (b"HTTP/1.0" gives "1.0 ...").
+    The last Via field is extended so the chain stays on one line.
+    """
+    protocol = version[5:] if version.startswith(b"HTTP/") else version
+    entry = protocol + b" " + pseudonym
+    out = list(headers)
+    for i in range(len(out) - 1, -1, -1):
+        name, value = out[i]
+        if len(name) == 3 and name.lower() == b"via":
+            out[i] = (name, value + b", " + entry if value else entry)
+            return out
+    out.append((b"Via", entry))
+    return out
+
+
+def via_contains(headers: Iterable[Header], pseudonym: bytes) -> bool:
+    """Whether a Via entry was added by ``pseudonym`` already: the request is looping."""
+    wanted = pseudonym.lower()
+    for name, value in headers:
+        if len(name) == 3 and name.lower() == b"via":
+            for entry in value.split(b","):
+                parts = entry.split(None, 2)
+                if len(parts) >= 2 and parts[1].lower() == wanted:
+                    return True
+    return False

@@ -1,0 +1,525 @@
+"""Strict HTTP/1.1 wire layer: finding and parsing heads, body framing, chunked coding.
+
+Pure functions over bytes (no Twisted). The rules follow RFC 9110/9112 with the strict
+choices a proxy needs so that nothing can be smuggled past it: every message whose framing
+two implementations could read differently is refused instead of being "repaired".
+
+Typical use by a connection protocol::
+
+    end = split_head(buf, max_request_line, max_head_bytes)      # -1: wait for more bytes
+    head = parse_request_head(bytes(buf[:end]))
+    framing = request_framing(head)                              # "none" | "length" | "chunked"
+    rest = buf[end:]                                             # body bytes / next request
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import attrs
+
+__all__ = [
+    "LAST_CHUNK", "ChunkedDecoder", "Framing", "ProtocolError", "RequestHead", "ResponseHead",
+    "chunk_header", "encode_chunk", "leading_empty_lines", "parse_request_head",
+    "parse_response_head", "request_framing", "response_framing", "serialize_request_head",
+    "serialize_response_head", "split_head",
+]
+
+
+class ProtocolError(Exception):
+    """A message that must be refused: ``status`` is the answer to send (502 for a bad response)."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(status, detail)
+        self.status = status
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.detail}"
+
+
+# RFC 9110 5.6.2 tchar.
+_TCHAR = rb"!#$%&'*+\-.^_`|~0-9A-Za-z"
+_TOKEN = re.compile(rb"[" + _TCHAR + rb"]+")
+# A field line: token ":" OWS value. The value may hold HTAB, SP, VCHAR and obs-text, nothing
+# else; trailing OWS is stripped afterwards (a lazy group here would backtrack on every byte).
+_FIELD_LINE = re.compile(rb"([" + _TCHAR + rb"]+):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*)")
+# Exactly METHOD SP target SP HTTP/d.d; the target is visible ASCII only.
+_REQUEST_LINE = re.compile(rb"([" + _TCHAR + rb"]+) ([\x21-\x7e]+) (HTTP/[0-9]\.[0-9])")
+# Reason phrases are optional and some servers omit the SP before an empty one.
+_STATUS_LINE = re.compile(rb"(HTTP/[0-9]\.[0-9]) ([0-9]{3})(?: ([\t \x21-\x7e\x80-\xff]*))?")
+_QUOTED_STRING = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"'
+# RFC 9112 7.1: chunk-size [ chunk-ext ]; BWS is allowed only around ";" and "=".
+_CHUNK_SIZE_LINE = re.compile(
+    rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[ \t]*[" + _TCHAR + rb"]+"
+    rb"(?:[ \t]*=[ \t]*(?:[" + _TCHAR + rb"]+|" + _QUOTED_STRING + rb"))?)*"
+)
+_LEADING_EMPTY_LINES = re.compile(rb"(?:\r\n)*")
+_VISIBLE_ASCII = re.compile(rb"[\x21-\x7e]+")
+_VERSIONS = frozenset({b"HTTP/1.1", b"HTTP/1.0"})
+_MAX_CONTENT_LENGTH = 2**63 - 1
+
+Fields = tuple[tuple[bytes, bytes], ...]
+
+
+# ---------------------------------------------------------------------------- finding a head
+
+
+def leading_empty_lines(buf: bytes | bytearray) -> int:
+    """Number of bytes of empty lines (CRLF) at the start of ``buf``.
+
+    RFC 9112 2.2 lets a client send empty lines before a request line (old clients add a CRLF
+    after a POST body). ``split_head`` and the head parsers skip them on their own; a caller
+    whose buffer holds nothing else may drop ``buf[:n]`` to avoid keeping them around.
+    """
+    return _LEADING_EMPTY_LINES.match(buf).end()
+
+
+def split_head(
+    buf: bytes | bytearray, max_request_line: int, max_head_bytes: int, scanned: int = 0
+) -> int:
+    """Index just past the CRLFCRLF ending the head at the start of ``buf``, or -1 if incomplete.
+
+    ``buf[:end]`` is the head (possibly starting with empty lines, which the parsers skip);
+    ``buf[end:]`` is body or the next pipelined message. Leading empty lines count towards
+    ``max_head_bytes``.
+
+    ``scanned`` makes repeated calls linear as bytes trickle in: pass the ``len(buf)`` of the
+    previous call that returned -1 on the same buffer and only the new bytes are examined.
+
+    Raises ProtocolError 400 on a bare CR, bare LF or NUL in the head, 414 when the first line
+    is longer than ``max_request_line``, 431 when the head exceeds ``max_head_bytes``.
+    """
+    size = len(buf)
+    start = _LEADING_EMPTY_LINES.match(buf).end()
+    limit = min(size, max_head_bytes)
+    end = buf.find(b"\r\n\r\n", max(start, scanned - 3), limit)
+    stop = end + 4 if end != -1 else limit
+    check_from = max(start, scanned)
+    if check_from > start and buf[check_from - 1] == 13:
+        check_from -= 1  # a CR at the old end may pair with an LF that just arrived
+    if check_from < stop:
+        _check_line_endings(buf, check_from, stop, complete=end != -1)
+    eol = buf.find(b"\r\n", start, start + max_request_line + 2)
+    if eol == -1 and (end != -1 or size - start >= max_request_line + 2):
+        raise ProtocolError(414, "request line too long")
+    if end == -1:
+        if size >= max_head_bytes:
+            raise ProtocolError(431, "request head too large")
+        return -1
+    return end + 4
+
+
+def _check_line_endings(buf: bytes | bytearray, begin: int, stop: int, complete: bool) -> None:
+    # Counting in C beats a per-byte loop by far: every LF must belong to a CRLF, every CR too
+    # (except a final CR still waiting for its LF).
+    crlf = buf.count(b"\r\n", begin, stop)
+    if buf.count(b"\n", begin, stop) != crlf:
+        raise ProtocolError(400, "bare LF in head")
+    cr = buf.count(b"\r", begin, stop)
+    if cr != crlf and not (not complete and cr == crlf + 1 and buf[stop - 1] == 13):
+        raise ProtocolError(400, "bare CR in head")
+    if buf.find(b"\x00", begin, stop) != -1:
+        raise ProtocolError(400, "NUL byte in head")
+
+
+# ---------------------------------------------------------------------------- parsed heads
+
+
+def _index_fields(fields: Fields) -> dict[bytes, list[bytes]]:
+    index: dict[bytes, list[bytes]] = {}
+    for name, value in fields:
+        index.setdefault(name.lower(), []).append(value)
+    return index
+
+
+class _FieldLookup:
+    """Case-insensitive lookups through an index built once per head."""
+
+    __slots__ = ()
+    _index: dict[bytes, list[bytes]]
+
+    def get(self, lname: bytes) -> bytes | None:
+        """First value of the field named ``lname`` (lower-case), or None."""
+        values = self._index.get(lname)
+        return values[0] if values else None
+
+    def get_all(self, lname: bytes) -> list[bytes]:
+        """Every value of the field named ``lname`` (lower-case), in order."""
+        return list(self._index.get(lname, ()))
+
+    def has(self, lname: bytes) -> bool:
+        return lname in self._index
+
+
+_INDEX = attrs.Factory(lambda self: _index_fields(self.headers), takes_self=True)
+
+
+@attrs.frozen(slots=True)
+class RequestHead(_FieldLookup):
+    method: bytes
+    target: bytes
+    version: bytes
+    headers: Fields  # (name as received, value without surrounding OWS), in order
+    _index: dict[bytes, list[bytes]] = attrs.field(default=_INDEX, eq=False, repr=False)
+
+
+@attrs.frozen(slots=True)
+class ResponseHead(_FieldLookup):
+    version: bytes
+    status: int
+    reason: bytes
+    headers: Fields
+    _index: dict[bytes, list[bytes]] = attrs.field(default=_INDEX, eq=False, repr=False)
+
+
+def _head_lines(raw: bytes, status: int) -> list[bytes]:
+    if not isinstance(raw, bytes):
+        raw = bytes(raw)
+    if not raw.endswith(b"\r\n\r\n"):
+        raise ProtocolError(status, "incomplete head")
+    start = _LEADING_EMPTY_LINES.match(raw).end()
+    return raw[start:-4].split(b"\r\n")
+
+
+def _parse_fields(
+    lines: list[bytes], max_fields: int, status: int, too_many_status: int
+) -> tuple[Fields, dict[bytes, list[bytes]]]:
+    if len(lines) - 1 > max_fields:
+        raise ProtocolError(too_many_status, f"more than {max_fields} header fields")
+    fields = []
+    index: dict[bytes, list[bytes]] = {}
+    match = _FIELD_LINE.fullmatch
+    for i in range(1, len(lines)):
+        m = match(lines[i])
+        if m is None:
+            raise ProtocolError(status, _diagnose_field_line(lines[i]))
+        name, value = m.groups()
+        value = value.rstrip(b" \t")
+        fields.append((name, value))
+        lname = name.lower()
+        seen = index.get(lname)
+        if seen is None:
+            index[lname] = [value]
+        else:
+            seen.append(value)
+    return tuple(fields), index
+
+
+def _diagnose_field_line(line: bytes) -> str:
+    # Cold path: only runs for a line the fast regex refused, to give a useful reason.
+    if line[:1] in (b" ", b"\t"):
+        return "obsolete line folding"
+    name, colon, value = line.partition(b":")
+    if not colon:
+        return "header line without a colon"
+    if not name:
+        return "empty header name"
+    if name.rstrip(b" \t") != name:
+        return "whitespace between header name and colon"
+    if not _TOKEN.fullmatch(name):
+        return "invalid character in header name"
+    for byte in (b"\r", b"\n", b"\x00"):
+        if byte in value:
+            return f"{byte!r} in header value"
+    return "invalid character in header value"
+
+
+def parse_request_head(raw: bytes, max_headers: int = 100) -> RequestHead:
+    """Parse a request head (``raw`` ends with the CRLFCRLF found by ``split_head``).
+
+    Raises ProtocolError: 400 malformed, 431 more than ``max_headers`` fields, 505 version.
+    """
+    lines = _head_lines(raw, 400)
+    m = _REQUEST_LINE.fullmatch(lines[0])
+    if m is None:
+        raise ProtocolError(400, _diagnose_request_line(lines[0]))
+    method, target, version = m.groups()
+    if version not in _VERSIONS:
+        raise ProtocolError(505, f"HTTP version {version.decode()} not supported")
+    fields, index = _parse_fields(lines, max_headers, 400, 431)
+    return RequestHead(method, target, version, fields, index)
+
+
+def _diagnose_request_line(line: bytes) -> str:
+    parts = line.split(b" ")
+    if len(parts) != 3 or not all(parts):
+        return "malformed request line"
+    if not _TOKEN.fullmatch(parts[0]):
+        return "invalid method"
+    if not _VISIBLE_ASCII.fullmatch(parts[1]):
+        return "invalid character in request target"
+    return "malformed HTTP version"
+
+
+def parse_response_head(raw: bytes, max_headers: int = 100) -> ResponseHead:
+    """Parse a response head; every problem raises ProtocolError(502, ...)."""
+    lines = _head_lines(raw, 502)
+    m = _STATUS_LINE.fullmatch(lines[0])
+    if m is None:
+        raise ProtocolError(502, "malformed status line")
+    version, status_text, reason = m.groups()
+    if version not in _VERSIONS:
+        raise ProtocolError(502, f"upstream HTTP version {version.decode()} not supported")
+    status = int(status_text)
+    if not 100 <= status <= 599:
+        raise ProtocolError(502, f"invalid status code {status}")
+    fields, index = _parse_fields(lines, max_headers, 502, 502)
+    return ResponseHead(version, status, reason or b"", fields, index)
+
+
+# ---------------------------------------------------------------------------- body framing
+
+
+@attrs.frozen(slots=True)
+class Framing:
+    """How a message body is delimited.
+
+    kind: "none" (no body), "length" (``length`` bytes), "chunked", or "close" (until the
+    connection closes; responses only). ``transfer_codings`` lists codings other than chunked
+    (responses only, in order): a forwarder that drops Transfer-Encoding must re-declare them.
+    """
+
+    kind: str
+    length: int = 0
+    transfer_codings: tuple[bytes, ...] = ()
+
+
+NO_BODY = Framing("none")
+CHUNKED = Framing("chunked")
+UNTIL_CLOSE = Framing("close")
+
+
+def _content_length(values: list[bytes], status: int) -> int:
+    if len(values) != 1:
+        raise ProtocolError(status, "more than one Content-Length")
+    value = values[0]
+    # bytes.isdigit() accepts ASCII digits only: no sign, space, comma or underscore.
+    if not value.isdigit():
+        raise ProtocolError(status, "invalid Content-Length")
+    if len(value) > 19 or int(value) > _MAX_CONTENT_LENGTH:
+        raise ProtocolError(status, "Content-Length too large")
+    return int(value)
+
+
+def _transfer_codings(values: list[bytes], status: int) -> list[bytes]:
+    codings = []
+    for value in values:
+        for item in value.split(b","):
+            coding = item.strip(b" \t").lower()
+            # Empty list members and parameters are refused: no other parser may disagree.
+            if not _TOKEN.fullmatch(coding):
+                raise ProtocolError(status, "malformed Transfer-Encoding")
+            codings.append(coding)
+    return codings
+
+
+def request_framing(head: RequestHead) -> Framing:
+    """Body framing of a request, refusing anything ambiguous (RFC 9112 6.1-6.3)."""
+    te = head._index.get(b"transfer-encoding")
+    cl = head._index.get(b"content-length")
+    if te:
+        if cl:
+            raise ProtocolError(400, "conflicting Content-Length and Transfer-Encoding")
+        if head.version != b"HTTP/1.1":
+            raise ProtocolError(400, "Transfer-Encoding in an HTTP/1.0 request")
+        codings = _transfer_codings(te, 400)
+        if codings[-1] != b"chunked":
+            raise ProtocolError(400, "final transfer coding is not chunked")
+        if len(codings) > 1:
+            if b"chunked" in codings[:-1]:
+                raise ProtocolError(400, "chunked applied more than once")
+            raise ProtocolError(501, "unsupported transfer coding")
+        return CHUNKED
+    if cl:
+        return Framing("length", _content_length(cl, 400))
+    return NO_BODY
+
+
+def response_framing(head: ResponseHead, request_method: bytes) -> Framing:
+    """Body framing of a response to ``request_method`` (RFC 9112 6.3); bad framing is 502."""
+    te = head._index.get(b"transfer-encoding")
+    cl = head._index.get(b"content-length")
+    if te and cl:
+        # An upstream sending both is either broken or attempting response splitting.
+        raise ProtocolError(502, "conflicting Content-Length and Transfer-Encoding")
+    if cl:
+        length = _content_length(cl, 502)
+    status = head.status
+    if request_method == b"HEAD" or status < 200 or status == 204 or status == 304:
+        return NO_BODY
+    if request_method == b"CONNECT" and status < 300:
+        return NO_BODY  # the connection becomes a tunnel
+    if te:
+        if head.version != b"HTTP/1.1":
+            raise ProtocolError(502, "Transfer-Encoding in an HTTP/1.0 response")
+        codings = _transfer_codings(te, 502)
+        if codings[-1] == b"chunked":
+            others = tuple(codings[:-1])
+            if b"chunked" in others:
+                raise ProtocolError(502, "chunked applied more than once")
+            return Framing("chunked", transfer_codings=others) if others else CHUNKED
+        if b"chunked" in codings:
+            raise ProtocolError(502, "chunked is not the final transfer coding")
+        return Framing("close", transfer_codings=tuple(codings))
+    if cl:
+        return Framing("length", length)
+    return UNTIL_CLOSE
+
+
+# ---------------------------------------------------------------------------- chunked bodies
+
+_SIZE, _DATA, _DATA_END, _TRAILER, _DONE = range(5)
+
+
+class ChunkedDecoder:
+    """Incremental decoder of a chunked body (RFC 9112 7.1); feed it bytes in any split.
+
+    ``feed`` returns the payload pieces decoded so far. Once ``done``, ``trailers`` holds the
+    trailer fields and ``take_rest()`` the bytes that followed the body. Errors raise
+    ProtocolError(400); a response forwarder reports them as 502.
+    """
+
+    __slots__ = ("_max_line", "_max_trailer", "_state", "_remaining", "_pending",
+                 "_trailer_bytes", "_rest", "trailers")
+
+    def __init__(self, max_line: int = 4096, max_trailer_bytes: int = 16384) -> None:
+        self._max_line = max_line
+        self._max_trailer = max_trailer_bytes
+        self._state = _SIZE
+        self._remaining = 0
+        self._pending = b""  # an incomplete line (or lone CR) carried to the next feed
+        self._trailer_bytes = 0
+        self._rest = b""
+        self.trailers: list[tuple[bytes, bytes]] = []
+
+    @property
+    def done(self) -> bool:
+        return self._state == _DONE
+
+    def take_rest(self) -> bytes:
+        rest, self._rest = self._rest, b""
+        return rest
+
+    def feed(self, data: bytes) -> list[bytes]:
+        if not isinstance(data, bytes):
+            data = bytes(data)
+        if self._state == _DONE:
+            self._rest += data
+            return []
+        buf = self._pending + data if self._pending else data
+        self._pending = b""
+        pos, end = 0, len(buf)
+        out: list[bytes] = []
+        while pos < end:
+            state = self._state
+            if state == _DATA:
+                take = min(self._remaining, end - pos)
+                out.append(buf if take == end else buf[pos:pos + take])
+                pos += take
+                self._remaining -= take
+                if not self._remaining:
+                    self._state = _DATA_END
+            elif state == _SIZE:
+                nl = buf.find(b"\n", pos, pos + self._max_line + 2)
+                if nl == -1:
+                    if end - pos >= self._max_line + 2:
+                        raise ProtocolError(400, "chunk size line too long")
+                    break
+                if nl == pos or buf[nl - 1] != 13:
+                    raise ProtocolError(400, "bare LF in chunked body")
+                m = _CHUNK_SIZE_LINE.fullmatch(buf, pos, nl - 1)
+                if m is None:
+                    raise ProtocolError(400, "malformed chunk size line")
+                size = int(m.group(1), 16)
+                pos = nl + 1
+                if size:
+                    self._state, self._remaining = _DATA, size
+                else:
+                    self._state = _TRAILER
+            elif state == _DATA_END:
+                if buf[pos] != 13 or (end - pos > 1 and buf[pos + 1] != 10):
+                    raise ProtocolError(400, "missing CRLF after chunk data")
+                if end - pos < 2:
+                    break
+                pos += 2
+                self._state = _SIZE
+            else:  # _TRAILER
+                next_pos = self._trailer_line(buf, pos, end)
+                if next_pos < 0:
+                    break
+                pos = next_pos
+                if self._state == _DONE:
+                    self._rest = buf[pos:]
+                    return out
+        if pos < end:
+            self._pending = buf[pos:]
+        return out
+
+    def _trailer_line(self, buf: bytes, pos: int, end: int) -> int:
+        """Consume one trailer line; return the new position, or -1 to wait for more."""
+        budget = self._max_trailer - self._trailer_bytes
+        nl = buf.find(b"\n", pos, pos + budget)
+        if nl == -1:
+            if end - pos >= budget:
+                raise ProtocolError(400, "trailer section too large")
+            return -1
+        if nl == pos or buf[nl - 1] != 13:
+            raise ProtocolError(400, "bare LF in chunked trailer")
+        self._trailer_bytes += nl + 1 - pos
+        if nl - 1 == pos:
+            self._state = _DONE
+        else:
+            line = buf[pos:nl - 1]
+            m = _FIELD_LINE.fullmatch(line)
+            if m is None:
+                raise ProtocolError(400, "trailer: " + _diagnose_field_line(line))
+            self.trailers.append((m.group(1), m.group(2).rstrip(b" \t")))
+        return nl + 1
+
+
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+def chunk_header(size: int) -> bytes:
+    """The size line of a chunk of ``size`` bytes (for writeSequence without copying data)."""
+    return b"%x\r\n" % size
+
+
+def encode_chunk(data: bytes) -> bytes:
+    """One chunk carrying ``data``; b"" for empty data (an empty chunk would end the body)."""
+    if not data:
+        return b""
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+# ---------------------------------------------------------------------------- serialising
+
+
+def _finish_head(parts: list[bytes], headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+    lines = 2  # start line and the empty line
+    for name, value in headers:
+        parts += (name, b": ", value, b"\r\n")
+        lines += 1
+    parts.append(b"\r\n")
+    head = b"".join(parts)
+    # Guard against response splitting through a value built from untrusted input: the head
+    # must hold exactly one CRLF per line and no other CR, LF or NUL.
+    if head.count(b"\n") != lines or head.count(b"\r") != lines or b"\x00" in head:
+        raise ValueError("CR, LF or NUL inside a head field would break message framing")
+    return head
+
+
+def serialize_request_head(
+    method: bytes, target: bytes, headers: Iterable[tuple[bytes, bytes]],
+    version: bytes = b"HTTP/1.1",
+) -> bytes:
+    return _finish_head([method, b" ", target, b" ", version, b"\r\n"], headers)
+
+
+def serialize_response_head(
+    status: int, reason: bytes, headers: Iterable[tuple[bytes, bytes]],
+    version: bytes = b"HTTP/1.1",
+) -> bytes:
+    return _finish_head([version, b" %d " % status, reason, b"\r\n"], headers)

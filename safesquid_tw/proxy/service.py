@@ -1,0 +1,199 @@
+"""The forward proxy as a service: its listening port, its connections, its upstream pool."""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from typing import Callable
+
+from twisted.application.service import Service
+from twisted.internet import defer, endpoints, protocol
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from safesquid_tw.accesslog.record import AccessRecord
+from safesquid_tw.config import Limits
+from safesquid_tw.proxy.errors import ProxyFailure, error_response, proxy_status_value
+from safesquid_tw.proxy.frontdoor import ClientConnection, RequestContext
+from safesquid_tw.proxy.headers import append_via
+from safesquid_tw.proxy.resolver import Resolver
+from safesquid_tw.proxy.upstream import UpstreamPool
+
+log = Logger()
+
+DRAIN_GRACE = 10.0  # seconds in-flight requests get to finish when the node stops
+
+
+class _Refuse(protocol.Protocol):
+    """Past the connection cap: say so and close, rather than leave the client hanging."""
+
+    def __init__(self, node: str) -> None:
+        self.node = node
+
+    def connectionMade(self) -> None:
+        self.transport.write(
+            error_response(503, node=self.node, detail="the proxy is at its connection limit; try again shortly",
+                           error_type="connection_limit_reached")
+        )
+        self.transport.loseConnection()
+
+
+class ProxyFactory(protocol.Factory):
+    noisy = False
+
+    def __init__(
+        self,
+        *,
+        reactor,
+        limits: Limits,
+        node_name: str,
+        current_policy: Callable[[], object],
+        record_sink: Callable[[AccessRecord], None],
+        resolver: Resolver,
+    ) -> None:
+        self.reactor = reactor
+        self.limits = limits
+        self.node_name = node_name
+        self.pseudonym = node_name.encode("ascii", "replace").replace(b" ", b"-") or b"safesquid-tw"
+        self._via_value = b"safesquid-tw"
+        self.current_policy = current_policy
+        self.record_sink = record_sink
+        self.connections: set[ClientConnection] = set()
+        self.listening: list[tuple[str, int]] = []
+        self.draining = False
+        self.pool = UpstreamPool(reactor, resolver, limits, is_self=self.is_self)
+        self.auth_pool = ThreadPool(minthreads=0, maxthreads=4, name="safesquid-auth")
+        self.requests = 0
+        self._status_cache: dict[str, bytes] = {}
+
+    def buildProtocol(self, addr):
+        if len(self.connections) >= self.limits.max_connections or self.draining:
+            refuse = _Refuse(self.node_name)
+            refuse.factory = self
+            return refuse
+        return ClientConnection(self)
+
+    def connection_opened(self, conn: ClientConnection) -> None:
+        self.connections.add(conn)
+
+    def connection_closed(self, conn: ClientConnection) -> None:
+        self.connections.discard(conn)
+
+    # -- helpers for the connections ------------------------------------------------------
+    def add_via(self, headers, version: bytes) -> list:
+        return append_via(headers, version, self.pseudonym)
+
+    def proxy_status(self, error_type: str) -> bytes:
+        value = self._status_cache.get(error_type)
+        if value is None:
+            value = self._status_cache[error_type] = proxy_status_value(self.node_name, error_type)
+        return value
+
+    def is_self(self, ip: str, port: int) -> bool:
+        """Would connecting to ip:port reach this proxy's own listening socket?"""
+        for host, listen_port in self.listening:
+            if port != listen_port:
+                continue
+            if host == ip:
+                return True
+            addr = ipaddress.ip_address(ip)
+            if host in ("0.0.0.0", "::") and (addr.is_loopback or addr.is_unspecified):
+                return True
+            if addr.is_unspecified:
+                return True
+        return False
+
+    def record(self, conn: ClientConnection, ctx: RequestContext, tunnel_bytes=None) -> None:
+        self.requests += 1
+        now = time.time()
+        policy = ctx.policy
+        record = AccessRecord(
+            time=ctx.start,
+            node=self.node_name,
+            client=conn.client_ip,
+            user=ctx.user,
+            method=ctx.method.decode("ascii", "replace"),
+            url=ctx.url,
+            status=ctx.status,
+            bytes_in=ctx.bytes_in,
+            bytes_out=conn.bytes_out if tunnel_bytes is None else tunnel_bytes[1],
+            duration_ms=(now - ctx.start) * 1000.0,
+            action=ctx.action,
+            rule=ctx.rule,
+            category=ctx.category,
+            application=ctx.application,
+            policy_version=policy.version if policy is not None else None,
+            dlp=ctx.dlp,
+            detail=ctx.detail,
+        )
+        conn.bytes_out = 0
+        self.record_sink(record)
+
+    def log_upstream_error(self, ctx: RequestContext, failure: ProxyFailure) -> None:
+        log.warn(
+            "upstream error for {method} {url}: {status} {error_type}: {detail}",
+            method=ctx.method.decode("ascii", "replace"), url=ctx.url, status=failure.status,
+            error_type=failure.error_type, detail=failure.detail,
+        )
+
+    def log_rejected(self, conn: ClientConnection, status: int, detail: str, ctx: RequestContext | None) -> None:
+        log.info("rejected a request from {client}: {status} {detail}", client=conn.client_ip, status=status, detail=detail)
+        if ctx is not None:
+            ctx.status = status
+            ctx.action = "error"
+            ctx.detail = detail
+            self.record(conn, ctx)
+            conn.ctx = None
+
+
+class ProxyService(Service):
+    """Listens on the proxy endpoint; on stop, lets requests in flight finish (bounded)."""
+
+    name = "proxy"
+
+    def __init__(self, reactor, endpoint: str, factory: ProxyFactory, resolver: Resolver) -> None:
+        self.reactor = reactor
+        self.endpoint = endpoint
+        self.factory = factory
+        self.resolver = resolver
+        self.port = None
+        self.listening: defer.Deferred = defer.Deferred()
+
+    def startService(self) -> None:
+        super().startService()
+        self.resolver.start()
+        self.factory.auth_pool.start()
+        ep = endpoints.serverFromString(self.reactor, self.endpoint)
+        ep.listen(self.factory).addCallbacks(self._listening, self.listening.errback)
+
+    def _listening(self, port) -> None:
+        self.port = port
+        host = port.getHost()
+        self.factory.listening.append((host.host, host.port))
+        log.info("proxy listening on {host}:{port}", host=host.host, port=host.port)
+        self.listening.callback(port)
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        super().stopService()
+        factory = self.factory
+        factory.draining = True
+        if self.port is not None:
+            yield self.port.stopListening()
+        for conn in list(factory.connections):
+            if conn.state == "head" and not conn.buf:
+                conn.transport.loseConnection()
+        deadline = self.reactor.seconds() + DRAIN_GRACE
+        while factory.connections and self.reactor.seconds() < deadline:
+            yield _sleep(self.reactor, 0.05)
+        for conn in list(factory.connections):
+            conn.transport.abortConnection()
+        factory.pool.close_idle()
+        self.resolver.stop()
+        factory.auth_pool.stop()
+
+
+def _sleep(reactor, seconds: float) -> defer.Deferred:
+    d: defer.Deferred = defer.Deferred()
+    reactor.callLater(seconds, d.callback, None)
+    return d

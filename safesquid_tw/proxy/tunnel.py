@@ -1,0 +1,96 @@
+"""Opaque tunnels: CONNECT, and Upgrade (WebSocket) once the origin has answered 101.
+
+Bytes are spliced unchanged in both directions with back-pressure each way (a full client buffer
+pauses reading from the origin and vice versa), the tunnel closes after a period with no bytes in
+either direction, and the byte counts go into the access record.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from safesquid_tw.proxy.errors import ProxyFailure
+
+if TYPE_CHECKING:
+    from safesquid_tw.proxy.frontdoor import ClientConnection, RequestContext
+    from safesquid_tw.proxy.upstream import UpstreamConnection
+
+
+class Tunnel:
+    def __init__(self, conn: "ClientConnection", ctx: "RequestContext") -> None:
+        self.conn = conn
+        self.ctx = ctx
+        self.upstream: UpstreamConnection | None = None
+        self.bytes_from_client = 0
+        self.bytes_to_client = 0
+        self._ready = False
+        self._closed = False
+
+    def open(self) -> None:
+        target = self.ctx.target
+        d = self.conn.factory.pool.connect(("tunnel", target.host, target.port))
+        d.addCallbacks(self._connected, self._connect_failed)
+
+    def _connected(self, upstream: "UpstreamConnection") -> None:
+        if self._closed:
+            upstream.abandon()
+            return
+        self.adopt(upstream)
+        self.conn.tunnel_ready(self)
+
+    def _connect_failed(self, reason) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        err = reason.value
+        if not isinstance(err, ProxyFailure):
+            err = ProxyFailure(502, "proxy_internal_error", f"cannot open the tunnel: {err}")
+        self.conn.tunnel_failed(self, err)
+
+    def adopt(self, upstream: "UpstreamConnection") -> None:
+        self.upstream = upstream
+        self._ready = True
+        upstream.switch(self)
+        self.conn.transport.registerProducer(upstream.gate.producer("client-full"), True)
+        upstream.transport.registerProducer(self.conn.gate.producer("upstream-full"), True)
+
+    def from_client(self, data: bytes) -> None:
+        self.bytes_from_client += len(data)
+        if self.upstream is not None:
+            self.upstream.send_raw(data)
+
+    # -- the origin side (ResponseSink in switched mode) ----------------------------------
+    def upstream_data(self, data: bytes) -> None:
+        self.bytes_to_client += len(data)
+        self.conn.transport.write(data)
+
+    def upstream_done(self) -> None:
+        self._close(None)
+
+    def upstream_failed(self, failure: ProxyFailure, *, retryable: bool = False) -> None:
+        self._close(failure.detail)
+
+    def side_closed(self, side: str) -> None:
+        self._close(f"{side} closed")
+
+    def _close(self, detail: str | None) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        upstream, self.upstream = self.upstream, None
+        if detail and self.ctx.detail is None and "closed" not in detail:
+            self.ctx.detail = detail
+        transport = self.conn.transport
+        if transport is not None:
+            try:
+                transport.unregisterProducer()
+            except Exception:
+                pass
+        if upstream is not None:
+            upstream.sink = None
+            try:
+                upstream.transport.unregisterProducer()
+            except Exception:
+                pass
+            upstream.close_tunnel()
+        self.conn.tunnel_closed(self)

@@ -1,0 +1,414 @@
+"""Connections toward origin servers: one HTTP/1.1 client connection each, kept in a pool.
+
+An `UpstreamConnection` carries one request at a time and reports the response to whoever sent it
+(its `sink`, the client-side exchange): interim 1xx responses, the final head, decoded body bytes,
+the end, or a failure. When a response ends cleanly on a connection both sides keep open, the
+connection goes back to the pool for the next request to the same origin.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Callable, Protocol as TypingProtocol
+
+from twisted.internet import defer, error, protocol, ssl
+from twisted.internet.interfaces import IReactorTCP, IReactorTime
+from twisted.logger import Logger
+
+from safesquid_tw.config import Limits
+from safesquid_tw.proxy import http1
+from safesquid_tw.proxy.errors import ProxyFailure
+from safesquid_tw.proxy.flow import ReadGate
+from safesquid_tw.proxy.headers import connection_tokens
+from safesquid_tw.proxy.resolver import Resolver
+
+log = Logger()
+
+MAX_RESPONSE_LINE = 64 * 1024
+MAX_RESPONSE_HEAD = 256 * 1024
+
+PoolKey = tuple[str, str, int]
+
+
+class ResponseSink(TypingProtocol):
+    def upstream_interim(self, head: http1.ResponseHead) -> None: ...
+    def upstream_head(self, head: http1.ResponseHead, framing: http1.Framing) -> None: ...
+    def upstream_data(self, data: bytes) -> None: ...
+    def upstream_done(self) -> None: ...
+    def upstream_switched(self, head: http1.ResponseHead, rest: bytes) -> None: ...
+    def upstream_failed(self, failure: ProxyFailure, *, retryable: bool) -> None: ...
+
+
+class UpstreamConnection(protocol.Protocol):
+    def __init__(self, pool: "UpstreamPool", key: PoolKey, peer: str) -> None:
+        self.pool = pool
+        self.key = key
+        self.peer = peer  # "ip:port" actually contacted, for logs
+        self.sink: ResponseSink | None = None
+        self.gate: ReadGate | None = None
+        self.requests_served = 0
+        self._state = "idle"  # idle, head, body, switched, closed
+        self._buf = bytearray()
+        self._framing: http1.Framing | None = None
+        self._remaining = 0
+        self._decoder: http1.ChunkedDecoder | None = None
+        self._method = b"GET"
+        self._request_complete = False
+        self._keep_alive = True
+        self._got_bytes = False
+        self._timer = None
+        self._idle_timer = None
+        self.connected_since = 0.0
+
+    # -- lifetime -------------------------------------------------------------------------
+    def connectionMade(self) -> None:
+        self.gate = ReadGate(self.transport)
+        if hasattr(self.transport, "setTcpNoDelay"):
+            self.transport.setTcpNoDelay(True)
+        factory = getattr(self, "factory", None)
+        if factory is not None:
+            factory.connected(self)
+
+    def connectionLost(self, reason=protocol.connectionDone) -> None:
+        self._cancel_timer()
+        if self._idle_timer is not None and self._idle_timer.active():
+            self._idle_timer.cancel()
+        state, self._state = self._state, "closed"
+        self.pool._forget(self)
+        sink, self.sink = self.sink, None
+        if sink is None:
+            return
+        if state == "body" and self._framing is not None and self._framing.kind == "close":
+            sink.upstream_done()
+        elif state == "switched":
+            sink.upstream_done()
+        elif state == "head" and not self._got_bytes:
+            sink.upstream_failed(
+                ProxyFailure(502, "connection_terminated", f"{self.peer} closed the connection without answering"),
+                retryable=self.requests_served > 0,
+            )
+        elif state in ("head", "body"):
+            sink.upstream_failed(
+                ProxyFailure(502, "http_response_incomplete", f"{self.peer} closed the connection mid-response"),
+                retryable=False,
+            )
+
+    # -- the request ----------------------------------------------------------------------
+    def start_request(self, sink: ResponseSink, head: bytes, method: bytes) -> None:
+        if self._idle_timer is not None and self._idle_timer.active():
+            self._idle_timer.cancel()
+        self._idle_timer = None
+        self.sink = sink
+        self._state = "head"
+        self._method = method
+        self._request_complete = False
+        self._keep_alive = True
+        self._got_bytes = False
+        self._framing = None
+        self._decoder = None
+        self.transport.write(head)
+
+    def send_body(self, data: bytes) -> None:
+        self.transport.write(data)
+        self._restart_timer(self.pool.limits.read_timeout, "http_request_error", "the upload stalled")
+
+    def end_request(self) -> None:
+        """The whole request is sent: from now on the origin must start answering in time."""
+        self._request_complete = True
+        if self._state == "head" and not self._got_bytes:
+            self._restart_timer(
+                self.pool.limits.response_timeout, "http_response_timeout", "the origin did not answer in time"
+            )
+
+    def switch(self, sink: ResponseSink) -> None:
+        """Carry opaque bytes from now on (CONNECT, or after a 101); never pooled again."""
+        self.sink = sink
+        self._state = "switched"
+        self._restart_timer(self.pool.limits.tunnel_idle_timeout, "connection_timeout", "tunnel idle")
+
+    def send_raw(self, data: bytes) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self.pool.limits.tunnel_idle_timeout)
+        self.transport.write(data)
+
+    def close_tunnel(self) -> None:
+        self._cancel_timer()
+        if self._state != "closed":
+            self._state = "closed"
+            self.transport.loseConnection()
+
+    def abandon(self) -> None:
+        """The client went away: this connection's state is unknown, so it is not reused."""
+        self.sink = None
+        self._cancel_timer()
+        if self._state != "closed":
+            self._state = "closed"
+            self.transport.abortConnection()
+
+    # -- the response ---------------------------------------------------------------------
+    def dataReceived(self, data: bytes) -> None:
+        if self._state == "switched":
+            if self._timer is not None and self._timer.active():
+                self._timer.reset(self.pool.limits.tunnel_idle_timeout)
+            if self.sink is not None:
+                self.sink.upstream_data(data)
+            return
+        if self._state in ("idle", "closed"):
+            # Bytes nobody asked for: the connection cannot be trusted any more.
+            self.transport.abortConnection()
+            return
+        self._got_bytes = True
+        try:
+            if self._state == "head":
+                self._buf += data
+                self._parse_heads()
+            elif self._state == "body":
+                self._body(data)
+        except http1.ProtocolError as e:
+            self._fail(ProxyFailure(502, "http_protocol_error", f"the origin sent an invalid response: {e.detail}"))
+
+    def _parse_heads(self) -> None:
+        while self._state == "head":
+            end = http1.split_head(self._buf, MAX_RESPONSE_LINE, MAX_RESPONSE_HEAD)
+            if end < 0:
+                if self._request_complete:
+                    self._restart_timer(self.pool.limits.read_timeout, "http_response_timeout", "the response head stalled")
+                return
+            raw = bytes(self._buf[:end])
+            del self._buf[:end]
+            head = http1.parse_response_head(raw)
+            sink = self.sink
+            if head.status == 101:
+                self._state = "switched"
+                self._cancel_timer()
+                rest = bytes(self._buf)
+                self._buf.clear()
+                self._restart_timer(self.pool.limits.tunnel_idle_timeout, "connection_timeout", "tunnel idle")
+                if sink is not None:
+                    sink.upstream_switched(head, rest)
+                return
+            if head.status < 200:
+                if sink is not None:
+                    sink.upstream_interim(head)
+                continue
+            framing = http1.response_framing(head, self._method)
+            self._framing = framing
+            tokens = connection_tokens(head.headers)
+            if b"close" in tokens or (head.version == b"HTTP/1.0" and b"keep-alive" not in tokens):
+                self._keep_alive = False
+            self._state = "body"
+            self._restart_timer(self.pool.limits.read_timeout, "http_response_timeout", "the response body stalled")
+            if sink is not None:
+                sink.upstream_head(head, framing)
+            if self._state != "body":
+                return
+            if framing.kind == "none":
+                self._finish()
+                return
+            if framing.kind == "length":
+                self._remaining = framing.length
+                if self._remaining == 0:
+                    self._finish()
+                    return
+            elif framing.kind == "chunked":
+                self._decoder = http1.ChunkedDecoder()
+            rest = bytes(self._buf)
+            self._buf.clear()
+            if rest:
+                self._body(rest)
+            return
+
+    def _body(self, data: bytes) -> None:
+        framing = self._framing
+        sink = self.sink
+        if self._timer is not None:
+            self._timer.reset(self.pool.limits.read_timeout)
+        if framing.kind == "length":
+            if len(data) > self._remaining:
+                # More than announced: deliver what was promised, never reuse this connection.
+                self._keep_alive = False
+                data = data[: self._remaining]
+            self._remaining -= len(data)
+            if sink is not None and data:
+                sink.upstream_data(data)
+            if self._remaining == 0:
+                self._finish()
+        elif framing.kind == "chunked":
+            pieces = self._decoder.feed(data)
+            if sink is not None:
+                for piece in pieces:
+                    sink.upstream_data(piece)
+            if self._decoder.done:
+                if self._decoder.take_rest():
+                    self._keep_alive = False
+                self._finish()
+        else:  # read until the origin closes
+            if sink is not None:
+                sink.upstream_data(data)
+
+    def _finish(self) -> None:
+        self._cancel_timer()
+        sink, self.sink = self.sink, None
+        self.requests_served += 1
+        reusable = self._keep_alive and self._request_complete and not self._buf
+        self._state = "idle"
+        if sink is not None:
+            sink.upstream_done()
+        if reusable and self._state == "idle":
+            self.pool.release(self)
+        elif self._state != "closed":
+            self._state = "closed"
+            self.transport.loseConnection()
+
+    def _fail(self, failure: ProxyFailure) -> None:
+        self._cancel_timer()
+        sink, self.sink = self.sink, None
+        self._state = "closed"
+        self.transport.abortConnection()
+        if sink is not None:
+            sink.upstream_failed(failure, retryable=False)
+
+    # -- timers ---------------------------------------------------------------------------
+    def _restart_timer(self, seconds: float, error_type: str, detail: str) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = self.pool.reactor.callLater(seconds, self._timed_out, error_type, detail, seconds)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _timed_out(self, error_type: str, detail: str, seconds: float) -> None:
+        self._timer = None
+        status = 504 if self._state == "head" else 502
+        self._fail(ProxyFailure(status, error_type, f"{detail} ({seconds:g} s, {self.peer})"))
+
+    def go_idle(self) -> None:
+        self._idle_timer = self.pool.reactor.callLater(self.pool.limits.upstream_idle_timeout, self._idle_expired)
+
+    def _idle_expired(self) -> None:
+        self._idle_timer = None
+        if self._state == "idle":
+            self._state = "closed"
+            self.transport.loseConnection()
+
+
+class _ConnectFactory(protocol.ClientFactory):
+    def __init__(self, pool: "UpstreamPool", key: PoolKey, peer: str) -> None:
+        self.pool = pool
+        self.key = key
+        self.peer = peer
+        self.deferred: defer.Deferred = defer.Deferred()
+
+    def buildProtocol(self, addr):
+        conn = UpstreamConnection(self.pool, self.key, self.peer)
+        conn.factory = self
+        return conn
+
+    def connected(self, conn: UpstreamConnection) -> None:
+        if not self.deferred.called:
+            self.deferred.callback(conn)
+
+    def clientConnectionFailed(self, connector, reason) -> None:
+        if not self.deferred.called:
+            self.deferred.errback(reason)
+
+
+class UpstreamPool:
+    """Idle keep-alive connections by (scheme, host, port), and how to make new ones."""
+
+    def __init__(
+        self,
+        reactor: IReactorTCP | IReactorTime,
+        resolver: Resolver,
+        limits: Limits,
+        *,
+        is_self: Callable[[str, int], bool] = lambda ip, port: False,
+    ) -> None:
+        self.reactor = reactor
+        self.resolver = resolver
+        self.limits = limits
+        self.is_self = is_self
+        self._idle: dict[PoolKey, list[UpstreamConnection]] = {}
+        self._tls_options: dict[str, object] = {}
+        self.connections_made = 0
+
+    def take_idle(self, key: PoolKey) -> UpstreamConnection | None:
+        idle = self._idle.get(key)
+        while idle:
+            conn = idle.pop()
+            if conn._state == "idle" and conn.transport is not None and conn.transport.connected:
+                if conn._idle_timer is not None and conn._idle_timer.active():
+                    conn._idle_timer.cancel()
+                conn._idle_timer = None
+                return conn
+        return None
+
+    @defer.inlineCallbacks
+    def connect(self, key: PoolKey):
+        """A new connection to the origin named by key; fails with a ProxyFailure."""
+        scheme, host, port = key
+        addresses = yield self.resolver.resolve(host)
+        last: ProxyFailure | None = None
+        for family, ip in addresses:
+            if self.is_self(ip, port):
+                raise ProxyFailure(508, "proxy_loop_detected", f"{host}:{port} is this proxy itself")
+            peer = f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}"
+            factory = _ConnectFactory(self, key, peer)
+            timeout = self.limits.connect_timeout
+            if scheme == "https":
+                self.reactor.connectSSL(ip, port, factory, self._tls_for(host), timeout=timeout)
+            else:
+                self.reactor.connectTCP(ip, port, factory, timeout=timeout)
+            try:
+                conn = yield factory.deferred
+            except error.ConnectionRefusedError:
+                last = ProxyFailure(502, "connection_refused", f"{peer} refused the connection")
+            except (error.TimeoutError, error.TCPTimedOutError):
+                last = ProxyFailure(504, "connection_timeout", f"connecting to {peer} took longer than {timeout:g} s")
+            except error.ConnectError as e:
+                last = ProxyFailure(502, "destination_unavailable", f"cannot connect to {peer}: {e.osError or e}")
+            else:
+                self.connections_made += 1
+                conn.connected_since = self.reactor.seconds()
+                return conn
+        raise last or ProxyFailure(502, "destination_unavailable", f"no address for {host}")
+
+    def _tls_for(self, host: str):
+        options = self._tls_options.get(host)
+        if options is None:
+            options = ssl.optionsForClientTLS(host)
+            if len(self._tls_options) > 1000:
+                self._tls_options.clear()
+            self._tls_options[host] = options
+        return options
+
+    def release(self, conn: UpstreamConnection) -> None:
+        idle = self._idle.setdefault(conn.key, [])
+        if len(idle) >= self.limits.upstream_idle_per_host:
+            conn._state = "closed"
+            conn.transport.loseConnection()
+            return
+        if conn.gate is not None:
+            conn.gate.resume_all()
+        idle.append(conn)
+        conn.go_idle()
+
+    def _forget(self, conn: UpstreamConnection) -> None:
+        idle = self._idle.get(conn.key)
+        if idle and conn in idle:
+            idle.remove(conn)
+            if not idle:
+                del self._idle[conn.key]
+
+    def close_idle(self) -> None:
+        for conns in list(self._idle.values()):
+            for conn in list(conns):
+                conn._state = "closed"
+                conn.transport.loseConnection()
+        self._idle.clear()
+
+    @property
+    def idle_count(self) -> int:
+        return sum(len(v) for v in self._idle.values())

@@ -1,0 +1,200 @@
+"""Report aggregations over the report store's roll-ups: totals, time series and top lists.
+
+Every function only reads, returns plain frozen values, and works per node or for the whole
+cluster (`node=None`). They read roll-ups, never the raw records, so their cost depends on the
+length of the period and the number of distinct keys, not on how many records were stored.
+
+Granularity follows the roll-ups: totals and time series count whole minutes (a period is widened
+to minute boundaries), top lists whole hours (widened to hour boundaries). Each result names the
+period it really covers. Buckets are aligned to UTC; `align` shifts them (e.g. by a time zone's
+offset, in seconds) for people who read their day from local midnight.
+
+Like the store, these run in a worker thread: each thread reads on its own connection.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import attrs
+
+from safesquid_tw.reporting.store import TOP_DIMENSIONS, ReportStore
+
+MINUTE = 60
+HOUR = 3600
+DAY = 86400
+
+
+@attrs.frozen
+class Period:
+    start: int
+    end: int
+
+
+@attrs.frozen
+class Totals:
+    requests: int
+    blocked: int
+    bytes_in: int
+    bytes_out: int
+
+    @property
+    def allowed(self) -> int:
+        return self.requests - self.blocked
+
+
+@attrs.frozen
+class TimeBucket:
+    start: int
+    totals: Totals
+
+
+@attrs.frozen
+class TopEntry:
+    key: str
+    requests: int
+    blocked: int
+    bytes: int
+
+
+@attrs.frozen
+class TopList:
+    dimension: str
+    period: Period
+    entries: tuple[TopEntry, ...]
+
+
+@attrs.frozen
+class Dashboard:
+    """What the overview page shows for the last `hours`."""
+
+    period: Period
+    totals: Totals
+    per_node: dict[str, Totals]
+    timeline: tuple[TimeBucket, ...]
+    tops: dict[str, TopList]
+
+
+def widen(start: float, end: float, step: int, align: int = 0) -> Period:
+    """The smallest period of whole `step`s (counted from `align`) that holds [start, end)."""
+    first = math.floor((start - align) / step) * step + align
+    last = math.ceil((end - align) / step) * step + align
+    return Period(int(first), int(max(last, first)))
+
+
+def _node_clause(node: str | None) -> tuple[str, tuple[Any, ...]]:
+    return ("", ()) if node is None else (" AND node = ?", (node,))
+
+
+def totals(store: ReportStore, start: float, end: float, *, node: str | None = None) -> Totals:
+    period = widen(start, end, MINUTE)
+    clause, params = _node_clause(node)
+    row = store.reader().execute(
+        "SELECT coalesce(sum(requests), 0), coalesce(sum(blocked), 0), coalesce(sum(bytes_in), 0),"
+        f" coalesce(sum(bytes_out), 0) FROM rollup_minute WHERE bucket >= ? AND bucket < ?{clause}",
+        (period.start, period.end, *params),
+    ).fetchone()
+    return Totals(*row)
+
+
+def per_node(store: ReportStore, start: float, end: float) -> dict[str, Totals]:
+    period = widen(start, end, MINUTE)
+    rows = store.reader().execute(
+        "SELECT node, sum(requests), sum(blocked), sum(bytes_in), sum(bytes_out) FROM rollup_minute"
+        " WHERE bucket >= ? AND bucket < ? GROUP BY node ORDER BY node",
+        (period.start, period.end),
+    )
+    return {node: Totals(*counts) for node, *counts in rows}
+
+
+def timeline(
+    store: ReportStore,
+    start: float,
+    end: float,
+    *,
+    step: int = HOUR,
+    node: str | None = None,
+    align: int = 0,
+) -> tuple[TimeBucket, ...]:
+    """Totals per `step` seconds (a multiple of a minute), empty buckets included."""
+    if step <= 0 or step % MINUTE:
+        raise ValueError("a timeline step must be a positive whole number of minutes")
+    period = widen(start, end, step, align)
+    # Hour roll-ups are 60 times fewer rows; they serve any step of whole, aligned hours.
+    table = "rollup_hour" if step % HOUR == 0 and align % HOUR == 0 else "rollup_minute"
+    clause, params = _node_clause(node)
+    rows = store.reader().execute(
+        "SELECT (bucket - ?1) / ?2 * ?2 + ?1 AS slot, sum(requests), sum(blocked), sum(bytes_in),"
+        f" sum(bytes_out) FROM {table} WHERE bucket >= ?3 AND bucket < ?4{clause}"
+        " GROUP BY slot",
+        (align, step, period.start, period.end, *params),
+    )
+    found = {slot: Totals(*counts) for slot, *counts in rows}
+    empty = Totals(0, 0, 0, 0)
+    return tuple(
+        TimeBucket(slot, found.get(slot, empty)) for slot in range(period.start, period.end, step)
+    )
+
+
+def top(
+    store: ReportStore,
+    dimension: str,
+    start: float,
+    end: float,
+    *,
+    node: str | None = None,
+    limit: int = 10,
+    by: str = "requests",
+) -> TopList:
+    """The `limit` domains, users, categories or rules with the most requests, blocked requests
+    or bytes in the period (widened to whole hours)."""
+    if dimension not in TOP_DIMENSIONS:
+        raise ValueError(f"unknown dimension {dimension!r}; one of {', '.join(TOP_DIMENSIONS)}")
+    if by not in ("requests", "blocked", "bytes"):
+        raise ValueError("top lists are ordered by requests, blocked or bytes")
+    period = widen(start, end, HOUR)
+    clause, params = _node_clause(node)
+    rows = store.reader().execute(
+        "SELECT key, sum(requests) AS requests, sum(blocked) AS blocked, sum(bytes) AS bytes"
+        f" FROM rollup_top WHERE dimension = ? AND bucket >= ? AND bucket < ?{clause}"
+        f" GROUP BY key ORDER BY {by} DESC, key LIMIT ?",
+        (dimension, period.start, period.end, *params, limit),
+    )
+    entries = tuple(TopEntry(*row) for row in rows)
+    if by == "blocked":
+        entries = tuple(entry for entry in entries if entry.blocked)
+    return TopList(dimension, period, entries)
+
+
+def dashboard(
+    store: ReportStore, now: float, *, hours: int = 24, node: str | None = None, limit: int = 10
+) -> Dashboard:
+    """Totals, per-node totals, an hourly timeline and every top list for the last `hours`."""
+    start = now - hours * HOUR
+    return Dashboard(
+        period=widen(start, now, MINUTE),
+        totals=totals(store, start, now, node=node),
+        per_node=per_node(store, start, now) if node is None else {},
+        timeline=timeline(store, start, now, step=HOUR, node=node),
+        tops={d: top(store, d, start, now, node=node, limit=limit) for d in TOP_DIMENSIONS},
+    )
+
+
+__all__ = [
+    "DAY",
+    "HOUR",
+    "MINUTE",
+    "Dashboard",
+    "Period",
+    "TimeBucket",
+    "TopEntry",
+    "TopList",
+    "Totals",
+    "dashboard",
+    "per_node",
+    "timeline",
+    "top",
+    "totals",
+    "widen",
+]

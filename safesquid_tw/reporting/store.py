@@ -1,0 +1,507 @@
+"""The master's report store: every access record of the cluster, once, in SQLite.
+
+Ingest is idempotent: a record is named by (node, segment, seq) and a name already stored (or
+already quarantined) is counted as a duplicate and skipped, so a slave may re-ship a segment after
+any crash. One batch is one transaction: the raw rows, the quarantined ones and the roll-up
+increments commit together or not at all, and only then may the master acknowledge.
+
+Roll-ups (requests, blocked and bytes per minute and per hour, and per hour the requests of every
+domain, user, category and rule) are counted at ingest from the rows actually inserted, so a
+dashboard over a day reads a few thousand roll-up rows instead of millions of records.
+
+Threads: every public method may run in a worker thread (`deferToThread`). Writes go through one
+writer connection behind a lock, because SQLite has a single writer anyway; reads use one
+connection per thread and, in WAL mode, never wait for the writer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import attrs
+
+# Actions that mean the gateway refused the request (policy or DLP); every other action counts
+# as allowed in the roll-ups ("allow", "tunnel", "auth", "error", ...).
+BLOCKED_ACTIONS = frozenset({"deny", "block"})
+TOP_DIMENSIONS = ("domain", "user", "category", "rule")
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS requests (
+    id INTEGER PRIMARY KEY,
+    node TEXT NOT NULL, segment INTEGER NOT NULL, seq INTEGER NOT NULL,
+    time REAL NOT NULL, minute INTEGER NOT NULL, client TEXT, user TEXT, method TEXT, url TEXT,
+    host TEXT, host_rev TEXT,  -- host reversed: a domain and its subdomains are one index range
+    status INTEGER, bytes_in INTEGER NOT NULL, bytes_out INTEGER NOT NULL, duration_ms REAL,
+    action TEXT, rule TEXT, category TEXT, application TEXT, policy_version INTEGER,
+    dlp TEXT, detail TEXT,
+    UNIQUE (node, segment, seq)
+);
+CREATE INDEX IF NOT EXISTS requests_time ON requests (time);
+CREATE INDEX IF NOT EXISTS requests_user ON requests (minute, user);
+CREATE INDEX IF NOT EXISTS requests_client ON requests (minute, client);
+CREATE INDEX IF NOT EXISTS requests_host ON requests (minute, host_rev);
+CREATE INDEX IF NOT EXISTS requests_rule ON requests (minute, rule);
+CREATE TABLE IF NOT EXISTS quarantine (
+    node TEXT NOT NULL, segment INTEGER NOT NULL, seq INTEGER NOT NULL,
+    received REAL NOT NULL, reason TEXT NOT NULL, raw BLOB NOT NULL,
+    PRIMARY KEY (node, segment, seq)
+);
+CREATE TABLE IF NOT EXISTS rollup_minute (
+    bucket INTEGER NOT NULL, node TEXT NOT NULL, requests INTEGER NOT NULL,
+    blocked INTEGER NOT NULL, bytes_in INTEGER NOT NULL, bytes_out INTEGER NOT NULL,
+    PRIMARY KEY (bucket, node)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS rollup_hour (
+    bucket INTEGER NOT NULL, node TEXT NOT NULL, requests INTEGER NOT NULL,
+    blocked INTEGER NOT NULL, bytes_in INTEGER NOT NULL, bytes_out INTEGER NOT NULL,
+    PRIMARY KEY (bucket, node)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS rollup_top (
+    dimension TEXT NOT NULL, bucket INTEGER NOT NULL, node TEXT NOT NULL, key TEXT NOT NULL,
+    requests INTEGER NOT NULL, blocked INTEGER NOT NULL, bytes INTEGER NOT NULL,
+    PRIMARY KEY (dimension, bucket, node, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS node_drops (
+    node TEXT PRIMARY KEY, total_dropped INTEGER NOT NULL, reported REAL NOT NULL
+);
+"""
+
+# Positions in a row as inserted (node, segment, seq, then `record_row`), for the roll-ups.
+_ROW = ("node", "segment", "seq", "time", "minute", "client", "user", "method", "url", "host",
+        "host_rev", "status", "bytes_in", "bytes_out", "duration_ms", "action", "rule", "category",
+        "application", "policy_version", "dlp", "detail")  # fmt: skip
+_MINUTE, _ACTION = _ROW.index("minute"), _ROW.index("action")
+_BYTES_IN, _BYTES_OUT = _ROW.index("bytes_in"), _ROW.index("bytes_out")
+_TOP_COLUMNS = tuple(
+    (dimension, _ROW.index(column))
+    for dimension, column in (("domain", "host"), ("user", "user"), ("category", "category"), ("rule", "rule"))
+)
+_INSERT_REQUEST = (
+    f"INSERT INTO requests ({', '.join(_ROW)}) VALUES ({', '.join('?' * len(_ROW))})"
+)
+_INSERT_QUARANTINE = "INSERT INTO quarantine (node, segment, seq, received, reason, raw) VALUES (?,?,?,?,?,?)"
+_EXISTING = (
+    "SELECT seq FROM requests WHERE node = ?1 AND segment = ?2 AND seq BETWEEN ?3 AND ?4"
+    " UNION ALL SELECT seq FROM quarantine WHERE node = ?1 AND segment = ?2 AND seq BETWEEN ?3 AND ?4"
+)
+_BUMP_TOTALS = (
+    "INSERT INTO {table} (bucket, node, requests, blocked, bytes_in, bytes_out) VALUES (?,?,?,?,?,?)"
+    " ON CONFLICT (bucket, node) DO UPDATE SET requests = requests + excluded.requests,"
+    " blocked = blocked + excluded.blocked, bytes_in = bytes_in + excluded.bytes_in,"
+    " bytes_out = bytes_out + excluded.bytes_out"
+)
+_BUMP_MINUTE = _BUMP_TOTALS.format(table="rollup_minute")
+_BUMP_HOUR = _BUMP_TOTALS.format(table="rollup_hour")
+_BUMP_TOP = (
+    "INSERT INTO rollup_top (dimension, bucket, node, key, requests, blocked, bytes)"
+    " VALUES (?,?,?,?,?,?,?) ON CONFLICT (dimension, bucket, node, key) DO UPDATE SET"
+    " requests = requests + excluded.requests, blocked = blocked + excluded.blocked,"
+    " bytes = bytes + excluded.bytes"
+)
+_COLUMNS = (
+    "node", "segment", "seq", "time", "client", "user", "method", "url", "host", "status",
+    "bytes_in", "bytes_out", "duration_ms", "action", "rule", "category", "application",
+    "policy_version", "dlp", "detail",
+)  # fmt: skip
+_SELECT_COLUMNS = ", ".join(_COLUMNS)
+_TEXT_KEYS = ("client", "user", "method", "url", "action", "rule", "category", "application")
+_FILTERS = frozenset(
+    {"start", "end", "node", "user", "client", "domain", "rule", "status", "action", "category"}
+)
+
+
+@attrs.frozen
+class IngestResult:
+    inserted: int
+    duplicates: int
+    quarantined: int
+
+
+class MalformedRecord(ValueError):
+    """A record that cannot be stored as a request; the message is the quarantine reason."""
+
+
+def host_of(url: str | None) -> str | None:
+    """The host of an absolute URL or a CONNECT authority, lower-cased, without port or dot."""
+    if not url:
+        return None
+    start = url.find("://")
+    if start >= 0:
+        start += 3
+    elif url.startswith("/"):
+        return None  # origin-form: no host in the URL
+    else:
+        start = 0
+    end = len(url)
+    for delimiter in "/?#":
+        found = url.find(delimiter, start, end)
+        if found >= 0:
+            end = found
+    authority = url[start:end]
+    authority = authority[authority.rfind("@") + 1 :]
+    if authority.startswith("["):
+        host = authority[1 : authority.find("]")] if "]" in authority else authority[1:]
+    else:
+        host = authority.partition(":")[0]
+    return host.lower().rstrip(".") or None
+
+
+def _epoch(obj: dict[str, Any]) -> float:
+    value = obj.get("ts")
+    if value is not None and not isinstance(value, bool) and isinstance(value, (int, float)):
+        if math.isfinite(value):
+            return float(value)
+        raise MalformedRecord(f"'ts' is not finite: {value!r}")
+    text = obj.get("time")
+    if not isinstance(text, str):
+        raise MalformedRecord("no 'ts' (epoch seconds) nor 'time' (ISO 8601)")
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise MalformedRecord(f"'time' is not ISO 8601: {text!r}") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()
+
+
+def _integer(obj: dict[str, Any], key: str, default: int | None) -> int | None:
+    value = obj.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise MalformedRecord(f"{key!r} must be an integer, not {value!r}")
+    return value
+
+
+def record_row(obj: Any) -> tuple[Any, ...]:
+    """(time, minute, client, user, method, url, host, host_rev, status, bytes_in, bytes_out,
+    duration_ms, action, rule, category, application, policy_version, dlp, detail) of a parsed
+    JSON record; MalformedRecord names the first field that cannot be stored."""
+    if not isinstance(obj, dict):
+        raise MalformedRecord(f"not a JSON object but {type(obj).__name__}")
+    when = _epoch(obj)
+    get = obj.get
+    texts = []
+    for key in _TEXT_KEYS:
+        value = get(key)
+        if value is not None and not isinstance(value, str):
+            raise MalformedRecord(f"{key!r} must be a string, not {value!r}")
+        texts.append(value)
+    client, user, method, url, action, rule, category, application = texts
+    duration = get("duration_ms")
+    if duration is not None and (isinstance(duration, bool) or not isinstance(duration, (int, float))):
+        raise MalformedRecord(f"'duration_ms' must be a number, not {duration!r}")
+    bytes_in = _integer(obj, "bytes_in", 0)
+    bytes_out = _integer(obj, "bytes_out", 0)
+    if bytes_in < 0 or bytes_out < 0:  # type: ignore[operator]
+        raise MalformedRecord("byte counts must not be negative")
+    version = get("policy_version")
+    if version is not None and (isinstance(version, bool) or not isinstance(version, (int, str))):
+        raise MalformedRecord(f"'policy_version' must be an integer or a string, not {version!r}")
+    dlp = get("dlp")
+    if dlp is not None and not isinstance(dlp, list):
+        raise MalformedRecord(f"'dlp' must be a list, not {dlp!r}")
+    detail = get("detail")
+    if detail is not None and not isinstance(detail, str):
+        detail = json.dumps(detail, sort_keys=True)
+    host = host_of(url)
+    return (
+        when, int(when // 60), client, user, method, url, host, host[::-1] if host else None,
+        _integer(obj, "status", None), bytes_in, bytes_out, duration, action, rule, category,
+        application, version, json.dumps(dlp) if dlp else None, detail,
+    )  # fmt: skip
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+    conn.execute("PRAGMA cache_size = -65536")  # 64 MiB: the hot index pages stay in memory
+    conn.execute("PRAGMA temp_store = MEMORY")
+    return conn
+
+
+class ReportStore:
+    """Access records of every node, their roll-ups, quarantined records and drop counters."""
+
+    def __init__(self, path: str | Path, *, wall_clock: Callable[[], float] = time.time) -> None:
+        self.path = Path(path)
+        self._wall_clock = wall_clock
+        self._write_lock = threading.Lock()
+        self._writer = _connect(self.path)
+        self._writer.execute("PRAGMA journal_mode = WAL")
+        # FULL, not NORMAL: in WAL mode NORMAL syncs only at checkpoints, so a power loss could
+        # roll back transactions already committed, and acknowledged, whose slave has since
+        # deleted the segment: records lost for good. FULL syncs the WAL at every commit; that
+        # is one fsync per batch of hundreds of records, which ingest can afford.
+        self._writer.execute("PRAGMA synchronous = FULL")
+        with self._write_lock:
+            self._writer.executescript(_SCHEMA)
+            self._writer.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._readers_lock:
+            readers, self._readers = self._readers, []
+        for conn in readers:
+            conn.close()
+        with self._write_lock:
+            self._writer.close()
+
+    def reader(self) -> sqlite3.Connection:
+        """This thread's read-only connection (for queries such as `reporting.aggregate`)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = _connect(self.path)
+            conn.execute("PRAGMA query_only = ON")
+            self._local.conn = conn
+            with self._readers_lock:
+                self._readers.append(conn)
+        return conn
+
+    # -- writing --------------------------------------------------------------------------------
+
+    def ingest(self, node: str, segment: int, first_seq: int, records: list[bytes]) -> IngestResult:
+        """Store a batch (record i is (node, segment, first_seq + i)) in one transaction."""
+        if not records:
+            return IngestResult(0, 0, 0)
+        parsed: list[tuple[Any, ...] | str] = []
+        loads = json.loads
+        for raw in records:  # parsed before taking the lock: other batches write meanwhile
+            try:
+                parsed.append(record_row(loads(raw)))
+            except MalformedRecord as e:
+                parsed.append(str(e))
+            except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+                parsed.append(f"not JSON: {e}")
+        received = self._wall_clock()
+        last_seq = first_seq + len(records) - 1
+        with self._write_lock:
+            conn = self._writer
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                existing = {s for (s,) in conn.execute(_EXISTING, (node, segment, first_seq, last_seq))}
+                rows, bad = [], []
+                for index, item in enumerate(parsed):
+                    seq = first_seq + index
+                    if seq in existing:
+                        continue
+                    if isinstance(item, str):
+                        bad.append((node, segment, seq, received, item, bytes(records[index])))
+                    else:
+                        rows.append((node, segment, seq, *item))
+                conn.executemany(_INSERT_REQUEST, rows)
+                conn.executemany(_INSERT_QUARANTINE, bad)
+                self._bump_rollups(conn, node, rows)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        return IngestResult(len(rows), len(existing), len(bad))
+
+    @staticmethod
+    def _bump_rollups(conn: sqlite3.Connection, node: str, rows: list[tuple[Any, ...]]) -> None:
+        minutes: dict[int, list[int]] = {}
+        tops: dict[tuple[str, int, str], list[int]] = {}
+        for row in rows:
+            minute = row[_MINUTE] * 60
+            hour = minute - minute % 3600
+            blocked = 1 if row[_ACTION] in BLOCKED_ACTIONS else 0
+            bytes_in, bytes_out = row[_BYTES_IN], row[_BYTES_OUT]
+            totals = minutes.get(minute)
+            if totals is None:
+                totals = minutes[minute] = [0, 0, 0, 0]
+            totals[0] += 1
+            totals[1] += blocked
+            totals[2] += bytes_in
+            totals[3] += bytes_out
+            for dimension, column in _TOP_COLUMNS:
+                key = row[column]
+                if key is None:
+                    continue
+                top = tops.get((dimension, hour, key))
+                if top is None:
+                    top = tops[(dimension, hour, key)] = [0, 0, 0]
+                top[0] += 1
+                top[1] += blocked
+                top[2] += bytes_in + bytes_out
+        hours: dict[int, list[int]] = {}
+        for minute, totals in minutes.items():
+            summed = hours.setdefault(minute - minute % 3600, [0, 0, 0, 0])
+            for i in range(4):
+                summed[i] += totals[i]
+        conn.executemany(_BUMP_MINUTE, [(m, node, *t) for m, t in minutes.items()])
+        conn.executemany(_BUMP_HOUR, [(h, node, *t) for h, t in hours.items()])
+        conn.executemany(_BUMP_TOP, [(d, h, node, k, *t) for (d, h, k), t in tops.items()])
+
+    def record_dropped(self, node: str, total_dropped: int) -> None:
+        """A node's running total of records its spool dropped at its size cap.
+
+        Totals only grow, so the larger of the stored and reported value wins: a late message
+        from before a reconnect cannot lower it.
+        """
+        with self._write_lock:
+            self._writer.execute(
+                "INSERT INTO node_drops (node, total_dropped, reported) VALUES (?, ?, ?)"
+                " ON CONFLICT (node) DO UPDATE SET reported = excluded.reported,"
+                " total_dropped = max(total_dropped, excluded.total_dropped)",
+                (node, int(total_dropped), self._wall_clock()),
+            )
+
+    def prune(self, older_than: float, batch: int = 5000) -> int:
+        """Delete records with time < `older_than` (and roll-up buckets that end by then, and
+        quarantined records received before then), `batch` rows per transaction so a running
+        ingest waits for one small delete at most. Returns the number of records deleted."""
+        deleted = 0
+        while True:
+            removed = self._write(
+                "DELETE FROM requests WHERE id IN"
+                " (SELECT id FROM requests WHERE time < ? ORDER BY time LIMIT ?)",
+                (older_than, batch),
+            )
+            deleted += removed
+            if removed < batch:
+                break
+        while self._write(
+            "DELETE FROM quarantine WHERE rowid IN"
+            " (SELECT rowid FROM quarantine WHERE received < ? LIMIT ?)",
+            (older_than, batch),
+        ) == batch:
+            pass
+        for table, span in (("rollup_minute", 60), ("rollup_hour", 3600), ("rollup_top", 3600)):
+            buckets = self.reader().execute(
+                f"SELECT DISTINCT bucket FROM {table} WHERE bucket <= ?", (older_than - span,)
+            ).fetchall()
+            for (bucket,) in buckets:  # one bucket per transaction keeps every delete short
+                self._write(f"DELETE FROM {table} WHERE bucket = ?", (bucket,))
+        return deleted
+
+    def _write(self, sql: str, params: tuple[Any, ...]) -> int:
+        with self._write_lock:
+            return self._writer.execute(sql, params).rowcount
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def count(self, **filters: Any) -> int:
+        """Records matching the filters of `search` (all of them optional)."""
+        where, params = _where(filters)
+        return self.reader().execute(f"SELECT count(*) FROM requests{where}", params).fetchone()[0]
+
+    def search(
+        self,
+        *,
+        start: float,
+        end: float,
+        node: str | None = None,
+        user: str | None = None,
+        client: str | None = None,
+        domain: str | None = None,
+        rule: str | None = None,
+        status: int | None = None,
+        action: str | None = None,
+        category: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> list[dict[str, Any]]:
+        """Records with start <= time < end matching every filter given, newest first.
+
+        `domain` matches that host and its subdomains; the others match exactly.
+        """
+        filters = {
+            "start": start, "end": end, "node": node, "user": user, "client": client,
+            "domain": domain, "rule": rule, "status": status, "action": action, "category": category,
+        }  # fmt: skip
+        where, params = _where(filters)
+        rows = self.reader().execute(
+            f"SELECT {_SELECT_COLUMNS} FROM requests{where} ORDER BY time DESC LIMIT ? OFFSET ?",
+            (*params, int(limit), int(offset)),
+        )
+        found = []
+        for row in rows:
+            record = dict(zip(_COLUMNS, row))
+            record["dlp"] = json.loads(record["dlp"]) if record["dlp"] else []
+            found.append(record)
+        return found
+
+    def quarantined(self, *, node: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        """Records that could not be stored, newest first, with the reason and the raw bytes."""
+        sql = "SELECT node, segment, seq, received, reason, raw FROM quarantine"
+        params: tuple[Any, ...] = ()
+        if node is not None:
+            sql, params = sql + " WHERE node = ?", (node,)
+        rows = self.reader().execute(sql + " ORDER BY received DESC LIMIT ?", (*params, limit))
+        keys = ("node", "segment", "seq", "received", "reason", "raw")
+        return [dict(zip(keys, row)) for row in rows]
+
+    def dropped_totals(self) -> dict[str, int]:
+        """Per node, the records its spool dropped at the cap (as last reported)."""
+        rows = self.reader().execute("SELECT node, total_dropped FROM node_drops ORDER BY node")
+        return dict(rows.fetchall())
+
+
+# The user, client, host and rule indexes lead with the minute of the record, so that a batch
+# of records, which all fall in a few minutes, touches a few index pages rather than one page per
+# record (random keys would have every commit rewrite thousands of pages into the WAL). A search
+# therefore names each minute of its period: one index seek per minute.
+_MINUTES = (
+    "minute IN (WITH RECURSIVE span(m) AS (SELECT ? UNION ALL SELECT m + 1 FROM span WHERE m < ?)"
+    " SELECT m FROM span)"
+)
+_MINUTE_INDEXED = ("user", "client", "domain", "rule")
+
+
+def _where(filters: dict[str, Any]) -> tuple[str, list[Any]]:
+    unknown = set(filters) - _FILTERS
+    if unknown:
+        raise TypeError(f"unknown record filters: {', '.join(sorted(unknown))}")
+    clauses: list[str] = []
+    params: list[Any] = []
+    start, end = filters.get("start"), filters.get("end")
+    if start is not None:
+        clauses.append("time >= ?")
+        params.append(float(start))
+    if end is not None:
+        clauses.append("time < ?")
+        params.append(float(end))
+    if start is not None and end is not None and any(filters.get(k) is not None for k in _MINUTE_INDEXED):
+        clauses.append(_MINUTES)
+        params += [math.floor(start / 60), math.ceil(end / 60)]
+    for key in ("user", "client", "rule"):
+        if filters.get(key) is not None:
+            clauses.append(f"{key} = ?")
+            params.append(filters[key])
+    for key in ("node", "status", "action", "category"):
+        if filters.get(key) is not None:
+            # Unary + keeps these few-valued columns from steering the planner to an index that
+            # does not narrow the time (the (node, segment, seq) one would scan a whole node).
+            clauses.append(f"+{key} = ?")
+            params.append(filters[key])
+    domain = filters.get("domain")
+    if domain is not None:
+        reversed_domain = domain.lower().rstrip(".")[::-1]
+        # The range [d, d + "/") holds d and every d + "." + ...; the substr test drops the
+        # few others in it ("example.com-x" reversed).
+        clauses.append("host_rev >= ? AND host_rev < ? AND (host_rev = ? OR substr(host_rev, ?, 1) = '.')")
+        params += [reversed_domain, reversed_domain + "/", reversed_domain, len(reversed_domain) + 1]
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
+
+
+__all__ = [
+    "BLOCKED_ACTIONS",
+    "TOP_DIMENSIONS",
+    "IngestResult",
+    "MalformedRecord",
+    "ReportStore",
+    "host_of",
+    "record_row",
+]

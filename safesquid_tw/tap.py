@@ -1,0 +1,144 @@
+"""`twistd safesquid`: command-line options and the service they build."""
+
+from __future__ import annotations
+
+from twisted.application.service import IService
+from twisted.internet import endpoints
+from twisted.python import usage
+
+from safesquid_tw.config import ROLES, Limits, NodeConfig
+
+_LIMIT_OPTIONS: list[tuple[str, str, type]] = [
+    ("head-timeout", "seconds a client may take to send a whole request head", float),
+    ("idle-timeout", "seconds a keep-alive client connection may sit idle", float),
+    ("max-request-body", "largest request body in bytes", int),
+    ("max-connections", "most concurrent client connections", int),
+    ("max-request-line", "longest request line in bytes (longer: 414)", int),
+    ("max-header-bytes", "largest request header section in bytes (larger: 431)", int),
+    ("connect-timeout", "seconds to connect to an origin (then 504)", float),
+    ("response-timeout", "seconds from request sent to the first byte of the response (then 504)", float),
+    ("read-timeout", "seconds a body may stall in either direction", float),
+    ("tunnel-idle-timeout", "seconds a CONNECT or Upgrade tunnel may sit idle", float),
+    ("dns-timeout", "seconds a name lookup may take (then 504)", float),
+    ("upstream-idle-per-host", "idle keep-alive connections kept per origin", int),
+]
+
+
+def _number(name: str, kind: type) -> "callable":
+    """A coercer whose error names the option, so the one-line message says what to fix."""
+
+    def coerce(value: str):
+        try:
+            return kind(value)
+        except ValueError:
+            noun = "a whole number" if kind is int else "a number"
+            raise ValueError(f"--{name} must be {noun}, not {value!r}") from None
+
+    coerce.coerceDoc = ""
+    return coerce
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Run one safesquid-tw node. A standalone node (the default) runs the forward proxy "
+        "and its own portal; a master serves the Configuration Portal and the control plane and "
+        "carries no client traffic; a slave runs the proxy under the policy its master pushes. "
+        "Addresses are Twisted endpoint strings, e.g. tcp:8080, tcp:8080:interface=127.0.0.2, "
+        "tcp6:8080:interface=\\:\\:1."
+    )
+    optParameters = [
+        ["role", None, "standalone", "standalone, master or slave"],
+        ["listen", None, "tcp:8080", "endpoint of the forward proxy (standalone and slave)"],
+        ["portal", None, "tcp:8888", "endpoint of the portal, management API and /health"],
+        ["state-dir", None, "safesquid-state", "directory for policy, cache, logs and keys (created mode 0700)"],
+        ["policy", None, None, "policy document to start from (default: the sample policy)"],
+        ["master", None, None, "HOST:PORT of the master's portal (slaves only)"],
+        ["activation-key-file", None, None, "file whose first line is the cluster's activation key"],
+        ["node-name", None, None, "this node's name (default: the host name)"],
+        ["log-rotate-bytes", None, 50 * 1024 * 1024, "rotate logs when they reach this size",
+         _number("log-rotate-bytes", int)],
+        ["log-keep", None, 10, "rotated log files kept", _number("log-keep", int)],
+    ] + [
+        [name, None, getattr(Limits(), name.replace("-", "_")), doc, _number(name, kind)]
+        for name, doc, kind in _LIMIT_OPTIONS
+    ]
+
+    def postOptions(self) -> None:
+        self.config = options_to_config(self)
+
+
+def _check_endpoint(kind: str, description: str) -> None:
+    from twisted.internet import reactor
+
+    try:
+        endpoints.serverFromString(reactor, description)
+    except Exception as e:
+        raise usage.UsageError(f"--{kind}: {description!r} is not a server endpoint ({e}); try e.g. tcp:8080")
+
+
+def _check_master(value: str) -> None:
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise usage.UsageError(f"--master: {value!r} is not HOST:PORT (e.g. --master=10.0.0.1:8888)")
+
+
+def options_to_config(opts: usage.Options) -> NodeConfig:
+    """Check the options for contradictions and turn them into a NodeConfig."""
+    role = opts["role"]
+    if role not in ROLES:
+        raise usage.UsageError(f"--role must be one of {', '.join(ROLES)}, not {role!r}")
+    if role == "slave" and not opts["master"]:
+        raise usage.UsageError("a slave needs --master=HOST:PORT (the master's portal address)")
+    if role != "slave" and opts["master"]:
+        raise usage.UsageError(f"--master is for slaves only; drop it or use --role=slave (role is {role})")
+    if opts["master"]:
+        _check_master(opts["master"])
+    if role != "master":
+        _check_endpoint("listen", opts["listen"])
+    _check_endpoint("portal", opts["portal"])
+    for name, _doc, _kind in _LIMIT_OPTIONS:
+        if opts[name] is None or opts[name] <= 0:
+            raise usage.UsageError(f"--{name} must be a positive number")
+    key_file = opts["activation-key-file"]
+    if key_file:
+        from safesquid_tw.config import read_activation_key
+
+        try:
+            read_activation_key(key_file)
+        except (OSError, ValueError) as e:
+            raise usage.UsageError(f"--activation-key-file: {e}")
+    limits = Limits(**{n.replace("-", "_"): opts[n] for n, _d, _k in _LIMIT_OPTIONS})
+    fields = dict(
+        role=role,
+        listen=opts["listen"],
+        portal=opts["portal"],
+        state_dir=opts["state-dir"],
+        policy_file=opts["policy"],
+        master=opts["master"],
+        activation_key_file=key_file,
+        log_rotate_bytes=opts["log-rotate-bytes"],
+        log_keep=opts["log-keep"],
+        limits=limits,
+    )
+    if opts["node-name"]:
+        fields["node_name"] = opts["node-name"]
+    config = NodeConfig(**fields)
+    if config.policy_file:
+        from safesquid_tw.policy.codec import PolicyError, load_policy_file
+
+        try:
+            load_policy_file(config.policy_file)
+        except (OSError, PolicyError) as e:
+            raise usage.UsageError(f"--policy {config.policy_file}: {e}")
+    return config
+
+
+def makeService(options: Options) -> IService:
+    from safesquid_tw.node import build_node_service
+
+    return build_node_service(options.config)
+
+
+__all__ = ["Options", "makeService", "options_to_config"]
