@@ -105,10 +105,63 @@ def wait_until(check, timeout: float, what: str, process: Running | None = None)
     raise BenchError(f"timed out after {timeout:.0f} s waiting for {what} (last error: {last_error}){tail}")
 
 
-def check_proxies_small_file(proxy: Running, origin: Running) -> None:
-    """Fail unless a GET of the small file through `proxy` answers 200 with the file's bytes."""
-    status, body = http_get(proxy.host, proxy.port, f"http://{origin.address}{SMALL_PATH}")
-    if status != 200 or body != SMALL_BODY:
+def small_file_request(origin: Running) -> bytes:
+    """The benchmark request in absolute form, as a client of a forward proxy sends it."""
+    return (f"GET http://{origin.address}{SMALL_PATH} HTTP/1.1\r\nHost: {origin.address}\r\n"
+            f"User-Agent: safesquid-tw-bench\r\n\r\n").encode("ascii")
+
+
+def parse_response_head(head: bytes) -> tuple[int, dict[bytes, list[bytes]]]:
+    """Status code and headers (lower-case name to every value) of a response head."""
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ", 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+        raise BenchError(f"not an HTTP/1 status line: {lines[0]!r}")
+    headers: dict[bytes, list[bytes]] = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        headers.setdefault(name.strip().lower(), []).append(value.strip())
+    return int(parts[1]), headers
+
+
+def body_length(headers: dict[bytes, list[bytes]]) -> int | None:
+    """Content-Length, None for chunked; refuses framing a strict client (such as wrk) rejects."""
+    lengths = headers.get(b"content-length", [])
+    chunked = any(b"chunked" in v.lower() for v in headers.get(b"transfer-encoding", []))
+    if len(lengths) > 1:
+        raise BenchError(f"response framing: {len(lengths)} Content-Length headers {lengths}")
+    if lengths and chunked:
+        raise BenchError("response framing: both Content-Length and Transfer-Encoding: chunked")
+    if chunked:
+        return None
+    if not lengths or not lengths[0].isdigit():
+        raise BenchError(f"response framing: no usable Content-Length or chunked encoding ({lengths})")
+    return int(lengths[0])
+
+
+def check_proxies_small_file(proxy: Running, origin: Running, timeout: float = 5.0) -> None:
+    """Fail unless the small file fetched through `proxy` is a clean 200 carrying the file's bytes."""
+    with socket.create_connection((proxy.host, proxy.port), timeout=timeout) as sock:
+        sock.sendall(small_file_request(origin))
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise BenchError(f"{proxy.name} closed the connection before the response head ended: {data[:300]!r}")
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        status, headers = parse_response_head(head)
+        try:
+            length = body_length(headers)
+        except BenchError as e:
+            raise BenchError(f"{proxy.name}: {e}\n{head.decode('latin-1')}") from None
+        end = b"0\r\n\r\n" if length is None else None
+        while (len(body) < length) if length is not None else not body.endswith(end):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+    if status != 200 or SMALL_BODY not in body:
         raise BenchError(f"{proxy.name} answered {status} with {body[:200]!r} for the small file, not 200 and the file")
 
 
@@ -294,6 +347,15 @@ def read_cpu_seconds(pid: int) -> float:
         fields = f.read().rpartition(")")[2].split()
     # After the command name: state is field 3, utime field 14, stime field 15 (1-based, man proc).
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float:
+    """CPU time spent by the whole machine, all cores, outside idle and I/O wait (/proc/stat)."""
+    with open("/proc/stat", encoding="ascii") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal (guest time is already counted in user).
+    busy = sum(fields[:3]) + sum(fields[5:8])
+    return busy / os.sysconf("SC_CLK_TCK")
 
 
 class ProcessSampler:

@@ -30,11 +30,13 @@ from pathlib import Path
 from big_policy import write_policy_file
 from harness import (
     SMALL_BODY,
-    SMALL_PATH,
     BenchError,
     Running,
+    body_length,
     check_proxies_small_file,
+    parse_response_head,
     read_status_kib,
+    small_file_request,
     start_node,
     start_origin,
     start_reference_proxy,
@@ -91,11 +93,6 @@ def source_addresses(count: int, sources: int | None) -> list[str]:
     return ["127.0.0.1"] + [f"127.0.0.{i}" for i in range(3, 2 + sources)]
 
 
-def _request_bytes(origin: Running) -> bytes:
-    return (f"GET http://{origin.address}{SMALL_PATH} HTTP/1.1\r\nHost: {origin.address}\r\n"
-            f"User-Agent: safesquid-tw-idle-bench\r\n\r\n").encode("ascii")
-
-
 async def _read_response(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
     """Read one response to its end (Content-Length or chunked) and check it is the small file."""
     data = b""
@@ -105,27 +102,16 @@ async def _read_response(loop: asyncio.AbstractEventLoop, sock: socket.socket) -
             raise ConnectionError("closed before the response head ended")
         data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.split(b"\r\n")
-    status = lines[0].split(b" ", 2)
-    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(b":") for line in lines[1:])}
-    if b"chunked" in headers.get(b"transfer-encoding", b"").lower():
-        while not body.endswith(b"0\r\n\r\n"):
-            chunk = await loop.sock_recv(sock, 65536)
-            if not chunk:
-                raise ConnectionError("closed inside a chunked body")
-            body += chunk
-    else:
-        length = int(headers.get(b"content-length", b"-1"))
-        if length < 0:
-            raise ConnectionError("response without Content-Length or chunked framing")
-        while len(body) < length:
-            chunk = await loop.sock_recv(sock, 65536)
-            if not chunk:
-                raise ConnectionError("closed inside the body")
-            body += chunk
-    if len(status) < 2 or status[1] != b"200" or SMALL_BODY not in body:
-        raise ConnectionError(f"unexpected answer: {lines[0]!r}")
-    if headers.get(b"connection", b"").lower() == b"close":
+    status, headers = parse_response_head(head)
+    length = body_length(headers)
+    while (len(body) < length) if length is not None else not body.endswith(b"0\r\n\r\n"):
+        chunk = await loop.sock_recv(sock, 65536)
+        if not chunk:
+            raise ConnectionError("closed inside the body")
+        body += chunk
+    if status != 200 or SMALL_BODY not in body:
+        raise ConnectionError(f"unexpected answer: {head[:200]!r}")
+    if any(v.lower() == b"close" for v in headers.get(b"connection", [])):
         raise ConnectionError("the proxy announced it closes the connection")
 
 
@@ -149,7 +135,7 @@ async def open_connections(proxy: Running, origin: Running, count: int, mode: st
                            concurrency: int, timeout: float) -> OpenResult:
     """Open `count` connections, `concurrency` at a time; stop early once failures pile up."""
     loop = asyncio.get_running_loop()
-    request = _request_bytes(origin) if mode == "request" else None
+    request = small_file_request(origin) if mode == "request" else None
     gate = asyncio.Semaphore(concurrency)
     result = OpenResult([], 0, None, 0.0)
     give_up_after = max(50, count // 100)
@@ -161,7 +147,7 @@ async def open_connections(proxy: Running, origin: Running, count: int, mode: st
                 return
             try:
                 result.sockets.append(await _open_one(loop, proxy, sources[index % len(sources)], request, timeout))
-            except (OSError, asyncio.TimeoutError, ValueError) as e:
+            except (OSError, asyncio.TimeoutError, ValueError, BenchError) as e:
                 result.failures += 1
                 result.first_error = result.first_error or f"{type(e).__name__}: {e}"
 

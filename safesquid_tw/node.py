@@ -200,7 +200,7 @@ class NodeStateService(Service):
         super().startService()
         self.state.started = time.time()
         log.info(
-            "safesquid-tw {version} starting: role {role}, node {node}",
+            "safesquid-tw {version} started: role {role}, node {node}",
             version=__version__, role=self.config.role, node=self.config.node_name,
         )
 
@@ -264,11 +264,12 @@ def build_node_service(config: NodeConfig, reactor=None) -> MultiService:
     portal = PortalService(reactor, config.portal, site)
     waits["portal"] = portal.listening
 
-    NodeStateService(state, config).setServiceParent(top)
     if config.serves_proxy:
         proxy.setServiceParent(top)
     portal.setServiceParent(top)
     ListeningFile(root / "run" / "listening.json", waits).setServiceParent(top)
+    # Last child: stopped first, so /health says 503 before anything else winds down.
+    NodeStateService(state, config).setServiceParent(top)
     top.node_state = state
     top.policy_store = store
     return top

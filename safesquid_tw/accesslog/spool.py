@@ -180,7 +180,6 @@ class Spool:
         self._lock = threading.Lock()  # in-memory state; never held across disk I/O
         self._disk_lock = threading.RLock()  # one thread at a time writes, renames or deletes
         self._pending: list[_Pending] = []
-        self._buffered_bytes = 0
         self._oldest_buffered_at: float | None = None
         self._open_id: int | None = None
         self._open_seq = 0
@@ -226,19 +225,18 @@ class Spool:
             self._unsealed_bytes += len(encoded)
             if self._oldest_buffered_at is None:
                 self._oldest_buffered_at = self._clock()
-            self._buffered_bytes += len(encoded)
             if self._open_size >= self.segment_bytes:
                 self._seal_locked()
         return segment, seq
 
     def flush_due(self) -> bool:
-        """True when buffered records are `fsync_interval` old, or a segment's worth is waiting."""
+        """True when buffered records are `fsync_interval` old, or a sealed segment waits."""
         with self._lock:
-            if self._oldest_buffered_at is None:
-                return bool(self._pending)  # a seal with no new lines still has to reach the disk
+            if any(pending.seal_count is not None for pending in self._pending):
+                return True  # a whole segment is ready to ship as soon as it is on disk
             return (
-                self._clock() - self._oldest_buffered_at >= self.fsync_interval
-                or self._buffered_bytes >= self.segment_bytes
+                self._oldest_buffered_at is not None
+                and self._clock() - self._oldest_buffered_at >= self.fsync_interval
             )
 
     @property
@@ -267,7 +265,6 @@ class Spool:
         with self._disk_lock:
             with self._lock:
                 work, self._pending = self._pending, []
-                self._buffered_bytes = 0
                 self._oldest_buffered_at = None
             for index, pending in enumerate(work):
                 try:
@@ -275,7 +272,6 @@ class Spool:
                 except BaseException:
                     with self._lock:  # keep what was not written, ahead of newer lines
                         self._pending[:0] = work[index:]
-                        self._buffered_bytes += sum(len(x) for p in work[index:] for x in p.lines)
                         self._oldest_buffered_at = self._clock()
                     raise
             self._enforce_cap()

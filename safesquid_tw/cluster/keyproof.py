@@ -35,7 +35,7 @@ from typing import Callable
 import attrs
 from argon2.low_level import Type, hash_secret_raw
 
-from safesquid_tw.cluster.wire import NONCE_BYTES, PROOF_BYTES, PROTOCOL_VERSION
+from safesquid_tw.cluster.wire import NONCE_BYTES, PROOF_BYTES, PROTOCOL_VERSION, check_args, check_result
 
 # Part of the wire contract: every node must derive the same key from the same activation key.
 KDF_SALT = b"safesquid-cluster-key/1"
@@ -186,10 +186,13 @@ class MasterKeyProof:
             self._state = "spent"
             raise KeyProofFailed("hello may only be sent once, first")
         self._state = "spent"
+        check_args("gate", "hello", (protocol, product, node, nonce), {})
         slave_version = NodeVersion(product, protocol)
         check_version_compatibility(self._version, slave_version, node)
         master_nonce = self._nonce_source()
-        self._transcript = Transcript(self._binding, node, slave_version, self._version, nonce, master_nonce)
+        self._transcript = Transcript(
+            self._binding, node, slave_version, self._version, nonce, master_nonce
+        )
         self.slave_name = node
         self._state = "prove"
         return {"protocol": self._version.protocol, "product": self._version.product, "nonce": master_nonce}
@@ -239,14 +242,14 @@ class SlaveKeyProof:
         return (self._version.protocol, self._version.product, self._node_name, self._nonce)
 
     def answer(self, challenge: dict[str, object]) -> bytes:
-        """Check the master's versions and return this slave's proof (``gate.prove``'s first argument).
-
-        `challenge` is the result of ``hello``, already checked by `wire.check_result`."""
+        """Check the master's versions and return this slave's proof (``gate.prove``'s first
+        argument). `challenge` is what ``hello`` returned; it is checked against the contract."""
         if self._state != "challenge":
             self._state = "spent"
             raise KeyProofFailed("the master's challenge may only be answered once")
         self._state = "spent"
-        master_version = NodeVersion(str(challenge["product"]), int(challenge["protocol"]))  # type: ignore[call-overload]
+        check_result("gate", "hello", challenge)
+        master_version = NodeVersion(challenge["product"], challenge["protocol"])  # type: ignore[arg-type]
         check_version_compatibility(master_version, self._version, self._node_name)
         self._transcript = Transcript(
             self._binding,

@@ -22,7 +22,13 @@ import re
 
 import attrs
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
-from twisted.internet.interfaces import IAddress, IDelayedCall, IHandshakeListener, IProtocolFactory, IReactorTime
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IHandshakeListener,
+    IProtocolFactory,
+    IReactorTime,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -48,6 +54,7 @@ class MuxStats:
     web_plain: int = 0
     plain_refused: int = 0
     timed_out: int = 0
+    closed_early: int = 0  # by the client or a failed TLS handshake, before reaching a protocol
     refused_by_factory: int = 0
 
 
@@ -202,6 +209,8 @@ class _FirstByte(Protocol):
         inner.dataReceived(data)
 
     def connectionLost(self, reason: Failure) -> None:
+        if self._deadline is not None:
+            self._port.stats.closed_early += 1
         self._stop_deadline()
         if self._inner is not None:
             self._inner.connectionLost(reason)
@@ -250,4 +259,10 @@ class PortalPortFactory(Factory):
             factory.doStop()
 
 
-__all__ = ["DEFAULT_HANDSHAKE_TIMEOUT", "MuxStats", "PortalPortFactory", "is_loopback", "use_https_response"]
+__all__ = [
+    "DEFAULT_HANDSHAKE_TIMEOUT",
+    "MuxStats",
+    "PortalPortFactory",
+    "is_loopback",
+    "use_https_response",
+]

@@ -53,7 +53,8 @@ RENEW_BEFORE = datetime.timedelta(days=30)
 # RFC 9266: the TLS 1.3 exporter value meant for channel binding.
 EXPORTER_LABEL = b"EXPORTER-Channel-Binding"
 _SIOCGIFADDR = 0x8915  # Linux: the IPv4 address of one interface
-_DNS_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_DNS_NAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*")
 _ROUTE_PROBES = (("192.0.2.1", socket.AF_INET), ("2001:db8::1", socket.AF_INET6))  # documentation nets
 
 
@@ -70,7 +71,9 @@ class ChannelBindingUnavailable(Exception):
 
 def spki_fingerprint(cert: x509.Certificate) -> str:
     """SHA-256 of the certificate's public key (SubjectPublicKeyInfo, DER), 64 lowercase hex digits."""
-    spki = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    spki = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     return hashlib.sha256(spki).hexdigest()
 
 
@@ -86,7 +89,9 @@ def parse_fingerprint(text: str) -> str:
         cleaned = cleaned[7:]
     cleaned = "".join(cleaned.split()).replace(":", "").lower()
     if len(cleaned) != 64 or any(c not in "0123456789abcdef" for c in cleaned):
-        raise ValueError(f"{text.strip()[:120]!r} is not a SHA-256 fingerprint (64 hex digits, colons allowed)")
+        raise ValueError(
+            f"{text.strip()[:120]!r} is not a SHA-256 fingerprint (64 hex digits, colons allowed)"
+        )
     return cleaned
 
 
@@ -117,8 +122,10 @@ def _interface_ipv6_addresses() -> set[str]:
         return found
     for line in lines:
         fields = line.split()
-        if len(fields) >= 4 and len(fields[0]) == 32:
+        try:
             found.add(str(ipaddress.IPv6Address(bytes.fromhex(fields[0]))))
+        except (IndexError, ValueError):
+            continue
     return found
 
 
@@ -139,7 +146,8 @@ def local_addresses() -> list[str]:
     """This host's IP addresses, found without name lookups: loopback, every interface's
     (Linux), and the source address of the default routes. Link-local ones are left out (a
     certificate cannot name their scope)."""
-    candidates = {"127.0.0.1", "::1"} | _interface_ipv4_addresses() | _interface_ipv6_addresses() | _routed_addresses()
+    candidates = {"127.0.0.1", "::1"}
+    candidates |= _interface_ipv4_addresses() | _interface_ipv6_addresses() | _routed_addresses()
     addresses = []
     for text in candidates:
         try:
@@ -165,9 +173,13 @@ class MasterIdentity:
     def fingerprint(self) -> str:
         return spki_fingerprint(self.certificate)
 
-    def server_options(self, protocols: Iterable[bytes] = (ALPN_CONTROL_PLANE, ALPN_HTTP1)) -> CertificateOptions:
+    def server_options(
+        self, protocols: Iterable[bytes] = (ALPN_CONTROL_PLANE, ALPN_HTTP1)
+    ) -> CertificateOptions:
         """Server TLS options for the portal port; ALPN prefers the control plane."""
-        return CertificateOptions(privateKey=self.key, certificate=self.certificate, acceptableProtocols=list(protocols))
+        return CertificateOptions(
+            privateKey=self.key, certificate=self.certificate, acceptableProtocols=list(protocols)
+        )
 
 
 _IP = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -186,11 +198,13 @@ def _wanted_names(hostname: str, names: Iterable[str]) -> tuple[set[str], set[_I
             if _DNS_NAME.fullmatch(item):
                 dns.add(item.lower())
             else:
-                _log.warn("not naming {name!r} in the master's certificate: neither an address nor a host name", name=item)
+                _log.warn("leaving {name!r} out of the certificate: not an address or host name", name=item)
     return dns, ips
 
 
-def _issue(key: ec.EllipticCurvePrivateKey, hostname: str, dns: set[str], ips: set[_IP], now: datetime.datetime) -> x509.Certificate:
+def _issue(
+    key: ec.EllipticCurvePrivateKey, hostname: str, dns: set[str], ips: set[_IP], now: datetime.datetime
+) -> x509.Certificate:
     name = x509.Name(
         [
             x509.NameAttribute(NameOID.COMMON_NAME, (hostname or "safesquid-tw master")[:64]),
@@ -220,11 +234,19 @@ def _issue(key: ec.EllipticCurvePrivateKey, hostname: str, dns: set[str], ips: s
 
 
 def _needs_reissue(
-    cert: x509.Certificate, key: ec.EllipticCurvePrivateKey, dns: set[str], ips: set[_IP], now: datetime.datetime
+    cert: x509.Certificate,
+    key: ec.EllipticCurvePrivateKey,
+    dns: set[str],
+    ips: set[_IP],
+    now: datetime.datetime,
 ) -> str | None:
+    matches_key = cert.public_key() == key.public_key()
     if cert.issuer != cert.subject:
-        return None  # placed there by the operator, issued by a CA: used as it is
-    if cert.public_key().public_numbers() != key.public_key().public_numbers():
+        # Placed there by the operator, issued by a CA: used as it is, never overwritten.
+        if not matches_key:
+            raise ValueError(f"the certificate issued by {cert.issuer.rfc4514_string()} is not for this key")
+        return None
+    if not matches_key:
         return "it does not match the key"
     if cert.not_valid_after_utc - now < RENEW_BEFORE:
         return "it expires soon"
@@ -232,7 +254,8 @@ def _needs_reissue(
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return "it names no addresses"
-    missing = (dns - set(san.get_values_for_type(x509.DNSName))) | (ips - set(san.get_values_for_type(x509.IPAddress)))
+    missing = dns - set(san.get_values_for_type(x509.DNSName))
+    missing |= ips - set(san.get_values_for_type(x509.IPAddress))
     if missing:
         return f"it does not name {', '.join(sorted(map(str, missing)))}"
     return None
@@ -255,6 +278,8 @@ def load_or_create_master_identity(
     """
     tls_dir = Path(state_dir) / TLS_DIR
     tls_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if tls_dir.stat().st_mode & 0o077:
+        tls_dir.chmod(0o700)  # it holds the private key
     key_path, cert_path = tls_dir / KEY_FILE, tls_dir / CERT_FILE
     now = now or datetime.datetime.now(datetime.timezone.utc)
     hostname = socket.gethostname() if hostname is None else hostname
@@ -275,7 +300,9 @@ def load_or_create_master_identity(
             raise ValueError(f"{key_path} holds a {type(key).__name__}; the master's key must be an EC key")
     else:
         key = ec.generate_private_key(ec.SECP256R1())
-        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
         atomic_write(key_path, pem, mode=0o600)
         _log.info("made the master's key {path}", path=str(key_path))
 
@@ -287,7 +314,10 @@ def load_or_create_master_identity(
         except ValueError:
             why = "it cannot be read"
         else:
-            why = _needs_reissue(cert, key, dns, ips, now)
+            try:
+                why = _needs_reissue(cert, key, dns, ips, now)
+            except ValueError as e:
+                raise ValueError(f"{cert_path}: {e} ({key_path})") from None
     if why is not None:
         cert = _issue(key, hostname, dns, ips, now)
         atomic_write(cert_path, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
@@ -310,7 +340,8 @@ class MasterTrust:
 
     @classmethod
     def for_state_dir(cls, state_dir: str | os.PathLike[str], pinned: str | None = None) -> MasterTrust:
-        return cls(Path(state_dir) / TLS_DIR / FINGERPRINT_FILE, parse_fingerprint(pinned) if pinned else None)
+        store_path = Path(state_dir) / TLS_DIR / FINGERPRINT_FILE
+        return cls(store_path, parse_fingerprint(pinned) if pinned else None)
 
     def recorded(self) -> str | None:
         try:
@@ -320,7 +351,9 @@ class MasterTrust:
         try:
             return parse_fingerprint(text)
         except ValueError as e:
-            raise MasterIdentityMismatch(f"{self.store_path} is damaged ({e}); delete it to trust the master anew") from None
+            raise MasterIdentityMismatch(
+                f"{self.store_path} is damaged ({e}); delete it to trust the master anew"
+            ) from None
 
     def check(self, fingerprint: str) -> Literal["pinned", "recorded", "first-use"]:
         """How `fingerprint` is trusted; raises `MasterIdentityMismatch` if it is not."""
@@ -347,7 +380,11 @@ class MasterTrust:
             return False
         self.store_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         atomic_write(self.store_path, (format_fingerprint(fingerprint) + "\n").encode("ascii"), mode=0o600)
-        _log.info("now trusting the master's key {fp} (recorded in {path})", fp=format_fingerprint(fingerprint), path=str(self.store_path))
+        _log.info(
+            "now trusting the master's key {fp} (recorded in {path})",
+            fp=format_fingerprint(fingerprint),
+            path=str(self.store_path),
+        )
         return True
 
 
@@ -360,6 +397,7 @@ class MasterClientCreator:
         self.trust = trust
         self.master_address = master_address
         self.last_mismatch: MasterIdentityMismatch | None = None
+        self._where = master_address or "the master"
         ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
         ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
         ctx.set_options(SSL.OP_NO_TICKET | SSL.OP_NO_COMPRESSION)
@@ -370,7 +408,7 @@ class MasterClientCreator:
     def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
         return SSL.Connection(self._context, None)
 
-    def _verify(self, conn: SSL.Connection, cert: object, errno: int, depth: int, preverify_ok: int) -> bool:
+    def _verify(self, conn: SSL.Connection, cert: object, errno: int, depth: int, ok: int) -> bool:
         # Only the leaf matters: its key is what the slave trusts, whoever signed it. The
         # handshake itself proves the master holds that key.
         if depth != 0:
@@ -380,10 +418,10 @@ class MasterClientCreator:
             self.trust.check(fingerprint)
         except MasterIdentityMismatch as e:
             self.last_mismatch = e
-            _log.critical("MASTER IDENTITY CHANGED at {address}: {why}", address=self.master_address or "?", why=str(e))
+            _log.critical("MASTER IDENTITY CHANGED at {address}: {why}", address=self._where, why=str(e))
             return False
         except Exception as e:  # an exception must not escape into OpenSSL's callback
-            _log.critical("cannot check the master's certificate at {address}: {why}", address=self.master_address or "?", why=repr(e))
+            _log.critical("cannot check the certificate of {at}: {why}", at=self._where, why=repr(e))
             return False
         return True
 
@@ -402,7 +440,10 @@ def _tls_connection(transport: object) -> SSL.Connection:
 def master_fingerprint(transport: object, role: Literal["master", "slave"]) -> str:
     """The SPKI fingerprint of the master's key as seen on this connection."""
     conn = _tls_connection(transport)
-    cert = conn.get_certificate(as_cryptography=True) if role == "master" else conn.get_peer_certificate(as_cryptography=True)
+    if role == "master":
+        cert = conn.get_certificate(as_cryptography=True)
+    else:
+        cert = conn.get_peer_certificate(as_cryptography=True)
     if cert is None:
         raise ChannelBindingUnavailable("the master's certificate is not known on this connection")
     return spki_fingerprint(cert)
@@ -414,10 +455,12 @@ def channel_binding(transport: object, role: Literal["master", "slave"]) -> byte
     control-plane ALPN protocol."""
     conn = _tls_connection(transport)
     if conn.get_protocol_version_name() != "TLSv1.3":
-        raise ChannelBindingUnavailable(f"the control plane needs TLS 1.3, not {conn.get_protocol_version_name()}")
+        version = conn.get_protocol_version_name()
+        raise ChannelBindingUnavailable(f"the control plane needs TLS 1.3, not {version}")
     if conn.get_alpn_proto_negotiated() != ALPN_CONTROL_PLANE:
         raise ChannelBindingUnavailable(
-            f"the peer did not agree on {ALPN_CONTROL_PLANE.decode()} (is it a safesquid-tw master of this release?)"
+            f"the peer did not agree on {ALPN_CONTROL_PLANE.decode()} "
+            "(is it a safesquid-tw node of this release?)"
         )
     exporter = conn.export_keying_material(EXPORTER_LABEL, 32, b"")
     return exporter + bytes.fromhex(master_fingerprint(transport, role))

@@ -159,9 +159,8 @@ class ListOf:
         if type(value) not in (list, tuple):
             raise WireError(f"{where} must be a list, not {_type_name(value)}")
         if not self.min_items <= len(value) <= self.max_items:  # type: ignore[arg-type]
-            raise WireError(
-                f"{where} must hold {self.min_items}..{self.max_items} items, not {len(value)}"  # type: ignore[arg-type]
-            )
+            count = len(value)  # type: ignore[arg-type]
+            raise WireError(f"{where} must hold {self.min_items}..{self.max_items} items, not {count}")
         total = 0
         for i, item in enumerate(value):  # type: ignore[arg-type]
             self.item.check(item, f"{where}[{i}]")
@@ -285,12 +284,18 @@ _ALL = [
         ("node", NODE_NAME),
         ("nonce", NONCE),
     ),
-    _contract("gate", "prove", Record({"proof": PROOF, "avatar": Remote()}), ("proof", PROOF), ("mind", Remote())),
+    _contract(
+        "gate", "prove", Record({"proof": PROOF, "avatar": Remote()}), ("proof", PROOF), ("mind", Remote())
+    ),
     _contract("avatar", "ping", NoneValue()),
     _contract("avatar", "report_status", NoneValue(), ("status", SLAVE_STATUS)),
     _contract("avatar", "policy_manifest", POLICY_MANIFEST),
     _contract(
-        "avatar", "policy_chunk", Bytes(MAX_CHUNK_BYTES), ("version", VERSION), ("index", Int(0, MAX_BLOB_CHUNKS - 1))
+        "avatar",
+        "policy_chunk",
+        Bytes(MAX_CHUNK_BYTES),
+        ("version", VERSION),
+        ("index", Int(0, MAX_BLOB_CHUNKS - 1)),
     ),
     _contract(
         "avatar", "policy_applied", NoneValue(), ("version", VERSION), ("ok", Bool()), ("detail", Text())
@@ -303,7 +308,9 @@ _ALL = [
         ("first_seq", Int()),
         (
             "records",
-            ListOf(Bytes(MAX_LOG_RECORD_BYTES), MAX_LOG_BATCH_RECORDS, 1, max_total_bytes=MAX_MESSAGE_BYTES),
+            ListOf(
+                Bytes(MAX_LOG_RECORD_BYTES), MAX_LOG_BATCH_RECORDS, 1, max_total_bytes=MAX_MESSAGE_BYTES
+            ),
         ),
     ),
     _contract("mind", "ping", NoneValue()),
@@ -323,7 +330,9 @@ def contract(interface: str, method: str) -> MethodContract:
         raise WireError(f"{interface} has no remote method {method[:80]!r}") from None
 
 
-def check_args(interface: str, method: str, args: Sequence[object], kwargs: Mapping[str, object]) -> tuple[object, ...]:
+def check_args(
+    interface: str, method: str, args: Sequence[object], kwargs: Mapping[str, object]
+) -> tuple[object, ...]:
     """Check a call's arguments against the contract; returns them positionally, in order."""
     return contract(interface, method).check_args(args, kwargs)
 
@@ -372,7 +381,7 @@ class BlobManifest:
     chunks: int
 
     def to_wire(self) -> dict[str, object]:
-        return {"size": self.size, "sha256": self.sha256, "chunk_size": self.chunk_size, "chunks": self.chunks}
+        return attrs.asdict(self)
 
     @classmethod
     def from_wire(cls, value: Mapping[str, object], where: str = "manifest") -> BlobManifest:
@@ -380,7 +389,7 @@ class BlobManifest:
         if type(value) is not dict:
             raise WireError(f"{where} must be a dict, not {_type_name(value)}")
         Record(BLOB_MANIFEST_FIELDS).check({k: value[k] for k in BLOB_MANIFEST_FIELDS if k in value}, where)
-        manifest = cls(value["size"], value["sha256"], value["chunk_size"], value["chunks"])  # type: ignore[arg-type]
+        manifest = cls(**{k: value[k] for k in BLOB_MANIFEST_FIELDS})  # type: ignore[arg-type]
         expected = -(-manifest.size // manifest.chunk_size)
         if manifest.chunks != expected:
             raise WireError(

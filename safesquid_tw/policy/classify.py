@@ -81,11 +81,18 @@ class ApplicationIndex:
 
     def candidates(self, chain: list[str]) -> tuple[int, ...]:
         """Signatures whose hosts match, in document order; depends on the host alone."""
-        found = set(self._exact.get(chain[0], ()))
-        if self._wildcard:
-            for suffix in chain:
-                found.update(self._wildcard.get(suffix, ()))
-        return tuple(sorted(found))
+        found: list[int] = []
+        hit = self._exact.get(chain[0])
+        if hit:
+            found.extend(hit)
+        wildcard = self._wildcard
+        for suffix in chain:
+            hit = wildcard.get(suffix)
+            if hit:
+                found.extend(hit)
+        if not found:
+            return ()
+        return tuple(sorted(set(found)))
 
     def first_match(self, candidates: tuple[int, ...], path: str, headers: Mapping[str, str]) -> str | None:
         for i in candidates:

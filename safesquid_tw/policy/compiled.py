@@ -18,7 +18,7 @@ from safesquid_tw.policy.credentials import Credentials
 from safesquid_tw.policy.dlp import DlpRules
 from safesquid_tw.policy.hosts import normalise_host, suffixes
 from safesquid_tw.policy.model import CachedIdentity, Decision, Identity, RequestFacts
-from safesquid_tw.policy.networks import NetworkSet
+from safesquid_tw.policy.networks import NetworkSet, parse_address
 from safesquid_tw.policy.rules import CompiledRule, RuleTable, full_url
 
 # Memo tables are cleared when they reach this size: a working set of hosts and clients stays
@@ -67,7 +67,8 @@ class CompiledPolicy:
     def _client(self, client_ip: str) -> tuple[int, bool]:
         found = self._clients.get(client_ip)
         if found is None:
-            found = (self._rules.client_mask(client_ip), client_ip in self._exempt)
+            address = parse_address(client_ip)
+            found = (self._rules.client_mask(address), self._exempt.contains_address(address))
             if len(self._clients) >= _MEMO_LIMIT:
                 self._clients.clear()
             self._clients[client_ip] = found

@@ -198,7 +198,7 @@ def check_header_name(name: str, path: str) -> str:
 
 def check_time(value: object, path: str, *, end: bool) -> str:
     """`HH:MM`; an end time may also be `24:00` (the end of the day)."""
-    text = expect_str(value, path, max_len=5)
+    text = expect_str(value, path, max_len=64)
     match = _TIME.match(text)
     ok = False
     if match:
@@ -216,7 +216,7 @@ def time_to_minutes(text: str) -> int:
 
 
 def check_day(value: object, path: str) -> str:
-    text = expect_str(value, path, max_len=3)
+    text = expect_str(value, path, max_len=64)
     if text not in DAYS:
         raise PolicyError(path, f"{text!r} is not a day ({', '.join(DAYS)})")
     return text

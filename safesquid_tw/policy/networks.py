@@ -8,24 +8,38 @@ many networks it lists.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Iterable
 
+Address = tuple[int, int]  # (IP version, address as an integer)
 
-def parse_address(text: str) -> tuple[int, int] | None:
+
+def parse_address(text: str) -> Address | None:
     """(IP version, address as an integer), or None when `text` is not an IP address.
 
     An IPv4-mapped IPv6 address (`::ffff:10.0.0.1`, what a dual-stack socket reports for an IPv4
     client) counts as the IPv4 address, so IPv4 networks in a policy still apply to it.
     """
+    # inet_pton is several times faster than ipaddress and as strict (dotted quad only).
+    try:
+        return 4, int.from_bytes(socket.inet_pton(socket.AF_INET, text), "big")
+    except OSError:
+        pass
     if text.startswith("[") and text.endswith("]"):
         text = text[1:-1]
     try:
-        address = ipaddress.ip_address(text)
-    except ValueError:
-        return None
-    if address.version == 6 and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.version, int(address)
+        value = int.from_bytes(socket.inet_pton(socket.AF_INET6, text), "big")
+    except OSError:
+        try:  # scoped addresses (fe80::1%eth0) and anything else ipaddress knows
+            address = ipaddress.ip_address(text)
+        except ValueError:
+            return None
+        if address.version == 4:
+            return 4, int(address)
+        value = int(address)
+    if value >> 32 == 0xFFFF:
+        return 4, value & 0xFFFFFFFF
+    return 6, value
 
 
 class NetworkMap:
@@ -47,7 +61,9 @@ class NetworkMap:
         }
 
     def lookup(self, client_ip: str) -> int:
-        parsed = parse_address(client_ip)
+        return self.lookup_address(parse_address(client_ip))
+
+    def lookup_address(self, parsed: Address | None) -> int:
         if parsed is None:
             return 0
         version, value = parsed
@@ -71,5 +87,8 @@ class NetworkSet:
     def __contains__(self, client_ip: str) -> bool:
         return self._map.lookup(client_ip) != 0
 
+    def contains_address(self, parsed: Address | None) -> bool:
+        return self._map.lookup_address(parsed) != 0
 
-__all__ = ["NetworkMap", "NetworkSet", "parse_address"]
+
+__all__ = ["Address", "NetworkMap", "NetworkSet", "parse_address"]

@@ -18,7 +18,7 @@ from typing import Any
 
 from safesquid_tw.policy.fields import DAYS, time_to_minutes
 from safesquid_tw.policy.hosts import parse_domain_pattern
-from safesquid_tw.policy.networks import NetworkMap
+from safesquid_tw.policy.networks import Address, NetworkMap
 
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443, "ftp": 21}
 
@@ -175,8 +175,9 @@ class RuleTable:
                 found |= bit
         return found
 
-    def client_mask(self, client_ip: str) -> int:
-        return self.unconditioned_clients | self._clients.lookup(client_ip)
+    def client_mask(self, address: Address | None) -> int:
+        """Rules whose `clients` condition a parsed client address satisfies."""
+        return self.unconditioned_clients | self._clients.lookup_address(address)
 
     def identity_mask(self, user: str | None, user_groups: frozenset[str]) -> int:
         # Rules naming users or groups never match an unauthenticated request.

@@ -86,6 +86,9 @@ class Exchange:
     def body_data(self, data: bytes) -> None:
         if self._chunked_out:
             data = http1.encode_chunk(data)
+        self._send(data)
+
+    def _send(self, data: bytes) -> None:
         if self.upstream is None:
             self._held.append(data)
             self._held_bytes += len(data)
@@ -97,7 +100,7 @@ class Exchange:
     def body_end(self) -> None:
         self._body_done = True
         if self._chunked_out:
-            self.body_data(http1.LAST_CHUNK)
+            self._send(http1.LAST_CHUNK)
         if self.upstream is not None:
             self.upstream.transport.unregisterProducer()
             self.upstream.end_request()

@@ -258,7 +258,13 @@ class ClientConnection(protocol.Protocol):
             self._answer_options(head)
             return
         target = parse_target(method, head.target)
+        hosts = head.get_all(b"host")
+        if len(hosts) > 1 or (not hosts and head.version == b"HTTP/1.1"):
+            # RFC 9112 3.2: exactly one Host in HTTP/1.1; two would let two parsers disagree.
+            raise http1.ProtocolError(400, "an HTTP/1.1 request needs exactly one Host header")
         framing = http1.request_framing(head)
+        if framing.kind == "length" and framing.length > self.limits.max_request_body:
+            raise http1.ProtocolError(413, f"the request body is larger than {self.limits.max_request_body} bytes")
         policy = factory.current_policy()
         ctx = RequestContext(time.time(), head, target, policy, framing)
         ctx.bytes_in = head_size
@@ -378,7 +384,15 @@ class ClientConnection(protocol.Protocol):
         compiled = ctx.policy.compiled
         framing = ctx.framing
         body = framing.kind != "none"
-        upgrade = head.get(b"upgrade") is not None and head.method == b"GET" and not body
+        # Only WebSocket is tunnelled after a 101: other upgrades (h2c...) would carry protocols
+        # this proxy cannot inspect, so the Upgrade header is dropped like any hop-by-hop field.
+        upgrade_value = head.get(b"upgrade")
+        upgrade = (
+            upgrade_value is not None
+            and upgrade_value.strip().lower() == b"websocket"
+            and head.method == b"GET"
+            and not body
+        )
         scan_body = body and compiled.dlp.scans_bodies
         expect = head.get(b"expect")
         if expect is not None and expect.lower() != b"100-continue":

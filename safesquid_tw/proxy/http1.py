@@ -20,7 +20,8 @@ from collections.abc import Iterable
 import attrs
 
 __all__ = [
-    "LAST_CHUNK", "ChunkedDecoder", "Framing", "ProtocolError", "RequestHead", "ResponseHead",
+    "CHUNKED", "LAST_CHUNK", "NO_BODY", "UNTIL_CLOSE", "ChunkedDecoder", "Framing",
+    "ProtocolError", "RequestHead", "ResponseHead",
     "chunk_header", "encode_chunk", "leading_empty_lines", "parse_request_head",
     "parse_response_head", "request_framing", "response_framing", "serialize_request_head",
     "serialize_response_head", "split_head",
@@ -89,7 +90,8 @@ def split_head(
     previous call that returned -1 on the same buffer and only the new bytes are examined.
 
     Raises ProtocolError 400 on a bare CR, bare LF or NUL in the head, 414 when the first line
-    is longer than ``max_request_line``, 431 when the head exceeds ``max_head_bytes``.
+    is longer than ``max_request_line``, 431 when the head exceeds ``max_head_bytes``. The same
+    function splits response heads; there every error means 502 to the client.
     """
     size = len(buf)
     start = _LEADING_EMPTY_LINES.match(buf).end()
@@ -377,7 +379,8 @@ class ChunkedDecoder:
     """Incremental decoder of a chunked body (RFC 9112 7.1); feed it bytes in any split.
 
     ``feed`` returns the payload pieces decoded so far. Once ``done``, ``trailers`` holds the
-    trailer fields and ``take_rest()`` the bytes that followed the body. Errors raise
+    trailer fields (checked like header fields; never merge them into the header section, RFC
+    9110 6.5.1) and ``take_rest()`` the bytes that followed the body. Errors raise
     ProtocolError(400); a response forwarder reports them as 502.
     """
 

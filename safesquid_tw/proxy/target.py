@@ -82,12 +82,7 @@ def parse_target(method: bytes, target: bytes) -> Target:
     asterisk-form are refused: check ``is_asterisk_options`` first to answer ``OPTIONS *``.
     """
     if method == b"CONNECT":
-        if target[:1] == b"/" or b"/" in target:
-            raise ProtocolError(400, "CONNECT needs an authority-form target host:port")
-        host, port, userinfo = _parse_authority(target, 0)
-        if userinfo:
-            raise ProtocolError(400, "userinfo is not allowed in a CONNECT target")
-        return Target("tunnel", host, port, "", False)
+        return _parse_connect_target(target)
     m = _ABSOLUTE_FORM.fullmatch(target)
     if m is None:
         raise ProtocolError(400, _diagnose_target(target))
@@ -106,6 +101,19 @@ def parse_target(method: bytes, target: bytes) -> Target:
 
 
 _SCHEMES = {b"http": "http", b"https": "https"}
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_connect_target(target: bytes) -> Target:
+    # Cached whole: a CONNECT target is only host:port, and the same few recur constantly.
+    if b"/" in target:
+        raise ProtocolError(400, "CONNECT needs an authority-form target host:port")
+    if _INVISIBLE.search(target):
+        raise ProtocolError(400, "invalid character in request target")
+    host, port, userinfo = _parse_authority(target, 0)
+    if userinfo:
+        raise ProtocolError(400, "userinfo is not allowed in a CONNECT target")
+    return Target("tunnel", host, port, "", False)
 
 
 def _diagnose_target(target: bytes) -> str:
@@ -159,7 +167,7 @@ def _parse_ipv6(literal: bytes) -> str:
         raise ProtocolError(400, "percent-encoding in host")
     try:
         address = ipaddress.IPv6Address(literal.decode("ascii"))
-    except ValueError:
+    except ValueError:  # UnicodeDecodeError included
         raise ProtocolError(400, "invalid IPv6 address") from None
     return address.compressed
 

@@ -295,6 +295,8 @@ class UpstreamConnection(protocol.Protocol):
 
 
 class _ConnectFactory(protocol.ClientFactory):
+    noisy = False
+
     def __init__(self, pool: "UpstreamPool", key: PoolKey, peer: str) -> None:
         self.pool = pool
         self.key = key

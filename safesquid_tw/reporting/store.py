@@ -16,6 +16,7 @@ connection per thread and, in WAL mode, never wait for the writer.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import sqlite3
@@ -23,7 +24,7 @@ import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import attrs
 
@@ -222,6 +223,96 @@ def record_row(obj: Any) -> tuple[Any, ...]:
     )  # fmt: skip
 
 
+_Rollups = tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[tuple[Any, ...]]]
+
+
+@attrs.define
+class _Batch:
+    """A batch parsed outside the write lock, with its roll-up increments counted in advance."""
+
+    key: tuple[str, int, int, int]  # node, segment, first seq, last seq
+    rows: list[tuple[Any, ...]]
+    quarantine: list[tuple[Any, ...]]
+    rollups: _Rollups
+    result: IngestResult | None = None
+    error: BaseException | None = None
+
+
+def _prepare(node: str, segment: int, first_seq: int, records: list[bytes], received: float) -> _Batch:
+    rows: list[tuple[Any, ...]] = []
+    quarantine: list[tuple[Any, ...]] = []
+    loads = json.loads
+    for seq, raw in enumerate(records, first_seq):
+        try:
+            rows.append((node, segment, seq, *record_row(loads(raw))))
+            continue
+        except MalformedRecord as e:
+            reason = str(e)
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            reason = f"not JSON: {e}"
+        quarantine.append((node, segment, seq, received, reason, bytes(raw)))
+    last_seq = first_seq + len(records) - 1
+    return _Batch((node, segment, first_seq, last_seq), rows, quarantine, _rollups(rows))
+
+
+def _store(conn: sqlite3.Connection, batch: _Batch) -> IngestResult:
+    """Insert what is new of a batch and count it into the roll-ups (inside a transaction)."""
+    rows, quarantine = batch.rows, batch.quarantine
+    if not rows and not quarantine:
+        return IngestResult(0, 0, 0)
+    existing = {seq for (seq,) in conn.execute(_EXISTING, batch.key)}
+    minutes, hours, tops = batch.rollups
+    if existing:  # a re-shipped batch: keep only the records never seen, count only those
+        rows = [row for row in rows if row[2] not in existing]
+        quarantine = [row for row in quarantine if row[2] not in existing]
+        minutes, hours, tops = _rollups(rows)
+    conn.executemany(_INSERT_REQUEST, rows)
+    conn.executemany(_INSERT_QUARANTINE, quarantine)
+    conn.executemany(_BUMP_MINUTE, minutes)
+    conn.executemany(_BUMP_HOUR, hours)
+    conn.executemany(_BUMP_TOP, tops)
+    return IngestResult(len(rows), len(existing), len(quarantine))
+
+
+def _rollups(rows: list[tuple[Any, ...]]) -> _Rollups:
+    """Parameters of the minute, hour and top roll-up upserts that count `rows`."""
+    minutes: dict[tuple[int, str], list[int]] = {}
+    tops: dict[tuple[str, int, str, str], list[int]] = {}
+    for row in rows:
+        node = row[0]
+        minute = row[_MINUTE] * 60
+        hour = minute - minute % 3600
+        blocked = 1 if row[_ACTION] in BLOCKED_ACTIONS else 0
+        bytes_in, bytes_out = row[_BYTES_IN], row[_BYTES_OUT]
+        totals = minutes.get((minute, node))
+        if totals is None:
+            totals = minutes[(minute, node)] = [0, 0, 0, 0]
+        totals[0] += 1
+        totals[1] += blocked
+        totals[2] += bytes_in
+        totals[3] += bytes_out
+        for dimension, column in _TOP_COLUMNS:
+            key = row[column]
+            if key is None:
+                continue
+            top = tops.get((dimension, hour, node, key))
+            if top is None:
+                top = tops[(dimension, hour, node, key)] = [0, 0, 0]
+            top[0] += 1
+            top[1] += blocked
+            top[2] += bytes_in + bytes_out
+    hours: dict[tuple[int, str], list[int]] = {}
+    for (minute, node), totals in minutes.items():
+        summed = hours.setdefault((minute - minute % 3600, node), [0, 0, 0, 0])
+        for i in range(4):
+            summed[i] += totals[i]
+    return (
+        [(*k, *t) for k, t in minutes.items()],
+        [(*k, *t) for k, t in hours.items()],
+        [(*k, *t) for k, t in tops.items()],
+    )
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
     conn.execute("PRAGMA cache_size = -65536")  # 64 MiB: the hot index pages stay in memory
@@ -236,6 +327,8 @@ class ReportStore:
         self.path = Path(path)
         self._wall_clock = wall_clock
         self._write_lock = threading.Lock()
+        self._queue_lock = threading.Lock()
+        self._queue: list[_Batch] = []
         self._writer = _connect(self.path)
         self._writer.execute("PRAGMA journal_mode = WAL")
         # FULL, not NORMAL: in WAL mode NORMAL syncs only at checkpoints, so a power loss could
@@ -272,77 +365,56 @@ class ReportStore:
     # -- writing --------------------------------------------------------------------------------
 
     def ingest(self, node: str, segment: int, first_seq: int, records: list[bytes]) -> IngestResult:
-        """Store a batch (record i is (node, segment, first_seq + i)) in one transaction."""
-        if not records:
-            return IngestResult(0, 0, 0)
-        parsed: list[tuple[Any, ...] | str] = []
-        loads = json.loads
-        for raw in records:  # parsed before taking the lock: other batches write meanwhile
-            try:
-                parsed.append(record_row(loads(raw)))
-            except MalformedRecord as e:
-                parsed.append(str(e))
-            except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-                parsed.append(f"not JSON: {e}")
-        received = self._wall_clock()
-        last_seq = first_seq + len(records) - 1
-        with self._write_lock:
-            conn = self._writer
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                existing = {s for (s,) in conn.execute(_EXISTING, (node, segment, first_seq, last_seq))}
-                rows, bad = [], []
-                for index, item in enumerate(parsed):
-                    seq = first_seq + index
-                    if seq in existing:
-                        continue
-                    if isinstance(item, str):
-                        bad.append((node, segment, seq, received, item, bytes(records[index])))
-                    else:
-                        rows.append((node, segment, seq, *item))
-                conn.executemany(_INSERT_REQUEST, rows)
-                conn.executemany(_INSERT_QUARANTINE, bad)
-                self._bump_rollups(conn, node, rows)
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-        return IngestResult(len(rows), len(existing), len(bad))
+        """Store a batch (record i is (node, segment, first_seq + i)) all or nothing.
 
-    @staticmethod
-    def _bump_rollups(conn: sqlite3.Connection, node: str, rows: list[tuple[Any, ...]]) -> None:
-        minutes: dict[int, list[int]] = {}
-        tops: dict[tuple[str, int, str], list[int]] = {}
-        for row in rows:
-            minute = row[_MINUTE] * 60
-            hour = minute - minute % 3600
-            blocked = 1 if row[_ACTION] in BLOCKED_ACTIONS else 0
-            bytes_in, bytes_out = row[_BYTES_IN], row[_BYTES_OUT]
-            totals = minutes.get(minute)
-            if totals is None:
-                totals = minutes[minute] = [0, 0, 0, 0]
-            totals[0] += 1
-            totals[1] += blocked
-            totals[2] += bytes_in
-            totals[3] += bytes_out
-            for dimension, column in _TOP_COLUMNS:
-                key = row[column]
-                if key is None:
-                    continue
-                top = tops.get((dimension, hour, key))
-                if top is None:
-                    top = tops[(dimension, hour, key)] = [0, 0, 0]
-                top[0] += 1
-                top[1] += blocked
-                top[2] += bytes_in + bytes_out
-        hours: dict[int, list[int]] = {}
-        for minute, totals in minutes.items():
-            summed = hours.setdefault(minute - minute % 3600, [0, 0, 0, 0])
-            for i in range(4):
-                summed[i] += totals[i]
-        conn.executemany(_BUMP_MINUTE, [(m, node, *t) for m, t in minutes.items()])
-        conn.executemany(_BUMP_HOUR, [(h, node, *t) for h, t in hours.items()])
-        conn.executemany(_BUMP_TOP, [(d, h, node, k, *t) for (d, h, k), t in tops.items()])
+        Group commit: batches that arrive from several threads while a commit is being synced
+        share the next transaction, each inside its own savepoint, so one fsync serves them all
+        and a batch that fails still leaves nothing behind. Returns only once durable.
+        """
+        batch = _prepare(node, segment, first_seq, records, self._wall_clock())
+        with self._queue_lock:
+            self._queue.append(batch)
+        with self._write_lock:
+            if batch.result is None and batch.error is None:  # nobody took it along: lead
+                with self._queue_lock:
+                    group, self._queue = self._queue, []
+                self._commit(group, leader=batch)
+        if batch.error is not None:
+            raise batch.error
+        assert batch.result is not None
+        return batch.result
+
+    def ingest_many(
+        self, batches: Iterable[tuple[str, int, int, list[bytes]]]
+    ) -> list[IngestResult | Exception]:
+        """Several (node, segment, first_seq, records) batches in one commit; each is stored
+        all or nothing, and its place in the answer holds its result or its error."""
+        prepared = [_prepare(*batch, self._wall_clock()) for batch in batches]
+        with self._write_lock:
+            self._commit(prepared, leader=None)
+        return [b.error if b.error is not None else b.result for b in prepared]  # type: ignore[misc]
+
+    def _commit(self, group: list[_Batch], leader: _Batch | None) -> None:
+        conn = self._writer
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for batch in group:
+                conn.execute("SAVEPOINT batch")
+                try:
+                    batch.result = _store(conn, batch)
+                except Exception as e:
+                    conn.execute("ROLLBACK TO batch")
+                    batch.error = e
+                conn.execute("RELEASE batch")
+            conn.execute("COMMIT")
+        except BaseException as e:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            for batch in group:
+                batch.result = None
+                batch.error = e if batch is leader else copy.copy(e)
+            if leader is None:
+                raise
 
     def record_dropped(self, node: str, total_dropped: int) -> None:
         """A node's running total of records its spool dropped at its size cap.

@@ -87,6 +87,7 @@ def start_origins(workdir: Path, timeout: float = 30.0) -> Origins:
     """Start the origin servers and wait until their ports are known."""
     workdir.mkdir(parents=True, exist_ok=True)
     ports_file = workdir / "origin-ports.json"
+    ports_file.unlink(missing_ok=True)  # never read the ports of an earlier run
     log = open(workdir / "origins.log", "wb")
     process = subprocess.Popen(
         [sys.executable, str(Path(__file__).resolve()), "--ports-file", str(ports_file),
@@ -457,7 +458,11 @@ def main(argv: list[str] | None = None) -> None:
     from twisted.internet import reactor, ssl, task
 
     factories = _build_servers()
-    tls_options = ssl.PrivateCertificate.loadPEM(_self_signed_pem()).options()
+    certificate = ssl.PrivateCertificate.loadPEM(_self_signed_pem())
+    # Naming the protocol matters: clients such as curl offer ALPN (h2, http/1.1), and a server
+    # context without an ALPN choice answers them with an "internal error" alert.
+    tls_options = ssl.CertificateOptions(privateKey=certificate.privateKey.original,
+                                         certificate=certificate.original, acceptableProtocols=[b"http/1.1"])
     ports = {}
     for name, factory in factories.items():
         if name == "tls":

@@ -161,6 +161,7 @@ def test_parse_request_head_fields():
     assert head.get(b"x-multi") == b"1"
     assert head.get_all(b"x-multi") == [b"1", b"2"]
     assert head.get(b"missing") is None
+    assert head.has(b"x-empty") and not head.has(b"missing")
     assert head.get_all(b"missing") == []
     head.get_all(b"x-multi").append(b"3")
     assert head.get_all(b"x-multi") == [b"1", b"2"]
@@ -648,3 +649,46 @@ def test_serialize_refuses_injection_in_start_line():
         serialize_response_head(200, b"OK\r\nX: y", [])
     with pytest.raises(ValueError):
         serialize_request_head(b"GET", b"/\r\nX: y", [])
+
+
+# ---------------------------------------------------------------------------- robustness
+
+_HEADISH = st.lists(st.sampled_from([
+    b"GET", b" ", b"http://a/", b"HTTP/1.1", b"HTTP/1.0", b"\r\n", b"\r", b"\n", b":", b"Host",
+    b"Transfer-Encoding", b"Content-Length", b"chunked", b"5", b",", b"\t", b"\x00", b"\xff",
+]), max_size=40).map(b"".join)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(st.binary(max_size=200), _HEADISH))
+def test_head_functions_raise_only_protocol_errors(data):
+    for call in (lambda: split_head(data, 64, 256),
+                 lambda: request_framing(parse_request_head(data + b"\r\n\r\n")),
+                 lambda: response_framing(parse_response_head(data + b"\r\n\r\n"), b"GET")):
+        try:
+            call()
+        except ProtocolError as e:
+            assert e.status in (400, 414, 431, 501, 502, 505) and e.detail
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(st.binary(max_size=200), st.lists(st.sampled_from(
+    [b"0", b"5", b"a", b";x", b"=y", b'"q"', b"\r\n", b"\r", b"\n", b"hello", b"X: y"]),
+    max_size=30).map(b"".join)))
+def test_chunked_decoder_raises_only_protocol_errors(data):
+    decoder = ChunkedDecoder(max_line=32, max_trailer_bytes=64)
+    try:
+        decoder.feed(data)
+    except ProtocolError as e:
+        assert e.status == 400
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.from_regex(rb"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,12}", fullmatch=True),
+                          st.from_regex(rb"[\x21-\x7e\x80-\xff]([\t \x21-\x7e]{0,20}"
+                                        rb"[\x21-\x7e])?", fullmatch=True)),
+                max_size=12))
+def test_serialized_heads_parse_back(headers):
+    raw = serialize_request_head(b"GET", b"http://a/", headers)
+    assert split_head(raw, LINE, HEAD) == len(raw)
+    assert parse_request_head(raw).headers == tuple(headers)

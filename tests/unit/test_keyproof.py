@@ -231,3 +231,14 @@ def test_an_unbound_exchange_is_refused(key, binding):
         MasterKeyProof(key, V, binding)
     with pytest.raises(ValueError, match="channel binding"):
         SlaveKeyProof(key, V, "node-a", binding)
+
+
+def test_malformed_messages_break_the_contract_on_both_sides(key):
+    master = MasterKeyProof(key, V, BINDING)
+    with pytest.raises(wire.WireError, match="'nonce'"):
+        master.challenge(1, "0.1.0", "node-a", b"short")
+    with pytest.raises(KeyProofFailed):  # and the attempt is spent
+        master.challenge(1, "0.1.0", "node-a", b"s" * 32)
+    slave = SlaveKeyProof(key, V, "node-a", BINDING)
+    with pytest.raises(wire.WireError, match="the result of hello"):
+        slave.answer({"protocol": "1", "product": "0.1.0", "nonce": b"m" * 32})

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import attrs
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from safesquid_tw.proxy.http1 import ProtocolError
 from safesquid_tw.proxy.target import Target, host_header_for, is_asterisk_options, parse_target
@@ -107,8 +110,11 @@ def test_parse_target_accepts(method, raw, expected):
     (b"CONNECT", b"user:pw@example.com:443", "userinfo"),
     (b"CONNECT", b"example.com:0", "port out of range"),
     (b"CONNECT", b"example.com:443?x", "invalid port"),
-    (b"CONNECT", b"exa mple.com:443", "invalid host name"),
+    (b"CONNECT", b"exa mple.com:443", "invalid character"),
+    (b"CONNECT", b"exa!mple.com:443", "invalid host name"),
     (b"CONNECT", b":443", "empty host"),
+    (b"CONNECT", b"[\xff]:443", "invalid character"),
+    (b"CONNECT", b"example.com:443\x00", "invalid character"),
 ])
 def test_parse_target_rejects(method, raw, detail):
     with pytest.raises(ProtocolError, match=detail) as excinfo:
@@ -144,3 +150,27 @@ def test_log_url_never_has_credentials():
 ])
 def test_is_asterisk_options(method, raw, expected):
     assert is_asterisk_options(method, raw) is expected
+
+
+_TARGETISH = st.lists(st.sampled_from([
+    b"http", b"HTTPS", b"://", b"[", b"]", b"::1", b":", b"@", b"%", b"80", b"/", b"?", b"#",
+    b"example.com", b".", b"127", b"0x", b"\\", b" ", b"\xff", b"\x00", b"user",
+]), max_size=20).map(b"".join)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.sampled_from([b"GET", b"CONNECT", b"OPTIONS"]),
+       st.one_of(st.binary(max_size=80), _TARGETISH))
+def test_parse_target_raises_only_protocol_errors(method, raw):
+    try:
+        target = parse_target(method, raw)
+    except ProtocolError as e:
+        assert e.status == 400
+        return
+    # whatever is accepted has one normal spelling that parses back to itself
+    assert target.host == target.host.lower() and not target.host.endswith(".")
+    if target.scheme == "tunnel":
+        assert parse_target(b"CONNECT", target.authority().encode()) == target
+    else:
+        again = parse_target(method, target.url_for_log().encode())
+        assert again == attrs.evolve(target, had_userinfo=False)
