@@ -23,6 +23,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -81,14 +82,15 @@ class Generator:
         return records
 
 
-def fill(store: ReportStore, args: argparse.Namespace, now: float) -> tuple[float, float, int]:
-    """Ingest all records; returns (seconds spent ingesting, rate of the last round, records)."""
+def fill(store: ReportStore, args: argparse.Namespace, now: float) -> tuple[float, float, float, int]:
+    """Ingest all records; returns (seconds and CPU seconds spent ingesting, rate of the last
+    round, records)."""
     nodes = [f"node{i + 1}" for i in range(args.nodes)]
     generators = {node: Generator(i, args.hosts, args.users, args.clients, now) for i, node in enumerate(nodes)}
     per_node = args.records // len(nodes)
     step = DAY / per_node  # each node's records cover the last day, oldest first
     chunk = max(args.batch, args.chunk // len(nodes) // args.batch * args.batch)
-    timed = last_rate = 0.0
+    timed = cpu = last_rate = 0.0
     done = 0
     for offset in range(0, per_node, chunk):
         count = min(chunk, per_node - offset)
@@ -108,20 +110,21 @@ def fill(store: ReportStore, args: argparse.Namespace, now: float) -> tuple[floa
                 store.ingest(node, segment, first_seq, records)
 
         threads = [threading.Thread(target=ingest, args=(node,)) for node in nodes]
-        began = time.perf_counter()
+        began, began_cpu = time.perf_counter(), time.process_time()
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
         elapsed = time.perf_counter() - began
         timed += elapsed
+        cpu += time.process_time() - began_cpu
         done += count * len(nodes)
         last_rate = count * len(nodes) / elapsed
         print(f"  {done:>10,} records stored, {last_rate:>9,.0f} records/s", flush=True)
-    return timed, last_rate, done
+    return timed, cpu, last_rate, done
 
 
-def best_of(runs: int, fn) -> float:
+def best_of(runs: int, fn: Callable[[], object]) -> float:
     times = []
     for _ in range(runs):
         began = time.perf_counter()
@@ -152,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     store = ReportStore(args.db)
     try:
         print(f"ingesting {args.records:,} records from {args.nodes} nodes in batches of {args.batch}")
-        timed, tail_rate, done = fill(store, args, now)
+        timed, cpu, tail_rate, done = fill(store, args, now)
         rate = done / timed
         dashboard_s = best_of(3, lambda: aggregate.dashboard(store, now))
         search_user_s = best_of(3, lambda: store.search(start=now - DAY, end=now, user="user7"))
@@ -161,6 +164,8 @@ def main(argv: list[str] | None = None) -> None:
         print()
         print(f"ingest:           {rate:>10,.0f} records/s  ratio to {REFERENCE_RATE:,}/s: {rate / REFERENCE_RATE:.2f}")
         print(f"ingest, full:     {tail_rate:>10,.0f} records/s  ratio to {REFERENCE_RATE:,}/s: {tail_rate / REFERENCE_RATE:.2f}")
+        print(f"CPU per record:   {cpu / done * 1e6:>10.1f} µs ({done / cpu:,.0f} records per CPU second;"
+              " the machine's other load lowers the figures above, not this one)")
         print(f"last-day dashboard at {done:,} records: {dashboard_s * 1000:.0f} ms")
         print(f"search by user (50 newest of a day):   {search_user_s * 1000:.1f} ms")
         print(f"search by domain (50 newest of a day): {search_domain_s * 1000:.1f} ms")

@@ -46,6 +46,11 @@ class NodeConfig:
     node_name: str = attrs.field(factory=socket.gethostname)
     log_rotate_bytes: int = 50 * 1024 * 1024
     log_keep: int = 10
+    master_fingerprint: str | None = None  # pin the master's key (slaves); else trust on first use
+    keepalive: float = 10.0  # control-plane keepalive; a silent peer is gone after 3 of these
+    poll_interval: float = 60.0  # slaves compare policy versions with the master this often
+    drain_grace: float = 10.0  # after "drain", seconds before new connections are refused
+    spool_cap_bytes: int = 512 * 1024 * 1024
     limits: Limits = attrs.field(factory=Limits)
 
     @property

@@ -8,22 +8,21 @@ import signal
 import time
 from pathlib import Path
 
+import attrs
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer, endpoints
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from safesquid_tw import __version__
-from safesquid_tw.accesslog.writer import AccessLogWriter
 from safesquid_tw.config import NodeConfig
 from safesquid_tw.eventlog import start_event_log, stop_event_log
 from safesquid_tw.nodestate import NodeState
 from safesquid_tw.policy.codec import parse_json
 from safesquid_tw.policy.errors import PolicyError
+from safesquid_tw.master.history import PolicyHistory
 from safesquid_tw.policy.store import PolicyCacheCorrupt, PolicyStore
 from safesquid_tw.portal.site import make_portal_site
-from safesquid_tw.proxy.resolver import Resolver
-from safesquid_tw.proxy.service import ProxyFactory, ProxyService
-from safesquid_tw.resources import sample_policy_path
 from safesquid_tw.util.atomic import atomic_write
 
 log = Logger()
@@ -68,26 +67,20 @@ class EventLogService(Service):
 
 
 class PolicyFileService(Service):
-    """A standalone node's policy comes from a file, loaded at start and again on SIGHUP."""
+    """A policy file loaded at start and again on SIGHUP (standalone nodes, and a master given
+    --policy). A file that does not validate is refused with the reason; the running policy stays."""
 
     name = "policy-file"
 
-    def __init__(self, reactor, store: PolicyStore, path: str, state: NodeState) -> None:
+    def __init__(self, reactor, apply, store: PolicyStore, path: str) -> None:
         self.reactor = reactor
+        self.apply = apply
         self.store = store
         self.path = path
-        self.state = state
         self._previous_handler = None
 
     def startService(self) -> None:
         super().startService()
-        try:
-            # The cache carries the version number on, so versions keep rising across restarts.
-            self.store.load_cache()
-        except PolicyCacheCorrupt as e:
-            log.error("the policy cache was corrupt and was set aside: {error}", error=str(e))
-        except OSError as e:
-            log.error("the policy cache cannot be read: {error}", error=str(e))
         self.load()
         try:
             self._previous_handler = signal.signal(signal.SIGHUP, self._on_sighup)
@@ -104,16 +97,20 @@ class PolicyFileService(Service):
         self.reactor.callFromThread(self.reload)
 
     def load(self) -> None:
+        before = self.store.current
         try:
             with open(self.path, "rb") as f:
                 doc = parse_json(f.read())
-            policy = self.store.apply_document(doc, source=f"file {self.path}")
+            policy = self.apply(doc, f"file {self.path}")
         except (OSError, PolicyError) as e:
             current = self.store.current
             log.error(
                 "policy from {path} refused: {error}; still running version {version}",
                 path=self.path, error=str(e), version=current.version if current else None,
             )
+            return
+        if before is not None and before.version == policy.version:
+            log.info("policy file {path} is unchanged: version {version} stays", path=self.path, version=policy.version)
             return
         log.info(
             "policy version {version} ({digest}) loaded from {path}",
@@ -163,18 +160,21 @@ class ListeningFile(Service):
 
 
 class PortalService(Service):
+    """The `--portal` port: TLS with the node's own certificate, ALPN choosing the control plane
+    (masters only) or the web portal; plain HTTP is served on loopback addresses only."""
+
     name = "portal"
 
-    def __init__(self, reactor, endpoint: str, site) -> None:
+    def __init__(self, reactor, endpoint: str, factory) -> None:
         self.reactor = reactor
         self.endpoint = endpoint
-        self.site = site
+        self.factory = factory
         self.port = None
         self.listening: defer.Deferred = defer.Deferred()
 
     def startService(self) -> None:
         super().startService()
-        d = endpoints.serverFromString(self.reactor, self.endpoint).listen(self.site)
+        d = endpoints.serverFromString(self.reactor, self.endpoint).listen(self.factory)
         d.addCallbacks(self._listening, self.listening.errback)
 
     def _listening(self, port) -> None:
@@ -211,66 +211,100 @@ class NodeStateService(Service):
 
 
 def build_node_service(config: NodeConfig, reactor=None) -> MultiService:
+    """The whole node for its role; see safesquid_tw/slave/service.py and master/service.py."""
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    root = prepare_state_dir(config.state_dir)
-    top = MultiService()
-    state = NodeState(role=config.role, node=config.node_name)
+    if config.role == "master":
+        from safesquid_tw.master.service import build_master
 
-    EventLogService(root / "logs" / "extended.log", config.log_rotate_bytes, config.log_keep).setServiceParent(top)
+        return build_master(config, reactor)
+    from safesquid_tw.slave.service import build_proxy_node
 
-    store = PolicyStore(root)
+    return build_proxy_node(config, reactor)
 
-    def on_policy(policy) -> None:
-        state.policy_version = policy.version
-        state.policy_digest = policy.digest
 
-    store.add_observer(on_policy)
+@attrs.define
+class NodeBase:
+    """What every role has: state dir, event log, node state, policy store, the portal port."""
 
-    waits: dict[str, defer.Deferred] = {}
-    if config.serves_proxy:
-        access_log = AccessLogWriter(
-            str(root / "logs" / "access.log"),
-            rotate_bytes=config.log_rotate_bytes,
-            keep=config.log_keep,
-            clock=reactor,
+    config: NodeConfig
+    reactor: object
+    top: MultiService
+    root: Path
+    state: NodeState
+    store: PolicyStore
+    history: PolicyHistory
+    waits: dict = attrs.field(factory=dict)
+
+    @classmethod
+    def create(cls, config: NodeConfig, reactor) -> "NodeBase":
+        root = prepare_state_dir(config.state_dir)
+        top = MultiService()
+        EventLogService(root / "logs" / "extended.log", config.log_rotate_bytes, config.log_keep).setServiceParent(top)
+        state = NodeState(role=config.role, node=config.node_name)
+        store = PolicyStore(root)
+
+        def on_policy(policy) -> None:
+            state.policy_version = policy.version
+            state.policy_digest = policy.digest
+
+        store.add_observer(on_policy)
+        history = PolicyHistory(store, root)
+        for problem in history.problems:
+            log.error("policy history: {problem}", problem=problem)
+        top.node_state = state
+        top.policy_store = store
+        return cls(config, reactor, top, root, state, store, history)
+
+    def load_cache(self) -> bool:
+        try:
+            policy = self.store.load_cache()
+        except PolicyCacheCorrupt as e:
+            log.error("the policy cache was corrupt and was set aside: {error}", error=str(e))
+            return False
+        except OSError as e:
+            log.error("the policy cache cannot be read: {error}", error=str(e))
+            return False
+        if policy is not None:
+            self.state.policy_source = "cache"
+        return policy is not None
+
+    def policy_file_service(self, path: str) -> "PolicyFileService":
+        def apply(doc, source):
+            return self.history.apply(doc, by="policy file", comment=f"loaded from {path}", source=source)
+
+        return PolicyFileService(self.reactor, apply, self.store, path)
+
+    def portal(self, *, control_factory=None, extra: dict | None = None) -> PortalService:
+        from safesquid_tw.cluster.mux import PortalPortFactory
+        from safesquid_tw.cluster.tlsconfig import load_or_create_master_identity
+
+        identity = load_or_create_master_identity(self.root)
+        site = make_portal_site(self.state, extra=extra, reactor=self.reactor)
+        factory = PortalPortFactory(
+            identity.server_options(),
+            control_factory or _NoControlPlane(),
+            site,
+            clock=self.reactor,
+            plain_http=True,
         )
-        access_log.setServiceParent(top)
-        limits = config.limits
-        resolver = Resolver(
-            reactor,
-            threads_max=limits.dns_threads,
-            timeout=limits.dns_timeout,
-            ttl=limits.dns_cache_ttl,
-        )
-        factory = ProxyFactory(
-            reactor=reactor,
-            limits=limits,
-            node_name=config.node_name,
-            current_policy=lambda: store.current,
-            record_sink=access_log.write,
-            resolver=resolver,
-        )
-        proxy = ProxyService(reactor, config.listen, factory, resolver)
-        waits["proxy"] = proxy.listening
-    if config.role == "standalone":
-        state.policy_source = "file"
-        policy_path = config.policy_file or str(sample_policy_path())
-        PolicyFileService(reactor, store, policy_path, state).setServiceParent(top)
+        service = PortalService(self.reactor, self.config.portal, factory)
+        self.waits["portal"] = service.listening
+        return service
 
-    site = make_portal_site(state)
-    portal = PortalService(reactor, config.portal, site)
-    waits["portal"] = portal.listening
+    def finish(self) -> MultiService:
+        ListeningFile(self.root / "run" / "listening.json", self.waits).setServiceParent(self.top)
+        # Last child: stopped first, so /health says 503 before anything else winds down.
+        NodeStateService(self.state, self.config).setServiceParent(self.top)
+        return self.top
 
-    if config.serves_proxy:
-        proxy.setServiceParent(top)
-    portal.setServiceParent(top)
-    ListeningFile(root / "run" / "listening.json", waits).setServiceParent(top)
-    # Last child: stopped first, so /health says 503 before anything else winds down.
-    NodeStateService(state, config).setServiceParent(top)
-    top.node_state = state
-    top.policy_store = store
-    return top
 
+class _NoControlPlane(Factory):
+    """Only a master speaks the control plane; anyone else asking for it is turned away."""
+
+    noisy = False
+
+    def buildProtocol(self, addr):
+        return None

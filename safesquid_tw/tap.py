@@ -59,6 +59,15 @@ class Options(usage.Options):
         ["log-rotate-bytes", None, 50 * 1024 * 1024, "rotate logs when they reach this size",
          _number("log-rotate-bytes", int)],
         ["log-keep", None, 10, "rotated log files kept", _number("log-keep", int)],
+        ["master-fingerprint", None, None,
+         "SHA-256 fingerprint of the master's key to pin (slaves; default: trust on first use)"],
+        ["keepalive", None, 10.0, "control-plane keepalive in seconds (a silent peer is gone after 3)",
+         _number("keepalive", float)],
+        ["poll-interval", None, 60.0, "seconds between a slave's policy version checks", _number("poll-interval", float)],
+        ["drain-grace", None, 10.0, "seconds after a drain task before new connections are refused",
+         _number("drain-grace", float)],
+        ["spool-cap-bytes", None, 512 * 1024 * 1024, "most bytes of unshipped access records kept on disk",
+         _number("spool-cap-bytes", int)],
     ] + [
         [name, None, getattr(Limits(), name.replace("-", "_")), doc, _number(name, kind)]
         for name, doc, kind in _LIMIT_OPTIONS
@@ -102,6 +111,22 @@ def options_to_config(opts: usage.Options) -> NodeConfig:
         if opts[name] is None or opts[name] <= 0:
             raise usage.UsageError(f"--{name} must be a positive number")
     key_file = opts["activation-key-file"]
+    if role in ("master", "slave") and not key_file:
+        raise usage.UsageError(
+            f"a {role} needs --activation-key-file=FILE (the cluster's shared key, the same on every node)"
+        )
+    if opts["master-fingerprint"] and role != "slave":
+        raise usage.UsageError("--master-fingerprint is for slaves only")
+    if opts["master-fingerprint"]:
+        from safesquid_tw.cluster.tlsconfig import parse_fingerprint
+
+        try:
+            parse_fingerprint(opts["master-fingerprint"])
+        except ValueError as e:
+            raise usage.UsageError(f"--master-fingerprint: {e}")
+    for name in ("keepalive", "poll-interval", "drain-grace", "spool-cap-bytes"):
+        if opts[name] <= 0:
+            raise usage.UsageError(f"--{name} must be a positive number")
     if key_file:
         from safesquid_tw.config import read_activation_key
 
@@ -120,6 +145,11 @@ def options_to_config(opts: usage.Options) -> NodeConfig:
         activation_key_file=key_file,
         log_rotate_bytes=opts["log-rotate-bytes"],
         log_keep=opts["log-keep"],
+        master_fingerprint=opts["master-fingerprint"],
+        keepalive=opts["keepalive"],
+        poll_interval=opts["poll-interval"],
+        drain_grace=opts["drain-grace"],
+        spool_cap_bytes=opts["spool-cap-bytes"],
         limits=limits,
     )
     if opts["node-name"]:

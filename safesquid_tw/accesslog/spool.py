@@ -18,6 +18,11 @@ milliseconds, above any id an earlier spool of the same node could have used. Th
 a (node, segment, seq) it already has, so re-shipping after a crash is harmless; a segment is
 deleted only once `acknowledge()` says the master stored all of it.
 
+The size cap is the one deliberate loss: past `cap_bytes`, the oldest sealed segments are deleted
+and their records added to `dropped_records`, which is persisted *before* the deletion (a crash in
+between over-counts, never hides a loss). A segment dropped while it was being shipped may end up
+both stored and counted as dropped; that errs on the side of telling.
+
 Threads: `append()` only touches memory under a short lock, so it is safe on the reactor thread.
 `flush()`, `seal()`, `read_batches()`, `acknowledge()` and `close()` do disk I/O (write, fsync,
 rename); they are serialised by a second lock and may run in a worker thread (`deferToThread`)
@@ -296,6 +301,7 @@ class Spool:
 
         A damaged segment is set aside as `.corrupt` and reported; its valid records still ship.
         A batch never spans a gap in sequence numbers, so `first_seq + i` is always right.
+        The segment is read (disk I/O) at the first `next()`: iterate in a worker thread.
         """
         records = self._read_sealed(segment)
         batch: list[bytes] = []

@@ -230,9 +230,18 @@ SLAVE_STATUS = Record(
         "spool_bytes": Int(),
         "counters": MapOf(Text(64, _COUNTER_NAME, "a counter name"), Int(), MAX_STATUS_COUNTERS),
         "detail": Text(),
+        "clock": Float(),  # the slave's wall clock when it sent this, for the offset warning
+        "policy_digest": Text(100),
+        "policy_source": Text(100),
+        "draining": Bool(),
+        "ready": Bool(),
+        "requests_per_second": Float(),
     },
-    optional=frozenset({"counters", "detail"}),
+    optional=frozenset(
+        {"counters", "detail", "clock", "policy_digest", "policy_source", "draining", "ready", "requests_per_second"}
+    ),
 )
+TASK_NAME = Text(16, re.compile(r"reload|drain|resume"), "one of reload, drain, resume")
 
 
 @attrs.frozen
@@ -315,6 +324,7 @@ _ALL = [
     ),
     _contract("mind", "ping", NoneValue()),
     _contract("mind", "policy_changed", NoneValue(), ("version", VERSION)),
+    _contract("mind", "task", Text(), ("task", TASK_NAME)),
 ]
 
 CONTRACTS: dict[str, dict[str, MethodContract]] = {}

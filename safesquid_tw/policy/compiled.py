@@ -121,7 +121,8 @@ class CompiledPolicy:
             if lowest & table.needs_check:
                 if rule.url_regex is not None:
                     if url is None:
-                        url = full_url(facts.scheme, host, facts.port, facts.path)
+                        scheme = facts.scheme or ("https" if facts.method == "CONNECT" else "http")
+                        url = full_url(scheme, host, facts.port, facts.path)
                     if not rule.url_regex.match(url):
                         mask ^= lowest
                         continue

@@ -2,16 +2,20 @@
 
 Ingest is idempotent: a record is named by (node, segment, seq) and a name already stored (or
 already quarantined) is counted as a duplicate and skipped, so a slave may re-ship a segment after
-any crash. One batch is one transaction: the raw rows, the quarantined ones and the roll-up
-increments commit together or not at all, and only then may the master acknowledge.
+any crash. A batch is stored all or nothing: its raw rows, its quarantined ones and its roll-up
+increments commit together or not at all, and `ingest` returns only once they are durable, so
+the master may then acknowledge.
 
 Roll-ups (requests, blocked and bytes per minute and per hour, and per hour the requests of every
 domain, user, category and rule) are counted at ingest from the rows actually inserted, so a
 dashboard over a day reads a few thousand roll-up rows instead of millions of records.
 
 Threads: every public method may run in a worker thread (`deferToThread`). Writes go through one
-writer connection behind a lock, because SQLite has a single writer anyway; reads use one
-connection per thread and, in WAL mode, never wait for the writer.
+writer connection behind a lock, because SQLite has a single writer anyway. Batches that arrive
+while a commit is being synced are committed together by the next thread to get the lock (group
+commit), each in its own savepoint: one fsync serves several slaves, and a batch that fails still
+leaves nothing behind. Reads use one connection per thread and, in WAL mode, never wait for the
+writer.
 """
 
 from __future__ import annotations
@@ -365,11 +369,9 @@ class ReportStore:
     # -- writing --------------------------------------------------------------------------------
 
     def ingest(self, node: str, segment: int, first_seq: int, records: list[bytes]) -> IngestResult:
-        """Store a batch (record i is (node, segment, first_seq + i)) all or nothing.
+        """Store a batch (record i is (node, segment, first_seq + i)) all or nothing, durably.
 
-        Group commit: batches that arrive from several threads while a commit is being synced
-        share the next transaction, each inside its own savepoint, so one fsync serves them all
-        and a batch that fails still leaves nothing behind. Returns only once durable.
+        Blocks on disk I/O: call it in a worker thread. Concurrent calls share commits.
         """
         batch = _prepare(node, segment, first_seq, records, self._wall_clock())
         with self._queue_lock:
@@ -396,8 +398,8 @@ class ReportStore:
 
     def _commit(self, group: list[_Batch], leader: _Batch | None) -> None:
         conn = self._writer
-        conn.execute("BEGIN IMMEDIATE")
         try:
+            conn.execute("BEGIN IMMEDIATE")
             for batch in group:
                 conn.execute("SAVEPOINT batch")
                 try:

@@ -32,7 +32,7 @@ def test_unresolvable_name_is_502_dns_error(node):
     mark = node.extended_mark()
     response = proxy_request(node, "GET", "http://does-not-exist.invalid/page")
     assert_error_page(response, 502, "dns_error")
-    node.wait_for_extended(lambda line: "does-not-exist.invalid" in line or "dns_error" in line, since=mark,
+    node.wait_for_extended(lambda line: "does-not-exist.invalid" in line and "dns_error" in line, since=mark,
                            what="an event line about the failed lookup")
     record = node.wait_for_url("does-not-exist.invalid")
     assert record["status"] == 502
@@ -43,7 +43,7 @@ def test_refused_connection_is_502_connection_refused(node):
     mark = node.extended_mark()
     response = proxy_request(node, "GET", f"http://127.0.0.1:{port}/refused")
     assert_error_page(response, 502, "connection_refused")
-    node.wait_for_extended(lambda line: str(port) in line or "connection_refused" in line, since=mark,
+    node.wait_for_extended(lambda line: str(port) in line and "connection_refused" in line, since=mark,
                            what="an event line about the refused connection")
     assert node.wait_for_url(f"127.0.0.1:{port}/refused")["status"] == 502
 
@@ -55,7 +55,7 @@ def test_silent_origin_is_504_after_the_response_timeout(node, origins):
     elapsed = time.monotonic() - started
     assert_error_page(response, 504, "http_response_timeout")
     assert RESPONSE_TIMEOUT * 0.7 <= elapsed <= RESPONSE_TIMEOUT + 5, elapsed
-    node.wait_for_extended(lambda line: str(origins.ports["silent"]) in line or "http_response_timeout" in line,
+    node.wait_for_extended(lambda line: str(origins.ports["silent"]) in line and "http_response_timeout" in line,
                            since=mark, what="an event line about the response timeout")
     assert node.wait_for_url("/never-answers")["status"] == 504
 

@@ -288,3 +288,13 @@ def test_memo_tables_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
         assert (policy.decide(facts).rule == "r") is (i == 7)
     assert len(policy._hosts) <= 10
     assert len(policy._clients) <= 10
+
+
+@pytest.mark.parametrize("method, port, expected_url", [
+    ("CONNECT", 443, "https://www.example.com"),
+    ("CONNECT", 8443, "https://www.example.com:8443"),
+    ("GET", 80, "http://www.example.com/index.html"),
+])
+def test_url_without_a_scheme_assumes_the_usual_one(method: str, port: int, expected_url: str) -> None:
+    assert matches({"url_patterns": [expected_url]}, scheme="", method=method, port=port,
+                   path="" if method == "CONNECT" else "/index.html")

@@ -6,6 +6,7 @@ import json
 import random
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +151,34 @@ def test_batches_from_many_threads_are_all_stored_once(store: ReportStore) -> No
     assert {n: t.requests for n, t in aggregate.per_node(store, T0, T0 + 3600).items()} == {
         f"n{i}": 200 for i in range(4)
     }
+
+
+def test_batches_waiting_for_a_commit_share_the_next_one(store: ReportStore) -> None:
+    commits = []
+    real_commit = store._commit
+
+    def counting_commit(group, leader) -> None:
+        commits.append(len(group))
+        real_commit(group, leader)
+
+    store._commit = counting_commit  # type: ignore[method-assign]
+    results: dict[str, IngestResult] = {}
+
+    def ship(node: str) -> None:
+        results[node] = store.ingest(node, 1, 0, [rec(0), rec(1)])
+
+    threads = [threading.Thread(target=ship, args=(node,)) for node in ("n1", "n2", "n3")]
+    with store._write_lock:  # a commit is being synced: the three batches queue up behind it
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 30
+        while len(store._queue) < 3 and time.monotonic() < deadline:
+            pass
+    for thread in threads:
+        thread.join()
+    assert commits == [3]
+    assert results == {node: IngestResult(2, 0, 0) for node in ("n1", "n2", "n3")}
+    assert store.count() == 6
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,114 @@
+"""Moving access records from the node's spool to where reports are built.
+
+A slave ships to its master over the control plane; a standalone node hands them to its own report
+store. Either way a segment is deleted only after every batch of it was acknowledged as stored, so
+a crash on either side costs nothing but a resend (which the store recognises and ignores).
+All disk work runs in threads; the reactor only decides what to do next.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from twisted.application.service import Service
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+
+from safesquid_tw.accesslog.spool import Batch, Spool
+
+log = Logger()
+
+Sender = Callable[[Batch], defer.Deferred]
+
+
+class LogShipper(Service):
+    name = "log-shipper"
+
+    def __init__(self, reactor, spool: Spool, *, interval: float = 0.5, seal_after: float = 1.0) -> None:
+        self.reactor = reactor
+        self.spool = spool
+        self.interval = interval
+        self.seal_after = seal_after
+        self.sender: Sender | None = None
+        self.shipped_records = 0
+        self.last_error: str | None = None
+        self._call = None
+        self._running: defer.Deferred | None = None
+        self._last_backlog = -1
+        self._unchanged_since = 0.0
+        self._stopping = False
+
+    def set_sender(self, sender: Sender | None) -> None:
+        """Where batches go now (None while the master is away: records wait in the spool)."""
+        self.sender = sender
+        if sender is not None:
+            self._kick()
+
+    def startService(self) -> None:
+        super().startService()
+        self._stopping = False
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if not self._stopping:
+            self._call = self.reactor.callLater(self.interval, self._kick)
+
+    def _kick(self) -> None:
+        if self._running is not None:
+            return
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._running = defer.ensureDeferred(self._tick())
+        self._running.addErrback(self._failed)
+        self._running.addBoth(self._done)
+
+    def _failed(self, reason) -> None:
+        message = reason.getErrorMessage()
+        if message != self.last_error:
+            log.warn("shipping access records paused: {why}", why=message)
+        self.last_error = message
+
+    def _done(self, _ignored) -> None:
+        self._running = None
+        self._schedule()
+
+    async def _tick(self) -> None:
+        spool = self.spool
+        now = self.reactor.seconds()
+        backlog = spool.backlog_records
+        if backlog != self._last_backlog:
+            self._last_backlog = backlog
+            self._unchanged_since = now
+        sealed = spool.sealed_segments()
+        if spool.flush_due():
+            await threads.deferToThread(spool.flush)
+        # Seal the open segment once records have stopped arriving for a moment, or when
+        # shipping is possible and nothing sealed waits: records should not linger unshipped.
+        if backlog and (now - self._unchanged_since >= self.seal_after or (self.sender and not sealed)):
+            await threads.deferToThread(spool.seal)
+        if self.sender is None:
+            return
+        for segment in spool.sealed_segments():
+            batches = await threads.deferToThread(lambda: list(spool.read_batches(segment)))
+            for batch in batches:
+                sender = self.sender
+                if sender is None:
+                    return
+                await sender(batch)
+                self.shipped_records += len(batch.records)
+            await threads.deferToThread(spool.acknowledge, segment)
+            if self.last_error is not None:
+                log.info("shipping access records resumed")
+                self.last_error = None
+
+    async def _drain(self) -> None:
+        self._stopping = True
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        if self._running is not None:
+            await self._running
+        await threads.deferToThread(self.spool.close)
+
+    def stopService(self):
+        super().stopService()
+        return defer.ensureDeferred(self._drain())

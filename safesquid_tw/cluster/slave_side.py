@@ -1,0 +1,288 @@
+"""The slave's end of the control plane.
+
+A `ClientService` keeps one TLS connection to the master's portal port (ALPN picks the control
+plane), reconnecting with back-off. Each connection logs in with the key proof, compares policy
+versions and fetches what it lacks, starts shipping access records, and sends status reports that
+double as keepalives. The master pushes "version N exists" and tasks through the slave's `Mind`.
+Nothing on the request path ever waits for any of this: the proxy always runs on the policy the
+store holds (from the cache at start-up).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.service import MultiService
+from twisted.internet import defer, endpoints
+from twisted.logger import Logger
+from twisted.spread import pb
+
+from safesquid_tw.accesslog.spool import Batch
+from safesquid_tw.cluster import wire
+from safesquid_tw.cluster.jellysafety import ClusterBroker, ClusterClientFactory
+from safesquid_tw.cluster.keyproof import ClusterKey, NodeVersion, SlaveKeyProof
+from safesquid_tw.cluster.shipper import LogShipper
+from safesquid_tw.cluster.tlsconfig import MasterClientCreator, MasterTrust, channel_binding, master_fingerprint
+from safesquid_tw.nodestate import NodeState
+from safesquid_tw.policy.codec import parse_json, policy_from_document
+from safesquid_tw.policy.errors import PolicyError
+from safesquid_tw.policy.store import PolicyStore
+
+log = Logger()
+
+
+class SlaveBroker(ClusterBroker):
+    """A broker that says when it is ready for calls: TLS handshake and PB dialect agreed."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.ready: defer.Deferred = defer.Deferred()
+
+    def connectionReady(self) -> None:
+        super().connectionReady()
+        if not self.ready.called:
+            self.ready.callback(None)
+
+    def connectionLost(self, reason) -> None:
+        if not self.ready.called:
+            self.ready.errback(reason)
+        super().connectionLost(reason)
+
+
+class SlaveClientFactory(ClusterClientFactory):
+    protocol = SlaveBroker
+
+
+class Mind(pb.Referenceable):
+    """What the master may call on this slave."""
+
+    def __init__(self, client: "ClusterClient") -> None:
+        self.client = client
+
+    @wire.checked("mind")
+    def remote_ping(self):
+        return None
+
+    @wire.checked("mind")
+    def remote_policy_changed(self, version):
+        self.client.sync_soon(f"master announced version {version}")
+        return None
+
+    @wire.checked("mind")
+    def remote_task(self, task):
+        return self.client.run_task(task)
+
+
+class ClusterClient(MultiService):
+    def __init__(
+        self,
+        *,
+        reactor,
+        master: str,
+        key: ClusterKey,
+        version: NodeVersion,
+        node_name: str,
+        trust: MasterTrust,
+        store: PolicyStore,
+        state: NodeState,
+        shipper: LogShipper,
+        status_extra: Callable[[], dict],
+        on_task: Callable[[str], str],
+        keepalive: float = 10.0,
+        poll_interval: float = 60.0,
+    ) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.master = master
+        self.key = key
+        self.version = version
+        self.node_name = node_name
+        self.trust = trust
+        self.store = store
+        self.state = state
+        self.shipper = shipper
+        self.status_extra = status_extra
+        self.on_task = on_task
+        self.keepalive = keepalive
+        self.poll_interval = poll_interval
+        self.avatar = None
+        self.connected_since: float | None = None
+        self._syncing: defer.Deferred | None = None
+        self._sync_again = False
+        self._timers: list = []
+        host, _, port = master.rpartition(":")
+        host = host.strip("[]")
+        self.creator = MasterClientCreator(trust, master)
+        endpoint = endpoints.wrapClientTLS(self.creator, endpoints.HostnameEndpoint(reactor, host, int(port)))
+        self.factory = SlaveClientFactory()
+        self.service = ClientService(
+            endpoint,
+            self.factory,
+            retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=max(2.0, keepalive * 3), factor=2.0),
+            clock=reactor,
+            prepareConnection=self._login,
+        )
+        self.service.setServiceParent(self)
+
+    # -- connecting -----------------------------------------------------------------------
+    def _login(self, broker: SlaveBroker) -> defer.Deferred:
+        return defer.ensureDeferred(self._login_async(broker))
+
+    async def _login_async(self, broker: SlaveBroker) -> None:
+        try:
+            await broker.ready
+            root = broker.remoteForName("root")
+            proof = SlaveKeyProof(self.key, self.version, self.node_name, channel_binding(broker.transport, "slave"))
+            challenge = wire.check_result("gate", "hello", await root.callRemote("hello", *proof.hello_args()))
+            answer = wire.check_result("gate", "prove", await root.callRemote("prove", proof.answer(challenge), Mind(self)))
+            proof.verify_master(answer["proof"])
+            self.trust.confirm(master_fingerprint(broker.transport, "slave"))
+        except pb.RemoteError as e:
+            log.error("the master at {master} refused this node: {why}", master=self.master, why=_remote_message(e))
+            raise
+        except Exception as e:
+            log.error("cannot log in to the master at {master}: {why}", master=self.master, why=str(e) or repr(e))
+            raise
+        self.avatar = answer["avatar"]
+        self.connected_since = time.time()
+        broker.notifyOnDisconnect(lambda: self._lost(broker))
+        log.info("connected to the master at {master}", master=self.master)
+        self.shipper.set_sender(self._ship)
+        self._start_timers()
+        self.sync_soon("connected")
+        self.report_status()
+
+    def _lost(self, broker) -> None:
+        self.avatar = None
+        self.shipper.set_sender(None)
+        for call in self._timers:
+            if call.active():
+                call.cancel()
+        self._timers = []
+        log.warn(
+            "lost the connection to the master at {master}; serving policy version {version} meanwhile",
+            master=self.master, version=self.state.policy_version,
+        )
+
+    def _start_timers(self) -> None:
+        self._timers = [
+            self.reactor.callLater(self.keepalive, self._keepalive_tick),
+            self.reactor.callLater(self.poll_interval, self._poll_tick),
+        ]
+
+    def _keepalive_tick(self) -> None:
+        if self.avatar is None:
+            return
+        self.report_status()
+        self._timers[0] = self.reactor.callLater(self.keepalive, self._keepalive_tick)
+
+    def _poll_tick(self) -> None:
+        if self.avatar is None:
+            return
+        self.sync_soon("periodic check")
+        self._timers[1] = self.reactor.callLater(self.poll_interval, self._poll_tick)
+
+    def _call(self, method: str, *args, timeout: float | None = None) -> defer.Deferred:
+        avatar = self.avatar
+        if avatar is None:
+            return defer.fail(ConnectionError("not connected to the master"))
+        try:
+            d = avatar.callRemote(method, *args)
+        except pb.DeadReferenceError as e:
+            return defer.fail(e)
+        d.addTimeout(timeout or max(self.keepalive * 2, 5.0), self.reactor)
+        d.addErrback(self._call_failed, method)
+        return d
+
+    def _call_failed(self, reason, method: str):
+        if reason.check(defer.TimeoutError):
+            # The master stopped answering: drop the connection, the service reconnects.
+            broker = getattr(self.avatar, "broker", None)
+            if broker is not None and broker.transport is not None:
+                broker.transport.abortConnection()
+        return reason
+
+    # -- status ---------------------------------------------------------------------------
+    def report_status(self) -> None:
+        state = self.state
+        spool = self.shipper.spool
+        extra = self.status_extra()
+        status = {
+            "policy_version": state.policy_version or 0,
+            "uptime": float(state.uptime_s or 0.0),
+            "spool_records": spool.backlog_records,
+            "spool_bytes": spool.backlog_bytes,
+            "counters": {
+                "dropped_records": spool.dropped_records,
+                "requests_total": int(extra.get("requests_total", 0)),
+            },
+            "clock": time.time(),
+            "draining": state.draining,
+            "ready": state.ready,
+            "requests_per_second": float(extra.get("requests_per_second", 0.0)),
+        }
+        if state.policy_digest:
+            status["policy_digest"] = state.policy_digest
+        if state.policy_source:
+            status["policy_source"] = state.policy_source
+        self._call("report_status", status).addErrback(lambda f: None)
+
+    # -- policy ---------------------------------------------------------------------------
+    def sync_soon(self, why: str) -> None:
+        if self._syncing is not None:
+            self._sync_again = True
+            return
+        self._syncing = defer.ensureDeferred(self._sync(why))
+        self._syncing.addErrback(lambda f: log.warn("policy sync failed: {why}", why=f.getErrorMessage()))
+        self._syncing.addBoth(self._sync_done)
+
+    def _sync_done(self, _ignored) -> None:
+        self._syncing = None
+        if self._sync_again:
+            self._sync_again = False
+            self.sync_soon("another announcement arrived meanwhile")
+
+    async def _sync(self, why: str) -> None:
+        manifest_value = await self._call("policy_manifest")
+        wire.check_result("avatar", "policy_manifest", manifest_value)
+        version = manifest_value["version"]
+        manifest = wire.BlobManifest.from_wire(manifest_value)
+        current = self.store.current
+        if current is not None and current.version == version and current.digest == "sha256:" + manifest.sha256.hex():
+            return
+        assembler = wire.BlobAssembler(manifest)
+        for index in range(manifest.chunks):
+            chunk = await self._call("policy_chunk", version, index)
+            assembler.add(index, chunk)
+        blob = assembler.result()
+        try:
+            policy = policy_from_document(parse_json(blob), version)
+            self.store.install(policy, source="master")
+        except (PolicyError, OSError) as e:
+            log.error("refused policy version {version} from the master: {why}", version=version, why=str(e))
+            await self._call("policy_applied", version, False, str(e)[:4000])
+            return
+        self.state.policy_source = "master"
+        log.info("policy version {version} ({digest}) from the master is in force ({why})",
+                 version=version, digest=policy.digest, why=why)
+        await self._call("policy_applied", version, True, "")
+        self.report_status()
+
+    # -- tasks and logs -------------------------------------------------------------------
+    def run_task(self, task: str) -> str:
+        log.info("task {task} from the master", task=task)
+        result = self.on_task(task)
+        if task == "reload":
+            self.sync_soon("reload task")
+        self.reactor.callLater(0, self.report_status)
+        return result
+
+    def _ship(self, batch: Batch) -> defer.Deferred:
+        return self._call("ship_log_batch", batch.segment, batch.first_seq, batch.records, timeout=60.0)
+
+
+def _remote_message(error: pb.RemoteError) -> str:
+    text = str(error)
+    return text.split(":", 1)[-1].strip() if ":" in text else text

@@ -1,0 +1,81 @@
+"""The master: holds the policy and its history, admits slaves, pushes policy, keeps the reports.
+
+It carries no client traffic: there is no proxy listener at all. Its one port (`--portal`) serves
+the portal over HTTPS and the control plane (Perspective Broker inside the same TLS, picked by
+ALPN).
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+
+from twisted.application.service import MultiService
+from twisted.logger import Logger
+
+from safesquid_tw import __version__
+from safesquid_tw.cluster.jellysafety import ClusterServerFactory
+from safesquid_tw.cluster.keyproof import ClusterKey, NodeVersion
+from safesquid_tw.cluster.master_side import ControlPlane, ControlRoot
+from safesquid_tw.config import NodeConfig, read_activation_key
+from safesquid_tw.master.clusterview import ClusterViewResource
+from safesquid_tw.master.registry import SlaveRegistry
+from safesquid_tw.node import NodeBase
+from safesquid_tw.reporting.store import ReportStore
+from safesquid_tw.resources import sample_policy_path
+from safesquid_tw.util.atomic import atomic_write
+
+log = Logger()
+
+
+def _api_token(base: NodeBase) -> str:
+    """The master's API token for automation, made on first start (mode 0600)."""
+    path = base.root / "api-token"
+    if not path.exists():
+        atomic_write(path, (secrets.token_urlsafe(32) + "\n").encode(), mode=0o600)
+        log.info("an API token for /api/v1/ was written to {path}", path=str(path))
+    return path.read_text().strip()
+
+
+def build_master(config: NodeConfig, reactor) -> MultiService:
+    base = NodeBase.create(config, reactor)
+    root, store, top = base.root, base.store, base.top
+    base.state.policy_source = "master"
+
+    had_cache = base.load_cache()
+    if config.policy_file:
+        base.policy_file_service(config.policy_file).setServiceParent(top)
+    elif not had_cache:
+        base.policy_file_service(str(sample_policy_path())).setServiceParent(top)
+        log.info("no policy yet: starting from the sample policy")
+
+    registry = SlaveRegistry()
+    reports = ReportStore(root / "reports.sqlite3")
+    plane = ControlPlane(
+        reactor=reactor,
+        key=ClusterKey.from_activation_key(read_activation_key(config.activation_key_file)),
+        version=NodeVersion(__version__),
+        store=store,
+        registry=registry,
+        ingest=reports.ingest,
+        record_dropped=reports.record_dropped,
+        keepalive=config.keepalive,
+    )
+    token = _api_token(base).encode()
+
+    def authorize(request) -> bool:
+        header = request.getHeader(b"authorization") or b""
+        scheme, _, value = header.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(value.strip(), token)
+
+    from twisted.web.resource import Resource
+
+    api = Resource()
+    v1 = Resource()
+    api.putChild(b"v1", v1)
+    v1.putChild(b"cluster", ClusterViewResource(registry, store, authorize))
+    base.portal(control_factory=ClusterServerFactory(ControlRoot(plane)), extra={b"api": api}).setServiceParent(top)
+    top.registry = registry
+    top.reports = reports
+    top.control_plane = plane
+    return base.finish()

@@ -1,0 +1,154 @@
+"""A node that carries traffic: a standalone node, or a slave of a master.
+
+Both run the forward proxy, write the access log and a spool of access records. A standalone node
+takes its policy from a file and feeds its own report store; a slave takes its policy from its
+master (starting from its cache) and ships its records there.
+"""
+
+from __future__ import annotations
+
+from twisted.application.service import MultiService
+from twisted.internet import threads
+from twisted.logger import Logger
+
+from safesquid_tw import __version__
+from safesquid_tw.accesslog.spool import Spool
+from safesquid_tw.accesslog.writer import AccessLogWriter
+from safesquid_tw.cluster.shipper import LogShipper
+from safesquid_tw.config import NodeConfig, read_activation_key
+from safesquid_tw.node import NodeBase
+from safesquid_tw.proxy.resolver import Resolver
+from safesquid_tw.proxy.service import ProxyFactory, ProxyService
+from safesquid_tw.reporting.store import ReportStore
+from safesquid_tw.resources import sample_policy_path
+
+log = Logger()
+
+
+class RateMeter:
+    """Requests per second between two status reports."""
+
+    def __init__(self, reactor, factory: ProxyFactory) -> None:
+        self.reactor = reactor
+        self.factory = factory
+        self._last = (reactor.seconds(), 0)
+
+    def sample(self) -> dict:
+        now, total = self.reactor.seconds(), self.factory.requests
+        then, before = self._last
+        self._last = (now, total)
+        rate = (total - before) / (now - then) if now > then else 0.0
+        return {"requests_total": total, "requests_per_second": round(rate, 2)}
+
+
+def build_proxy_node(config: NodeConfig, reactor) -> MultiService:
+    base = NodeBase.create(config, reactor)
+    root, state, store = base.root, base.state, base.store
+    top = base.top
+
+    spool = Spool(root / "spool", node=config.node_name, cap_bytes=config.spool_cap_bytes)
+    for problem in spool.problems:
+        log.error("access record spool: {problem}", problem=str(problem))
+    access_log = AccessLogWriter(
+        str(root / "logs" / "access.log"), rotate_bytes=config.log_rotate_bytes, keep=config.log_keep, clock=reactor
+    )
+    access_log.add_sink(lambda record: spool.append(record.to_json_line()))
+    access_log.setServiceParent(top)
+    shipper = LogShipper(reactor, spool)
+    shipper.setServiceParent(top)
+
+    limits = config.limits
+    resolver = Resolver(reactor, threads_max=limits.dns_threads, timeout=limits.dns_timeout, ttl=limits.dns_cache_ttl)
+    factory = ProxyFactory(
+        reactor=reactor,
+        limits=limits,
+        node_name=config.node_name,
+        current_policy=lambda: store.current,
+        record_sink=access_log.write,
+        resolver=resolver,
+    )
+    proxy = ProxyService(reactor, config.listen, factory, resolver)
+    base.waits["proxy"] = proxy.listening
+
+    extra = {}
+    if config.role == "standalone":
+        base.load_cache()
+        state.policy_source = "file"
+        base.policy_file_service(config.policy_file or str(sample_policy_path())).setServiceParent(top)
+        reports = ReportStore(root / "reports.sqlite3")
+
+        def ingest_locally(batch):
+            return threads.deferToThread(reports.ingest, batch.node, batch.segment, batch.first_seq, batch.records)
+
+        shipper.set_sender(ingest_locally)
+        top.reports = reports
+    else:
+        _slave_parts(base, factory, shipper)
+
+    proxy.setServiceParent(top)
+    base.portal(extra=extra).setServiceParent(top)
+    top.proxy_factory = factory
+    return base.finish()
+
+
+def _slave_parts(base: NodeBase, factory: ProxyFactory, shipper: LogShipper) -> None:
+    from safesquid_tw.cluster.keyproof import ClusterKey, NodeVersion
+    from safesquid_tw.cluster.slave_side import ClusterClient
+    from safesquid_tw.cluster.tlsconfig import MasterTrust
+
+    config, reactor, state = base.config, base.reactor, base.state
+    if base.load_cache():
+        log.info(
+            "serving cached policy version {version} until the master at {master} answers",
+            version=state.policy_version, master=config.master,
+        )
+    else:
+        log.warn(
+            "no cached policy: this node refuses to proxy (and /health says 503) until the master at "
+            "{master} sends one",
+            master=config.master,
+        )
+    meter = RateMeter(reactor, factory)
+    drain_call = []
+
+    def on_task(task: str) -> str:
+        if task == "drain":
+            state.draining = True
+            for call in drain_call:
+                if call.active():
+                    call.cancel()
+            drain_call[:] = [reactor.callLater(config.drain_grace, _stop_accepting)]
+            log.info("draining: /health says 503; new connections refused in {grace} s", grace=config.drain_grace)
+            return f"draining; new connections refused in {config.drain_grace:g} s"
+        if task == "resume":
+            state.draining = False
+            factory.draining = False
+            for call in drain_call:
+                if call.active():
+                    call.cancel()
+            log.info("resumed: taking traffic again")
+            return "resumed"
+        return "reloading the policy from the master"
+
+    def _stop_accepting() -> None:
+        if state.draining:
+            factory.draining = True
+            log.info("drained: new connections are refused, requests in flight finish")
+
+    client = ClusterClient(
+        reactor=reactor,
+        master=config.master,
+        key=ClusterKey.from_activation_key(read_activation_key(config.activation_key_file)),
+        version=NodeVersion(__version__),
+        node_name=config.node_name,
+        trust=MasterTrust.for_state_dir(base.root, pinned=config.master_fingerprint),
+        store=base.store,
+        state=state,
+        shipper=shipper,
+        status_extra=meter.sample,
+        on_task=on_task,
+        keepalive=config.keepalive,
+        poll_interval=config.poll_interval,
+    )
+    client.setServiceParent(base.top)
+    base.top.cluster_client = client
