@@ -22,6 +22,7 @@ from safesquid_tw.policy.codec import parse_json
 from safesquid_tw.policy.errors import PolicyError
 from safesquid_tw.master.history import PolicyHistory
 from safesquid_tw.policy.store import PolicyCacheCorrupt, PolicyStore
+from safesquid_tw.portal.plainhealth import make_health_only_site
 from safesquid_tw.portal.site import make_portal_site
 from safesquid_tw.util.atomic import atomic_write
 
@@ -289,6 +290,7 @@ class NodeBase:
             site,
             clock=self.reactor,
             plain_http=True,
+            plain_limited_factory=make_health_only_site(self.state, reactor=self.reactor),
         )
         service = PortalService(self.reactor, self.config.portal, factory)
         self.waits["portal"] = service.listening

@@ -196,6 +196,16 @@ class _FirstByte(Protocol):
                 return
             self._port.stats.web_plain += 1
             self._start(inner, data)
+        elif self._port.plain_limited_factory is not None:
+            # From elsewhere, plain HTTP reaches only what load balancers need (/health).
+            self._stop_deadline()
+            inner = self._port.plain_limited_factory.buildProtocol(self._addr)
+            if inner is None:
+                self._port.stats.refused_by_factory += 1
+                self.transport.loseConnection()
+                return
+            self._port.stats.web_plain += 1
+            self._start(inner, data)
         else:
             self._stop_deadline()
             self._refused = True
@@ -224,6 +234,8 @@ class PortalPortFactory(Factory):
     ``http/1.1`` (`tlsconfig.MasterIdentity.server_options`). `control_factory`: the PB server
     factory (`jellysafety.ClusterServerFactory`). `web_factory`: the portal's `Site`.
     `plain_http`: serve plain HTTP too, but only when the port's address is a loopback one.
+    `plain_limited_factory`: what plain HTTP from elsewhere gets instead of the pointer to
+    https:// (the health-check site), if anything.
     """
 
     noisy = False
@@ -237,11 +249,13 @@ class PortalPortFactory(Factory):
         clock: IReactorTime,
         plain_http: bool = False,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        plain_limited_factory: IProtocolFactory | None = None,
     ) -> None:
         self.control_factory = control_factory
         self.web_factory = web_factory
         self.clock = clock
         self.plain_http = plain_http
+        self.plain_limited_factory = plain_limited_factory
         self.handshake_timeout = handshake_timeout
         self.stats = MuxStats()
         self.tls_factory = TLSMemoryBIOFactory(tls_options, False, _AlpnDispatchFactory(self), clock=clock)
@@ -251,12 +265,16 @@ class PortalPortFactory(Factory):
 
     def startFactory(self) -> None:
         # The wrapped factories are never listened with directly, so start and stop them here.
-        for factory in (self.control_factory, self.web_factory):
+        for factory in self._inner_factories():
             factory.doStart()
 
     def stopFactory(self) -> None:
-        for factory in (self.control_factory, self.web_factory):
+        for factory in self._inner_factories():
             factory.doStop()
+
+    def _inner_factories(self) -> list:
+        extra = [self.plain_limited_factory] if self.plain_limited_factory is not None else []
+        return [self.control_factory, self.web_factory, *extra]
 
 
 __all__ = [

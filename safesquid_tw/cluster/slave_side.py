@@ -92,7 +92,10 @@ class ClusterClient(MultiService):
         on_task: Callable[[str], str],
         keepalive: float = 10.0,
         poll_interval: float = 60.0,
+        source_address: str | None = None,
     ) -> None:
+        """`source_address`: the local address the control-plane connection leaves from (what
+        the master's allow list sees)."""
         super().__init__()
         self.reactor = reactor
         self.master = master
@@ -115,7 +118,10 @@ class ClusterClient(MultiService):
         host, _, port = master.rpartition(":")
         host = host.strip("[]")
         self.creator = MasterClientCreator(trust, master)
-        endpoint = endpoints.wrapClientTLS(self.creator, endpoints.HostnameEndpoint(reactor, host, int(port)))
+        kwargs = {"bindAddress": (source_address, 0)} if source_address else {}
+        endpoint = endpoints.wrapClientTLS(
+            self.creator, endpoints.HostnameEndpoint(reactor, host, int(port), **kwargs)
+        )
         self.factory = SlaveClientFactory()
         self.service = ClientService(
             endpoint,

@@ -41,6 +41,18 @@ class RateMeter:
         return {"requests_total": total, "requests_per_second": round(rate, 2)}
 
 
+def listen_interface(endpoint: str) -> str | None:
+    """The address a `tcp:PORT:interface=ADDR` endpoint names, unless it is a wildcard.
+
+    A slave's control-plane connection leaves from the address its proxy listens on, so the
+    master's allow list and cluster view see the node's own address."""
+    for part in endpoint.replace("\\:", "\0").split(":")[1:]:
+        if part.startswith("interface="):
+            address = part[len("interface="):].replace("\0", ":")
+            return None if address in ("", "0.0.0.0", "::") else address
+    return None
+
+
 def build_proxy_node(config: NodeConfig, reactor) -> MultiService:
     base = NodeBase.create(config, reactor)
     root, state, store = base.root, base.state, base.store
@@ -149,6 +161,7 @@ def _slave_parts(base: NodeBase, factory: ProxyFactory, shipper: LogShipper) -> 
         on_task=on_task,
         keepalive=config.keepalive,
         poll_interval=config.poll_interval,
+        source_address=listen_interface(config.listen),
     )
     client.setServiceParent(base.top)
     base.top.cluster_client = client

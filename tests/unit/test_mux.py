@@ -410,3 +410,12 @@ def _lost(broker):
     else:
         broker.notifyOnDisconnect(lambda: d.callback(None))
     return d
+
+
+def test_plain_http_from_elsewhere_goes_to_the_limited_site_when_there_is_one(port):
+    limited = RecordingFactory("limited")
+    port.plain_limited_factory = limited
+    client = Greeter(b"GET /health HTTP/1.0\r\n\r\n")
+    connect(port, client, host=IPv4Address("TCP", "10.0.0.5", 8888))
+    assert limited.built[0].data == b"GET /health HTTP/1.0\r\n\r\n"
+    assert port.web_factory.built == [] and client.data == b""

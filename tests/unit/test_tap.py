@@ -68,10 +68,23 @@ def expand(argv: list[str], files: dict) -> list[str]:
         (["--max-connections", "0"], "--max-connections must be a positive number"),
         (["--max-request-body", "-5"], "--max-request-body must be a positive number"),
         (["--tunnel-idle-timeout", "0"], "--tunnel-idle-timeout must be a positive number"),
-        (["--head-timeout", "soon"], "head-timeout"),
-        (["--max-connections", "many"], "max-connections"),
+        (["--max-connections", "many"], "--max-connections must be a whole number, not 'many'"),
+        (["--head-timeout", "soon"], "--head-timeout must be a number, not 'soon'"),
+        (["--max-connections", "1.5"], "--max-connections must be a whole number"),
         (["--activation-key-file", "@missing"], "--activation-key-file:"),
         (["--activation-key-file", "@empty-key"], "is empty"),
+        (["--role", "master"], "a master needs --activation-key-file=FILE"),
+        (["--role", "slave", "--master", "10.0.0.1:8888"], "a slave needs --activation-key-file=FILE"),
+        (["--role", "slave", "--master", "10.0.0.1:8888", "--activation-key-file", "@missing"],
+         "--activation-key-file:"),
+        (["--master-fingerprint", "ab" * 32], "--master-fingerprint is for slaves only"),
+        (["--role", "slave", "--master", "m:1", "--activation-key-file", "@key", "--master-fingerprint", "abc"],
+         "--master-fingerprint: 'abc' is not a SHA-256 fingerprint"),
+        (["--keepalive", "0"], "--keepalive must be a positive number"),
+        (["--poll-interval", "-1"], "--poll-interval must be a positive number"),
+        (["--drain-grace", "0"], "--drain-grace must be a positive number"),
+        (["--spool-cap-bytes", "0"], "--spool-cap-bytes must be a positive number"),
+        (["--log-keep", "many"], "--log-keep must be a whole number"),
         (["--policy", "@missing"], "--policy"),
         (["--policy", "@not-json"], "line 1"),
         (["--policy", "@bad-policy"], "access.rules[0]"),
@@ -108,10 +121,15 @@ def test_no_options_is_a_standalone_node_with_defaults():
 @pytest.mark.parametrize(
     "argv, expected",
     [
-        (["--role", "slave", "--master", "10.0.0.1:8888"], {"role": "slave", "master": "10.0.0.1:8888"}),
-        (["--role", "slave", "--master", "[::1]:8888"], {"role": "slave", "master": "[::1]:8888"}),
-        (["--role", "slave", "--master", "master.example:443"], {"master": "master.example:443"}),
-        (["--role", "master"], {"role": "master", "master": None}),
+        (["--role", "slave", "--master", "10.0.0.1:8888", "--activation-key-file", "@key"],
+         {"role": "slave", "master": "10.0.0.1:8888"}),
+        (["--role", "slave", "--master", "[::1]:8888", "--activation-key-file", "@key"],
+         {"role": "slave", "master": "[::1]:8888"}),
+        (["--role", "slave", "--master", "master.example:443", "--activation-key-file", "@key"],
+         {"master": "master.example:443"}),
+        (["--role", "slave", "--master", "m:1", "--activation-key-file", "@key", "--master-fingerprint",
+          "SHA256:" + ":".join(["AB"] * 32)], {"role": "slave"}),
+        (["--role", "master", "--activation-key-file", "@key"], {"role": "master", "master": None}),
         (["--role", "standalone"], {"role": "standalone"}),
         (["--listen", "tcp:0:interface=127.0.0.2"], {"listen": "tcp:0:interface=127.0.0.2"}),
         (["--portal", "tcp6:8888:interface=\\:\\:1"], {"portal": "tcp6:8888:interface=\\:\\:1"}),
@@ -131,9 +149,10 @@ def test_good_combinations_make_a_config(argv, expected, files):
         assert config.policy_file == str(files["good-policy"])
 
 
-def test_master_serves_no_proxy():
-    assert not parse(["--role", "master"]).serves_proxy
-    assert parse(["--role", "slave", "--master", "m:1"]).serves_proxy
+def test_master_serves_no_proxy(files):
+    key = str(files["key"])
+    assert not parse(["--role", "master", "--activation-key-file", key]).serves_proxy
+    assert parse(["--role", "slave", "--master", "m:1", "--activation-key-file", key]).serves_proxy
 
 
 @pytest.mark.parametrize(
