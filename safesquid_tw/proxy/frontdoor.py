@@ -87,6 +87,8 @@ class ClientConnection(protocol.Protocol):
         self._body_total = 0
         self._decoder: http1.ChunkedDecoder | None = None
         self._dlp_buffer: bytearray | None = None
+        self._dlp_scanning = False
+        self._dlp_body_done = False
         self._upload_limit: int | None = None
 
     # -- connection lifetime --------------------------------------------------------------
@@ -228,9 +230,8 @@ class ClientConnection(protocol.Protocol):
                 return
             if self._dlp_buffer is not None:
                 self._dlp_buffer += piece
-                if len(self._dlp_buffer) >= ctx.policy.compiled.dlp.scan_limit:
-                    if not self._dlp_verdict():
-                        return
+                if len(self._dlp_buffer) >= ctx.policy.compiled.dlp.scan_limit and not self._dlp_scanning:
+                    self._dlp_scan(ctx)
             else:
                 self.exchange.body_data(piece)
         if self._timer_kind == "body":
@@ -239,7 +240,10 @@ class ClientConnection(protocol.Protocol):
             self._disarm()
             self.state = "waiting"
             self._decoder = None
-            if self._dlp_buffer is not None and not self._dlp_verdict():
+            if self._dlp_buffer is not None:
+                self._dlp_body_done = True
+                if not self._dlp_scanning:
+                    self._dlp_scan(ctx)
                 return
             self.exchange.body_end()
 
@@ -430,6 +434,7 @@ class ClientConnection(protocol.Protocol):
             self._arm("body", self.limits.read_timeout)
             if scan_body:
                 self._dlp_buffer = bytearray()
+                self._dlp_scanning = self._dlp_body_done = False
                 if expect is not None and ctx.version == b"HTTP/1.1":
                     # The body must be scanned before anything goes upstream: ask for it ourselves.
                     self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -440,16 +445,44 @@ class ClientConnection(protocol.Protocol):
             exchange.start()
         self.gate.resume("decision")
 
-    def _dlp_verdict(self) -> bool:
-        """Scan the held body prefix; forward it (True) or answer with a block page (False)."""
-        ctx = self.ctx
+    def _dlp_scan(self, ctx: RequestContext) -> None:
+        """Scan the held body prefix; then forward it, or answer with a block page.
+
+        Reading pauses meanwhile; a large prefix is scanned in a worker thread (a megabyte of
+        adversarial digits costs a noticeable fraction of a second), a small one right here.
+        Bytes that still arrive are held behind the prefix, in order.
+        """
+        self._dlp_scanning = True
+        self.gate.pause("dlp")
+        dlp = ctx.policy.compiled.dlp
+        prefix = bytes(self._dlp_buffer[: dlp.scan_limit])
+        if len(prefix) <= 65536:
+            self._dlp_scanned(dlp.scan(prefix), ctx)
+            return
+        d = threads.deferToThreadPool(self.factory.reactor, self.factory.auth_pool, dlp.scan, prefix)
+        d.addCallbacks(self._dlp_scanned, self._dlp_failed, callbackArgs=(ctx,), errbackArgs=(ctx,))
+
+    def _dlp_failed(self, reason, ctx: RequestContext) -> None:
+        log.failure("DLP scan", reason)
+        if self.ctx is ctx and self.state != "closing":
+            self._dlp_buffer = None
+            self._respond_error(ctx, 500, "the request body could not be scanned", "proxy_internal_error")
+
+    def _dlp_scanned(self, hits, ctx: RequestContext) -> None:
+        if self.ctx is not ctx or self.state == "closing":
+            return
+        self._dlp_scanning = False
+        self.gate.resume("dlp")
         held, self._dlp_buffer = bytes(self._dlp_buffer), None
-        if not self._apply_dlp(ctx, ctx.policy.compiled.dlp.scan(held), started=True):
-            return False
-        self.exchange.start()
+        if not self._apply_dlp(ctx, hits, started=True):
+            return
+        exchange = self.exchange
+        exchange.start()
         if held:
-            self.exchange.body_data(held)
-        return True
+            exchange.body_data(held)
+        if self._dlp_body_done:
+            self._dlp_body_done = False
+            exchange.body_end()
 
     def _apply_dlp(self, ctx: RequestContext, hits, *, started: bool = False) -> bool:
         if not hits:
@@ -648,6 +681,7 @@ class ClientConnection(protocol.Protocol):
 
     def _after_response(self, *, close: bool, abort: bool) -> None:
         self._dlp_buffer = None
+        self._dlp_scanning = self._dlp_body_done = False
         self._decoder = None
         if self.state == "closing" or self.transport is None:
             return
