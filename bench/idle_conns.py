@@ -246,8 +246,9 @@ def run(args: argparse.Namespace, workdir: Path, started: list[Running]) -> bool
         print(f"opened {len(sockets)} of {args.count} in {opened.seconds:.1f} s; failures {opened.failures}"
               + (f" (first: {opened.first_error})" if opened.first_error else ""))
         time.sleep(1.0)
-        fds_with = open_fd_count(proxy.pid)
         peak, last = hold_and_sample(proxy.pid, args.hold)
+        # Counted after the hold: in connect mode the proxy may still be accepting a moment after.
+        fds_with = open_fd_count(proxy.pid)
         still_open = count_still_open(sockets)
         hwm = read_status_kib(proxy.pid)["VmHWM"] * 1024
     finally:
