@@ -259,13 +259,17 @@ def run(args: argparse.Namespace, workdir: Path, started: list[Running]) -> bool
 
     held = max(1, len(sockets))
     growth = peak - before
-    print()
-    print(f"{proxy.name} RSS before:               {mb(before)}  ({fds_before} descriptors)")
-    print(f"{proxy.name} RSS with {len(sockets)} open:   {mb(peak)} peak, {mb(last)} last  ({fds_with} descriptors)")
-    print(f"growth per connection:           {growth / held / 1024:.1f} KiB  ({mb(growth)} in all)")
-    print(f"peak RSS of the process (VmHWM): {mb(hwm)}")
-    print(f"RSS after closing them all:      {mb(after_close)}")
-    print(f"still open after {args.hold:g} s idle:       {still_open} of {len(sockets)}")
+    rows = [
+        ("RSS before", f"{mb(before)}  ({fds_before} descriptors)"),
+        (f"RSS with {len(sockets)} open", f"{mb(peak)} peak, {mb(last)} last  ({fds_with} descriptors)"),
+        ("growth per connection", f"{growth / held / 1024:.1f} KiB  ({mb(growth)} in all)"),
+        ("peak RSS of the process (VmHWM)", mb(hwm)),
+        ("RSS after closing them all", mb(after_close)),
+        (f"still open after {args.hold:g} s idle", f"{still_open} of {len(sockets)}"),
+    ]
+    print(f"\n{proxy.name}, {args.mode} mode:")
+    for label, value in rows:
+        print(f"  {label:<34}{value}")
     complete = opened.failures == 0 and len(sockets) == args.count and still_open == len(sockets)
     if not complete:
         print("NOT every connection was opened and held: the figures above are not a valid result")

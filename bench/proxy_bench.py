@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import shutil
 import subprocess
 import sys
@@ -230,6 +231,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="skip the reference with --keep-alive (the stock one is always measured)")
     parser.add_argument("--direct", action="store_true", help="also measure the origin without a proxy (the ceiling)")
     parser.add_argument("--twisted-origin", action="store_true", help="use the Twisted origin even if nginx is installed")
+    parser.add_argument("--node-args", default="",
+                        help="extra options for the node, e.g. \"--upstream-idle-per-host 64\"")
     parser.add_argument("--twistd", help="twistd to run the node with (default: beside this Python)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, policy)")
     parser.add_argument("--verbose", action="store_true", help="print wrk's own output too")
@@ -254,7 +257,7 @@ def start_proxies(args: argparse.Namespace, workdir: Path, origin: Running, star
         policy = write_policy_file(args.rules, args.domains, directory=str(workdir))
         print(f"starting the node with {args.rules} rules and {args.domains} category domains ...", flush=True)
         try:
-            node = start_node(workdir / "node-state", policy, twistd=args.twistd)
+            node = start_node(workdir / "node-state", policy, shlex.split(args.node_args), twistd=args.twistd)
         except BenchError as e:
             problems.append(f"{OURS} did not start: {e}")
         else:

@@ -124,15 +124,26 @@ class Exchange:
             self.conn.respond_blocked(ctx, rule="content-security", reason=reason, close=True)
             self._end(close=True)
             return
+        codings = framing.transfer_codings
+        if codings and ctx.version != b"HTTP/1.1":
+            # A transfer coding (gzip...) can only be declared with chunked, which HTTP/1.0 lacks.
+            self.fail(ProxyFailure(502, "http_protocol_error",
+                                   "the origin used a transfer coding an HTTP/1.0 client cannot take"))
+            return
         ctx.status = head.status
+        # The framing headers are the proxy's to set: the origin's Content-Length must not
+        # travel beside ours (two lengths are exactly what request smugglers look for).
+        # (A response without a body, to HEAD or a 304, keeps the origin's validated length.)
         headers = strip_hop_by_hop(head.headers)
+        if framing.kind != "none":
+            headers = [(n, v) for n, v in headers if n.lower() != b"content-length"]
         headers = self.conn.factory.add_via(headers, head.version)
         client_close = ctx.client_close or not self._body_done
         if framing.kind == "length":
             headers.append((b"Content-Length", b"%d" % framing.length))
         elif framing.kind in ("chunked", "close"):
             if ctx.version == b"HTTP/1.1":
-                headers.append((b"Transfer-Encoding", b"chunked"))
+                headers.append((b"Transfer-Encoding", b", ".join((*codings, b"chunked"))))
                 self._response_chunked = True
             else:
                 client_close = True

@@ -467,7 +467,8 @@ class ReportStore:
     # -- reading --------------------------------------------------------------------------------
 
     def count(self, **filters: Any) -> int:
-        """Records matching the filters of `search` (all of them optional)."""
+        """Records matching the filters of `search` (all optional; without both `start` and
+        `end`, a user, client, domain or rule filter reads the whole table)."""
         where, params = _where(filters)
         return self.reader().execute(f"SELECT count(*) FROM requests{where}", params).fetchone()[0]
 

@@ -17,7 +17,7 @@ import origins as origin_servers  # noqa: E402
 def pytest_collection_modifyitems(items):
     here = Path(__file__).resolve().parent
     for item in items:
-        if here in Path(str(item.fspath)).resolve().parents:
+        if here in Path(item.path).resolve().parents:
             item.add_marker(pytest.mark.integration)
 
 

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable
 
-from rawhttp import (  # noqa: F401 - the tests reach the client through this module too
+from rawhttp import (
     CurlResult,
     HarnessError,
     IncompleteResponse,
@@ -386,3 +386,14 @@ def assert_passed(response: RawResponse) -> dict:
     """The request went through: the echo origin answered. Returns its echo document."""
     assert response.status == 200, f"expected the origin's answer, got {response.status}: {response.text[:300]}"
     return response.json()
+
+
+__all__ = [
+    # nodes
+    "NODE_HOST", "Node", "start_node", "live_nodes", "run_twistd", "twistd_command", "node_environment",
+    "make_policy", "write_json_atomically", "wait_until", "read_rss_bytes",
+    # traffic (from rawhttp, so a test needs one import)
+    "CurlResult", "HarnessError", "IncompleteResponse", "RawConnection", "RawResponse", "basic_credentials",
+    "build_request", "closed_port", "curl", "echo_headers", "port_is_free", "raw_request", "proxy_request",
+    "assert_blocked", "assert_passed",
+]

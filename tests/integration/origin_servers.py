@@ -149,7 +149,8 @@ def _build_servers():  # noqa: C901 - one place for every origin keeps the subpr
             self.transport.write(self.h11.send(h11.Response(status_code=status, headers=headers)))
 
         def send_data(self, data: bytes) -> None:
-            if data:
+            # A response to HEAD has no body (h11 would refuse one): only its head goes out.
+            if data and not (self.request is not None and self.request.method == b"HEAD"):
                 self.transport.writeSequence(self.h11.send_with_data_passthrough(h11.Data(data=data)))
 
         def end_response(self) -> None:

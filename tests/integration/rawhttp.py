@@ -19,12 +19,10 @@ from urllib.parse import urlsplit
 class HarnessError(AssertionError):
     """The node or the traffic did not behave in time (raised as an assertion failure)."""
 
-# --------------------------------------------------------------------------------------------
-# Raw HTTP/1.1 over sockets
-# --------------------------------------------------------------------------------------------
-
 
 class RawResponse(NamedTuple):
+    """One response: unpacks as (status, headers, body, closed)."""
+
     status: int
     headers: list[tuple[str, str]]
     body: bytes

@@ -127,3 +127,26 @@ def test_request_to_the_proxy_itself_is_refused(node):
     response = proxy_request(node, "GET", own, timeout=15)
     assert 400 <= response.status < 600
     assert node.health()[0] == 200
+
+
+def _respond_url(origins, **params) -> str:
+    query = "&".join(f"{k}={quote(str(v), safe='')}" for k, v in params.items())
+    return origins.url(f"/respond?{query}")
+
+
+def test_a_response_carries_exactly_one_content_length(node, origins):
+    response = proxy_request(node, "GET", _respond_url(origins, body="twelve bytes"))
+    lengths = [v for n, v in response.headers if n.lower() == "content-length"]
+    assert lengths == ["12"]
+    assert response.body == b"twelve bytes"
+
+
+def test_head_keeps_the_origin_length_without_a_body(node, origins):
+    with harness.RawConnection(node.proxy) as conn:
+        conn.send(harness.build_request("HEAD", _respond_url(origins, size=5000)))
+        response = conn.read_response(head_request=True)
+        lengths = [v for n, v in response.headers if n.lower() == "content-length"]
+        assert response.status == 200 and lengths == ["5000"] and response.body == b""
+        # The connection is still in step: a second request on it is answered normally.
+        conn.send(harness.build_request("GET", _respond_url(origins, body="after-head")))
+        assert conn.read_response().body == b"after-head"

@@ -305,3 +305,51 @@ def test_valid_sections() -> None:
     assert canonical["content_security"] == doc["content_security"]
     assert canonical["dlp"] == doc["dlp"]
     assert canonical["applications"][0]["headers"] == {"user-agent": "X*"}
+
+
+# -- access_restriction ---------------------------------------------------------------------------
+
+AR = "access_restriction"
+
+
+@pytest.mark.parametrize("value, path, message", [
+    ([], AR, "must be an object, not a list"),
+    ({"portal": []}, f"{AR}.portal", "unknown key"),
+    ({"portal_allow": "10.0.0.0/8"}, f"{AR}.portal_allow", "must be a list"),
+    ({"portal_allow": ["10.0.0.0/33"]}, f"{AR}.portal_allow[0]", "is not an IP address or CIDR network"),
+    ({"portal_allow": ["10.0.0.1/8"]}, f"{AR}.portal_allow[0]", "has host bits set"),
+    ({"slave_allow": ["192.0.2.7", "192.0.2.7/32"]}, f"{AR}.slave_allow[1]", "is listed twice"),
+    ({"slave_allow": ["2001:db8::1", "2001:DB8:0::1"]}, f"{AR}.slave_allow[1]", "is listed twice"),
+    ({"slave_allow_enabled": "yes"}, f"{AR}.slave_allow_enabled", "must be true or false"),
+])
+def test_access_restriction_errors(value: Any, path: str, message: str) -> None:
+    with pytest.raises(PolicyError) as raised:
+        validate_document(with_section(AR, value))
+    assert raised.value.path == path
+    assert message in raised.value.message
+
+
+@pytest.mark.parametrize("value, expected", [
+    ({"portal_allow": ["10.0.0.0/8", "::1"]},
+     {"portal_allow": ["10.0.0.0/8", "::1"], "slave_allow": [], "slave_allow_enabled": False}),
+    ({"slave_allow": ["192.0.2.0/24"], "slave_allow_enabled": True},
+     {"portal_allow": [], "slave_allow": ["192.0.2.0/24"], "slave_allow_enabled": True}),
+    ({"slave_allow_enabled": True}, {"portal_allow": [], "slave_allow": [], "slave_allow_enabled": True}),
+])
+def test_access_restriction_is_kept_with_defaults_filled_in(value: Any, expected: dict[str, Any]) -> None:
+    canonical = validate_document(with_section(AR, value))
+    assert canonical[AR] == expected
+    assert validate_document(canonical) == canonical
+
+
+@pytest.mark.parametrize("value", [
+    {},
+    {"portal_allow": [], "slave_allow": [], "slave_allow_enabled": False},
+    {"slave_allow": []},
+])
+def test_access_restriction_of_defaults_only_leaves_the_digest_alone(value: Any) -> None:
+    # Documents written before the section existed keep their digest: a section holding only
+    # defaults is left out of the canonical form.
+    canonical = validate_document(with_section(AR, value))
+    assert AR not in canonical
+    assert digest(canonical) == digest(validate_document(base()))

@@ -1,0 +1,74 @@
+"""The portal's own state, built once per site: accounts, sessions, tokens, drafts, audit log."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import argon2
+import attrs
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from safesquid_tw.portal.accounts import AccountStore
+from safesquid_tw.portal.allowlist import PortalAllowList
+from safesquid_tw.portal.audit import AuditLog
+from safesquid_tw.portal.context import PortalContext
+from safesquid_tw.portal.drafts import DraftStore
+from safesquid_tw.portal.sessions import SessionStore
+from safesquid_tw.portal.throttle import LoginThrottle
+from safesquid_tw.portal.tokens import TokenStore
+
+log = Logger()
+
+
+@attrs.define
+class PortalServices:
+    ctx: PortalContext
+    accounts: AccountStore
+    sessions: SessionStore
+    throttle: LoginThrottle
+    tokens: TokenStore
+    audit: AuditLog
+    drafts: DraftStore
+    allow: PortalAllowList
+    # One edit at a time per account, so two browser tabs cannot lose each other's draft edits.
+    draft_locks: dict[str, defer.DeferredLock] = attrs.field(factory=dict)
+
+    @classmethod
+    def create(cls, ctx: PortalContext, *, admin_hasher: argon2.PasswordHasher | None = None) -> "PortalServices":
+        wall = ctx.wall_clock or time.time
+        accounts = AccountStore(ctx.state_dir, hasher=admin_hasher, clock=wall)
+        created = accounts.ensure_initial_admin()
+        if created is not None:
+            log.info(
+                "portal: created the administrator account 'admin'; its password is in {path} (mode 0600)",
+                path=str(created),
+            )
+        reactor_clock = ctx.reactor.seconds
+        return cls(
+            ctx=ctx,
+            accounts=accounts,
+            sessions=SessionStore(reactor_clock),
+            throttle=LoginThrottle(reactor_clock),
+            tokens=TokenStore(ctx.state_dir, clock=wall),
+            audit=AuditLog(ctx.state_dir, clock=wall),
+            drafts=DraftStore(ctx.state_dir, clock=wall),
+            allow=PortalAllowList(ctx.store),
+        )
+
+    def now(self) -> float:
+        """Wall-clock time (audit lines, report periods)."""
+        return (self.ctx.wall_clock or time.time)()
+
+    def in_thread(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred:
+        return self.ctx.run_in_thread(fn, *args, **kwargs)
+
+    def draft_lock(self, account: str) -> defer.DeferredLock:
+        lock = self.draft_locks.get(account)
+        if lock is None:
+            lock = self.draft_locks[account] = defer.DeferredLock()
+        return lock
+
+
+__all__ = ["PortalServices"]
