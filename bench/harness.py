@@ -293,8 +293,10 @@ def start_node(state_dir: Path, policy_path: str, extra_args: list[str] | None =
         portal_port = free_port(host)
     log_path = state_dir / "twistd.log"
     command = [
-        twistd or default_twistd(), "-n", "--pidfile=", f"--logfile={log_path}", "safesquid",
-        "--listen", f"tcp:{listen_port}:interface={host}",
+        twistd or default_twistd(), "-n", "--pidfile=", *os.environ.get("BENCH_TWISTD_ARGS", "").split(), f"--logfile={log_path}", "safesquid",
+        # A backlog of 1024 as for the reference proxy: Twisted's default of 50 overflows when a
+        # benchmark opens connections in bursts, and the kernel then drops handshakes silently.
+        "--listen", f"tcp:{listen_port}:interface={host}:backlog=1024",
         "--portal", f"tcp:{portal_port}:interface={host}",
         "--state-dir", str(state_dir), "--policy", policy_path, *(extra_args or []),
     ]

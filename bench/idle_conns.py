@@ -173,6 +173,35 @@ def open_fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def accepted_connections(pid: int, port: int) -> int:
+    """Established TCP connections to `port` that process `pid` has accepted (holds a descriptor of).
+
+    The client side alone cannot tell: a connection the kernel completed but the proxy never
+    accepted (its accept queue overflowed) also looks established from the client.
+    """
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table, encoding="ascii") as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    # fields: sl local rem st tx:rx tr:when retrnsmt uid timeout inode ...
+                    if fields[3] == "01" and int(fields[1].rsplit(":", 1)[1], 16) == port and fields[9] in inodes:
+                        count += 1
+        except OSError:
+            continue
+    return count
+
+
 def rss_bytes(pid: int) -> int:
     return read_status_kib(pid)["VmRSS"] * 1024
 
@@ -250,6 +279,7 @@ def run(args: argparse.Namespace, workdir: Path, started: list[Running]) -> bool
         # Counted after the hold: in connect mode the proxy may still be accepting a moment after.
         fds_with = open_fd_count(proxy.pid)
         still_open = count_still_open(sockets)
+        accepted = accepted_connections(proxy.pid, proxy.port)
         hwm = read_status_kib(proxy.pid)["VmHWM"] * 1024
     finally:
         for sock in sockets:
@@ -265,12 +295,13 @@ def run(args: argparse.Namespace, workdir: Path, started: list[Running]) -> bool
         ("growth per connection", f"{growth / held / 1024:.1f} KiB  ({mb(growth)} in all)"),
         ("peak RSS of the process (VmHWM)", mb(hwm)),
         ("RSS after closing them all", mb(after_close)),
-        (f"still open after {args.hold:g} s idle", f"{still_open} of {len(sockets)}"),
+        (f"still open after {args.hold:g} s idle", f"{still_open} of {len(sockets)} (client side)"),
+        ("held by the proxy", f"{accepted} accepted and established (proxy side)"),
     ]
     print(f"\n{proxy.name}, {args.mode} mode:")
     for label, value in rows:
         print(f"  {label:<34}{value}")
-    complete = opened.failures == 0 and len(sockets) == args.count and still_open == len(sockets)
+    complete = opened.failures == 0 and len(sockets) == args.count and still_open == accepted == len(sockets)
     if not complete:
         print("NOT every connection was opened and held: the figures above are not a valid result")
     projected = before + growth / held * 10000

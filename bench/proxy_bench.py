@@ -277,7 +277,7 @@ def run(args: argparse.Namespace, wrk: str, workdir: Path, started: list[Running
     origin = start_origin(workdir / "origin", prefer_nginx=not args.twisted_origin)
     started.append(origin)
     if origin.name != "nginx":
-        print("nginx not found: the origin is a Twisted web server, which may limit every proxy")
+        print("the origin is a Twisted web server (nginx not found or not wanted): it may limit every proxy")
     script = write_wrk_script(workdir, origin)
     print(f"origin {origin.name} at {origin.address}; wrk {args.threads} threads, {args.connections} connections, "
           f"{args.duration:g} s per run, {args.rounds} round(s); {os.cpu_count()} CPUs")
@@ -293,7 +293,8 @@ def run(args: argparse.Namespace, wrk: str, workdir: Path, started: list[Running
             m = measure(proxy, origin, args, wrk, script)
             runs[proxy.name].append(m)
             print(f"  round {round_number} {proxy.name:<14}{m.wrk.requests_per_second:>8.0f} req/s  "
-                  f"errors {m.wrk.socket_errors}  non-2xx {m.wrk.non_2xx_3xx}  others' CPU {m.others_cpu_percent:.0f}%",
+                  f"errors {m.wrk.socket_errors}  non-2xx {m.wrk.non_2xx_3xx}  RSS {m.max_rss_kib / 1024:.0f} MiB  "
+                  f"others' CPU {m.others_cpu_percent:.0f}%",
                   flush=True)
     return [summarize(r) for r in runs.values()]
 

@@ -23,7 +23,6 @@ from safesquid_tw.policy.errors import PolicyError
 from safesquid_tw.master.history import PolicyHistory
 from safesquid_tw.policy.store import PolicyCacheCorrupt, PolicyStore
 from safesquid_tw.portal.plainhealth import make_health_only_site
-from safesquid_tw.portal.site import make_portal_site
 from safesquid_tw.util.atomic import atomic_write
 
 log = Logger()
@@ -278,12 +277,30 @@ class NodeBase:
 
         return PolicyFileService(self.reactor, apply, self.store, path)
 
-    def portal(self, *, control_factory=None, extra: dict | None = None) -> PortalService:
+    def portal(self, *, control_factory=None, registry=None, reports=None) -> PortalService:
         from safesquid_tw.cluster.mux import PortalPortFactory
         from safesquid_tw.cluster.tlsconfig import load_or_create_master_identity
+        from safesquid_tw.portal.app import PortalContext, build_portal_site
+        from safesquid_tw.portal.startup import StartupParams
 
+        config = self.config
+        slave = config.role == "slave"
+        context = PortalContext(
+            role=config.role,
+            state=self.state,
+            state_dir=self.root,
+            reactor=self.reactor,
+            store=self.store,
+            history=None if slave else self.history,
+            registry=registry,
+            reports=reports,
+            master_address=config.master,
+            startup_params=StartupParams(self.root, reactor=self.reactor) if slave else None,
+        )
+        site = build_portal_site(context)
+        if not slave:
+            _bootstrap_api_token(site.portal_services.tokens, self.root)
         identity = load_or_create_master_identity(self.root)
-        site = make_portal_site(self.state, extra=extra, reactor=self.reactor)
         factory = PortalPortFactory(
             identity.server_options(),
             control_factory or _NoControlPlane(),
@@ -292,7 +309,7 @@ class NodeBase:
             plain_http=True,
             plain_limited_factory=make_health_only_site(self.state, reactor=self.reactor),
         )
-        service = PortalService(self.reactor, self.config.portal, factory)
+        service = PortalService(self.reactor, config.portal, factory)
         self.waits["portal"] = service.listening
         return service
 
@@ -301,6 +318,17 @@ class NodeBase:
         # Last child: stopped first, so /health says 503 before anything else winds down.
         NodeStateService(self.state, self.config).setServiceParent(self.top)
         return self.top
+
+
+def _bootstrap_api_token(tokens, root: Path) -> None:
+    """On first start, one API token for automation, its secret written once to
+    `<state-dir>/api-token` (mode 0600), like the admin password; revoke it in the portal."""
+    path = root / "api-token"
+    if path.exists() or any(t.name == "bootstrap" for t in tokens.tokens()):
+        return
+    _info, secret = tokens.create("bootstrap", by="first start")
+    atomic_write(str(path), (secret + "\n").encode("ascii"), mode=0o600)
+    log.info("an API token for /api/v1/ was written to {path} (mode 0600)", path=str(path))
 
 
 class _NoControlPlane(Factory):

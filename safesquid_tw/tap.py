@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import attrs
 from twisted.application.service import IService
 from twisted.internet import endpoints
 from twisted.python import usage
@@ -155,6 +156,7 @@ def options_to_config(opts: usage.Options) -> NodeConfig:
     if opts["node-name"]:
         fields["node_name"] = opts["node-name"]
     config = NodeConfig(**fields)
+    config = _with_saved_startup_params(config)
     if config.policy_file:
         from safesquid_tw.policy.codec import PolicyError, load_policy_file
 
@@ -163,6 +165,21 @@ def options_to_config(opts: usage.Options) -> NodeConfig:
         except (OSError, PolicyError) as e:
             raise usage.UsageError(f"--policy {config.policy_file}: {e}")
     return config
+
+
+def _with_saved_startup_params(config: NodeConfig) -> NodeConfig:
+    """Startup parameters saved from a slave's portal (`<state-dir>/startup.json`) win over the
+    command line: the portal is where an administrator changed them last."""
+    if config.role != "slave":
+        return config
+    from safesquid_tw.portal.startup import StartupParamError, read_startup_file
+
+    try:
+        saved = read_startup_file(config.state_dir)
+    except (OSError, ValueError, StartupParamError) as e:
+        raise usage.UsageError(f"{config.state_dir}/startup.json: {e}")
+    changes = {key: value for key, value in saved.items() if value}
+    return attrs.evolve(config, **changes) if changes else config
 
 
 def makeService(options: Options) -> IService:

@@ -45,9 +45,10 @@ class AccessLogWriter(Service):
         self.dropped = 0
         self.sink_errors = 0
         self._file = RotatingFile(path, rotate_bytes=rotate_bytes, keep=keep, mode=0o640)
-        self._pending: list[AccessRecord] = []
+        self._pending: list[bytes] = []  # encoded lines
         self._max_pending = max_pending
         self._sinks: list[Sink] = []
+        self._line_sinks: list[Callable[[bytes], None]] = []
         self._failed_sinks: list[Sink] = []
         self._flusher = Periodic(flush_interval, self.flush, clock=clock, name="access log flush")
         self._stopped = False
@@ -57,22 +58,39 @@ class AccessLogWriter(Service):
         """Also hand every record to `fn` (called synchronously from `write`; keep it cheap)."""
         self._sinks.append(fn)
 
+    def add_line_sink(self, fn: Callable[[bytes], None]) -> None:
+        """Also hand every record's JSON line to `fn` (the spool): encoded once for everyone."""
+        self._line_sinks.append(fn)
+
     def write(self, record: AccessRecord) -> None:
-        self._pending.append(record)
+        try:
+            line = record.to_json_line()
+        except (ValueError, TypeError) as e:
+            self.dropped += 1
+            _log.error("access record dropped, it cannot be encoded ({error}): {record!r}", error=e, record=record)
+            line = None
+        if line is not None:
+            self._pending.append(line)
         for sink in self._sinks:
-            try:
-                sink(record)
-            except Exception:
-                self.sink_errors += 1
-                if sink not in self._failed_sinks:
-                    # Logged once per sink: a broken sink must not flood the log at request rate.
-                    self._failed_sinks.append(sink)
-                    _log.failure("access log sink {sink!r} failed; further failures are only counted",
-                                 level=LogLevel.error, sink=sink)
+            self._call_sink(sink, record)
+        if line is not None:
+            for line_sink in self._line_sinks:
+                self._call_sink(line_sink, line)
         # A burst larger than a flush interval can hold, or a request finishing after stop:
         # write now rather than grow without bound or lose the record.
         if self._stopped or len(self._pending) >= self._max_pending:
             self.flush()
+
+    def _call_sink(self, sink, value) -> None:
+        try:
+            sink(value)
+        except Exception:
+            self.sink_errors += 1
+            if sink not in self._failed_sinks:
+                # Logged once per sink: a broken sink must not flood the log at request rate.
+                self._failed_sinks.append(sink)
+                _log.failure("access log sink {sink!r} failed; further failures are only counted",
+                             level=LogLevel.error, sink=sink)
 
     @property
     def pending(self) -> int:
@@ -82,15 +100,7 @@ class AccessLogWriter(Service):
         """Write every pending record with one write call."""
         if not self._pending:
             return
-        batch, self._pending = self._pending, []
-        lines = []
-        for record in batch:
-            try:
-                lines.append(record.to_json_line())
-            except (ValueError, TypeError) as e:
-                self.dropped += 1
-                _log.error("access record dropped, it cannot be encoded ({error}): {record!r}",
-                           error=e, record=record)
+        lines, self._pending = self._pending, []
         try:
             self._file.write(b"".join(lines))
         except OSError as e:

@@ -7,8 +7,6 @@ ALPN).
 
 from __future__ import annotations
 
-import hmac
-import secrets
 
 from twisted.application.service import MultiService
 from twisted.logger import Logger
@@ -18,23 +16,12 @@ from safesquid_tw.cluster.jellysafety import ClusterServerFactory
 from safesquid_tw.cluster.keyproof import ClusterKey, NodeVersion
 from safesquid_tw.cluster.master_side import ControlPlane, ControlRoot
 from safesquid_tw.config import NodeConfig, read_activation_key
-from safesquid_tw.master.clusterview import ClusterViewResource
 from safesquid_tw.master.registry import SlaveRegistry
 from safesquid_tw.node import NodeBase
 from safesquid_tw.reporting.store import ReportStore
 from safesquid_tw.resources import sample_policy_path
-from safesquid_tw.util.atomic import atomic_write
 
 log = Logger()
-
-
-def _api_token(base: NodeBase) -> str:
-    """The master's API token for automation, made on first start (mode 0600)."""
-    path = base.root / "api-token"
-    if not path.exists():
-        atomic_write(path, (secrets.token_urlsafe(32) + "\n").encode(), mode=0o600)
-        log.info("an API token for /api/v1/ was written to {path}", path=str(path))
-    return path.read_text().strip()
 
 
 def build_master(config: NodeConfig, reactor) -> MultiService:
@@ -61,20 +48,9 @@ def build_master(config: NodeConfig, reactor) -> MultiService:
         record_dropped=reports.record_dropped,
         keepalive=config.keepalive,
     )
-    token = _api_token(base).encode()
-
-    def authorize(request) -> bool:
-        header = request.getHeader(b"authorization") or b""
-        scheme, _, value = header.partition(b" ")
-        return scheme.lower() == b"bearer" and hmac.compare_digest(value.strip(), token)
-
-    from twisted.web.resource import Resource
-
-    api = Resource()
-    v1 = Resource()
-    api.putChild(b"v1", v1)
-    v1.putChild(b"cluster", ClusterViewResource(registry, store, authorize))
-    base.portal(control_factory=ClusterServerFactory(ControlRoot(plane)), extra={b"api": api}).setServiceParent(top)
+    base.portal(
+        control_factory=ClusterServerFactory(ControlRoot(plane)), registry=registry, reports=reports
+    ).setServiceParent(top)
     top.registry = registry
     top.reports = reports
     top.control_plane = plane

@@ -115,6 +115,11 @@ class CompiledPolicy:
             mask &= table.identity_mask(facts.user, facts.groups)
         url: str | None = None
         now: datetime | None = None
+        if mask & table.url_mask and table.url_union is not None:
+            scheme = facts.scheme or ("https" if facts.method == "CONNECT" else "http")
+            url = full_url(scheme, host, facts.port, facts.path)
+            if table.url_union.match(url) is None:
+                mask &= ~table.url_mask
         while mask:
             lowest = mask & -mask
             rule = table.rules[lowest.bit_length() - 1]

@@ -134,6 +134,17 @@ class RuleTable:
                 self.unconditioned_clients |= bit
             if "url_patterns" in spec or "schedule" in spec:
                 self.needs_check |= bit
+        # One pass over the URL for all URL-pattern rules together: when no rule's pattern
+        # matches (the common case), every such rule drops out at once instead of one regex each.
+        url_rules = [(1 << i, rule.url_regex) for i, rule in enumerate(self.rules) if rule.url_regex is not None]
+        self.url_mask = 0
+        for bit, _regex in url_rules:
+            self.url_mask |= bit
+        self.url_union = (
+            re.compile("|".join(f"(?:{regex.pattern})" for _bit, regex in url_rules), url_rules[0][1].flags)
+            if url_rules and all(r.flags == url_rules[0][1].flags for _b, r in url_rules)
+            else None
+        )
         self._exact, self._wildcard = exact, wildcard
         self._categories, self._applications = categories, applications
         self._methods, self._ports = methods, ports

@@ -21,7 +21,7 @@ def _login_page(call: Call, *, error: str | None = None, name: str = "", code: i
     if call.request.isSecure():
         parts.append(b"Secure")
     call.request.responseHeaders.addRawHeader(b"Set-Cookie", b"; ".join(parts))
-    return Page("portal/login.html", {"login_token": token, "error": error, "name": name,
+    return Page("portal/login.html", {"login_token": token, "error": error, "account_name": name,
                                       "next": safe_next(call.form.get("next", "/"))}, code=code)
 
 

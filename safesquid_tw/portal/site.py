@@ -125,8 +125,29 @@ class PortalRoot(_Directory):
         self.putChild(b"static", static)
 
 
+MAX_BODY_BYTES = 64 * 1024 * 1024
+
+
 class PortalRequest(Request):
-    """twisted.web's Request with our headers on every response and our pages for failures."""
+    """twisted.web's Request with our headers on every response and our pages for failures.
+
+    twisted.web keeps any request body whole (in memory or a temporary file); past
+    MAX_BODY_BYTES the rest is read and dropped, and the answer is 413.
+    """
+
+    _body_bytes = 0
+    _too_large = False
+
+    def gotLength(self, length: int | None) -> None:
+        self._too_large = length is not None and length > MAX_BODY_BYTES
+        super().gotLength(None if self._too_large else length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self._body_bytes += len(data)
+        if self._body_bytes > MAX_BODY_BYTES:
+            self._too_large = True
+        if not self._too_large:
+            super().handleContentChunk(data)
 
     def process(self) -> None:
         # Replaces Request.process: its `OPTIONS *` shortcut always answers 200, whatever the
@@ -135,6 +156,12 @@ class PortalRequest(Request):
         self.site = self.channel.site
         self.setHeader(b"Date", datetimeToString())
         apply_standard_headers(self)
+        if self._too_large:
+            self.write(error_response(self, status=413, title="Request too large",
+                                      detail=f"The portal takes request bodies of up to {MAX_BODY_BYTES} bytes.",
+                                      node=_node_name(self.site)))
+            self.finish()
+            return
         self.prepath = []
         self.postpath = list(map(unquote, self.path[1:].split(b"/")))
         try:
@@ -194,4 +221,4 @@ def make_portal_site(
     return PortalSite(root, requestFactory=PortalRequest, **kwargs)
 
 
-__all__ = ["PortalRequest", "PortalRoot", "PortalSite", "StatusPage", "make_portal_site"]
+__all__ = ["MAX_BODY_BYTES", "PortalRequest", "PortalRoot", "PortalSite", "StatusPage", "make_portal_site"]

@@ -168,16 +168,18 @@ def request_segments(request: IRequest) -> list[str]:
     return segments or [""]
 
 
-def find_route(routes: Sequence[Route], segments: Sequence[str]) -> tuple[list[Route], dict[str, str] | None]:
-    """Routes whose path matches, and the parameters of the first."""
-    matched, params = [], None
+def find_route(routes: Sequence[Route], segments: Sequence[str],
+               method: bytes) -> tuple[Route | None, dict[str, str], list[Route]]:
+    """The first route for this path and method with its parameters, and every route whose
+    path matches (for 405's Allow)."""
+    matched = []
     for candidate in routes:
         found = candidate.match(segments)
         if found is not None:
+            if method in candidate.methods:
+                return candidate, found, [candidate]
             matched.append(candidate)
-            if params is None:
-                params = found
-    return matched, params
+    return None, {}, matched
 
 
 def safe_next(target: str) -> str:
@@ -212,11 +214,10 @@ class PortalApp(Resource):
         if not services.allow.allows(client_address(request)):
             return error_response(request, status=403, title="Not allowed",
                                   detail="The portal is not open to your network address.", node=node)
-        matched, params = find_route(self.routes, request_segments(request))
+        chosen, params, matched = find_route(self.routes, request_segments(request), request.method)
         if not matched:
             return error_response(request, status=404, title="Not found",
                                   detail="There is no page at this address.", node=node)
-        chosen = next((r for r in matched if request.method in r.methods), None)
         if chosen is None:
             allowed = sorted({m for r in matched for m in r.methods})
             request.setHeader(b"Allow", b", ".join(allowed))
@@ -241,7 +242,7 @@ class PortalApp(Resource):
                 return error_response(request, status=403, title="Form refused",
                                       detail="The form was not sent from this portal page (CSRF token missing "
                                       "or wrong). Reload the page and try again.", node=node)
-        call = Call(request, services, session, form, params or {})
+        call = Call(request, services, session, form, params)
         return run_handler(request, chosen.handler, call, self.write_reply)
 
     def write_reply(self, request: IRequest, call: Call, reply: Reply) -> bytes:

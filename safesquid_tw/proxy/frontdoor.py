@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 log = Logger()
 
+PARKED = 86400.0  # a deadline nobody needs right now waits here until it is moved again
 PIPELINE_LIMIT = 256 * 1024  # bytes of pipelined requests buffered before reading pauses
 SENSITIVE_TRACE_FIELDS = frozenset({b"proxy-authorization", b"authorization", b"cookie"})
 
@@ -101,7 +102,7 @@ class ClientConnection(protocol.Protocol):
         self._arm("idle", self.limits.idle_timeout)
 
     def connectionLost(self, reason=protocol.connectionDone) -> None:
-        self._disarm()
+        self._cancel_timer()
         self.state = "closing"
         if self.tunnel is not None:
             self.tunnel.side_closed("client")
@@ -115,21 +116,31 @@ class ClientConnection(protocol.Protocol):
 
     # -- timers ---------------------------------------------------------------------------
     def _arm(self, kind: str, seconds: float) -> None:
-        if self._timer is not None and self._timer.active():
-            if self._timer_kind == kind:
-                return
-            self._timer.cancel()
+        # One DelayedCall per connection, moved rather than replaced: requests come and go
+        # by the thousand per second, and moving a call is far cheaper than a new one.
+        timer = self._timer
+        if timer is not None and timer.active():
+            if self._timer_kind != kind:
+                self._timer_kind = kind
+                timer.reset(seconds)
+            return
         self._timer_kind = kind
-        self._timer = self.factory.reactor.callLater(seconds, self._timed_out, kind)
+        self._timer = self.factory.reactor.callLater(seconds, self._timed_out)
 
     def _disarm(self) -> None:
+        """No deadline for now (a response is in progress): park the call far ahead."""
+        if self._timer is not None and self._timer.active() and self._timer_kind:
+            self._timer_kind = ""
+            self._timer.reset(PARKED)
+
+    def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
         self._timer_kind = ""
 
-    def _timed_out(self, kind: str) -> None:
-        self._timer = None
+    def _timed_out(self) -> None:
+        kind, self._timer, self._timer_kind = self._timer_kind, None, ""
         if kind == "idle":
             self.transport.loseConnection()
         elif kind == "head":

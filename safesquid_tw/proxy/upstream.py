@@ -26,6 +26,7 @@ log = Logger()
 
 MAX_RESPONSE_LINE = 64 * 1024
 MAX_RESPONSE_HEAD = 256 * 1024
+PARKED = 86400.0
 
 PoolKey = tuple[str, str, int]
 
@@ -57,7 +58,7 @@ class UpstreamConnection(protocol.Protocol):
         self._keep_alive = True
         self._got_bytes = False
         self._timer = None
-        self._idle_timer = None
+        self._timer_info: tuple[str, str, float] | None = None
         self.connected_since = 0.0
 
     # -- lifetime -------------------------------------------------------------------------
@@ -70,9 +71,7 @@ class UpstreamConnection(protocol.Protocol):
             factory.connected(self)
 
     def connectionLost(self, reason=protocol.connectionDone) -> None:
-        self._cancel_timer()
-        if self._idle_timer is not None and self._idle_timer.active():
-            self._idle_timer.cancel()
+        self._drop_timer()
         state, self._state = self._state, "closed"
         self.pool._forget(self)
         sink, self.sink = self.sink, None
@@ -95,9 +94,7 @@ class UpstreamConnection(protocol.Protocol):
 
     # -- the request ----------------------------------------------------------------------
     def start_request(self, sink: ResponseSink, head: bytes, method: bytes) -> None:
-        if self._idle_timer is not None and self._idle_timer.active():
-            self._idle_timer.cancel()
-        self._idle_timer = None
+        self._cancel_timer()
         self.sink = sink
         self._state = "head"
         self._method = method
@@ -270,28 +267,41 @@ class UpstreamConnection(protocol.Protocol):
 
     # -- timers ---------------------------------------------------------------------------
     def _restart_timer(self, seconds: float, error_type: str, detail: str) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = self.pool.reactor.callLater(seconds, self._timed_out, error_type, detail, seconds)
+        # One DelayedCall per connection, moved from phase to phase rather than replaced.
+        self._timer_info = (error_type, detail, seconds)
+        timer = self._timer
+        if timer is not None and timer.active():
+            timer.reset(seconds)
+        else:
+            self._timer = self.pool.reactor.callLater(seconds, self._timed_out)
 
     def _cancel_timer(self) -> None:
+        """No deadline for now: park the call far ahead (moving it later costs nothing)."""
+        self._timer_info = None
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(PARKED)
+
+    def _drop_timer(self) -> None:
+        self._timer_info = None
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
 
-    def _timed_out(self, error_type: str, detail: str, seconds: float) -> None:
-        self._timer = None
+    def _timed_out(self) -> None:
+        info, self._timer, self._timer_info = self._timer_info, None, None
+        if info is None:
+            return
+        error_type, detail, seconds = info
+        if error_type == "idle":
+            if self._state == "idle":
+                self._state = "closed"
+                self.transport.loseConnection()
+            return
         status = 504 if self._state == "head" else 502
         self._fail(ProxyFailure(status, error_type, f"{detail} ({seconds:g} s, {self.peer})"))
 
     def go_idle(self) -> None:
-        self._idle_timer = self.pool.reactor.callLater(self.pool.limits.upstream_idle_timeout, self._idle_expired)
-
-    def _idle_expired(self) -> None:
-        self._idle_timer = None
-        if self._state == "idle":
-            self._state = "closed"
-            self.transport.loseConnection()
+        self._restart_timer(self.pool.limits.upstream_idle_timeout, "idle", "")
 
 
 class _ConnectFactory(protocol.ClientFactory):
@@ -341,9 +351,7 @@ class UpstreamPool:
         while idle:
             conn = idle.pop()
             if conn._state == "idle" and conn.transport is not None and conn.transport.connected:
-                if conn._idle_timer is not None and conn._idle_timer.active():
-                    conn._idle_timer.cancel()
-                conn._idle_timer = None
+                conn._cancel_timer()
                 return conn
         return None
 

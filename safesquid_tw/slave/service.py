@@ -64,7 +64,7 @@ def build_proxy_node(config: NodeConfig, reactor) -> MultiService:
     access_log = AccessLogWriter(
         str(root / "logs" / "access.log"), rotate_bytes=config.log_rotate_bytes, keep=config.log_keep, clock=reactor
     )
-    access_log.add_sink(lambda record: spool.append(record.to_json_line()))
+    access_log.add_line_sink(spool.append)
     access_log.setServiceParent(top)
     shipper = LogShipper(reactor, spool)
     shipper.setServiceParent(top)
@@ -82,7 +82,6 @@ def build_proxy_node(config: NodeConfig, reactor) -> MultiService:
     proxy = ProxyService(reactor, config.listen, factory, resolver)
     base.waits["proxy"] = proxy.listening
 
-    extra = {}
     if config.role == "standalone":
         base.load_cache()
         state.policy_source = "file"
@@ -98,7 +97,7 @@ def build_proxy_node(config: NodeConfig, reactor) -> MultiService:
         _slave_parts(base, factory, shipper)
 
     proxy.setServiceParent(top)
-    base.portal(extra=extra).setServiceParent(top)
+    base.portal(reports=getattr(top, "reports", None)).setServiceParent(top)
     top.proxy_factory = factory
     return base.finish()
 

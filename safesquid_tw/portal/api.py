@@ -1,0 +1,346 @@
+"""The management API under `/api/v1/`: JSON in and out, bearer tokens made in the portal.
+
+Every answer is JSON, errors included: an unauthenticated call gets 401 (never a login page or a
+redirect), an address outside the portal allow list 403, an invalid policy 422 with the
+validator's path and message (and the running policy stays). docs/api.md describes each call.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import attrs
+from twisted.web.iweb import IRequest
+from twisted.web.resource import Resource
+
+from safesquid_tw.master.registry import TASKS
+from safesquid_tw.policy.errors import PolicyError
+from safesquid_tw.portal import backup as B
+from safesquid_tw.portal import reportdata as R
+from safesquid_tw.portal.pages_cluster import cluster_view, run_task
+from safesquid_tw.portal.pages_history import make_backup, restore
+from safesquid_tw.portal.responses import JSON, respond
+from safesquid_tw.portal.services import PortalServices
+from safesquid_tw.portal.tokens import TokenInfo
+from safesquid_tw.portal.web import (
+    BadForm,
+    Call,
+    Error,
+    Form,
+    Json,
+    Reply,
+    Route,
+    client_address,
+    find_route,
+    json_bytes,
+    request_segments,
+    route,
+    run_handler,
+)
+
+MAX_JSON_BODY = 64 * 1024 * 1024
+
+
+@attrs.frozen
+class ApiCall(Call):
+    token: TokenInfo | None = None
+
+    @property
+    def actor(self) -> str:
+        assert self.token is not None
+        return f"token {self.token.name} ({self.token.id})"
+
+
+class ApiError(Exception):
+    def __init__(self, code: int, error: str, **details: Any) -> None:
+        super().__init__(error)
+        self.code = code
+        self.error = error
+        self.details = details
+
+
+def _fail(code: int, error: str, **details: Any) -> Json:
+    return Json({"error": error, **details}, code=code)
+
+
+def read_json(call: ApiCall) -> dict[str, Any]:
+    content = call.request.content
+    content.seek(0)
+    data = content.read(MAX_JSON_BODY + 1)
+    if len(data) > MAX_JSON_BODY:
+        raise ApiError(413, f"the body is larger than {MAX_JSON_BODY} bytes")
+    try:
+        body = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the body is not JSON: {e}")
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    return body
+
+
+def _version_number(value: object, name: str) -> int:
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if type(value) is not int or value < 1:
+        raise ApiError(400, f"'{name}' must be a version number")
+    return value
+
+
+def _history(call: ApiCall) -> Any:
+    history = call.services.ctx.history
+    if history is None:
+        raise ApiError(409, "read-only: this node's policy is managed by its master",
+                       master=call.services.ctx.master_address)
+    return history
+
+
+# -- policy --------------------------------------------------------------------------------------
+
+
+async def get_policy(call: ApiCall) -> Reply:
+    store = call.services.ctx.store
+    current = store.current
+    if current is None:
+        return _fail(503, "no policy is loaded yet")
+    return Json({"version": current.version, "digest": current.digest, "source": store.current_source,
+                 "document": current.document})
+
+
+async def list_versions(call: ApiCall) -> Reply:
+    history = _history(call)
+    return Json({"versions": [info.as_json() for info in history.versions()]})
+
+
+async def get_version(call: ApiCall) -> Reply:
+    history = _history(call)
+    number = _version_number(call.params["version"], "version")
+    try:
+        info = history.info(number)
+        document = await call.services.in_thread(history.document, number)
+    except KeyError as e:
+        return _fail(404, str(e.args[0]))
+    return Json({**info.as_json(), "document": document})
+
+
+async def get_diff(call: ApiCall) -> Reply:
+    history = _history(call)
+    old = _version_number(call.form.get("from"), "from")
+    new = _version_number(call.form.get("to"), "to")
+    try:
+        text = await call.services.in_thread(history.diff, old, new)
+    except KeyError as e:
+        return _fail(404, str(e.args[0]))
+    return Json({"from": old, "to": new, "diff": text})
+
+
+async def post_policy(call: ApiCall) -> Reply:
+    history = _history(call)
+    body = read_json(call)
+    if "document" not in body:
+        return _fail(400, "the body needs a 'document'")
+    comment = body.get("comment", "")
+    if not isinstance(comment, str):
+        return _fail(400, "'comment' must be text")
+    before = call.services.ctx.store.current
+    try:
+        policy = history.apply(body["document"], by=call.actor, comment=comment or "applied through the API",
+                               source="api")
+    except PolicyError as e:
+        current = call.services.ctx.store.current
+        return _fail(422, "the policy does not validate", path=e.path, message=e.message,
+                     running_version=current.version if current else None)
+    changed = before is None or policy.version != before.version
+    if changed:
+        call.services.audit.record("apply", actor=call.actor, address=call.address, version=policy.version,
+                                   digest=policy.digest, comment=comment, via="api")
+    return Json({"version": policy.version, "digest": policy.digest, "changed": changed}, code=201 if changed else 200)
+
+
+async def post_rollback(call: ApiCall) -> Reply:
+    history = _history(call)
+    body = read_json(call)
+    number = _version_number(body.get("version"), "version")
+    comment = body.get("comment") or ""
+    if not isinstance(comment, str):
+        return _fail(400, "'comment' must be text")
+    before = call.services.ctx.store.current
+    try:
+        policy = history.rollback(number, by=call.actor, comment=comment)
+    except KeyError as e:
+        return _fail(404, str(e.args[0]))
+    except PolicyError as e:
+        return _fail(422, "that version no longer validates", path=e.path, message=e.message)
+    changed = before is None or policy.version != before.version
+    if changed:
+        call.services.audit.record("rollback", actor=call.actor, address=call.address, to_version=number,
+                                   version=policy.version, digest=policy.digest, comment=comment, via="api")
+    return Json({"version": policy.version, "digest": policy.digest, "rolled_back_to": number, "changed": changed},
+                code=201 if changed else 200)
+
+
+# -- cluster -------------------------------------------------------------------------------------
+
+
+async def get_cluster(call: ApiCall) -> Reply:
+    return Json(cluster_view(call.services.ctx))
+
+
+async def post_task(call: ApiCall) -> Reply:
+    ctx = call.services.ctx
+    if ctx.registry is None:
+        return _fail(409, "only a master sends tasks to nodes")
+    task = read_json(call).get("task")
+    if task not in TASKS:
+        return _fail(422, f"'task' must be one of {', '.join(TASKS)}")
+    node = call.params["node"]
+    if node not in ctx.registry.connected_names():
+        return _fail(404, f"node {node!r} is not connected")
+    outcome, ok = await run_task(call.services, node, task, actor=call.actor, address=call.address)
+    return Json({"node": node, "task": task, "ok": ok, "outcome": outcome}, code=200 if ok else 502)
+
+
+# -- reports -------------------------------------------------------------------------------------
+
+
+def _reports(call: ApiCall) -> Any:
+    reports = call.services.ctx.reports
+    if reports is None:
+        raise ApiError(404, "this node keeps no reports (a slave ships its records to its master)")
+    return reports
+
+
+def _params(call: ApiCall) -> dict[str, str]:
+    return {k: call.form.get(k) for k in call.form.fields}
+
+
+async def get_dashboard(call: ApiCall) -> Reply:
+    reports = _reports(call)
+    try:
+        period = R.parse_period(_params(call), call.services.now())
+    except R.ReportQueryError as e:
+        return _fail(400, e.message, parameter=e.parameter)
+    node = call.form.get("node") or None
+    data = await call.services.in_thread(R.dashboard_data, reports, period, node)
+    return Json(R.dashboard_json(data, period, node))
+
+
+async def get_requests(call: ApiCall) -> Reply:
+    reports = _reports(call)
+    params = _params(call)
+    try:
+        period = R.parse_period(params, call.services.now())
+        filters, page = R.parse_search(params)
+        size_text = params.get("page_size") or str(R.PAGE_SIZE)
+        if not size_text.isdigit() or not 1 <= int(size_text) <= 1000:
+            raise R.ReportQueryError("page_size", "must be 1 to 1000")
+    except R.ReportQueryError as e:
+        return _fail(400, e.message, parameter=e.parameter)
+    found = await call.services.in_thread(R.search_data, reports, period, filters, page, int(size_text))
+    return Json({**period.as_json(), "filters": filters, **found})
+
+
+# -- backup --------------------------------------------------------------------------------------
+
+
+async def get_backup(call: ApiCall) -> Reply:
+    _history(call)
+    document = await make_backup(call.services)
+    call.services.audit.record("backup", actor=call.actor, address=call.address, versions=len(document["versions"]),
+                               via="api")
+    return Json(document)
+
+
+async def post_restore(call: ApiCall) -> Reply:
+    _history(call)
+    content = call.request.content
+    content.seek(0)
+    data = content.read(MAX_JSON_BODY + 1)
+    if len(data) > MAX_JSON_BODY:
+        return _fail(413, f"the body is larger than {MAX_JSON_BODY} bytes")
+    try:
+        result = await restore(call.services, data, by=call.actor, address=call.address)
+    except B.BackupError as e:
+        code = 409 if "fresh" in str(e) else 422
+        return _fail(code, str(e))
+    return Json(result)
+
+
+ROUTES: list[Route] = [
+    route("GET", "/api/v1/policy", get_policy),
+    route("POST", "/api/v1/policy", post_policy),
+    route("GET", "/api/v1/policy/versions", list_versions),
+    route("GET", "/api/v1/policy/versions/{version}", get_version),
+    route("GET", "/api/v1/policy/diff", get_diff),
+    route("POST", "/api/v1/policy/rollback", post_rollback),
+    route("GET", "/api/v1/cluster", get_cluster),
+    route("POST", "/api/v1/cluster/{node}/tasks", post_task),
+    route("GET", "/api/v1/reports/dashboard", get_dashboard),
+    route("GET", "/api/v1/reports/requests", get_requests),
+    route("GET", "/api/v1/backup", get_backup),
+    route("POST", "/api/v1/restore", post_restore),
+]
+
+
+class ApiApp(Resource):
+    isLeaf = True
+
+    def __init__(self, services: PortalServices, routes: list[Route] = ROUTES) -> None:
+        super().__init__()
+        self.services = services
+        self.routes = routes
+
+    def _json(self, request: IRequest, code: int, value: Any) -> bytes:
+        return respond(request, json_bytes(value), code=code, content_type=JSON)
+
+    def render(self, request: IRequest) -> bytes | int:
+        services = self.services
+        if not services.allow.allows(client_address(request)):
+            return self._json(request, 403, {"error": "the API is not open to your network address"})
+        token = self._token(request)
+        if token is None:
+            request.setHeader(b"WWW-Authenticate", b'Bearer realm="safesquid-tw"')
+            return self._json(request, 401, {"error": "an API token is needed (Authorization: Bearer ...)"})
+        chosen, params, matched = find_route(self.routes, request_segments(request), request.method)
+        if not matched:
+            return self._json(request, 404, {"error": "there is no API call at this address"})
+        if chosen is None:
+            allowed = sorted({m for r in matched for m in r.methods})
+            request.setHeader(b"Allow", b", ".join(allowed))
+            return self._json(request, 405, {"error": f"use {', '.join(m.decode() for m in allowed)} here"})
+        try:
+            form = Form.from_args(request.args or {})
+        except BadForm as e:
+            return self._json(request, 400, {"error": str(e)})
+        call = ApiCall(request, services, None, form, params, token)
+        return run_handler(request, _guarded(chosen.handler), call, _write_api_reply)
+
+    def _token(self, request: IRequest) -> TokenInfo | None:
+        header = (request.getHeader(b"authorization") or b"").decode("latin-1").strip()
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() != "bearer":
+            return None
+        return self.services.tokens.authenticate(value.strip())
+
+
+def _guarded(handler: Any) -> Any:
+    async def run(call: ApiCall) -> Reply:
+        try:
+            return await handler(call)
+        except ApiError as e:
+            return _fail(e.code, e.error, **e.details)
+
+    return run
+
+
+def _write_api_reply(request: IRequest, call: Call, reply: Reply) -> bytes:
+    if isinstance(reply, Error):
+        reply = _fail(reply.code, reply.title, detail=reply.detail)
+    if isinstance(reply, Json):
+        for name, value in reply.headers:
+            request.setHeader(name, value)
+        return respond(request, json_bytes(reply.value), code=reply.code, content_type=JSON)
+    raise TypeError(f"the API answers JSON only, not {reply!r}")
+
+
+__all__ = ["ROUTES", "ApiApp"]
