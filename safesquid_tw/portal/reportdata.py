@@ -15,7 +15,6 @@ from typing import Any, Mapping
 import attrs
 
 from safesquid_tw.reporting import aggregate
-from safesquid_tw.reporting.store import BLOCKED_ACTIONS, TOP_DIMENSIONS
 
 PERIODS = {"hour": 3600, "day": 86400, "week": 7 * 86400}
 DEFAULT_PERIOD = "day"
@@ -28,9 +27,6 @@ TOP_LIMIT = 10
 PAGE_SIZE = 50
 MAX_PAGE = 10000
 MAX_EXPORT_ROWS = 100000
-# Without an application roll-up, top applications are counted from the records themselves, but
-# only for periods holding at most this many (beyond, the page says the list is unavailable).
-APPLICATION_SCAN_LIMIT = 100000
 SEARCH_FILTERS = ("node", "user", "client", "domain", "rule", "status", "action", "category")
 
 
@@ -114,39 +110,15 @@ def known_nodes(store: Any) -> list[str]:
     return [node for (node,) in rows]
 
 
-def top_applications(store: Any, start: float, end: float, *, node: str | None, limit: int) -> aggregate.TopList:
-    if "application" in TOP_DIMENSIONS:
-        return aggregate.top(store, "application", start, end, node=node, limit=limit)
-    # Not rolled up: counted from the records of the period (the time index bounds the scan).
-    placeholders = ", ".join("?" * len(BLOCKED_ACTIONS))
-    clause, params = ("", ()) if node is None else (" AND +node = ?", (node,))
-    rows = store.reader().execute(
-        f"SELECT application, count(*) AS n, sum(action IN ({placeholders})), sum(bytes_in + bytes_out)"
-        f" FROM requests WHERE time >= ? AND time < ? AND application IS NOT NULL{clause}"
-        " GROUP BY application ORDER BY n DESC, application LIMIT ?",
-        (*sorted(BLOCKED_ACTIONS), start, end, *params, limit),
-    )
-    entries = tuple(aggregate.TopEntry(key, n, blocked or 0, size or 0) for key, n, blocked, size in rows)
-    return aggregate.TopList("application", aggregate.Period(int(start), int(math.ceil(end))), entries)
-
-
 def dashboard_data(store: Any, period: ReportPeriod, node: str | None, limit: int = TOP_LIMIT) -> dict[str, Any]:
     start, end = period.start, period.end
     totals = aggregate.totals(store, start, end, node=node)
-    rolled_up = "application" in TOP_DIMENSIONS
-    # The count reads every record of the period, of every node (the time index narrows it).
-    scanned = totals if node is None else aggregate.totals(store, start, end)
-    applications_available = rolled_up or scanned.requests <= APPLICATION_SCAN_LIMIT
     tops = {
-        "domain": aggregate.top(store, "domain", start, end, node=node, limit=limit),
-        "user": aggregate.top(store, "user", start, end, node=node, limit=limit),
-        "category": aggregate.top(store, "category", start, end, node=node, limit=limit),
-        "application": (top_applications(store, start, end, node=node, limit=limit) if applications_available
-                        else aggregate.TopList("application", aggregate.Period(int(start), int(end)), ())),
-        "rule": aggregate.top(store, "rule", start, end, node=node, limit=limit, by="blocked"),
+        dimension: aggregate.top(store, dimension, start, end, node=node, limit=limit,
+                                 by="blocked" if dimension == "rule" else "requests")
+        for dimension in ("domain", "user", "category", "application", "rule")
     }
     return {
-        "applications_available": applications_available,
         "totals": totals,
         "per_node": aggregate.per_node(store, start, end) if node is None else {},
         "timeline": aggregate.timeline(store, start, end, step=period.step, node=node),
@@ -182,7 +154,6 @@ def dashboard_json(data: dict[str, Any], period: ReportPeriod, node: str | None)
         "per_node": {name: totals_json(t) for name, t in data["per_node"].items()},
         "timeline": [{"start": b.start, **totals_json(b.totals)} for b in data["timeline"]],
         "top": {dimension: [attrs.asdict(e) for e in top.entries] for dimension, top in data["tops"].items()},
-        "top_applications_available": data["applications_available"],
         "nodes": data["nodes"],
     }
 
@@ -199,5 +170,4 @@ __all__ = [
     "parse_period",
     "parse_search",
     "search_data",
-    "top_applications",
 ]

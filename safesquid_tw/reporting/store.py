@@ -35,7 +35,7 @@ import attrs
 # Actions that mean the gateway refused the request (policy or DLP); every other action counts
 # as allowed in the roll-ups ("allow", "tunnel", "auth", "error", ...).
 BLOCKED_ACTIONS = frozenset({"deny", "block"})
-TOP_DIMENSIONS = ("domain", "user", "category", "rule")
+TOP_DIMENSIONS = ("domain", "user", "category", "application", "rule")
 SCHEMA_VERSION = 1
 
 _SCHEMA = """
@@ -87,7 +87,9 @@ _MINUTE, _ACTION = _ROW.index("minute"), _ROW.index("action")
 _BYTES_IN, _BYTES_OUT = _ROW.index("bytes_in"), _ROW.index("bytes_out")
 _TOP_COLUMNS = tuple(
     (dimension, _ROW.index(column))
-    for dimension, column in (("domain", "host"), ("user", "user"), ("category", "category"), ("rule", "rule"))
+    for dimension, column in (
+        ("domain", "host"), ("user", "user"), ("category", "category"), ("application", "application"), ("rule", "rule")
+    )
 )
 _INSERT_REQUEST = (
     f"INSERT INTO requests ({', '.join(_ROW)}) VALUES ({', '.join('?' * len(_ROW))})"

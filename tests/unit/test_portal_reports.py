@@ -174,15 +174,3 @@ def test_share_bar_and_human_bytes():
     svg = share_bar([("allowed", "#0f0", 3), ("blocked", "#f00", 1)])
     assert "75.0 %" in svg and "25.0 %" in svg
     assert human_bytes(1536) == "1.5 KiB" and human_bytes(12) == "12 B"
-
-
-def test_top_applications_say_so_when_the_period_is_too_large_to_count(portal, monkeypatch):
-    if "application" in R.TOP_DIMENSIONS:
-        pytest.skip("applications are rolled up: always available")
-    monkeypatch.setattr(R, "APPLICATION_SCAN_LIMIT", 50)
-    page = portal.admin().get("/reports?period=day")
-    block = page.text.split('id="top-application"')[1].split("</section>")[0]
-    assert "Too many records" in block and "chat" not in block
-    monkeypatch.setattr(R, "APPLICATION_SCAN_LIMIT", 500)
-    block = portal.admin().get("/reports?period=day").text.split('id="top-application"')[1].split("</section>")[0]
-    assert "chat" in block
