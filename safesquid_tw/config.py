@@ -30,7 +30,7 @@ class Limits:
     dns_timeout: float = 5.0
     dns_threads: int = 32
     dns_cache_ttl: float = 60.0
-    upstream_idle_per_host: int = 16
+    upstream_idle_per_host: int = 64
     upstream_idle_timeout: float = 30.0
 
 

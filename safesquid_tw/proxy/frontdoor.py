@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from twisted.internet import protocol, threads
@@ -346,7 +347,7 @@ class ClientConnection(protocol.Protocol):
             path=target.path,
             user=identity.user if identity is not None else None,
             groups=identity.groups if identity is not None else frozenset(),
-            headers=_header_map(head),
+            headers=_HeaderView(head),
         )
         decision = compiled.decide(facts)
         ctx.rule = decision.rule
@@ -727,5 +728,27 @@ def _basic_credentials(value: bytes | None) -> tuple[str, str] | None:
     return user, password
 
 
-def _header_map(head: http1.RequestHead) -> dict[str, str]:
-    return {n.decode("latin-1").lower(): v.decode("latin-1") for n, v in head.headers}
+class _HeaderView(Mapping):
+    """The request's fields as the policy sees them (lower-case names, text values), decoded
+    only when an application signature actually asks for one: most requests never do."""
+
+    __slots__ = ("_head",)
+
+    def __init__(self, head: http1.RequestHead) -> None:
+        self._head = head
+
+    def __getitem__(self, name: str) -> str:
+        value = self._head.get(name.encode("latin-1"))
+        if value is None:
+            raise KeyError(name)
+        return value.decode("latin-1")
+
+    def get(self, name: str, default=None):
+        value = self._head.get(name.encode("latin-1"))
+        return default if value is None else value.decode("latin-1")
+
+    def __iter__(self):
+        return iter(dict.fromkeys(n.decode("latin-1").lower() for n, _v in self._head.headers))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)

@@ -163,7 +163,7 @@ class ProxyService(Service):
         super().startService()
         self.resolver.start()
         self.factory.auth_pool.start()
-        ep = endpoints.serverFromString(self.reactor, self.endpoint)
+        ep = endpoints.serverFromString(self.reactor, with_backlog(self.endpoint))
         ep.listen(self.factory).addCallbacks(self._listening, self.listening.errback)
 
     def _listening(self, port) -> None:
@@ -191,6 +191,16 @@ class ProxyService(Service):
         factory.pool.close_idle()
         self.resolver.stop()
         factory.auth_pool.stop()
+
+
+def with_backlog(endpoint: str, backlog: int = 1024) -> str:
+    """A TCP endpoint with a listen backlog fit for a proxy: Twisted's default of 50 overflows
+    when clients arrive in bursts, and the kernel then drops their handshakes silently. An
+    explicit `backlog=` in the endpoint string wins."""
+    kind = endpoint.split(":", 1)[0]
+    if kind in ("tcp", "tcp6") and "backlog=" not in endpoint:
+        return f"{endpoint}:backlog={backlog}"
+    return endpoint
 
 
 def _sleep(reactor, seconds: float) -> defer.Deferred:

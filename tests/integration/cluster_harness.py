@@ -44,6 +44,18 @@ def free_port(host: str = MASTER_HOST) -> int:
         return s.getsockname()[1]
 
 
+def free_ports(host: str, count: int) -> list[int]:
+    """`count` different ports with nothing listening on `host` (all held open while chosen)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def _hostport(value: str) -> tuple[str, int]:
     host, _, port = value.rpartition(":")
     return host.strip("[]"), int(port)

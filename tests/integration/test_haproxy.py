@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 import harness
-from cluster_harness import cluster, free_port, slave_host  # noqa: F401 - fixture
+from cluster_harness import cluster, free_ports, slave_host  # noqa: F401 - fixture
 from harness import build_request, raw_request
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]
@@ -209,15 +209,17 @@ def balanced(cluster, tmp_path):
     addresses = {}
     for index in range(2):
         host = slave_host(index)
-        proxy, portal = (host, free_port(host)), (host, free_port(host))
+        proxy_port, portal_port = free_ports(host, 2)
+        proxy, portal = (host, proxy_port), (host, portal_port)
         cluster.slave(f"slave{index + 1}", args=["--listen", f"tcp:{proxy[1]}:interface={host}",
                                                  "--portal", f"tcp:{portal[1]}:interface={host}"])
         addresses[f"slave{index + 1}"] = (proxy, portal)
     for node in cluster.slaves:
         node.start()
-    bind = (BALANCER_HOST, free_port(BALANCER_HOST))
+    bind_port, stats_port = free_ports(BALANCER_HOST, 2)
+    bind = (BALANCER_HOST, bind_port)
     admin = tmp_path / "haproxy-admin.sock"
-    config = render_config(addresses, bind, (BALANCER_HOST, free_port(BALANCER_HOST)), admin)
+    config = render_config(addresses, bind, (BALANCER_HOST, stats_port), admin)
     balancer = HAProxy(tmp_path, config, bind, admin)
     try:
         balancer.wait_states({"slave1": "UP", "slave2": "UP"}, 15)
