@@ -286,7 +286,6 @@ class ClientConnection(protocol.Protocol):
         ctx.bytes_in = head_size
         self.ctx = ctx
         self.state = "hold"
-        self.gate.pause("decision")
         if policy is None:
             self._respond_error(ctx, 503, "this node has no policy yet", "destination_unavailable", template="nopolicy")
             return
@@ -308,7 +307,10 @@ class ClientConnection(protocol.Protocol):
             if cached is not MISS:
                 self._verified(cached, ctx)
                 return
-            # argon2 is deliberately slow: verify off the reactor thread.
+            # argon2 is deliberately slow: verify off the reactor thread, reading nothing more
+            # from this client meanwhile. (The usual path decides at once and never pauses:
+            # pausing costs two system calls per request.)
+            self.gate.pause("decision")
             d = threads.deferToThreadPool(
                 factory.reactor, factory.auth_pool, compiled.verify_credentials, *credentials
             )
@@ -456,6 +458,10 @@ class ClientConnection(protocol.Protocol):
             self.state = "waiting"
             exchange.start()
         self.gate.resume("decision")
+        if self.buf and not self._pumping:
+            # Decided asynchronously (credentials checked in a thread): body bytes that arrived
+            # meanwhile are waiting in the buffer.
+            self._pump()
 
     def _dlp_scan(self, ctx: RequestContext) -> None:
         """Scan the held body prefix; then forward it, or answer with a block page.

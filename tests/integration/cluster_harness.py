@@ -307,6 +307,7 @@ class Cluster:
             *args,
         ]
         self.master = ClusterNode(self.workdir, "master", "master", MASTER_HOST, argv)
+        self._provision_api_token()
         if wait:
             self.master.start(expect_health=200)
         else:
@@ -372,24 +373,43 @@ class Cluster:
 
     # -- the master's API ----------------------------------------------------------------------
 
-    def api_token(self) -> str:
-        if self._token is None:
-            path = self.master.state_dir / "api-token"
-            self._token = wait_until(lambda: path.exists() and path.read_text().strip(), 10,
-                                     f"{path}")
-        return self._token
+    def _provision_api_token(self) -> None:
+        """An API token in the master's token store, as an administrator makes one in the portal
+        (the store keeps only its digest; the secret stays with the tests)."""
+        if self._token is not None:
+            return
+        from safesquid_tw.portal.tokens import TokenStore
 
-    def cluster_view(self, timeout: float = 3.0) -> dict:
+        self.master.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _info, self._token = TokenStore(self.master.state_dir).create("cluster tests", by="integration tests")
+
+    def api(self, method: str, path: str, body: dict | None = None, timeout: float = 20.0) -> tuple[int, dict]:
+        """One call of the master's /api/v1 (plain HTTP: the master listens on loopback)."""
         conn = http.client.HTTPConnection(MASTER_HOST, self.master_port, timeout=timeout)
+        headers = {"Authorization": f"Bearer {self._token}"}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
         try:
-            conn.request("GET", "/api/v1/cluster", headers={"Authorization": f"Bearer {self.api_token()}"})
+            conn.request(method, path, body=data, headers=headers)
             response = conn.getresponse()
-            body = response.read()
+            raw = response.read()
         finally:
             conn.close()
-        if response.status != 200:
-            raise HarnessError(f"GET /api/v1/cluster answered {response.status}: {body[:300]!r}")
-        return json.loads(body)
+        try:
+            return response.status, json.loads(raw)
+        except ValueError:
+            raise HarnessError(f"{method} {path} answered {response.status} with no JSON: {raw[:300]!r}") from None
+
+    def cluster_view(self, timeout: float = 3.0) -> dict:
+        status, body = self.api("GET", "/api/v1/cluster", timeout=timeout)
+        if status != 200:
+            raise HarnessError(f"GET /api/v1/cluster answered {status}: {body}")
+        return body
+
+    def send_task(self, node_name: str, task: str) -> tuple[int, dict]:
+        return self.api("POST", f"/api/v1/cluster/{node_name}/tasks", {"task": task})
 
     def node_view(self, node_name: str) -> dict | None:
         for entry in self.cluster_view()["nodes"]:

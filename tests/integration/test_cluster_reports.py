@@ -95,6 +95,9 @@ def test_master_restart_during_traffic_stores_every_request_once(cluster, origin
     assert max(names.values()) == 1
     assert {row[0] for row in rows} == {s.name for s in slaves}
     assert all(row[4] == 200 for row in rows)
+    # The master's reports API counts the same requests.
+    status, found = cluster.api("GET", f"/api/v1/reports/requests?period=hour&domain={origins.host}&page_size=1")
+    assert status == 200 and found["total"] == len(sent), (status, {k: found.get(k) for k in ("total", "error")})
     for slave in slaves:
         cluster.wait_view(slave.name, lambda e: e["backlog_records"] == 0 and e["dropped_records"] == 0, 10,
                           "an empty spool and nothing dropped")

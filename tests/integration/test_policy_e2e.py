@@ -6,6 +6,8 @@ the decision comes before any connection. Requests expected to pass go to the te
 
 from __future__ import annotations
 
+import hashlib
+
 import time
 
 import pytest
@@ -212,6 +214,23 @@ def test_right_credentials_pass_and_name_the_user(auth_node, origins):
     assert not harness.echo_headers(echo, "proxy-authorization")
     record = auth_node.wait_for_url("/auth/right")
     assert record["user"] == "alice"
+
+
+def test_a_body_sent_while_credentials_are_checked_is_forwarded_whole(auth_node, origins):
+    # A user seen for the first time under this policy version: the password is checked in a
+    # worker thread while the body is already arriving; none of it may be lost or reordered.
+    payload = bytes(range(256)) * 300
+    node = auth_node
+    with harness.RawConnection(node.proxy) as conn:
+        head = harness.build_request("POST", origins.url("/auth/upload"), headers=[
+            ("Proxy-Authorization", basic_credentials("bob", PASSWORDS["bob"])),
+            ("Content-Length", str(len(payload))),
+        ])
+        conn.send(head + payload)
+        response = conn.read_response()
+    echo = assert_passed(response)
+    assert echo["body_len"] == len(payload)
+    assert echo["body_sha256"] == hashlib.sha256(payload).hexdigest()
 
 
 def test_curl_proxy_user(auth_node, origins):
