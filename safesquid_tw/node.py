@@ -27,6 +27,8 @@ from safesquid_tw.util.atomic import atomic_write
 
 log = Logger()
 
+PORTAL_IDLE_TIMEOUT = 15.0
+
 
 def prepare_state_dir(path: str) -> Path:
     """Create the state directory tree; it holds keys and logs, so only the owner may enter."""
@@ -39,7 +41,8 @@ def prepare_state_dir(path: str) -> Path:
 
 
 class EventLogService(Service):
-    """Owns `<state-dir>/logs/extended.log` for the lifetime of the node."""
+    """Owns `<state-dir>/logs/extended.log` for the lifetime of the node (the first service to
+    start, the last to stop)."""
 
     name = "eventlog"
 
@@ -50,14 +53,16 @@ class EventLogService(Service):
         self.observer = None
 
     def privilegedStartService(self) -> None:
-        # Started before every other service so that their first lines land in the file.
-        self.observer = start_event_log(str(self.path), rotate_bytes=self.rotate_bytes, keep=self.keep)
+        self._open()
         super().privilegedStartService()
 
     def startService(self) -> None:
+        self._open()
+        super().startService()
+
+    def _open(self) -> None:
         if self.observer is None:
             self.observer = start_event_log(str(self.path), rotate_bytes=self.rotate_bytes, keep=self.keep)
-        super().startService()
 
     def stopService(self):
         super().stopService()
@@ -66,21 +71,44 @@ class EventLogService(Service):
             self.observer = None
 
 
+class CachedPolicyService(Service):
+    """Loads the policy cache when the node starts (before anything listens), so that what it
+    found, or set aside, is told in the event log; then hands the outcome on."""
+
+    name = "policy-cache"
+
+    def __init__(self, base: "NodeBase", then=None) -> None:
+        self.base = base
+        self.then = then
+
+    def startService(self) -> None:
+        super().startService()
+        loaded = self.base.load_cache()
+        if self.then is not None:
+            self.then(loaded)
+
+
 class PolicyFileService(Service):
     """A policy file loaded at start and again on SIGHUP (standalone nodes, and a master given
     --policy). A file that does not validate is refused with the reason; the running policy stays."""
 
     name = "policy-file"
 
-    def __init__(self, reactor, apply, store: PolicyStore, path: str) -> None:
+    def __init__(self, reactor, apply, store: PolicyStore, path: str, *, only_if_empty: bool = False) -> None:
         self.reactor = reactor
         self.apply = apply
         self.store = store
         self.path = path
+        self.only_if_empty = only_if_empty  # a first policy to start from, when there is none
         self._previous_handler = None
 
     def startService(self) -> None:
         super().startService()
+        if self.only_if_empty:
+            if self.store.current is None:
+                log.info("no policy yet: starting from {path}", path=self.path)
+                self.load()
+            return
         self.load()
         try:
             self._previous_handler = signal.signal(signal.SIGHUP, self._on_sighup)
@@ -271,11 +299,16 @@ class NodeBase:
             self.state.policy_source = "cache"
         return policy is not None
 
-    def policy_file_service(self, path: str) -> "PolicyFileService":
+    def policy_file_service(self, path: str, *, only_if_empty: bool = False) -> "PolicyFileService":
         def apply(doc, source):
-            return self.history.apply(doc, by="policy file", comment=f"loaded from {path}", source=source)
+            policy = self.history.apply(doc, by="policy file", comment=f"loaded from {path}", source=source)
+            self.state.policy_source = "file"
+            return policy
 
-        return PolicyFileService(self.reactor, apply, self.store, path)
+        return PolicyFileService(self.reactor, apply, self.store, path, only_if_empty=only_if_empty)
+
+    def cached_policy_service(self, then=None) -> CachedPolicyService:
+        return CachedPolicyService(self, then)
 
     def portal(self, *, control_factory=None, registry=None, reports=None) -> PortalService:
         from safesquid_tw.cluster.mux import PortalPortFactory
@@ -298,16 +331,20 @@ class NodeBase:
             startup_params=StartupParams(self.root, reactor=self.reactor) if slave else None,
         )
         site = build_portal_site(context)
+        # A connection that sends nothing useful is dropped after this many idle seconds.
+        site.timeOut = PORTAL_IDLE_TIMEOUT
         if not slave:
             _bootstrap_api_token(site.portal_services.tokens, self.root)
         identity = load_or_create_master_identity(self.root)
+        health_site = make_health_only_site(self.state, reactor=self.reactor)
+        health_site.timeOut = PORTAL_IDLE_TIMEOUT
         factory = PortalPortFactory(
             identity.server_options(),
             control_factory or _NoControlPlane(),
             site,
             clock=self.reactor,
             plain_http=True,
-            plain_limited_factory=make_health_only_site(self.state, reactor=self.reactor),
+            plain_limited_factory=health_site,
         )
         service = PortalService(self.reactor, config.portal, factory)
         self.waits["portal"] = service.listening

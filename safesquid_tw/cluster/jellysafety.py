@@ -99,7 +99,21 @@ def cluster_security(copyable_types: Iterable[str | bytes] = ()) -> ClusterSecur
 
 
 class ClusterBroker(pb.Broker):
-    """A Broker whose answers that cannot be unserialized fail their caller instead of hanging."""
+    """A Broker whose answers that cannot be unserialized fail their caller instead of hanging,
+    and that drops a peer sending what is not banana with one log line, not a traceback."""
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            super().dataReceived(data)
+        except Exception as e:
+            _log.warn(
+                "dropping the control-plane connection from {peer}: it sent what this node cannot "
+                "read ({why})",
+                peer=self._peer(), why=f"{type(e).__name__}: {e}",
+            )
+            transport = self.transport
+            if transport is not None:
+                transport.abortConnection()
 
     def proto_answer(self, requestID: int, netResult: object) -> None:
         self._settle(requestID, netResult, failed=False)

@@ -120,6 +120,7 @@ class Gate(pb.Referenceable):
         self.plane = plane
         self.broker = broker
         self.proof: MasterKeyProof | None = None
+        self.product = ""
 
     def _peer_ip(self) -> str:
         try:
@@ -143,6 +144,7 @@ class Gate(pb.Referenceable):
         why = self.plane.refusal_for_address(self._peer_ip())
         if why is not None:
             self._refuse(node, why)
+        self.product = product
         try:
             binding = channel_binding(self.broker.transport, "master")
             self.proof = MasterKeyProof(self.plane.key, self.plane.version, binding)
@@ -174,7 +176,7 @@ class Gate(pb.Referenceable):
                     f"{existing.address}; give this node its own --node-name",
                 )
             existing.disconnect(f"replaced by a new connection from {self._peer_ip()}")
-        avatar = SlaveAvatar(plane, name, mind, self.broker, self._peer_ip())
+        avatar = SlaveAvatar(plane, name, mind, self.broker, self._peer_ip(), self.product)
         avatar.attach()
         return {"proof": master_proof, "avatar": avatar}
 
@@ -182,8 +184,9 @@ class Gate(pb.Referenceable):
 class SlaveAvatar(pb.Referenceable):
     """One authenticated slave: what it may call, and how the master reaches it."""
 
-    def __init__(self, plane: ControlPlane, name: str, mind, broker, address: str) -> None:
+    def __init__(self, plane: ControlPlane, name: str, mind, broker, address: str, product: str = "") -> None:
         self.plane = plane
+        self.product = product
         self.name = name
         self.mind = mind
         self.broker = broker
@@ -196,7 +199,7 @@ class SlaveAvatar(pb.Referenceable):
     def attach(self) -> None:
         plane = self.plane
         plane.avatars[self.name] = self
-        plane.registry.attach(self.name, self, address=self.address, product_version=plane.version.product)
+        plane.registry.attach(self.name, self, address=self.address, product_version=self.product)
         self.broker.notifyOnDisconnect(self._disconnected)
         log.info("slave {node} connected from {address}", node=self.name, address=self.address)
         self._schedule_keepalive()

@@ -1,7 +1,7 @@
 """The slave's end of the control plane.
 
-A `ClientService` keeps one TLS connection to the master's portal port (ALPN picks the control
-plane), reconnecting with back-off. Each connection logs in with the key proof, compares policy
+One TLS connection to the master's portal port (ALPN picks the control plane) is kept up,
+reconnecting with back-off. Each connection logs in with the key proof, compares policy
 versions and fetches what it lacks, starts shipping access records, and sends status reports that
 double as keepalives. The master pushes "version N exists" and tasks through the slave's `Mind`.
 Nothing on the request path ever waits for any of this: the proxy always runs on the policy the
@@ -13,11 +13,13 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.internet import backoffPolicy
 from twisted.application.service import MultiService
 from twisted.internet import defer, endpoints
 from twisted.logger import Logger
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.spread import pb
+from zope.interface import implementer
 
 from safesquid_tw.accesslog.spool import Batch
 from safesquid_tw.cluster import wire
@@ -75,6 +77,32 @@ class Mind(pb.Referenceable):
         return self.client.run_task(task)
 
 
+@implementer(IStreamClientEndpoint)
+class _LoggingEndpoint:
+    """The way to the master, saying once per outage (not once per retry) why it is unreachable."""
+
+    def __init__(self, endpoint, master: str) -> None:
+        self._endpoint = endpoint
+        self._master = master
+        self._last: str | None = None
+
+    def connect(self, factory):
+        d = self._endpoint.connect(factory)
+        d.addErrback(self._failed)
+        return d
+
+    def _failed(self, reason):
+        message = reason.getErrorMessage()
+        if message != self._last:
+            log.warn("cannot reach the master at {master}: {why}; retrying with back-off",
+                     master=self._master, why=message)
+            self._last = message
+        return reason
+
+    def reached(self) -> None:
+        self._last = None
+
+
 class ClusterClient(MultiService):
     def __init__(
         self,
@@ -119,18 +147,64 @@ class ClusterClient(MultiService):
         host = host.strip("[]")
         self.creator = MasterClientCreator(trust, master)
         kwargs = {"bindAddress": (source_address, 0)} if source_address else {}
-        endpoint = endpoints.wrapClientTLS(
-            self.creator, endpoints.HostnameEndpoint(reactor, host, int(port), **kwargs)
+        endpoint = _LoggingEndpoint(
+            endpoints.wrapClientTLS(self.creator, endpoints.HostnameEndpoint(reactor, host, int(port), **kwargs)),
+            master,
         )
+        self._endpoint = endpoint
         self.factory = SlaveClientFactory()
-        self.service = ClientService(
-            endpoint,
-            self.factory,
-            retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=max(2.0, keepalive * 3), factor=2.0),
-            clock=reactor,
-            prepareConnection=self._login,
-        )
-        self.service.setServiceParent(self)
+        self.retry_delays = backoffPolicy(initialDelay=0.5, maxDelay=max(2.0, keepalive * 3), factor=2.0)
+        self._running: defer.Deferred | None = None
+        self._stopping = False
+        self._sleep: defer.Deferred | None = None
+        self._broker = None
+
+    # -- the connection loop ------------------------------------------------------------------
+    # Twisted's ClientService cannot take a connection that is refused *after* it was made (its
+    # state machine has no transition for the loss that follows a failed prepareConnection), and
+    # a refused login is exactly that. So the loop is ours: connect, log in, serve until the
+    # connection ends, wait (with back-off after failures), again.
+
+    def startService(self) -> None:
+        super().startService()
+        self._stopping = False
+        self._running = defer.ensureDeferred(self._connection_loop())
+        self._running.addErrback(lambda f: log.failure("the connection loop to the master ended", f))
+
+    def stopService(self):
+        super().stopService()
+        self._stopping = True
+        if self._sleep is not None and not self._sleep.called:
+            self._sleep.cancel()
+        if self._broker is not None and self._broker.transport is not None:
+            self._broker.transport.loseConnection()
+        return self._running
+
+    async def _connection_loop(self) -> None:
+        failures = 0
+        while not self._stopping:
+            try:
+                broker = await self._endpoint.connect(self.factory)
+            except Exception:
+                failures += 1  # _LoggingEndpoint said why, once per outage
+            else:
+                self._broker = broker
+                lost: defer.Deferred = defer.Deferred()
+                broker.notifyOnDisconnect(lambda: lost.called or lost.callback(None))
+                try:
+                    await self._login(broker)
+                except Exception:
+                    failures += 1
+                else:
+                    failures = 0
+                await lost
+                self._broker = None
+            if self._stopping:
+                return
+            self._sleep = defer.Deferred()
+            call = self.reactor.callLater(self.retry_delays(max(failures, 1)), self._sleep.callback, None)
+            self._sleep.addErrback(lambda f: call.cancel() if call.active() else None)
+            await self._sleep
 
     # -- connecting -----------------------------------------------------------------------
     def _login(self, broker: SlaveBroker) -> defer.Deferred:
@@ -138,21 +212,27 @@ class ClusterClient(MultiService):
 
     async def _login_async(self, broker: SlaveBroker) -> None:
         try:
-            await broker.ready
+            await broker.ready.addTimeout(max(self.keepalive * 3, 5.0), self.reactor)
             root = broker.remoteForName("root")
             proof = SlaveKeyProof(self.key, self.version, self.node_name, channel_binding(broker.transport, "slave"))
-            challenge = wire.check_result("gate", "hello", await root.callRemote("hello", *proof.hello_args()))
-            answer = wire.check_result("gate", "prove", await root.callRemote("prove", proof.answer(challenge), Mind(self)))
+            limit = max(self.keepalive * 3, 5.0)  # a master that stopped answering is not waited for
+            hello = root.callRemote("hello", *proof.hello_args()).addTimeout(limit, self.reactor)
+            challenge = wire.check_result("gate", "hello", await hello)
+            prove = root.callRemote("prove", proof.answer(challenge), Mind(self)).addTimeout(limit, self.reactor)
+            answer = wire.check_result("gate", "prove", await prove)
             proof.verify_master(answer["proof"])
             self.trust.confirm(master_fingerprint(broker.transport, "slave"))
         except pb.RemoteError as e:
-            log.error("the master at {master} refused this node: {why}", master=self.master, why=_remote_message(e))
+            log.error("the master at {master} refused this node: {why}", master=self.master, why=str(e))
+            _drop(broker)
             raise
         except Exception as e:
             log.error("cannot log in to the master at {master}: {why}", master=self.master, why=str(e) or repr(e))
+            _drop(broker)
             raise
         self.avatar = answer["avatar"]
         self.connected_since = time.time()
+        self._endpoint.reached()
         broker.notifyOnDisconnect(lambda: self._lost(broker))
         log.info("connected to the master at {master}", master=self.master)
         self.shipper.set_sender(self._ship)
@@ -289,6 +369,8 @@ class ClusterClient(MultiService):
         return self._call("ship_log_batch", batch.segment, batch.first_seq, batch.records, timeout=60.0)
 
 
-def _remote_message(error: pb.RemoteError) -> str:
-    text = str(error)
-    return text.split(":", 1)[-1].strip() if ":" in text else text
+def _drop(broker) -> None:
+    """A failed login closes its own connection, so the client service starts its back-off clean."""
+    transport = getattr(broker, "transport", None)
+    if transport is not None:
+        transport.abortConnection()

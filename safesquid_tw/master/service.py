@@ -27,14 +27,12 @@ log = Logger()
 def build_master(config: NodeConfig, reactor) -> MultiService:
     base = NodeBase.create(config, reactor)
     root, store, top = base.root, base.store, base.top
-    base.state.policy_source = "master"
 
-    had_cache = base.load_cache()
+    base.cached_policy_service().setServiceParent(top)
     if config.policy_file:
         base.policy_file_service(config.policy_file).setServiceParent(top)
-    elif not had_cache:
-        base.policy_file_service(str(sample_policy_path())).setServiceParent(top)
-        log.info("no policy yet: starting from the sample policy")
+    else:
+        base.policy_file_service(str(sample_policy_path()), only_if_empty=True).setServiceParent(top)
 
     registry = SlaveRegistry()
     reports = ReportStore(root / "reports.sqlite3")

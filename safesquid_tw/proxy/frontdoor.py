@@ -111,6 +111,16 @@ class ClientConnection(protocol.Protocol):
             self.exchange.client_gone()
         self.factory.connection_closed(self)
 
+    def drain(self, quiet: float) -> None:
+        """The node is stopping: answer what arrives within `quiet` seconds (or is in progress),
+        then close. (The factory's draining flag closes the connection after its response.)"""
+        if self.state == "head" and not self.buf and self._timer_kind in ("idle", ""):
+            if self._timer is not None and self._timer.active():
+                self._timer_kind = "idle"
+                self._timer.reset(min(quiet, self.limits.idle_timeout))
+            else:
+                self._arm("idle", min(quiet, self.limits.idle_timeout))
+
     def write(self, data: bytes) -> None:
         self.bytes_out += len(data)
         self.transport.write(data)

@@ -22,6 +22,7 @@ from safesquid_tw.proxy.upstream import UpstreamPool
 log = Logger()
 
 DRAIN_GRACE = 10.0  # seconds in-flight requests get to finish when the node stops
+STOP_QUIET = 1.0  # seconds an idle connection gets at stop to send a request already on its way
 
 
 class _Refuse(protocol.Protocol):
@@ -179,10 +180,13 @@ class ProxyService(Service):
         factory = self.factory
         factory.draining = True
         if self.port is not None:
+            # New connections are refused from here on (a load balancer retries those elsewhere).
             yield self.port.stopListening()
+        # Connections already accepted may carry a request that is on its way (a load balancer
+        # just opened one, a client just reused one): each gets a moment to send it, is answered,
+        # and then closes. Closing them at once would lose such a request with no answer at all.
         for conn in list(factory.connections):
-            if conn.state == "head" and not conn.buf:
-                conn.transport.loseConnection()
+            conn.drain(STOP_QUIET)
         deadline = self.reactor.seconds() + DRAIN_GRACE
         while factory.connections and self.reactor.seconds() < deadline:
             yield _sleep(self.reactor, 0.05)

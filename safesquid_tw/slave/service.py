@@ -55,10 +55,13 @@ def listen_interface(endpoint: str) -> str | None:
 
 def build_proxy_node(config: NodeConfig, reactor) -> MultiService:
     base = NodeBase.create(config, reactor)
-    root, state, store = base.root, base.state, base.store
+    root, store = base.root, base.store
     top = base.top
 
-    spool = Spool(root / "spool", node=config.node_name, cap_bytes=config.spool_cap_bytes)
+    # Segments of at most a quarter of the cap, so that the cap drops old records a segment at a
+    # time rather than all at once.
+    segment_bytes = max(1, min(4 << 20, config.spool_cap_bytes // 4))
+    spool = Spool(root / "spool", node=config.node_name, segment_bytes=segment_bytes, cap_bytes=config.spool_cap_bytes)
     for problem in spool.problems:
         log.error("access record spool: {problem}", problem=str(problem))
     access_log = AccessLogWriter(
@@ -83,8 +86,7 @@ def build_proxy_node(config: NodeConfig, reactor) -> MultiService:
     base.waits["proxy"] = proxy.listening
 
     if config.role == "standalone":
-        base.load_cache()
-        state.policy_source = "file"
+        base.cached_policy_service().setServiceParent(top)
         base.policy_file_service(config.policy_file or str(sample_policy_path())).setServiceParent(top)
         reports = ReportStore(root / "reports.sqlite3")
 
@@ -108,17 +110,20 @@ def _slave_parts(base: NodeBase, factory: ProxyFactory, shipper: LogShipper) -> 
     from safesquid_tw.cluster.tlsconfig import MasterTrust
 
     config, reactor, state = base.config, base.reactor, base.state
-    if base.load_cache():
-        log.info(
-            "serving cached policy version {version} until the master at {master} answers",
-            version=state.policy_version, master=config.master,
-        )
-    else:
-        log.warn(
-            "no cached policy: this node refuses to proxy (and /health says 503) until the master at "
-            "{master} sends one",
-            master=config.master,
-        )
+    def cache_loaded(loaded: bool) -> None:
+        if loaded:
+            log.info(
+                "serving cached policy version {version} until the master at {master} answers",
+                version=state.policy_version, master=config.master,
+            )
+        else:
+            log.warn(
+                "no cached policy: this node refuses to proxy (and /health says 503) until the master at "
+                "{master} sends one",
+                master=config.master,
+            )
+
+    base.cached_policy_service(cache_loaded).setServiceParent(base.top)
     meter = RateMeter(reactor, factory)
     drain_call = []
 
@@ -144,6 +149,8 @@ def _slave_parts(base: NodeBase, factory: ProxyFactory, shipper: LogShipper) -> 
     def _stop_accepting() -> None:
         if state.draining:
             factory.draining = True
+            for conn in list(factory.connections):
+                conn.drain(1.0)
             log.info("drained: new connections are refused, requests in flight finish")
 
     client = ClusterClient(

@@ -227,3 +227,17 @@ def test_options_cannot_be_widened_by_the_generic_methods():
     assert not options.isTypeAllowed(b"os.system")
     assert not options.isModuleAllowed("os")
     assert options.isTypeAllowed(b"dictionary")
+
+
+@pytest.mark.parametrize("garbage", [b"\x93\x93\x93\x93", b"\x7f" * 8 + b"\x82", b"\xff" * 40])
+def test_a_peer_sending_garbage_is_dropped_quietly(garbage):
+    from twisted.internet.testing import StringTransport
+
+    from safesquid_tw.cluster.jellysafety import ClusterBroker
+
+    broker = ClusterBroker(isClient=False, security=cluster_security())
+    transport = StringTransport()
+    transport.abortConnection = lambda: setattr(transport, "aborted", True)
+    broker.makeConnection(transport)
+    broker.dataReceived(garbage)  # must not raise: the reactor would log a traceback
+    assert getattr(transport, "aborted", False)
