@@ -50,6 +50,7 @@ class NodeConfig:
     keepalive: float = 10.0  # control-plane keepalive; a silent peer is gone after 3 of these
     poll_interval: float = 60.0  # slaves compare policy versions with the master this often
     drain_grace: float = 10.0  # after "drain", seconds before new connections are refused
+    stop_grace: float = 5.0  # at SIGTERM: /health says 503 while traffic is still served, this long
     spool_cap_bytes: int = 512 * 1024 * 1024
     limits: Limits = attrs.field(factory=Limits)
 

@@ -193,10 +193,11 @@ class PortalService(Service):
 
     name = "portal"
 
-    def __init__(self, reactor, endpoint: str, factory) -> None:
+    def __init__(self, reactor, endpoint: str, factory, *, stop_grace: float = 0.0) -> None:
         self.reactor = reactor
         self.endpoint = endpoint
         self.factory = factory
+        self.stop_grace = stop_grace
         self.port = None
         self.listening: defer.Deferred = defer.Deferred()
 
@@ -211,10 +212,17 @@ class PortalService(Service):
         log.info("portal and /health listening on {host}:{port}", host=host.host, port=host.port)
         self.listening.callback(port)
 
+    @defer.inlineCallbacks
     def stopService(self):
         super().stopService()
         if self.port is not None:
-            return self.port.stopListening()
+            if self.stop_grace > 0:
+                # /health keeps answering (503) through the grace, so load balancers see the
+                # node leave rather than vanish.
+                d: defer.Deferred = defer.Deferred()
+                self.reactor.callLater(self.stop_grace, d.callback, None)
+                yield d
+            yield self.port.stopListening()
 
 
 class NodeStateService(Service):
@@ -346,7 +354,7 @@ class NodeBase:
             plain_http=True,
             plain_limited_factory=health_site,
         )
-        service = PortalService(self.reactor, config.portal, factory)
+        service = PortalService(self.reactor, config.portal, factory, stop_grace=config.stop_grace)
         self.waits["portal"] = service.listening
         return service
 

@@ -67,6 +67,9 @@ class Options(usage.Options):
         ["poll-interval", None, 60.0, "seconds between a slave's policy version checks", _number("poll-interval", float)],
         ["drain-grace", None, 10.0, "seconds after a drain task before new connections are refused",
          _number("drain-grace", float)],
+        ["stop-grace", None, 5.0,
+         "seconds a stopping node keeps serving (with /health at 503) so load balancers move away first",
+         _number("stop-grace", float)],
         ["spool-cap-bytes", None, 512 * 1024 * 1024, "most bytes of unshipped access records kept on disk",
          _number("spool-cap-bytes", int)],
     ] + [
@@ -128,6 +131,8 @@ def options_to_config(opts: usage.Options) -> NodeConfig:
     for name in ("keepalive", "poll-interval", "drain-grace", "spool-cap-bytes"):
         if opts[name] <= 0:
             raise usage.UsageError(f"--{name} must be a positive number")
+    if opts["stop-grace"] < 0:
+        raise usage.UsageError("--stop-grace must be zero or more seconds")
     if key_file:
         from safesquid_tw.config import read_activation_key
 
@@ -150,6 +155,7 @@ def options_to_config(opts: usage.Options) -> NodeConfig:
         keepalive=opts["keepalive"],
         poll_interval=opts["poll-interval"],
         drain_grace=opts["drain-grace"],
+        stop_grace=opts["stop-grace"],
         spool_cap_bytes=opts["spool-cap-bytes"],
         limits=limits,
     )

@@ -713,7 +713,8 @@ class ClientConnection(protocol.Protocol):
         self._decoder = None
         if self.state == "closing" or self.transport is None:
             return
-        if close or self.factory.draining:
+        factory = self.factory
+        if close or factory.draining or factory.closing:
             self.state = "closing"
             self._disarm()
             if abort:

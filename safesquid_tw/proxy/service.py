@@ -61,7 +61,8 @@ class ProxyFactory(protocol.Factory):
         self.record_sink = record_sink
         self.connections: set[ClientConnection] = set()
         self.listening: list[tuple[str, int]] = []
-        self.draining = False
+        self.draining = False  # no new connections: refused with 503
+        self.closing = False  # every connection closes after its current response
         self.pool = UpstreamPool(reactor, resolver, limits, is_self=self.is_self)
         self.auth_pool = ThreadPool(minthreads=0, maxthreads=4, name="safesquid-auth")
         self.requests = 0
@@ -152,7 +153,8 @@ class ProxyService(Service):
 
     name = "proxy"
 
-    def __init__(self, reactor, endpoint: str, factory: ProxyFactory, resolver: Resolver) -> None:
+    def __init__(self, reactor, endpoint: str, factory: ProxyFactory, resolver: Resolver, *, stop_grace: float = 0.0) -> None:
+        self.stop_grace = stop_grace
         self.reactor = reactor
         self.endpoint = endpoint
         self.factory = factory
@@ -178,6 +180,11 @@ class ProxyService(Service):
     def stopService(self):
         super().stopService()
         factory = self.factory
+        # First the grace: /health already says 503, load balancers move clients away, and
+        # every connection closes after its next response, all while everything is still served.
+        factory.closing = True
+        if self.stop_grace > 0:
+            yield _sleep(self.reactor, self.stop_grace)
         factory.draining = True
         if self.port is not None:
             # New connections are refused from here on (a load balancer retries those elsewhere).

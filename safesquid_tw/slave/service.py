@@ -82,7 +82,7 @@ def build_proxy_node(config: NodeConfig, reactor) -> MultiService:
         record_sink=access_log.write,
         resolver=resolver,
     )
-    proxy = ProxyService(reactor, config.listen, factory, resolver)
+    proxy = ProxyService(reactor, config.listen, factory, resolver, stop_grace=config.stop_grace)
     base.waits["proxy"] = proxy.listening
 
     if config.role == "standalone":
@@ -130,6 +130,7 @@ def _slave_parts(base: NodeBase, factory: ProxyFactory, shipper: LogShipper) -> 
     def on_task(task: str) -> str:
         if task == "drain":
             state.draining = True
+            factory.closing = True  # keep-alive clients reconnect (elsewhere) after each response
             for call in drain_call:
                 if call.active():
                     call.cancel()
@@ -139,6 +140,7 @@ def _slave_parts(base: NodeBase, factory: ProxyFactory, shipper: LogShipper) -> 
         if task == "resume":
             state.draining = False
             factory.draining = False
+            factory.closing = False
             for call in drain_call:
                 if call.active():
                     call.cancel()

@@ -336,6 +336,9 @@ def start_node(workdir: Path, *, policy: dict | str | None = None, args: Iterabl
         write_json_atomically(policy_path, policy)
         argv += ["--policy", str(policy_path)]
     argv += list(args)
+    if not any(a.startswith("--stop-grace") for a in argv):
+        # Tests stop nodes all the time; the load-balancer test sets its own grace.
+        argv += ["--stop-grace", "0"]
     out = open(state_dir / "twistd.out", "wb")
     process = subprocess.Popen(
         [*twistd_command(), "-n", "--pidfile=", f"--logfile={state_dir / 'twistd.log'}", "safesquid", *argv],

@@ -212,7 +212,10 @@ def balanced(cluster, tmp_path):
         proxy_port, portal_port = free_ports(host, 2)
         proxy, portal = (host, proxy_port), (host, portal_port)
         cluster.slave(f"slave{index + 1}", args=["--listen", f"tcp:{proxy[1]}:interface={host}",
-                                                 "--portal", f"tcp:{portal[1]}:interface={host}"])
+                                                 "--portal", f"tcp:{portal[1]}:interface={host}",
+                                                 # Longer than HAProxy needs to see /health at 503
+                                                 # (fall 2 x inter 1 s): the graceful stop.
+                                                 "--stop-grace", "3"])
         addresses[f"slave{index + 1}"] = (proxy, portal)
     for node in cluster.slaves:
         node.start()
