@@ -201,8 +201,12 @@ class ClusterClient(MultiService):
                 self._broker = None
             if self._stopping:
                 return
+            delay = self.retry_delays(max(failures, 1))
+            if failures:
+                log.info("next attempt to reach the master at {master} in {delay:.1f} s (attempt {n})",
+                         master=self.master, delay=delay, n=failures + 1)
             self._sleep = defer.Deferred()
-            call = self.reactor.callLater(self.retry_delays(max(failures, 1)), self._sleep.callback, None)
+            call = self.reactor.callLater(delay, self._sleep.callback, None)
             self._sleep.addErrback(lambda f: call.cancel() if call.active() else None)
             await self._sleep
 

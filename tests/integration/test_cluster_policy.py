@@ -169,7 +169,7 @@ def test_no_master_and_no_cache_refuses_to_proxy(cluster, origins):
     assert "no policy" in response.text, response.text[:400]
     assert "text/html" in (response.header("content-type") or "")
     # It stays that way (and up) while the master is missing: retries, and still 503.
-    slave.wait_for_lines(lambda l: "Scheduling retry 2 " in l, timeout=15, what="a second retry")
+    slave.wait_for_lines(lambda l: "(attempt 3)" in l, timeout=15, what="a second retry")
     assert slave.alive() and slave.health()[0] == 503
     assert fetch(slave, origins.url("/no-policy-still")).status == 503
     assert not slave.cache_path.exists()
