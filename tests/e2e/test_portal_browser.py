@@ -1,9 +1,9 @@
 """An administrator's day in a real browser: log in, deny a domain, apply, see the proxy refuse
 it and the refusal in the reports, roll back, see the domain allowed again.
 
-The node is a real standalone node (`twistd -n safesquid`) on loopback; the browser is the
-distribution's Chromium under Playwright. The dashboard's screenshot is kept as
-`test-artifacts/dashboard.png`.
+The nodes are real (`twistd -n safesquid`) on loopback: a standalone node, or a master and a
+slave; the browser is the distribution's Chromium under Playwright. The dashboard's screenshots
+are kept in `test-artifacts/`.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import time
 import uuid
 from pathlib import Path
 
+import attrs
 import pytest
 
 import harness
@@ -22,11 +23,31 @@ ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 DOMAIN = "localhost"  # resolves to 127.0.0.1, where the test origins listen
 
 
-@pytest.fixture
-def node(tmp_path, origins):
-    started = harness.start_node(tmp_path, policy=harness.make_policy(default_action="allow"), name="portal")
-    yield started
-    started.stop()
+@attrs.frozen
+class Setup:
+    portal: harness.Node  # where the administrator works (and the reports are)
+    proxy: harness.Node  # where clients' traffic goes
+
+
+@pytest.fixture(params=["standalone", "cluster"])
+def setup(request, tmp_path, origins):
+    """A standalone node (portal and proxy in one), or a master whose slave carries the traffic:
+    then the rule applied on the master must reach the slave and its records come back."""
+    policy = harness.make_policy(default_action="allow")
+    if request.param == "standalone":
+        started = harness.start_node(tmp_path, policy=policy, name="portal")
+        yield Setup(started, started)
+        started.stop()
+        return
+    from cluster_harness import Cluster
+
+    cluster = Cluster(tmp_path)
+    try:
+        master = cluster.start_master(policy)
+        slave = cluster.add_slave()
+        yield Setup(master.node, slave.node)
+    finally:
+        cluster.stop_all()
 
 
 def fetch(node, origins, path: str) -> harness.RawResponse:
@@ -44,15 +65,16 @@ def wait_for_status(node, origins, path: str, status: int, within: float) -> har
         time.sleep(0.05)
 
 
-def test_deny_apply_enforce_report_and_roll_back(browser, node, origins):
+def test_deny_apply_enforce_report_and_roll_back(browser, setup, origins):
+    node = setup.proxy
     check = f"/e2e-{uuid.uuid4().hex[:8]}"
     assert fetch(node, origins, check + "-before").status == 200
-    password = (node.state_dir / "admin-password").read_text().strip()
+    password = (setup.portal.state_dir / "admin-password").read_text().strip()
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.on("dialog", lambda dialog: dialog.accept())  # "Roll back to version 1?" and the like
     errors: list[str] = []
     page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
-    portal = node.portal_url
+    portal = setup.portal.portal_url
 
     # Log in.
     page.goto(portal + "/")
@@ -99,7 +121,8 @@ def test_deny_apply_enforce_report_and_roll_back(browser, node, origins):
     assert "block-e2e" in page.inner_text("#top-rule")
     assert page.locator("svg.chart").count() == 3
     ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+    shot = "dashboard.png" if setup.portal is setup.proxy else "dashboard-cluster.png"
+    page.screenshot(path=str(ARTIFACTS / shot), full_page=True)
 
     # Roll back to version 1: the domain is allowed again.
     page.goto(portal + "/policy/history")
