@@ -52,6 +52,7 @@ class NodeConfig:
     drain_grace: float = 10.0  # after "drain", seconds before new connections are refused
     stop_grace: float = 5.0  # at SIGTERM: /health says 503 while traffic is still served, this long
     spool_cap_bytes: int = 512 * 1024 * 1024
+    report_retention_days: float = 90.0  # the report store keeps records this long
     limits: Limits = attrs.field(factory=Limits)
 
     @property

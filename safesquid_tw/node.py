@@ -358,6 +358,26 @@ class NodeBase:
         self.waits["portal"] = service.listening
         return service
 
+    def report_retention(self, reports) -> None:
+        """Old records leave the report store in the background: hourly, in small batches (so
+        ingest never waits long), in a worker thread."""
+        from twisted.internet import threads
+
+        from safesquid_tw.util.periodic import Periodic
+
+        days = self.config.report_retention_days
+
+        def prune():
+            cutoff = time.time() - days * 86400
+
+            def done(removed: int) -> None:
+                if removed:
+                    log.info("report retention: removed {n} records older than {days:g} days", n=removed, days=days)
+
+            return threads.deferToThread(reports.prune, cutoff).addCallback(done)
+
+        Periodic(3600.0, prune, clock=self.reactor, name="report retention", now=True).setServiceParent(self.top)
+
     def finish(self) -> MultiService:
         ListeningFile(self.root / "run" / "listening.json", self.waits).setServiceParent(self.top)
         # Last child: stopped first, so /health says 503 before anything else winds down.

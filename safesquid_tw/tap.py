@@ -70,6 +70,8 @@ class Options(usage.Options):
         ["stop-grace", None, 5.0,
          "seconds a stopping node keeps serving (with /health at 503) so load balancers move away first",
          _number("stop-grace", float)],
+        ["report-retention-days", None, 90.0, "days the report store keeps access records (master, standalone)",
+         _number("report-retention-days", float)],
         ["spool-cap-bytes", None, 512 * 1024 * 1024, "most bytes of unshipped access records kept on disk",
          _number("spool-cap-bytes", int)],
     ] + [
@@ -128,7 +130,7 @@ def options_to_config(opts: usage.Options) -> NodeConfig:
             parse_fingerprint(opts["master-fingerprint"])
         except ValueError as e:
             raise usage.UsageError(f"--master-fingerprint: {e}")
-    for name in ("keepalive", "poll-interval", "drain-grace", "spool-cap-bytes"):
+    for name in ("keepalive", "poll-interval", "drain-grace", "spool-cap-bytes", "report-retention-days"):
         if opts[name] <= 0:
             raise usage.UsageError(f"--{name} must be a positive number")
     if opts["stop-grace"] < 0:
@@ -156,6 +158,7 @@ def options_to_config(opts: usage.Options) -> NodeConfig:
         poll_interval=opts["poll-interval"],
         drain_grace=opts["drain-grace"],
         stop_grace=opts["stop-grace"],
+        report_retention_days=opts["report-retention-days"],
         spool_cap_bytes=opts["spool-cap-bytes"],
         limits=limits,
     )

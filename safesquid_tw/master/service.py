@@ -49,6 +49,7 @@ def build_master(config: NodeConfig, reactor) -> MultiService:
     base.portal(
         control_factory=ClusterServerFactory(ControlRoot(plane)), registry=registry, reports=reports
     ).setServiceParent(top)
+    base.report_retention(reports)
     top.registry = registry
     top.reports = reports
     top.control_plane = plane

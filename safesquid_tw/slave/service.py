@@ -94,6 +94,7 @@ def build_proxy_node(config: NodeConfig, reactor) -> MultiService:
             return threads.deferToThread(reports.ingest, batch.node, batch.segment, batch.first_seq, batch.records)
 
         shipper.set_sender(ingest_locally)
+        base.report_retention(reports)
         top.reports = reports
     else:
         _slave_parts(base, factory, shipper)
