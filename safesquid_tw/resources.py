@@ -1,31 +1,31 @@
-"""Where the packaged templates and sample files are.
+"""Where the packaged templates, static files and sample files are.
 
-An installed package carries them as `safesquid_tw.data.templates` and `safesquid_tw.data.etc`
-(setup.cfg maps the top-level `templates/` and `etc/` folders there); a source checkout has them
-beside the package.
+An installed package carries them as `safesquid_tw/data/templates`, `.../static` and `.../etc`
+(setup.cfg maps the top-level `templates/`, `static/` and `etc/` folders there); a source checkout
+has them beside the package.
 """
 
 from __future__ import annotations
 
-import importlib.resources
 from pathlib import Path
 
-_SOURCE_ROOT = Path(__file__).resolve().parent.parent
+_PACKAGE = Path(__file__).resolve().parent
+_SOURCE_ROOT = _PACKAGE.parent
 
 
 def _data_dir(name: str) -> Path:
-    try:
-        found = importlib.resources.files(f"safesquid_tw.data.{name}")
-        path = Path(str(found))
-        if path.is_dir():
-            return path
-    except ModuleNotFoundError:
-        pass
+    installed = _PACKAGE / "data" / name
+    if installed.is_dir():
+        return installed
     return _SOURCE_ROOT / name
 
 
 def templates_dir() -> Path:
     return _data_dir("templates")
+
+
+def static_dir() -> Path:
+    return _data_dir("static")
 
 
 def etc_dir() -> Path:

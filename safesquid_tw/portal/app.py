@@ -8,8 +8,6 @@ policy read-only, names its master, and edits its own startup parameters.
 
 from __future__ import annotations
 
-import importlib.resources
-from pathlib import Path
 from typing import Any
 
 import argon2
@@ -20,25 +18,14 @@ from twisted.web.server import Site
 from safesquid_tw.portal import pages_auth, pages_cluster, pages_history, pages_policy, pages_reports
 from safesquid_tw.portal.api import ApiApp
 from safesquid_tw.portal.context import PortalContext
+from safesquid_tw.resources import static_dir
 from safesquid_tw.portal.health import HealthResource
 from safesquid_tw.portal.responses import CSS_CONTENT_TYPE, method_not_allowed, readiness_options, respond
 from safesquid_tw.portal.services import PortalServices
 from safesquid_tw.portal.site import PAGE_METHODS, PortalRequest, PortalSite, StarOptions, Stylesheet, _Directory
 from safesquid_tw.portal.web import PortalApp, Route
 
-_SOURCE_ROOT = Path(__file__).resolve().parent.parent.parent
 STATIC_TYPES = {".css": CSS_CONTENT_TYPE, ".js": b"text/javascript; charset=utf-8"}
-
-
-def static_dir() -> Path:
-    """The packaged `safesquid_tw.data.static`, or `static/` beside the package in a checkout."""
-    try:
-        path = Path(str(importlib.resources.files("safesquid_tw.data.static")))
-        if path.is_dir():
-            return path
-    except ModuleNotFoundError:
-        pass
-    return _SOURCE_ROOT / "static"
 
 
 def all_routes() -> list[Route]:

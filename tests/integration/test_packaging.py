@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -46,3 +48,40 @@ def test_every_package_is_installed(wheel_names):
     packages = {p.parent.relative_to(REPO).as_posix() for p in (REPO / "safesquid_tw").rglob("__init__.py")}
     for package in packages:
         assert f"{package}/__init__.py" in wheel_names
+
+
+INSTALLED_CHECK = r"""
+import json, sys
+from pathlib import Path
+import safesquid_tw
+from safesquid_tw import pages, resources
+from safesquid_tw.policy.codec import load_policy_file
+from safesquid_tw.portal.app import static_dir
+package = Path(safesquid_tw.__file__).resolve().parent
+page = pages.render_block_page(url="http://x.test/", rule="r", reason="why", category=None, application=None,
+                               node="n", policy_version=1, client="10.0.0.1", user=None)
+print(json.dumps({
+    "package": str(package),
+    "templates": str(resources.templates_dir()),
+    "static": str(static_dir()),
+    "policy": load_policy_file(str(resources.sample_policy_path())).version,
+    "page": b"why" in page,
+    "portal_templates": (resources.templates_dir() / "portal").is_dir(),
+}))
+"""
+
+
+def test_the_installed_package_finds_its_own_files(tmp_path):
+    """Run from elsewhere, without the source tree on the path: what a `pip install .` user has."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", INSTALLED_CHECK], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=60)
+    if "No module named 'safesquid_tw'" in result.stderr:
+        pytest.skip("safesquid-tw is not installed in this environment (scripts/test installs it)")
+    assert result.returncode == 0, result.stderr
+    found = json.loads(result.stdout)
+    package = Path(found["package"])
+    assert package != REPO / "safesquid_tw", "the source tree was imported, not the installed package"
+    for key in ("templates", "static"):
+        assert package in Path(found[key]).parents, f"{key} resolved outside the package: {found[key]}"
+    assert found["policy"] == 1 and found["page"] and found["portal_templates"]
