@@ -188,30 +188,26 @@ class _FirstByte(Protocol):
             tls.wrappedProtocol.dispatched = self._stop_deadline
             self._start(tls, data)
         elif self._port.plain_http and is_loopback(self.transport.getHost()):
-            self._stop_deadline()
-            inner = self._port.web_factory.buildProtocol(self._addr)
-            if inner is None:
-                self._port.stats.refused_by_factory += 1
-                self.transport.loseConnection()
-                return
-            self._port.stats.web_plain += 1
-            self._start(inner, data)
+            self._serve_plain(self._port.web_factory, data)
         elif self._port.plain_limited_factory is not None:
             # From elsewhere, plain HTTP reaches only what load balancers need (/health).
-            self._stop_deadline()
-            inner = self._port.plain_limited_factory.buildProtocol(self._addr)
-            if inner is None:
-                self._port.stats.refused_by_factory += 1
-                self.transport.loseConnection()
-                return
-            self._port.stats.web_plain += 1
-            self._start(inner, data)
+            self._serve_plain(self._port.plain_limited_factory, data)
         else:
             self._stop_deadline()
             self._refused = True
             self._port.stats.plain_refused += 1
             self.transport.write(use_https_response(data, self.transport.getHost()))
             self.transport.loseConnection()
+
+    def _serve_plain(self, factory: IProtocolFactory, data: bytes) -> None:
+        self._stop_deadline()
+        inner = factory.buildProtocol(self._addr)
+        if inner is None:
+            self._port.stats.refused_by_factory += 1
+            self.transport.loseConnection()
+            return
+        self._port.stats.web_plain += 1
+        self._start(inner, data)
 
     def _start(self, inner: Protocol, data: bytes) -> None:
         self._inner = inner

@@ -18,7 +18,8 @@ from safesquid_tw.proxy.headers import strip_hop_by_hop
 from safesquid_tw.proxy.upstream import UpstreamConnection
 
 if TYPE_CHECKING:
-    from safesquid_tw.proxy.frontdoor import ClientConnection, RequestContext
+    from safesquid_tw.proxy.context import RequestContext
+    from safesquid_tw.proxy.frontdoor import ClientConnection
 
 log = Logger()
 

@@ -10,23 +10,22 @@ is waiting.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import time
-from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from twisted.internet import protocol, threads
 from twisted.logger import Logger
 
-from safesquid_tw import pages
 from safesquid_tw.policy.model import MISS, RequestFacts
 from safesquid_tw.proxy import http1
-from safesquid_tw.proxy.errors import ProxyFailure, error_response, simple_response
+from safesquid_tw.proxy.answers import SelfAnswers
+from safesquid_tw.proxy.context import HeaderView, RequestContext, basic_credentials
+from safesquid_tw.proxy.errors import ProxyFailure
 from safesquid_tw.proxy.flow import ReadGate
 from safesquid_tw.proxy.forward import Exchange
-from safesquid_tw.proxy.headers import client_wants_close, strip_hop_by_hop, via_contains
-from safesquid_tw.proxy.target import Target, host_header_for, is_asterisk_options, parse_target
+from safesquid_tw.proxy.headers import strip_hop_by_hop, via_contains
+from safesquid_tw.proxy.inspection import BodyInspection
+from safesquid_tw.proxy.target import host_header_for, is_asterisk_options, parse_target
 from safesquid_tw.proxy.tunnel import Tunnel
 
 if TYPE_CHECKING:
@@ -36,40 +35,9 @@ log = Logger()
 
 PARKED = 86400.0  # a deadline nobody needs right now waits here until it is moved again
 PIPELINE_LIMIT = 256 * 1024  # bytes of pipelined requests buffered before reading pauses
-SENSITIVE_TRACE_FIELDS = frozenset({b"proxy-authorization", b"authorization", b"cookie"})
 
 
-class RequestContext:
-    """Everything known about one request; the access record is made from it at the end."""
-
-    __slots__ = (
-        "start", "method", "version", "target", "url", "policy", "framing", "client_close", "user",
-        "status", "action", "rule", "category", "application", "detail", "dlp", "bytes_in",
-        "head",
-    )
-
-    def __init__(self, start: float, head: http1.RequestHead, target: Target, policy, framing) -> None:
-        self.start = start
-        self.head = head
-        self.method = head.method
-        self.version = head.version
-        self.target = target
-        self.url = target.url_for_log()
-        self.policy = policy
-        self.framing = framing
-        self.client_close = client_wants_close(head.version, head.headers)
-        self.user: str | None = None
-        self.status = 0
-        self.action = "allow"
-        self.rule: str | None = None
-        self.category: str | None = None
-        self.application: str | None = None
-        self.detail: str | None = None
-        self.dlp: tuple[str, ...] = ()
-        self.bytes_in = 0
-
-
-class ClientConnection(protocol.Protocol):
+class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
     def __init__(self, factory: "ProxyFactory") -> None:
         self.factory = factory
         self.limits = factory.limits
@@ -309,7 +277,7 @@ class ClientConnection(protocol.Protocol):
                 return
         compiled = policy.compiled
         if compiled.auth_required(self.client_ip):
-            credentials = _basic_credentials(head.get(b"proxy-authorization"))
+            credentials = basic_credentials(head.get(b"proxy-authorization"))
             if credentials is None:
                 self._challenge(ctx)
                 return
@@ -359,7 +327,7 @@ class ClientConnection(protocol.Protocol):
             path=target.path,
             user=identity.user if identity is not None else None,
             groups=identity.groups if identity is not None else frozenset(),
-            headers=_HeaderView(head),
+            headers=HeaderView(head),
         )
         decision = compiled.decide(facts)
         ctx.rule = decision.rule
@@ -473,168 +441,6 @@ class ClientConnection(protocol.Protocol):
             # meanwhile are waiting in the buffer.
             self._pump()
 
-    def _dlp_scan(self, ctx: RequestContext) -> None:
-        """Scan the held body prefix; then forward it, or answer with a block page.
-
-        Reading pauses meanwhile; a large prefix is scanned in a worker thread (a megabyte of
-        adversarial digits costs a noticeable fraction of a second), a small one right here.
-        Bytes that still arrive are held behind the prefix, in order.
-        """
-        self._dlp_scanning = True
-        self.gate.pause("dlp")
-        dlp = ctx.policy.compiled.dlp
-        prefix = bytes(self._dlp_buffer[: dlp.scan_limit])
-        if len(prefix) <= 65536:
-            self._dlp_scanned(dlp.scan(prefix), ctx)
-            return
-        d = threads.deferToThreadPool(self.factory.reactor, self.factory.auth_pool, dlp.scan, prefix)
-        d.addCallbacks(self._dlp_scanned, self._dlp_failed, callbackArgs=(ctx,), errbackArgs=(ctx,))
-
-    def _dlp_failed(self, reason, ctx: RequestContext) -> None:
-        log.failure("DLP scan", reason)
-        if self.ctx is ctx and self.state != "closing":
-            self._dlp_buffer = None
-            self._respond_error(ctx, 500, "the request body could not be scanned", "proxy_internal_error")
-
-    def _dlp_scanned(self, hits, ctx: RequestContext) -> None:
-        if self.ctx is not ctx or self.state == "closing":
-            return
-        self._dlp_scanning = False
-        self.gate.resume("dlp")
-        held, self._dlp_buffer = bytes(self._dlp_buffer), None
-        if not self._apply_dlp(ctx, hits, started=True):
-            return
-        exchange = self.exchange
-        exchange.start()
-        if held:
-            exchange.body_data(held)
-        if self._dlp_body_done:
-            self._dlp_body_done = False
-            exchange.body_end()
-
-    def _apply_dlp(self, ctx: RequestContext, hits, *, started: bool = False) -> bool:
-        if not hits:
-            return True
-        ctx.dlp = tuple(sorted(set(ctx.dlp) | {h.detector for h in hits}))
-        blocking = [h for h in hits if h.action == "block"]
-        if not blocking:
-            return True
-        ctx.action = "deny"
-        ctx.rule = f"dlp:{blocking[0].detector}"
-        if started:
-            self.exchange = None
-        self.respond_blocked(
-            ctx, rule=ctx.rule, reason=f"the request carries data that may not leave ({blocking[0].detector})", close=True
-        )
-        self._finish_local(ctx, close=True)
-        return False
-
-    def _upload_blocked(self, ctx: RequestContext) -> None:
-        ctx.action = "deny"
-        ctx.rule = "content-security"
-        limit = ctx.policy.compiled.content.max_upload
-        ctx.detail = f"upload larger than {limit} bytes"
-        if self.exchange is not None and self.exchange is not None and self.state in ("body", "waiting"):
-            exchange, self.exchange = self.exchange, None
-            exchange._abandon_upstream()
-            exchange._finished = True
-        body = pages.render_block_page(
-            url=ctx.url, rule="content-security", reason=f"uploads are limited to {limit} bytes",
-            category=ctx.category, application=ctx.application, node=self.factory.node_name,
-            policy_version=ctx.policy.version, client=self.client_ip, user=ctx.user,
-        )
-        ctx.status = 413
-        self.write(simple_response(413, body, close=True, version=ctx.version))
-        self._finish_local(ctx, close=True)
-
-    # -- answers the proxy gives itself --------------------------------------------------
-    def respond_blocked(self, ctx: RequestContext, *, rule: str | None, reason: str, close: bool) -> None:
-        body = pages.render_block_page(
-            url=ctx.url, rule=rule, reason=reason, category=ctx.category, application=ctx.application,
-            node=self.factory.node_name, policy_version=ctx.policy.version if ctx.policy else None,
-            client=self.client_ip, user=ctx.user,
-        )
-        ctx.status = 403
-        ctx.detail = ctx.detail or reason
-        headers = [(b"Proxy-Status", self.factory.proxy_status("http_request_denied"))]
-        self.write(
-            simple_response(403, body, headers=headers, close=close, version=ctx.version,
-                            head_only=ctx.method == b"HEAD")
-        )
-
-    def respond_failure(self, ctx: RequestContext, failure: ProxyFailure) -> None:
-        ctx.status = failure.status
-        self.write(
-            error_response(
-                failure.status, node=self.factory.node_name, detail=failure.detail, url=ctx.url,
-                error_type=failure.error_type, extra=failure.extra, close=True, version=ctx.version,
-                head_only=ctx.method == b"HEAD",
-            )
-        )
-
-    def _respond_error(self, ctx: RequestContext, status: int, detail: str, error_type: str, *, template: str | None = None) -> None:
-        ctx.action = "error"
-        ctx.detail = detail
-        self.respond_failure(ctx, ProxyFailure(status, error_type, detail))
-        self._finish_local(ctx, close=True)
-
-    def _challenge(self, ctx: RequestContext) -> None:
-        realm = ctx.policy.compiled.realm.replace("\\", "\\\\").replace('"', '\\"')
-        ctx.action = "auth"
-        ctx.status = 407
-        ctx.detail = ctx.detail or "credentials required"
-        close = self._must_close(ctx)
-        self.write(
-            error_response(
-                407, node=self.factory.node_name, detail="This proxy needs your user name and password.",
-                url=ctx.url, close=close, version=ctx.version, head_only=ctx.method == b"HEAD",
-                headers=[(b"Proxy-Authenticate", b'Basic realm="%s", charset="UTF-8"' % realm.encode("utf-8"))],
-            )
-        )
-        self._finish_local(ctx, close=close)
-
-    def _answer_max_forwards(self, ctx: RequestContext, head: http1.RequestHead) -> None:
-        ctx.status = 200
-        if head.method == b"TRACE":
-            echoed = [(n, v) for n, v in head.headers if n.lower() not in SENSITIVE_TRACE_FIELDS]
-            body = http1.serialize_request_head(head.method, head.target, echoed, head.version)
-            self.write(simple_response(200, body, content_type=b"message/http", close=self._must_close(ctx), version=ctx.version))
-        else:
-            self.write(
-                simple_response(
-                    200, b"", content_type=b"text/plain",
-                    headers=[(b"Allow", b"GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE, CONNECT")],
-                    close=self._must_close(ctx), version=ctx.version,
-                )
-            )
-        self._finish_local(ctx)
-
-    def _answer_options(self, head: http1.RequestHead) -> None:
-        close = client_wants_close(head.version, head.headers) or http1.request_framing(head).kind != "none"
-        self.write(
-            simple_response(200, b"", content_type=b"text/plain",
-                            headers=[(b"Allow", b"GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE, CONNECT")],
-                            close=close, version=head.version)
-        )
-        if close:
-            self.state = "closing"
-            self.transport.loseConnection()
-
-    def _must_close(self, ctx: RequestContext) -> bool:
-        # A request whose body we will not read leaves the connection in an unknown place.
-        return ctx.client_close or ctx.framing.kind != "none"
-
-    def _reject(self, status: int, detail: str, error_type: str) -> None:
-        """A request that cannot be parsed: answer, close, never look at the rest of the bytes."""
-        if self.state == "closing":
-            return
-        ctx = self.ctx if self.state in ("body", "hold") else None
-        self.state = "closing"
-        self._disarm()
-        self.write(error_response(status, node=self.factory.node_name, detail=detail, error_type=error_type, close=True))
-        self.factory.log_rejected(self, status, detail, ctx)
-        self.transport.loseConnection()
-
     # -- CONNECT --------------------------------------------------------------------------
     def _open_tunnel(self, ctx: RequestContext) -> None:
         self.state = "waiting"
@@ -727,45 +533,3 @@ class ClientConnection(protocol.Protocol):
         self._arm("idle", self.limits.idle_timeout)
         if self.buf and not self._pumping:
             self._pump()
-
-
-def _basic_credentials(value: bytes | None) -> tuple[str, str] | None:
-    if not value:
-        return None
-    scheme, _, token = value.strip().partition(b" ")
-    if scheme.lower() != b"basic":
-        return None
-    try:
-        decoded = base64.b64decode(token.strip(), validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
-        return None
-    user, sep, password = decoded.partition(":")
-    if not sep or not user:
-        return None
-    return user, password
-
-
-class _HeaderView(Mapping):
-    """The request's fields as the policy sees them (lower-case names, text values), decoded
-    only when an application signature actually asks for one: most requests never do."""
-
-    __slots__ = ("_head",)
-
-    def __init__(self, head: http1.RequestHead) -> None:
-        self._head = head
-
-    def __getitem__(self, name: str) -> str:
-        value = self._head.get(name.encode("latin-1"))
-        if value is None:
-            raise KeyError(name)
-        return value.decode("latin-1")
-
-    def get(self, name: str, default=None):
-        value = self._head.get(name.encode("latin-1"))
-        return default if value is None else value.decode("latin-1")
-
-    def __iter__(self):
-        return iter(dict.fromkeys(n.decode("latin-1").lower() for n, _v in self._head.headers))
-
-    def __len__(self) -> int:
-        return sum(1 for _ in self)

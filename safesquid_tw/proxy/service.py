@@ -14,7 +14,8 @@ from twisted.python.threadpool import ThreadPool
 from safesquid_tw.accesslog.record import AccessRecord
 from safesquid_tw.config import Limits
 from safesquid_tw.proxy.errors import ProxyFailure, error_response, proxy_status_value
-from safesquid_tw.proxy.frontdoor import ClientConnection, RequestContext
+from safesquid_tw.proxy.context import RequestContext
+from safesquid_tw.proxy.frontdoor import ClientConnection
 from safesquid_tw.proxy.headers import append_via
 from safesquid_tw.proxy.resolver import Resolver
 from safesquid_tw.proxy.upstream import UpstreamPool

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 from safesquid_tw.proxy.errors import ProxyFailure
 
 if TYPE_CHECKING:
-    from safesquid_tw.proxy.frontdoor import ClientConnection, RequestContext
+    from safesquid_tw.proxy.context import RequestContext
+    from safesquid_tw.proxy.frontdoor import ClientConnection
     from safesquid_tw.proxy.upstream import UpstreamConnection
 
 

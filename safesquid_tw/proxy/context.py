@@ -1,0 +1,83 @@
+"""What one request carries through the proxy, and how its credentials and fields are read."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Mapping
+
+from safesquid_tw.proxy import http1
+from safesquid_tw.proxy.headers import client_wants_close
+from safesquid_tw.proxy.target import Target
+
+
+class RequestContext:
+    """Everything known about one request; the access record is made from it at the end."""
+
+    __slots__ = (
+        "start", "method", "version", "target", "url", "policy", "framing", "client_close", "user",
+        "status", "action", "rule", "category", "application", "detail", "dlp", "bytes_in",
+        "head",
+    )
+
+    def __init__(self, start: float, head: http1.RequestHead, target: Target, policy, framing) -> None:
+        self.start = start
+        self.head = head
+        self.method = head.method
+        self.version = head.version
+        self.target = target
+        self.url = target.url_for_log()
+        self.policy = policy
+        self.framing = framing
+        self.client_close = client_wants_close(head.version, head.headers)
+        self.user: str | None = None
+        self.status = 0
+        self.action = "allow"
+        self.rule: str | None = None
+        self.category: str | None = None
+        self.application: str | None = None
+        self.detail: str | None = None
+        self.dlp: tuple[str, ...] = ()
+        self.bytes_in = 0
+
+
+def basic_credentials(value: bytes | None) -> tuple[str, str] | None:
+    if not value:
+        return None
+    scheme, _, token = value.strip().partition(b" ")
+    if scheme.lower() != b"basic":
+        return None
+    try:
+        decoded = base64.b64decode(token.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    user, sep, password = decoded.partition(":")
+    if not sep or not user:
+        return None
+    return user, password
+
+
+class HeaderView(Mapping):
+    """The request's fields as the policy sees them (lower-case names, text values), decoded
+    only when an application signature actually asks for one: most requests never do."""
+
+    __slots__ = ("_head",)
+
+    def __init__(self, head: http1.RequestHead) -> None:
+        self._head = head
+
+    def __getitem__(self, name: str) -> str:
+        value = self._head.get(name.encode("latin-1"))
+        if value is None:
+            raise KeyError(name)
+        return value.decode("latin-1")
+
+    def get(self, name: str, default=None):
+        value = self._head.get(name.encode("latin-1"))
+        return default if value is None else value.decode("latin-1")
+
+    def __iter__(self):
+        return iter(dict.fromkeys(n.decode("latin-1").lower() for n, _v in self._head.headers))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
