@@ -299,11 +299,22 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
     def _verified(self, identity, ctx: RequestContext) -> None:
         if self.ctx is not ctx or self.state == "closing":
             return
+        brake = self.factory.guessing
         if identity is None:
             ctx.detail = "wrong user name or password"
-            self._challenge(ctx)
+            delay = brake.failed(self.client_ip)
+            if delay:
+                self.gate.pause("decision")
+                self.factory.reactor.callLater(delay, self._challenge_later, ctx)
+            else:
+                self._challenge(ctx)
         else:
+            brake.succeeded(self.client_ip)
             self._authenticated(ctx, identity)
+
+    def _challenge_later(self, ctx: RequestContext) -> None:
+        if self.ctx is ctx and self.state != "closing":
+            self._challenge(ctx)
 
     def _verify_failed(self, reason, ctx: RequestContext) -> None:
         log.failure("verifying proxy credentials", reason)

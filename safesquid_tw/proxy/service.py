@@ -16,6 +16,7 @@ from safesquid_tw.config import Limits
 from safesquid_tw.proxy.errors import ProxyFailure, error_response, proxy_status_value
 from safesquid_tw.proxy.context import RequestContext
 from safesquid_tw.proxy.frontdoor import ClientConnection
+from safesquid_tw.proxy.guessing import GuessingBrake
 from safesquid_tw.proxy.headers import append_via
 from safesquid_tw.proxy.resolver import Resolver
 from safesquid_tw.proxy.upstream import UpstreamPool
@@ -67,6 +68,7 @@ class ProxyFactory(protocol.Factory):
         self.pool = UpstreamPool(reactor, resolver, limits, is_self=self.is_self)
         self.auth_pool = ThreadPool(minthreads=0, maxthreads=4, name="safesquid-auth")
         self.requests = 0
+        self.guessing = GuessingBrake()
         self._status_cache: dict[str, bytes] = {}
 
     def buildProtocol(self, addr):
