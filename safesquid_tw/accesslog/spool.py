@@ -1,15 +1,8 @@
 """A slave's on-disk spool of access records waiting to be shipped to the master.
 
-Records go into append-only *segments*. Every line is `<crc32 hex> <seq> <payload>\\n`, the CRC
-covering `<seq> <payload>`, so a torn write or a flipped bit is found line by line. Files in the
-spool directory:
-
-- `<segment>.open`: the segment being appended to (at most one);
-- `<segment>.<records>.seg`: sealed, waiting to be shipped; the record count is in the name so
-  the backlog is known at start-up without reading every segment;
-- `<segment>[.<n>].corrupt`: a damaged segment set aside for inspection (its valid records were
-  copied into a clean `.seg` of the same id and ship as usual);
-- `spool-state.json`: the next segment id and the count of records dropped by the size cap.
+Records go into append-only *segments*, checksummed line by line; `segment` describes the line
+format and the segment files. Beside them, `spool-state.json` holds the next segment id and the
+count of records dropped by the size cap.
 
 Exactly once, end to end: (node, segment, seq) names a record for ever. Sequence numbers restart
 at 0 in every segment, and segment ids never repeat: the next id is persisted *before* a segment
@@ -36,13 +29,16 @@ import json
 import os
 import threading
 import time
-import zlib
 from pathlib import Path
 from typing import Callable, Iterator
 
 import attrs
 from twisted.logger import Logger
 
+from safesquid_tw.accesslog.segment import (
+    SegmentScan, cut_torn_tail, encode_line, fsync_directory, open_path, scan_segment, sealed_path,
+    set_aside_files,
+)
 from safesquid_tw.util.atomic import atomic_write
 
 _log = Logger()
@@ -91,72 +87,6 @@ class _Pending:
     segment: int
     lines: list[bytes] = attrs.Factory(list)
     seal_count: int | None = None
-
-
-@attrs.frozen
-class _Scan:
-    records: list[tuple[int, bytes]]  # (seq, payload), in file order
-    bad_lines: int
-    valid_end: int  # offset just past the last valid line
-    damaged_inside: bool  # a damaged line is followed by a valid one: not just a torn tail
-
-
-def encode_line(seq: int, payload: bytes) -> bytes:
-    body = b"%d %s" % (seq, payload)
-    return b"%08x %s\n" % (zlib.crc32(body), body)
-
-
-def _decode_line(line: bytes) -> tuple[int, bytes] | None:
-    if len(line) < 11 or line[8:9] != b" ":
-        return None
-    body = line[9:]
-    try:
-        if int(line[:8], 16) != zlib.crc32(body):
-            return None
-        seq_text, payload = body.split(b" ", 1)
-        return int(seq_text), payload
-    except ValueError:
-        return None
-
-
-def scan_segment(data: bytes) -> _Scan:
-    """Valid records of a segment file, and where and how it is damaged."""
-    records: list[tuple[int, bytes]] = []
-    bad = 0
-    offset = valid_end = 0
-    damaged_inside = False
-    last_seq = -1
-    lines = data.split(b"\n")
-    # The element after the last newline is b"" for a complete file, else an unterminated tail.
-    for index, line in enumerate(lines):
-        end = offset + len(line) + 1
-        terminated = index < len(lines) - 1
-        decoded = _decode_line(line) if terminated else None
-        if decoded is not None and decoded[0] > last_seq:
-            if bad:
-                damaged_inside = True
-            records.append(decoded)
-            last_seq = decoded[0]
-            valid_end = end
-        elif terminated or line:
-            bad += 1
-        offset = end
-    return _Scan(records, bad, valid_end, damaged_inside)
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_durably(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 class Spool:
@@ -329,7 +259,7 @@ class Spool:
             if sealed is None:
                 return
             sealed.path.unlink(missing_ok=True)
-            _fsync_directory(self.directory)
+            fsync_directory(self.directory)
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -355,10 +285,10 @@ class Spool:
         self._sealed_bytes += sealed.size
 
     def _open_path(self, segment: int) -> Path:
-        return self.directory / f"{segment:020d}.open"
+        return open_path(self.directory, segment)
 
     def _sealed_path(self, segment: int, records: int) -> Path:
-        return self.directory / f"{segment:020d}.{records}.seg"
+        return sealed_path(self.directory, segment, records)
 
     def _write_pending(self, pending: _Pending) -> None:
         path = self._open_path(pending.segment)
@@ -389,7 +319,7 @@ class Spool:
                 return
             sealed_path = self._sealed_path(pending.segment, pending.seal_count)
             os.replace(path, sealed_path)
-            _fsync_directory(self.directory)
+            fsync_directory(self.directory)
             with self._lock:
                 self._remember_sealed(
                     pending.segment, _Sealed(sealed_path, pending.seal_count, self._open_on_disk)
@@ -414,7 +344,7 @@ class Spool:
             self.dropped_records += victim.records
             self._save_state()
             victim.path.unlink(missing_ok=True)
-            _fsync_directory(self.directory)
+            fsync_directory(self.directory)
             with self._lock:
                 self._forget_sealed(oldest)
             self._report(
@@ -439,21 +369,9 @@ class Spool:
                 self._set_aside(segment, sealed.path, scan)
             return scan.records
 
-    def _set_aside(self, segment: int, path: Path, scan: _Scan) -> None:
+    def _set_aside(self, segment: int, path: Path, scan: SegmentScan) -> None:
         """Keep the damaged file as `.corrupt`; its valid records go on in a clean segment."""
-        clean_path = self._sealed_path(segment, len(scan.records))
-        tmp_path = clean_path.with_name(clean_path.name + ".tmp")
-        _write_durably(tmp_path, b"".join(encode_line(seq, p) for seq, p in scan.records))
-        corrupt_path = self.directory / f"{segment:020d}.corrupt"
-        n = 0
-        while corrupt_path.exists():
-            n += 1
-            corrupt_path = self.directory / f"{segment:020d}.{n}.corrupt"
-        os.replace(path, corrupt_path)
-        os.replace(tmp_path, clean_path)
-        if not scan.records:
-            clean_path.unlink()
-        _fsync_directory(self.directory)
+        clean_path, corrupt_path = set_aside_files(self.directory, segment, path, scan)
         clean = _Sealed(clean_path, len(scan.records), clean_path.stat().st_size if scan.records else 0)
         with self._lock:
             self._forget_sealed(segment)
@@ -507,18 +425,14 @@ class Spool:
             self._set_aside(segment, path, scan)
             return
         if scan.bad_lines:
-            with open(path, "r+b") as f:
-                cut = f.seek(0, os.SEEK_END) - scan.valid_end
-                f.truncate(scan.valid_end)
-                f.flush()
-                os.fsync(f.fileno())
+            cut = cut_torn_tail(path, scan.valid_end)
             self._report("torn-tail", segment, f"cut {cut} bytes of an interrupted write")
         if not scan.records:
             path.unlink()
             return
         sealed_path = self._sealed_path(segment, len(scan.records))
         os.replace(path, sealed_path)
-        _fsync_directory(self.directory)
+        fsync_directory(self.directory)
         self._remember_sealed(segment, _Sealed(sealed_path, len(scan.records), scan.valid_end))
 
     def _load_state(self) -> None:

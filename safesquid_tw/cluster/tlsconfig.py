@@ -18,13 +18,10 @@ Slaves insist on TLS 1.3 and on the control-plane ALPN protocol.
 from __future__ import annotations
 
 import datetime
-import fcntl
-import hashlib
 import ipaddress
 import os
 import re
 import socket
-import struct
 from pathlib import Path
 from typing import Callable, Iterable, Literal
 
@@ -39,6 +36,8 @@ from twisted.internet.ssl import CertificateOptions
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from safesquid_tw.cluster.addresses import local_addresses
+from safesquid_tw.cluster.fingerprints import format_fingerprint, parse_fingerprint, spki_fingerprint
 from safesquid_tw.cluster.wire import ALPN_CONTROL_PLANE, ALPN_HTTP1
 from safesquid_tw.util.atomic import atomic_write
 
@@ -52,10 +51,8 @@ CERT_LIFETIME = datetime.timedelta(days=825)
 RENEW_BEFORE = datetime.timedelta(days=30)
 # RFC 9266: the TLS 1.3 exporter value meant for channel binding.
 EXPORTER_LABEL = b"EXPORTER-Channel-Binding"
-_SIOCGIFADDR = 0x8915  # Linux: the IPv4 address of one interface
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _DNS_NAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*")
-_ROUTE_PROBES = (("192.0.2.1", socket.AF_INET), ("2001:db8::1", socket.AF_INET6))  # documentation nets
 
 
 class MasterIdentityMismatch(Exception):
@@ -64,99 +61,6 @@ class MasterIdentityMismatch(Exception):
 
 class ChannelBindingUnavailable(Exception):
     """The connection cannot carry a key proof (not TLS 1.3, or not the control-plane protocol)."""
-
-
-# --- fingerprints -----------------------------------------------------------------------------
-
-
-def spki_fingerprint(cert: x509.Certificate) -> str:
-    """SHA-256 of the certificate's public key (SubjectPublicKeyInfo, DER), 64 lowercase hex digits."""
-    spki = cert.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return hashlib.sha256(spki).hexdigest()
-
-
-def format_fingerprint(fingerprint: str) -> str:
-    """``SHA256:AB:CD:...``, the form shown to operators and written to the trust file."""
-    return "SHA256:" + ":".join(fingerprint[i : i + 2] for i in range(0, len(fingerprint), 2)).upper()
-
-
-def parse_fingerprint(text: str) -> str:
-    """Accept a fingerprint as operators paste it (colons, spaces, any case, ``SHA256:`` prefix)."""
-    cleaned = text.strip()
-    if cleaned.lower().startswith("sha256:"):
-        cleaned = cleaned[7:]
-    cleaned = "".join(cleaned.split()).replace(":", "").lower()
-    if len(cleaned) != 64 or any(c not in "0123456789abcdef" for c in cleaned):
-        raise ValueError(
-            f"{text.strip()[:120]!r} is not a SHA-256 fingerprint (64 hex digits, colons allowed)"
-        )
-    return cleaned
-
-
-# --- addresses --------------------------------------------------------------------------------
-
-
-def _interface_ipv4_addresses() -> set[str]:
-    found: set[str] = set()
-    try:
-        names = [name for _index, name in socket.if_nameindex()]
-    except OSError:
-        return found
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        for name in names:
-            try:
-                raw = fcntl.ioctl(s.fileno(), _SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
-            except OSError:  # no IPv4 address on this interface, or not Linux
-                continue
-            found.add(socket.inet_ntoa(raw[20:24]))
-    return found
-
-
-def _interface_ipv6_addresses() -> set[str]:
-    found: set[str] = set()
-    try:
-        lines = Path("/proc/net/if_inet6").read_text().splitlines()
-    except OSError:
-        return found
-    for line in lines:
-        fields = line.split()
-        try:
-            found.add(str(ipaddress.IPv6Address(bytes.fromhex(fields[0]))))
-        except (IndexError, ValueError):
-            continue
-    return found
-
-
-def _routed_addresses() -> set[str]:
-    # Connecting a UDP socket sends nothing: the kernel only picks the source address it would use.
-    found: set[str] = set()
-    for probe, family in _ROUTE_PROBES:
-        try:
-            with socket.socket(family, socket.SOCK_DGRAM) as s:
-                s.connect((probe, 9))
-                found.add(s.getsockname()[0])
-        except OSError:
-            continue
-    return found
-
-
-def local_addresses() -> list[str]:
-    """This host's IP addresses, found without name lookups: loopback, every interface's
-    (Linux), and the source address of the default routes. Link-local ones are left out (a
-    certificate cannot name their scope)."""
-    candidates = {"127.0.0.1", "::1"}
-    candidates |= _interface_ipv4_addresses() | _interface_ipv6_addresses() | _routed_addresses()
-    addresses = []
-    for text in candidates:
-        try:
-            ip = ipaddress.ip_address(text.split("%", 1)[0])
-        except ValueError:
-            continue
-        if not ip.is_link_local and not ip.is_unspecified:
-            addresses.append(ip)
-    return [str(ip) for ip in sorted(addresses, key=lambda ip: (ip.version, ip))]
 
 
 # --- the master's identity --------------------------------------------------------------------

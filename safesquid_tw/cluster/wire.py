@@ -25,13 +25,31 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import math
 import re
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import attrs
 
-# Bump on any incompatible change to this file: nodes with different values refuse each other.
+from safesquid_tw.cluster.wirecheck import (
+    MAX_INT,
+    MAX_MESSAGE_BYTES,
+    MAX_TEXT,
+    Bool,
+    Bytes,
+    Float,
+    Int,
+    ListOf,
+    MapOf,
+    NoneValue,
+    Record,
+    Remote,
+    Text,
+    WireError,
+    _type_name,
+)
+
+# Bump on any incompatible change to this file or to wirecheck.py: nodes with different values
+# refuse each other.
 PROTOCOL_VERSION = 1
 ALPN_CONTROL_PLANE = b"safesquid-cluster/1"
 ALPN_HTTP1 = b"http/1.1"
@@ -39,18 +57,15 @@ ALPN_HTTP1 = b"http/1.1"
 # Banana's per-string and per-list limit (twisted.spread.banana.SIZE_LIMIT); a test keeps them equal.
 BANANA_SIZE_LIMIT = 640 * 1024
 MAX_CHUNK_BYTES = 256 * 1024  # one policy chunk
-MAX_MESSAGE_BYTES = 512 * 1024  # any single bytes or str value, and one log batch in total
 MAX_BLOB_BYTES = 64 * 1024 * 1024  # a whole policy document
 MIN_CHUNK_BYTES = 1024  # the smallest chunk size a sender may choose
 MAX_BLOB_CHUNKS = -(-MAX_BLOB_BYTES // MIN_CHUNK_BYTES)
-MAX_TEXT = 4096  # free text: error details, status strings
 MAX_LOG_BATCH_RECORDS = 1000
 MAX_LOG_RECORD_BYTES = 256 * 1024  # equals the spool's MAX_RECORD_BYTES
 MAX_STATUS_COUNTERS = 64
 NONCE_BYTES = 32
 PROOF_BYTES = 32
 DIGEST_BYTES = 32
-MAX_INT = 2**63 - 1  # versions, sequence numbers, counters: what a signed 64-bit store can hold
 
 assert MAX_MESSAGE_BYTES < BANANA_SIZE_LIMIT and MAX_CHUNK_BYTES <= MAX_MESSAGE_BYTES
 
@@ -58,152 +73,6 @@ assert MAX_MESSAGE_BYTES < BANANA_SIZE_LIMIT and MAX_CHUNK_BYTES <= MAX_MESSAGE_
 _NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
 _PRODUCT_VERSION = re.compile(r"[0-9A-Za-z][0-9A-Za-z.+-]{0,63}")
 _COUNTER_NAME = re.compile(r"[a-z][a-z0-9_.]{0,63}")
-
-
-class WireError(ValueError):
-    """A remote call's argument or result breaks the contract (wrong type, too large, malformed)."""
-
-
-def _type_name(value: object) -> str:
-    return type(value).__name__
-
-
-# --- value specifications ---------------------------------------------------------------------
-
-
-@attrs.frozen
-class Int:
-    lo: int = 0
-    hi: int = MAX_INT
-
-    def check(self, value: object, where: str) -> None:
-        # bool is an int subclass; True must not pass for a sequence number.
-        if type(value) is not int:
-            raise WireError(f"{where} must be an int, not {_type_name(value)}")
-        if not self.lo <= value <= self.hi:
-            raise WireError(f"{where} must be in {self.lo}..{self.hi}, not {value}")
-
-
-@attrs.frozen
-class Float:
-    lo: float = 0.0
-    hi: float = float(MAX_INT)
-
-    def check(self, value: object, where: str) -> None:
-        if type(value) not in (int, float):
-            raise WireError(f"{where} must be a number, not {_type_name(value)}")
-        if not math.isfinite(value) or not self.lo <= value <= self.hi:  # type: ignore[arg-type]
-            raise WireError(f"{where} must be a finite number in {self.lo}..{self.hi}, not {value}")
-
-
-@attrs.frozen
-class Bool:
-    def check(self, value: object, where: str) -> None:
-        if type(value) is not bool:
-            raise WireError(f"{where} must be a bool, not {_type_name(value)}")
-
-
-@attrs.frozen
-class Bytes:
-    max_len: int = MAX_MESSAGE_BYTES
-    exact_len: int | None = None
-
-    def check(self, value: object, where: str) -> None:
-        if type(value) is not bytes:
-            raise WireError(f"{where} must be bytes, not {_type_name(value)}")
-        if self.exact_len is not None and len(value) != self.exact_len:
-            raise WireError(f"{where} must be exactly {self.exact_len} bytes, not {len(value)}")
-        if len(value) > self.max_len:
-            raise WireError(f"{where} is {len(value)} bytes, more than {self.max_len}")
-
-
-@attrs.frozen
-class Text:
-    max_len: int = MAX_TEXT
-    pattern: re.Pattern[str] | None = None
-    describe: str = ""
-
-    def check(self, value: object, where: str) -> None:
-        if type(value) is not str:
-            raise WireError(f"{where} must be a str, not {_type_name(value)}")
-        if len(value) > self.max_len:
-            raise WireError(f"{where} is {len(value)} characters, more than {self.max_len}")
-        if self.pattern is not None and self.pattern.fullmatch(value) is None:
-            raise WireError(f"{where} must be {self.describe or 'well formed'}, not {value[:80]!r}")
-
-
-@attrs.frozen
-class Remote:
-    """A PB remote reference: checked by its one method, so this module needs no Twisted."""
-
-    def check(self, value: object, where: str) -> None:
-        if not callable(getattr(value, "callRemote", None)):
-            raise WireError(f"{where} must be a remote reference, not {_type_name(value)}")
-
-
-@attrs.frozen
-class NoneValue:
-    def check(self, value: object, where: str) -> None:
-        if value is not None:
-            raise WireError(f"{where} must be None, not {_type_name(value)}")
-
-
-@attrs.frozen
-class ListOf:
-    item: Any
-    max_items: int
-    min_items: int = 0
-    max_total_bytes: int | None = None  # sum of len() of bytes/str items
-
-    def check(self, value: object, where: str) -> None:
-        if type(value) not in (list, tuple):
-            raise WireError(f"{where} must be a list, not {_type_name(value)}")
-        if not self.min_items <= len(value) <= self.max_items:  # type: ignore[arg-type]
-            count = len(value)  # type: ignore[arg-type]
-            raise WireError(f"{where} must hold {self.min_items}..{self.max_items} items, not {count}")
-        total = 0
-        for i, item in enumerate(value):  # type: ignore[arg-type]
-            self.item.check(item, f"{where}[{i}]")
-            if self.max_total_bytes is not None:
-                total += len(item)
-        if self.max_total_bytes is not None and total > self.max_total_bytes:
-            raise WireError(f"{where} holds {total} bytes in all, more than {self.max_total_bytes}")
-
-
-@attrs.frozen
-class Record:
-    """A dict with exactly these keys (a key listed in `optional` may be left out)."""
-
-    fields: Mapping[str, Any]
-    optional: frozenset[str] = frozenset()
-
-    def check(self, value: object, where: str) -> None:
-        if type(value) is not dict:
-            raise WireError(f"{where} must be a dict, not {_type_name(value)}")
-        unknown = [k for k in value if k not in self.fields]
-        if unknown:
-            raise WireError(f"{where} has unknown key {str(unknown[0])[:80]!r}")
-        for key, spec in self.fields.items():
-            if key in value:
-                spec.check(value[key], f"{where}[{key!r}]")
-            elif key not in self.optional:
-                raise WireError(f"{where} lacks the key {key!r}")
-
-
-@attrs.frozen
-class MapOf:
-    key: Any
-    value: Any
-    max_items: int
-
-    def check(self, value: object, where: str) -> None:
-        if type(value) is not dict:
-            raise WireError(f"{where} must be a dict, not {_type_name(value)}")
-        if len(value) > self.max_items:
-            raise WireError(f"{where} holds {len(value)} entries, more than {self.max_items}")
-        for k, v in value.items():
-            self.key.check(k, f"{where} key")
-            self.value.check(v, f"{where}[{k!r}]")
 
 
 # --- the contract ------------------------------------------------------------------------------
@@ -474,6 +343,7 @@ __all__ = [
     "MAX_BLOB_BYTES",
     "MAX_CHUNK_BYTES",
     "MAX_MESSAGE_BYTES",
+    "MAX_TEXT",
     "NONCE_BYTES",
     "PROOF_BYTES",
     "PROTOCOL_VERSION",

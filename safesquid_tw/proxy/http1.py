@@ -1,4 +1,4 @@
-"""Strict HTTP/1.1 wire layer: finding and parsing heads, body framing, chunked coding.
+"""Strict HTTP/1.1 wire layer: finding and parsing heads, body framing, serialising heads.
 
 Pure functions over bytes (no Twisted). The rules follow RFC 9110/9112 with the strict
 choices a proxy needs so that nothing can be smuggled past it: every message whose framing
@@ -10,6 +10,9 @@ Typical use by a connection protocol::
     head = parse_request_head(bytes(buf[:end]))
     framing = request_framing(head)                              # "none" | "length" | "chunked"
     rest = buf[end:]                                             # body bytes / next request
+
+The chunked coding lives in ``chunked`` and the shared field syntax in ``httpsyntax``; their
+public names are re-exported here, so ``http1`` stays the one import for the whole wire layer.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ import re
 from collections.abc import Iterable
 
 import attrs
+
+from safesquid_tw.proxy.chunked import LAST_CHUNK, ChunkedDecoder, chunk_header, encode_chunk
+from safesquid_tw.proxy.httpsyntax import FIELD_LINE, TCHAR, TOKEN, ProtocolError, diagnose_field_line
 
 __all__ = [
     "CHUNKED", "LAST_CHUNK", "NO_BODY", "UNTIL_CLOSE", "ChunkedDecoder", "Framing",
@@ -28,34 +34,10 @@ __all__ = [
 ]
 
 
-class ProtocolError(Exception):
-    """A message that must be refused: ``status`` is the answer to send (502 for a bad response)."""
-
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(status, detail)
-        self.status = status
-        self.detail = detail
-
-    def __str__(self) -> str:
-        return f"{self.status} {self.detail}"
-
-
-# RFC 9110 5.6.2 tchar.
-_TCHAR = rb"!#$%&'*+\-.^_`|~0-9A-Za-z"
-_TOKEN = re.compile(rb"[" + _TCHAR + rb"]+")
-# A field line: token ":" OWS value. The value may hold HTAB, SP, VCHAR and obs-text, nothing
-# else; trailing OWS is stripped afterwards (a lazy group here would backtrack on every byte).
-_FIELD_LINE = re.compile(rb"([" + _TCHAR + rb"]+):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*)")
 # Exactly METHOD SP target SP HTTP/d.d; the target is visible ASCII only.
-_REQUEST_LINE = re.compile(rb"([" + _TCHAR + rb"]+) ([\x21-\x7e]+) (HTTP/[0-9]\.[0-9])")
+_REQUEST_LINE = re.compile(rb"([" + TCHAR + rb"]+) ([\x21-\x7e]+) (HTTP/[0-9]\.[0-9])")
 # Reason phrases are optional and some servers omit the SP before an empty one.
 _STATUS_LINE = re.compile(rb"(HTTP/[0-9]\.[0-9]) ([0-9]{3})(?: ([\t \x21-\x7e\x80-\xff]*))?")
-_QUOTED_STRING = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"'
-# RFC 9112 7.1: chunk-size [ chunk-ext ]; BWS is allowed only around ";" and "=".
-_CHUNK_SIZE_LINE = re.compile(
-    rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[ \t]*[" + _TCHAR + rb"]+"
-    rb"(?:[ \t]*=[ \t]*(?:[" + _TCHAR + rb"]+|" + _QUOTED_STRING + rb"))?)*"
-)
 _LEADING_EMPTY_LINES = re.compile(rb"(?:\r\n)*")
 _VISIBLE_ASCII = re.compile(rb"[\x21-\x7e]+")
 _VERSIONS = frozenset({b"HTTP/1.1", b"HTTP/1.0"})
@@ -192,11 +174,11 @@ def _parse_fields(
         raise ProtocolError(too_many_status, f"more than {max_fields} header fields")
     fields = []
     index: dict[bytes, list[bytes]] = {}
-    match = _FIELD_LINE.fullmatch
+    match = FIELD_LINE.fullmatch
     for i in range(1, len(lines)):
         m = match(lines[i])
         if m is None:
-            raise ProtocolError(status, _diagnose_field_line(lines[i]))
+            raise ProtocolError(status, diagnose_field_line(lines[i]))
         name, value = m.groups()
         value = value.rstrip(b" \t")
         fields.append((name, value))
@@ -207,25 +189,6 @@ def _parse_fields(
         else:
             seen.append(value)
     return tuple(fields), index
-
-
-def _diagnose_field_line(line: bytes) -> str:
-    # Cold path: only runs for a line the fast regex refused, to give a useful reason.
-    if line[:1] in (b" ", b"\t"):
-        return "obsolete line folding"
-    name, colon, value = line.partition(b":")
-    if not colon:
-        return "header line without a colon"
-    if not name:
-        return "empty header name"
-    if name.rstrip(b" \t") != name:
-        return "whitespace between header name and colon"
-    if not _TOKEN.fullmatch(name):
-        return "invalid character in header name"
-    for byte in (b"\r", b"\n", b"\x00"):
-        if byte in value:
-            return f"{byte!r} in header value"
-    return "invalid character in header value"
 
 
 def parse_request_head(raw: bytes, max_headers: int = 100) -> RequestHead:
@@ -248,7 +211,7 @@ def _diagnose_request_line(line: bytes) -> str:
     parts = line.split(b" ")
     if len(parts) != 3 or not all(parts):
         return "malformed request line"
-    if not _TOKEN.fullmatch(parts[0]):
+    if not TOKEN.fullmatch(parts[0]):
         return "invalid method"
     if not _VISIBLE_ASCII.fullmatch(parts[1]):
         return "invalid character in request target"
@@ -311,7 +274,7 @@ def _transfer_codings(values: list[bytes], status: int) -> list[bytes]:
         for item in value.split(b","):
             coding = item.strip(b" \t").lower()
             # Empty list members and parameters are refused: no other parser may disagree.
-            if not _TOKEN.fullmatch(coding):
+            if not TOKEN.fullmatch(coding):
                 raise ProtocolError(status, "malformed Transfer-Encoding")
             codings.append(coding)
     return codings
@@ -368,133 +331,6 @@ def response_framing(head: ResponseHead, request_method: bytes) -> Framing:
     if cl:
         return Framing("length", length)
     return UNTIL_CLOSE
-
-
-# ---------------------------------------------------------------------------- chunked bodies
-
-_SIZE, _DATA, _DATA_END, _TRAILER, _DONE = range(5)
-
-
-class ChunkedDecoder:
-    """Incremental decoder of a chunked body (RFC 9112 7.1); feed it bytes in any split.
-
-    ``feed`` returns the payload pieces decoded so far. Once ``done``, ``trailers`` holds the
-    trailer fields (checked like header fields; never merge them into the header section, RFC
-    9110 6.5.1) and ``take_rest()`` the bytes that followed the body. Errors raise
-    ProtocolError(400); a response forwarder reports them as 502.
-    """
-
-    __slots__ = ("_max_line", "_max_trailer", "_state", "_remaining", "_pending",
-                 "_trailer_bytes", "_rest", "trailers")
-
-    def __init__(self, max_line: int = 4096, max_trailer_bytes: int = 16384) -> None:
-        self._max_line = max_line
-        self._max_trailer = max_trailer_bytes
-        self._state = _SIZE
-        self._remaining = 0
-        self._pending = b""  # an incomplete line (or lone CR) carried to the next feed
-        self._trailer_bytes = 0
-        self._rest = b""
-        self.trailers: list[tuple[bytes, bytes]] = []
-
-    @property
-    def done(self) -> bool:
-        return self._state == _DONE
-
-    def take_rest(self) -> bytes:
-        rest, self._rest = self._rest, b""
-        return rest
-
-    def feed(self, data: bytes) -> list[bytes]:
-        if not isinstance(data, bytes):
-            data = bytes(data)
-        if self._state == _DONE:
-            self._rest += data
-            return []
-        buf = self._pending + data if self._pending else data
-        self._pending = b""
-        pos, end = 0, len(buf)
-        out: list[bytes] = []
-        while pos < end:
-            state = self._state
-            if state == _DATA:
-                take = min(self._remaining, end - pos)
-                out.append(buf if take == end else buf[pos:pos + take])
-                pos += take
-                self._remaining -= take
-                if not self._remaining:
-                    self._state = _DATA_END
-            elif state == _SIZE:
-                nl = buf.find(b"\n", pos, pos + self._max_line + 2)
-                if nl == -1:
-                    if end - pos >= self._max_line + 2:
-                        raise ProtocolError(400, "chunk size line too long")
-                    break
-                if nl == pos or buf[nl - 1] != 13:
-                    raise ProtocolError(400, "bare LF in chunked body")
-                m = _CHUNK_SIZE_LINE.fullmatch(buf, pos, nl - 1)
-                if m is None:
-                    raise ProtocolError(400, "malformed chunk size line")
-                size = int(m.group(1), 16)
-                pos = nl + 1
-                if size:
-                    self._state, self._remaining = _DATA, size
-                else:
-                    self._state = _TRAILER
-            elif state == _DATA_END:
-                if buf[pos] != 13 or (end - pos > 1 and buf[pos + 1] != 10):
-                    raise ProtocolError(400, "missing CRLF after chunk data")
-                if end - pos < 2:
-                    break
-                pos += 2
-                self._state = _SIZE
-            else:  # _TRAILER
-                next_pos = self._trailer_line(buf, pos, end)
-                if next_pos < 0:
-                    break
-                pos = next_pos
-                if self._state == _DONE:
-                    self._rest = buf[pos:]
-                    return out
-        if pos < end:
-            self._pending = buf[pos:]
-        return out
-
-    def _trailer_line(self, buf: bytes, pos: int, end: int) -> int:
-        """Consume one trailer line; return the new position, or -1 to wait for more."""
-        budget = self._max_trailer - self._trailer_bytes
-        nl = buf.find(b"\n", pos, pos + budget)
-        if nl == -1:
-            if end - pos >= budget:
-                raise ProtocolError(400, "trailer section too large")
-            return -1
-        if nl == pos or buf[nl - 1] != 13:
-            raise ProtocolError(400, "bare LF in chunked trailer")
-        self._trailer_bytes += nl + 1 - pos
-        if nl - 1 == pos:
-            self._state = _DONE
-        else:
-            line = buf[pos:nl - 1]
-            m = _FIELD_LINE.fullmatch(line)
-            if m is None:
-                raise ProtocolError(400, "trailer: " + _diagnose_field_line(line))
-            self.trailers.append((m.group(1), m.group(2).rstrip(b" \t")))
-        return nl + 1
-
-
-LAST_CHUNK = b"0\r\n\r\n"
-
-
-def chunk_header(size: int) -> bytes:
-    """The size line of a chunk of ``size`` bytes (for writeSequence without copying data)."""
-    return b"%x\r\n" % size
-
-
-def encode_chunk(data: bytes) -> bytes:
-    """One chunk carrying ``data``; b"" for empty data (an empty chunk would end the body)."""
-    if not data:
-        return b""
-    return b"%x\r\n%s\r\n" % (len(data), data)
 
 
 # ---------------------------------------------------------------------------- serialising
