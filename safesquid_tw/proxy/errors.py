@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import re
+import time
 
 import attrs
+
+from twisted.web.http import datetimeToString
 
 from safesquid_tw import pages
 
@@ -81,6 +84,17 @@ def proxy_status_value(node: str, error_type: str, extra: str = "", details: str
     return value.encode("ascii", "replace")
 
 
+_date_cache: list = [None, b""]
+
+
+def http_date(now: float | None = None) -> bytes:
+    """The IMF-fixdate of this second (RFC 9110 5.6.7), formatted once per second."""
+    second = int(time.time() if now is None else now)
+    if _date_cache[0] != second:
+        _date_cache[0], _date_cache[1] = second, datetimeToString(second)
+    return _date_cache[1]
+
+
 def simple_response(
     status: int,
     body: bytes,
@@ -92,6 +106,7 @@ def simple_response(
     head_only: bool = False,
 ) -> bytes:
     lines = [b"%s %d %s\r\n" % (version, status, REASONS.get(status, b"Status"))]
+    lines.append(b"Date: " + http_date() + b"\r\n")
     lines.append(b"Content-Type: " + content_type + b"\r\n")
     lines.append(b"Content-Length: %d\r\n" % len(body))
     lines.append(b"Cache-Control: no-store\r\n")

@@ -162,3 +162,9 @@ def test_unknown_credentials_are_checked_off_the_reactor_thread():
     # the connection stopped reading meanwhile.
     assert transport.value() == b""
     assert proto.gate.paused
+
+
+def test_answers_of_the_proxy_carry_a_date():
+    _reactor, proto, transport, _ = make()
+    proto.dataReceived(b"GET http://a.games.test/ HTTP/1.1\r\nHost: a.games.test\r\n\r\n")
+    assert re.search(rb"\r\nDate: \w{3}, \d\d \w{3} \d{4} \d\d:\d\d:\d\d GMT\r\n", transport.value())
