@@ -174,10 +174,17 @@ class ListeningFile(Service):
         atomic_write(str(self.path), json.dumps(info).encode() + b"\n", mode=0o644)
 
     def _failed(self, reason) -> None:
-        log.failure("cannot listen", reason)
+        # gatherResults wraps the listener's error: name the one that failed, in one line.
+        error = reason.value
+        first = getattr(error, "subFailure", None)
+        why = first.getErrorMessage() if first is not None else reason.getErrorMessage()
+        log.critical("cannot listen, stopping: {why}", why=why)
         from twisted.internet import reactor
 
-        reactor.stop()
+        # A node that cannot take its addresses must not look like a clean stop to its supervisor.
+        reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
+        # Listening fails while the services start, before the reactor runs: stop it once it does.
+        reactor.callWhenRunning(reactor.stop)
 
     def stopService(self):
         super().stopService()

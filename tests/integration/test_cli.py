@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import stat
 import subprocess
 import time
@@ -140,3 +141,20 @@ def test_sigterm_stops_gracefully_and_frees_the_ports(node_factory, origins):
     with pytest.raises(OSError):
         harness.raw_request(proxy, b"GET / HTTP/1.1\r\n\r\n", timeout=2)
     assert not os.path.exists(f"/proc/{node.pid}")
+
+
+def test_an_address_already_taken_stops_the_node_with_an_error(tmp_path):
+    taken = socket.socket()
+    taken.bind(("127.0.0.2", 0))
+    taken.listen(1)
+    try:
+        port = taken.getsockname()[1]
+        result = harness.run_twistd(
+            ["--listen", f"tcp:{port}:interface=127.0.0.2", "--portal", "tcp:0:interface=127.0.0.2",
+             "--state-dir", str(tmp_path / "state"), "--stop-grace", "0"],
+            cwd=tmp_path, timeout=60,
+        )
+    finally:
+        taken.close()
+    assert result.returncode != 0  # a supervisor must see a failure, not a clean stop
+    assert "cannot listen" in result.stdout and "Address already in use" in result.stdout
