@@ -18,7 +18,8 @@ from safesquid_tw import __version__
 from safesquid_tw.config import NodeConfig
 from safesquid_tw.eventlog import start_event_log, stop_event_log
 from safesquid_tw.nodestate import NodeState
-from safesquid_tw.policy.codec import parse_json
+from safesquid_tw.policy.codec import digest, parse_json
+from safesquid_tw.policy.validate import validate_document
 from safesquid_tw.policy.errors import PolicyError
 from safesquid_tw.master.history import PolicyHistory
 from safesquid_tw.policy.store import PolicyCacheCorrupt, PolicyStore
@@ -94,7 +95,10 @@ class PolicyFileService(Service):
 
     name = "policy-file"
 
-    def __init__(self, reactor, apply, store: PolicyStore, path: str, *, only_if_empty: bool = False) -> None:
+    def __init__(
+        self, reactor, apply, store: PolicyStore, path: str, *, only_if_empty: bool = False, loaded_before=None
+    ) -> None:
+        self.loaded_before = loaded_before  # digest -> the version this file was last loaded as
         self.reactor = reactor
         self.apply = apply
         self.store = store
@@ -109,7 +113,7 @@ class PolicyFileService(Service):
                 log.info("no policy yet: starting from {path}", path=self.path)
                 self.load()
             return
-        self.load()
+        self.load(at_start=True)
         try:
             self._previous_handler = signal.signal(signal.SIGHUP, self._on_sighup)
         except ValueError:  # not the main thread (tests): reload() is still callable
@@ -124,11 +128,22 @@ class PolicyFileService(Service):
     def _on_sighup(self, signum, frame) -> None:
         self.reactor.callFromThread(self.reload)
 
-    def load(self) -> None:
+    def load(self, *, at_start: bool = False) -> None:
         before = self.store.current
         try:
             with open(self.path, "rb") as f:
                 doc = parse_json(f.read())
+            if at_start and self.loaded_before is not None and before is not None:
+                # A file that has not changed since it was last loaded does not undo, at a
+                # restart, what administrators applied in the portal since; SIGHUP still does.
+                version = self.loaded_before(digest(validate_document(doc)))
+                if version is not None and version != before.version:
+                    log.info(
+                        "policy file {path} is unchanged since it was loaded as version {old}: "
+                        "version {version} (applied since) stays; send SIGHUP to load the file again",
+                        path=self.path, old=version, version=before.version,
+                    )
+                    return
             policy = self.apply(doc, f"file {self.path}")
         except (OSError, PolicyError) as e:
             current = self.store.current
@@ -320,7 +335,17 @@ class NodeBase:
             self.state.policy_source = "file"
             return policy
 
-        return PolicyFileService(self.reactor, apply, self.store, path, only_if_empty=only_if_empty)
+        source = f"file {path}"
+
+        def loaded_before(file_digest: str) -> int | None:
+            for info in self.history.versions():  # newest first
+                if info.source == source:
+                    return info.version if info.digest == file_digest else None
+            return None
+
+        return PolicyFileService(
+            self.reactor, apply, self.store, path, only_if_empty=only_if_empty, loaded_before=loaded_before
+        )
 
     def cached_policy_service(self, then=None) -> CachedPolicyService:
         return CachedPolicyService(self, then)

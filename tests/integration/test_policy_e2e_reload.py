@@ -3,8 +3,10 @@ finish, and a policy that does not validate is refused while the running one sta
 
 from __future__ import annotations
 
+import json
 import signal
 import time
+import urllib.request
 
 import pytest
 
@@ -80,3 +82,27 @@ def test_sighup_without_change_keeps_serving(node_factory, origins):
     harness.wait_until(lambda: proxy_request(node, "GET", origins.url("/after-hup")).status == 200, 10,
                        "a request after SIGHUP")
     assert node.alive()
+
+
+def test_a_restart_keeps_what_the_portal_applied_over_an_unchanged_file(tmp_path, origins):
+    """The policy file is applied at start only when it changed since it was last loaded: a
+    restart must not undo a version an administrator applied through the portal or the API."""
+    node = harness.start_node(tmp_path, policy=harness.make_policy(), name="restart")
+    try:
+        token = (node.state_dir / "api-token").read_text().strip()
+        document = harness.make_policy(rules=[{"name": "from-the-api", "action": "deny", "domains": ["api.invalid"]}])
+        request = urllib.request.Request(
+            node.portal_url + "/api/v1/policy", method="POST",
+            data=json.dumps({"document": document, "comment": "applied through the API"}).encode(),
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            assert answer.status in (200, 201)
+        assert node.health()[1]["policy_version"] == 2
+        node.stop()
+        node = harness.start_node(tmp_path, name="restart", args=["--policy", str(tmp_path / "restart-policy.json")])
+        assert node.health()[1]["policy_version"] == 2
+        assert "unchanged since it was loaded as version 1" in node.extended_text()
+        assert harness.proxy_request(node, "GET", "http://api.invalid/").status == 403
+    finally:
+        node.stop()
