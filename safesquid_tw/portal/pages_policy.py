@@ -67,13 +67,31 @@ def _choices(document: dict[str, Any], fields: tuple[S.Field, ...]) -> dict[str,
             for f in fields if f.kind in ("select", "multi")}
 
 
+def _no_policy() -> Error:
+    return Error(503, "No policy yet", "This node has no policy loaded yet.")
+
+
+async def _open_list(call: Call, *, editing: bool) -> tuple[S.Section, S.ListForm, dict[str, Any]] | Reply:
+    """The section and list a request names, with the working document; or the answer why not."""
+    if editing and call.services.ctx.read_only:
+        return READ_ONLY
+    section = _section(call)
+    lf = _list_form(section, call.params["list"]) if section else None
+    if section is None or lf is None:
+        return Error(404, "Not found", "There is no such list in the policy.")
+    document, _draft = await working_document(call)
+    if document is None:
+        return _no_policy()
+    return section, lf, document
+
+
 # -- pages ---------------------------------------------------------------------------------------
 
 
 async def policy_index(call: Call) -> Reply:
     document, draft = await working_document(call)
     if document is None:
-        return Error(503, "No policy yet", "This node has no policy loaded yet.")
+        return _no_policy()
     summary = []
     for section in S.SECTIONS:
         sizes = [f"{len(S.list_items(document, lf))} {lf.noun}(s)" for lf in section.lists]
@@ -90,7 +108,7 @@ async def section_page(call: Call, *, object_errors: dict[str, dict[str, str]] |
         return Error(404, "Not found", "There is no such policy section.")
     document, draft = await working_document(call)
     if document is None:
-        return Error(503, "No policy yet", "This node has no policy loaded yet.")
+        return _no_policy()
     objects = []
     for of in section.objects:
         values = (object_values or {}).get(of.name)
@@ -123,13 +141,10 @@ def _index(call: Call) -> int | None:
 
 
 async def item_form(call: Call) -> Reply:
-    section = _section(call)
-    lf = _list_form(section, call.params["list"]) if section else None
-    if section is None or lf is None:
-        return Error(404, "Not found", "There is no such list in the policy.")
-    document, _draft = await working_document(call)
-    if document is None:
-        return Error(503, "No policy yet", "This node has no policy loaded yet.")
+    opened = await _open_list(call, editing=False)
+    if not isinstance(opened, tuple):
+        return opened
+    section, lf, document = opened
     items = S.list_items(document, lf)
     try:
         index = _index(call)
@@ -141,15 +156,10 @@ async def item_form(call: Call) -> Reply:
 
 
 async def save_item(call: Call) -> Reply:
-    if call.services.ctx.read_only:
-        return READ_ONLY
-    section = _section(call)
-    lf = _list_form(section, call.params["list"]) if section else None
-    if section is None or lf is None:
-        return Error(404, "Not found", "There is no such list in the policy.")
-    document, _draft = await working_document(call)
-    if document is None:
-        return Error(503, "No policy yet", "This node has no policy loaded yet.")
+    opened = await _open_list(call, editing=True)
+    if not isinstance(opened, tuple):
+        return opened
+    section, lf, document = opened
     items = S.list_items(document, lf)
     form = call.form
     original = form.get("original_name")
@@ -193,15 +203,10 @@ async def save_item(call: Call) -> Reply:
 
 async def change_item(call: Call) -> Reply:
     """Delete an item, or move it up or down (order matters for rules and applications)."""
-    if call.services.ctx.read_only:
-        return READ_ONLY
-    section = _section(call)
-    lf = _list_form(section, call.params["list"]) if section else None
-    if section is None or lf is None:
-        return Error(404, "Not found", "There is no such list in the policy.")
-    document, _draft = await working_document(call)
-    if document is None:
-        return Error(503, "No policy yet", "This node has no policy loaded yet.")
+    opened = await _open_list(call, editing=True)
+    if not isinstance(opened, tuple):
+        return opened
+    section, lf, document = opened
     items = S.list_items(document, lf)
     action = call.params["action"]
     try:
@@ -237,7 +242,7 @@ async def save_object(call: Call) -> Reply:
         return Error(404, "Not found", "There is no such form in the policy.")
     document, _draft = await working_document(call)
     if document is None:
-        return Error(503, "No policy yet", "This node has no policy loaded yet.")
+        return _no_policy()
     form = call.form
     values = S.read_form(of.fields, form.get, form.getall, form.checked)
     fragment, errors = S.from_form(of.fields, values)
