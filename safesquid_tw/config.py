@@ -53,6 +53,8 @@ class NodeConfig:
     stop_grace: float = 5.0  # at SIGTERM: /health says 503 while traffic is still served, this long
     spool_cap_bytes: int = 512 * 1024 * 1024
     report_retention_days: float = 90.0  # the report store keeps records this long
+    keytab: str | None = None  # Kerberos keytab for Negotiate proxy authentication
+    service_principal: str | None = None  # e.g. HTTP/proxy.example.com
     limits: Limits = attrs.field(factory=Limits)
 
     @property

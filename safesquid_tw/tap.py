@@ -74,6 +74,9 @@ class Options(usage.Options):
          _number("report-retention-days", float)],
         ["spool-cap-bytes", None, 512 * 1024 * 1024, "most bytes of unshipped access records kept on disk",
          _number("spool-cap-bytes", int)],
+        ["keytab", None, None, "Kerberos keytab holding the proxy's service key (for authentication.negotiate)"],
+        ["service-principal", None, None,
+         "Kerberos service principal clients ask tickets for, e.g. HTTP/proxy.example.com (the balancer's name)"],
     ] + [
         [name, None, getattr(Limits(), name.replace("-", "_")), doc, _number(name, kind)]
         for name, doc, kind in _LIMIT_OPTIONS
@@ -142,6 +145,7 @@ def options_to_config(opts: usage.Options) -> NodeConfig:
             read_activation_key(key_file)
         except (OSError, ValueError) as e:
             raise usage.UsageError(f"--activation-key-file: {e}")
+    _check_kerberos(opts, role)
     limits = Limits(**{n.replace("-", "_"): opts[n] for n, _d, _k in _LIMIT_OPTIONS})
     fields = dict(
         role=role,
@@ -160,6 +164,8 @@ def options_to_config(opts: usage.Options) -> NodeConfig:
         stop_grace=opts["stop-grace"],
         report_retention_days=opts["report-retention-days"],
         spool_cap_bytes=opts["spool-cap-bytes"],
+        keytab=opts["keytab"],
+        service_principal=opts["service-principal"],
         limits=limits,
     )
     if opts["node-name"]:
@@ -174,6 +180,24 @@ def options_to_config(opts: usage.Options) -> NodeConfig:
         except (OSError, PolicyError) as e:
             raise usage.UsageError(f"--policy {config.policy_file}: {e}")
     return config
+
+
+def _check_kerberos(opts: usage.Options, role: str) -> None:
+    keytab, principal = opts["keytab"], opts["service-principal"]
+    if not keytab and not principal:
+        return
+    if role == "master":
+        raise usage.UsageError("--keytab and --service-principal are for nodes that run the proxy, not a master")
+    if not keytab or not principal:
+        raise usage.UsageError("--keytab and --service-principal go together (e.g. --service-principal=HTTP/proxy.example.com)")
+    try:
+        with open(keytab, "rb"):
+            pass
+    except OSError as e:
+        raise usage.UsageError(f"--keytab: cannot read {keytab}: {e.strerror}")
+    service, slash, host = principal.partition("/")
+    if not slash or not service or not host:
+        raise usage.UsageError(f"--service-principal: {principal!r} is not SERVICE/host (e.g. HTTP/proxy.example.com)")
 
 
 def _with_saved_startup_params(config: NodeConfig) -> NodeConfig:

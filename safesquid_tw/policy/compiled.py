@@ -12,6 +12,7 @@ from typing import Any
 
 import attrs
 
+from safesquid_tw.identity.authenticator import DirectoryAuthenticator
 from safesquid_tw.policy.classify import ApplicationIndex, CategoryIndex
 from safesquid_tw.policy.content import ContentRules
 from safesquid_tw.policy.credentials import Credentials
@@ -40,6 +41,9 @@ class CompiledPolicy:
         self.realm: str = authentication["realm"]
         self._exempt = NetworkSet(authentication["exempt_networks"])
         self._credentials = Credentials(document["users"])
+        self._local_users = frozenset(u["name"] for u in document["users"])
+        self.directory = DirectoryAuthenticator.from_policy(document)
+        self.negotiate: bool = authentication.get("negotiate", False)
         self.connect_ports: frozenset[int] = frozenset(document["connect"]["allowed_ports"])
         self.content = ContentRules(document["content_security"])
         self.dlp = DlpRules(document["dlp"])
@@ -150,11 +154,24 @@ class CompiledPolicy:
 
     def cached_identity(self, user: str, password: str) -> CachedIdentity:
         """Fast: the identity, None for a pair known to be wrong, or MISS (verify it in a thread)."""
+        if self.directory is not None and user not in self._local_users:
+            return self.directory.cached(user, password)
         return self._credentials.cached(user, password)
 
     def verify_credentials(self, user: str, password: str) -> Identity | None:
-        """Slow (argon2id) and thread-safe: run it off the reactor thread."""
+        """Slow (argon2id, or a bind to the directory) and thread-safe: run it off the reactor
+        thread. Local users are checked first; other names go to the directory, if there is one.
+        Raises DirectoryUnavailable when the directory does not answer."""
+        if self.directory is not None and user not in self._local_users:
+            return self.directory.verify(user, password)
         return self._credentials.verify(user, password)
+
+    def principal_identity(self, user: str, principal: str) -> Identity | None:
+        """The identity of a Kerberos principal: from the directory when there is one (blocking:
+        call it from a thread), else a local user of that name, else the name without groups."""
+        if self.directory is not None:
+            return self.directory.for_principal(user, principal)
+        return self._credentials.identity(user) or Identity(user=user, groups=frozenset())
 
     def identity(self, user: str) -> Identity | None:
         """The user's identity under this version, without checking any password."""
@@ -163,6 +180,8 @@ class CompiledPolicy:
     def inherit_from(self, previous: CompiledPolicy) -> None:
         """Carry verified credentials over from the version this one replaces."""
         self._credentials.inherit(previous._credentials)
+        if self.directory is not None and previous.directory is not None:
+            self.directory.adopt(previous.directory)
 
 
 def _aware_now(now: datetime | None) -> datetime:

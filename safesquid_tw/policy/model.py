@@ -64,6 +64,8 @@ class Identity:
 
     user: str
     groups: frozenset[str]
+    # DNs of the user's groups in the directory (empty for local users and without a directory)
+    directory_groups: frozenset[str] = frozenset()
 
 
 @attrs.frozen(slots=True)

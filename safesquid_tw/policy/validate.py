@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
+from safesquid_tw.policy.directoryfields import check_directory, check_directory_groups
 from safesquid_tw.policy.errors import PolicyError
 from safesquid_tw.policy.fields import (
     DAYS,
@@ -188,24 +189,36 @@ def _schedule(value: object, path: str) -> dict[str, Any]:
 
 
 def _authentication(value: object) -> dict[str, Any]:
-    section = expect_object(value, "authentication", {"enabled": False, "realm": False, "exempt_networks": False})
+    section = expect_object(value, "authentication", {"enabled": False, "realm": False, "exempt_networks": False,
+                                                      "directory": False, "negotiate": False})
     realm = expect_str(section.get("realm", DEFAULT_REALM), "authentication.realm", max_len=128)
     if '"' in realm or "\\" in realm or any(not ch.isprintable() for ch in realm):
         raise PolicyError("authentication.realm", "must not contain quotes, backslashes or control characters")
     exempt = expect_list(section.get("exempt_networks", []), "authentication.exempt_networks")
-    return {
+    out = {
         "enabled": expect_bool(section.get("enabled", False), "authentication.enabled"),
         "realm": realm,
         "exempt_networks": check_unique_list(exempt, "authentication.exempt_networks", check_network),
     }
+    # Directory identity keys appear only when used, so documents without them keep their digest.
+    directory = check_directory(section.get("directory"))
+    if directory is not None:
+        out["directory"] = directory
+    if expect_bool(section.get("negotiate", False), "authentication.negotiate"):
+        out["negotiate"] = True
+    return out
 
 
 def _groups(value: object) -> list[dict[str, Any]]:
     out = []
     for path, item, name in _named_items(value, "groups"):
-        expect_object(item, path, {"name": True, "description": False})
+        expect_object(item, path, {"name": True, "description": False, "directory_groups": False})
         description = expect_str(item.get("description", ""), f"{path}.description", max_len=1000, allow_empty=True)
-        out.append({"name": name, "description": description})
+        directory_groups = check_directory_groups(item.get("directory_groups", []), f"{path}.directory_groups")
+        group = {"name": name, "description": description}
+        if directory_groups:
+            group["directory_groups"] = directory_groups
+        out.append(group)
     return out
 
 

@@ -57,10 +57,17 @@ class SelfAnswers:
             error_response(
                 407, node=self.factory.node_name, detail="This proxy needs your user name and password.",
                 url=ctx.url, close=close, version=ctx.version, head_only=ctx.method == b"HEAD",
-                headers=[(b"Proxy-Authenticate", b'Basic realm="%s", charset="UTF-8"' % realm.encode("utf-8"))],
+                headers=self._challenge_fields(ctx, realm),
             )
         )
         self._finish_local(ctx, close=close)
+
+    def _challenge_fields(self, ctx: RequestContext, realm: str) -> list[tuple[bytes, bytes]]:
+        basic = (b"Proxy-Authenticate", b'Basic realm="%s", charset="UTF-8"' % realm.encode("utf-8"))
+        if ctx.policy.compiled.negotiate and self.factory.negotiate is not None:
+            # Kerberos first: clients pick the first scheme they can do; Basic stays the fallback.
+            return [(b"Proxy-Authenticate", b"Negotiate"), basic]
+        return [basic]
 
     def _answer_max_forwards(self, ctx: RequestContext, head: http1.RequestHead) -> None:
         ctx.status = 200

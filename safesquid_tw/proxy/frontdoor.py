@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 from twisted.internet import protocol, threads
 from twisted.logger import Logger
 
+from safesquid_tw.identity.errors import DirectoryUnavailable, NegotiateError
+from safesquid_tw.identity.negotiate import negotiate_token
 from safesquid_tw.policy.model import MISS, RequestFacts
 from safesquid_tw.proxy import http1
 from safesquid_tw.proxy.answers import SelfAnswers
@@ -60,6 +62,8 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
         self._dlp_scanning = False
         self._dlp_body_done = False
         self._upload_limit: int | None = None
+        # (policy version, identity, principal) once Negotiate has authenticated this connection
+        self._negotiated: tuple | None = None
 
     # -- connection lifetime --------------------------------------------------------------
     def connectionMade(self) -> None:
@@ -277,7 +281,11 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
                 return
         compiled = policy.compiled
         if compiled.auth_required(self.client_ip):
-            credentials = basic_credentials(head.get(b"proxy-authorization"))
+            authorization = head.get(b"proxy-authorization")
+            if compiled.negotiate and factory.negotiate is not None:
+                if self._negotiate(ctx, compiled, authorization):
+                    return
+            credentials = basic_credentials(authorization)
             if credentials is None:
                 self._challenge(ctx)
                 return
@@ -317,12 +325,70 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
             self._challenge(ctx)
 
     def _verify_failed(self, reason, ctx: RequestContext) -> None:
+        if self.ctx is not ctx or self.state == "closing":
+            return
+        if reason.check(DirectoryUnavailable):
+            # Never a silent allow: users the directory has not vouched for recently wait outside.
+            self.factory.log_directory_down(str(reason.value))
+            self._respond_error(ctx, 503, "the user directory is unavailable; try again shortly",
+                                "proxy_internal_error")
+            return
         log.failure("verifying proxy credentials", reason)
-        if self.ctx is ctx and self.state != "closing":
-            self._respond_error(ctx, 500, "the credentials could not be checked", "proxy_internal_error")
+        self._respond_error(ctx, 500, "the credentials could not be checked", "proxy_internal_error")
+
+    # -- Kerberos (Negotiate) ---------------------------------------------------------------
+    def _negotiate(self, ctx: RequestContext, compiled, authorization: bytes | None) -> bool:
+        """Handle a Negotiate token, or a connection Negotiate already authenticated; True when
+        this request is taken care of here (decided, or waiting on a worker thread)."""
+        token = negotiate_token(authorization)
+        if token is None:
+            known = self._negotiated
+            if known is None or authorization is not None:
+                return False
+            # Negotiate authenticates the connection (RFC 4559 4.2): later requests on it carry
+            # no token. The identity is looked up again under a newer policy version.
+            if known[0] is compiled:
+                self._authenticated(ctx, known[1])
+                return True
+            token_principal = known[2]
+            self.gate.pause("decision")
+            d = threads.deferToThreadPool(self.factory.reactor, self.factory.auth_pool,
+                                          _principal_identity, compiled, None, token_principal)
+        else:
+            self.gate.pause("decision")
+            d = threads.deferToThreadPool(self.factory.reactor, self.factory.auth_pool,
+                                          _principal_identity, compiled, self.factory.negotiate, token)
+        d.addCallbacks(self._negotiated_identity, self._negotiate_failed,
+                       callbackArgs=(ctx, compiled), errbackArgs=(ctx,))
+        return True
+
+    def _negotiated_identity(self, result, ctx: RequestContext, compiled) -> None:
+        if self.ctx is not ctx or self.state == "closing":
+            return
+        principal, identity, reply = result
+        if identity is None:
+            ctx.detail = f"Kerberos principal {principal} is not in the directory"
+            self._negotiated = None
+            self._challenge(ctx)
+            return
+        # (The acceptor's mutual-authentication token is not relayed: proxy clients do not ask
+        # for it, and it would have to be spliced into the origin's response head.)
+        self._negotiated = (compiled, identity, principal)
+        self._authenticated(ctx, identity)
+
+    def _negotiate_failed(self, reason, ctx: RequestContext) -> None:
+        if self.ctx is not ctx or self.state == "closing":
+            return
+        if reason.check(NegotiateError):
+            ctx.detail = f"Negotiate: {reason.value}"
+            self._negotiated = None
+            self._challenge(ctx)
+            return
+        self._verify_failed(reason, ctx)
 
     def _authenticated(self, ctx: RequestContext, identity) -> None:
         ctx.user = identity.user
+        ctx.groups = identity.groups
         self._decide(ctx, identity)
 
     def _decide(self, ctx: RequestContext, identity) -> None:
@@ -544,3 +610,16 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
         self._arm("idle", self.limits.idle_timeout)
         if self.buf and not self._pumping:
             self._pump()
+
+
+def _principal_identity(compiled, acceptor, token_or_principal):
+    """In a worker thread: accept a SPNEGO token (when `acceptor` is given) or take a principal
+    already accepted on this connection, and find its identity under `compiled`."""
+    reply = None
+    if acceptor is not None:
+        accepted = acceptor.accept(token_or_principal)
+        principal, reply = accepted.principal, accepted.reply
+    else:
+        principal = token_or_principal
+    user = principal.rpartition("@")[0] or principal
+    return principal, compiled.principal_identity(user, principal), reply

@@ -53,8 +53,11 @@ class ProxyFactory(protocol.Factory):
         current_policy: Callable[[], object],
         record_sink: Callable[[AccessRecord], None],
         resolver: Resolver,
+        negotiate=None,
     ) -> None:
         self.reactor = reactor
+        self.negotiate = negotiate  # a NegotiateAcceptor when the node has a keytab
+        self._directory_logged_at = -1e9
         self.limits = limits
         self.node_name = node_name
         self.pseudonym = node_name.encode("ascii", "replace").replace(b" ", b"-") or b"safesquid-tw"
@@ -108,6 +111,14 @@ class ProxyFactory(protocol.Factory):
                 return True
         return False
 
+    def log_directory_down(self, why: str) -> None:
+        """One line per half minute while the directory does not answer, not one per request."""
+        now = self.reactor.seconds()
+        if now - self._directory_logged_at >= 30.0:
+            self._directory_logged_at = now
+            log.warn("the user directory is unavailable ({why}); new logins get 503 until it answers",
+                     why=why)
+
     def record(self, conn: ClientConnection, ctx: RequestContext, tunnel_bytes=None) -> None:
         self.requests += 1
         now = time.time()
@@ -117,6 +128,7 @@ class ProxyFactory(protocol.Factory):
             node=self.node_name,
             client=conn.client_ip,
             user=ctx.user,
+            groups=tuple(sorted(ctx.groups)),
             method=ctx.method.decode("ascii", "replace"),
             url=ctx.url,
             status=ctx.status,

@@ -81,6 +81,7 @@ def build_proxy_node(config: NodeConfig, reactor) -> MultiService:
         current_policy=lambda: store.current,
         record_sink=access_log.write,
         resolver=resolver,
+        negotiate=_negotiate_acceptor(config),
     )
     proxy = ProxyService(reactor, config.listen, factory, resolver, stop_grace=config.stop_grace)
     base.waits["proxy"] = proxy.listening
@@ -174,3 +175,15 @@ def _slave_parts(base: NodeBase, factory: ProxyFactory, shipper: LogShipper) -> 
     )
     client.setServiceParent(base.top)
     base.top.cluster_client = client
+
+
+def _negotiate_acceptor(config):
+    """The Kerberos acceptor of a node started with --keytab and --service-principal."""
+    if not config.keytab:
+        return None
+    from safesquid_tw.identity.negotiate import NegotiateAcceptor
+
+    acceptor = NegotiateAcceptor(config.keytab, config.service_principal)
+    log.info("Kerberos proxy authentication: accepting tickets for {principal} (keytab {keytab})",
+             principal=config.service_principal, keytab=config.keytab)
+    return acceptor

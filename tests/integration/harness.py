@@ -317,7 +317,7 @@ def _parse_hostport(value: str) -> tuple[str, int]:
 
 def start_node(workdir: Path, *, policy: dict | str | None = None, args: Iterable[str] = (),
                name: str = "node", host: str = NODE_HOST, wait: bool = True,
-               timeout: float = 30.0) -> Node:
+               timeout: float = 30.0, env: dict[str, str] | None = None) -> Node:
     """Start `twistd -n safesquid` with its state in workdir/<name>-state.
 
     `policy` (a document or raw text) is written to workdir/<name>-policy.json and passed as
@@ -342,7 +342,7 @@ def start_node(workdir: Path, *, policy: dict | str | None = None, args: Iterabl
     out = open(state_dir / "twistd.out", "wb")
     process = subprocess.Popen(
         [*twistd_command(), "-n", "--pidfile=", f"--logfile={state_dir / 'twistd.log'}", "safesquid", *argv],
-        cwd=state_dir, env=node_environment(), stdout=out, stderr=subprocess.STDOUT,
+        cwd=state_dir, env={**node_environment(), **(env or {})}, stdout=out, stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL, start_new_session=True,
     )
     out.close()
