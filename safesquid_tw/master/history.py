@@ -19,6 +19,7 @@ import attrs
 from safesquid_tw.policy.codec import canonical_bytes, parse_json
 from safesquid_tw.policy.compiled import Policy
 from safesquid_tw.policy.errors import PolicyError
+from safesquid_tw.policy.secrets import redact
 from safesquid_tw.policy.store import PolicyStore
 from safesquid_tw.util.atomic import atomic_write
 
@@ -111,6 +112,8 @@ class PolicyHistory:
 
     def diff(self, old: int, new: int) -> str:
         """A readable unified diff of two versions' documents (pretty-printed JSON)."""
-        a = json.dumps(self.document(old), indent=2, sort_keys=True).splitlines()
-        b = json.dumps(self.document(new), indent=2, sort_keys=True).splitlines()
+        before, after = self.document(old), self.document(new)
+        # Secrets show as markers; one that differs between the two shows as "changed".
+        a = json.dumps(redact(before), indent=2, sort_keys=True).splitlines()
+        b = json.dumps(redact(after, before), indent=2, sort_keys=True).splitlines()
         return "\n".join(difflib.unified_diff(a, b, f"version {old}", f"version {new}", lineterm=""))

@@ -14,7 +14,9 @@ import attrs
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 
+from safesquid_tw.identity.probe import test_directory
 from safesquid_tw.master.registry import TASKS
+from safesquid_tw.policy import secrets as policy_secrets
 from safesquid_tw.policy.errors import PolicyError
 from safesquid_tw.portal import backup as B
 from safesquid_tw.portal import reportdata as R
@@ -104,7 +106,7 @@ async def get_policy(call: ApiCall) -> Reply:
     if current is None:
         return _fail(503, "no policy is loaded yet")
     return Json({"version": current.version, "digest": current.digest, "source": store.current_source,
-                 "document": current.document})
+                 "document": policy_secrets.redact(current.document)})
 
 
 async def list_versions(call: ApiCall) -> Reply:
@@ -120,7 +122,7 @@ async def get_version(call: ApiCall) -> Reply:
         document = await call.services.in_thread(history.document, number)
     except KeyError as e:
         return _fail(404, str(e.args[0]))
-    return Json({**info.as_json(), "document": document})
+    return Json({**info.as_json(), "document": policy_secrets.redact(document)})
 
 
 async def get_diff(call: ApiCall) -> Reply:
@@ -143,8 +145,10 @@ async def post_policy(call: ApiCall) -> Reply:
     if not isinstance(comment, str):
         return _fail(400, "'comment' must be text")
     before = call.services.ctx.store.current
+    # Secrets sent back as their markers keep the running version's values.
+    document = policy_secrets.restore(body["document"], before.document if before is not None else None)
     try:
-        policy = history.apply(body["document"], by=call.actor, comment=comment or "applied through the API",
+        policy = history.apply(document, by=call.actor, comment=comment or "applied through the API",
                                source="api")
     except PolicyError as e:
         current = call.services.ctx.store.current
@@ -243,6 +247,22 @@ async def get_requests(call: ApiCall) -> Reply:
 # -- backup --------------------------------------------------------------------------------------
 
 
+async def post_directory_test(call: ApiCall) -> Reply:
+    """Bind with the running version's directory settings, find a user, list their groups."""
+    body = read_json(call)
+    user = body.get("user")
+    password = body.get("password")
+    if not isinstance(user, str) or not user.strip() or len(user) > 256:
+        return _fail(400, "'user' must be a user name")
+    if password is not None and not isinstance(password, str):
+        return _fail(400, "'password' must be text")
+    current = call.services.ctx.store.current
+    if current is None:
+        return _fail(503, "no policy is loaded yet")
+    result = await call.services.in_thread(test_directory, current.document, user.strip(), password or None)
+    return Json(result)
+
+
 async def get_backup(call: ApiCall) -> Reply:
     _history(call)
     document = await make_backup(call.services)
@@ -277,6 +297,7 @@ ROUTES: list[Route] = [
     route("POST", "/api/v1/cluster/{node}/tasks", post_task),
     route("GET", "/api/v1/reports/dashboard", get_dashboard),
     route("GET", "/api/v1/reports/requests", get_requests),
+    route("POST", "/api/v1/directory/test", post_directory_test),
     route("GET", "/api/v1/backup", get_backup),
     route("POST", "/api/v1/restore", post_restore),
 ]

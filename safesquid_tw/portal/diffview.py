@@ -9,6 +9,8 @@ from typing import Any
 
 import attrs
 
+from safesquid_tw.policy.secrets import redact
+
 
 @attrs.frozen
 class DiffLine:
@@ -16,15 +18,17 @@ class DiffLine:
     text: str
 
 
-def pretty(document: dict[str, Any]) -> list[str]:
-    return json.dumps(document, indent=2, sort_keys=True, ensure_ascii=False).splitlines()
+def pretty(document: dict[str, Any], previous: dict[str, Any] | None = None) -> list[str]:
+    """The document as people see it: secrets replaced by markers."""
+    return json.dumps(redact(document, previous), indent=2, sort_keys=True, ensure_ascii=False).splitlines()
 
 
 def document_diff(old: dict[str, Any] | None, new: dict[str, Any], old_label: str, new_label: str,
                   context: int = 3) -> str:
     """The unified diff of two documents (the same form as the history's diff)."""
     before = pretty(old) if old is not None else []
-    return "\n".join(difflib.unified_diff(before, pretty(new), old_label, new_label, n=context, lineterm=""))
+    after = pretty(new, old)
+    return "\n".join(difflib.unified_diff(before, after, old_label, new_label, n=context, lineterm=""))
 
 
 def classify(diff_text: str) -> list[DiffLine]:

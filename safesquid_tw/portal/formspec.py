@@ -18,7 +18,9 @@ FormValues = dict[str, Any]  # field key -> str, bool or list[str]
 class Field:
     key: str  # key in the item; "schedule.from" for a key of the nested schedule
     label: str
-    kind: str  # text, textarea, lines, ports, int, int_or_null, bool, select, multi, headers, password
+    # text, textarea, lines, ports, int, int_or_null, number, bool, select, multi, headers, password,
+    # secret (write-only text: never shown, left empty to keep the stored value)
+    kind: str
     help: str = ""
     choices: tuple[str, ...] = ()
     choices_from: str | None = None  # "users", "groups", "categories", "applications" of the document
@@ -34,6 +36,8 @@ class ObjectForm:
     path: tuple[str, ...]
     fields: tuple[Field, ...]
     defaults: Mapping[str, Any] = attrs.field(factory=dict)
+    # Optional objects (the directory) are removed from the document when this field is empty.
+    present_when: str | None = None
 
 
 @attrs.frozen
@@ -118,10 +122,28 @@ SECTIONS: tuple[Section, ...] = (
             Field("enabled", "Ask clients to log in", "bool"),
             Field("realm", "Realm", "text"),
             Field("exempt_networks", "Networks exempt from logging in", "lines", NETWORKS_HELP),
-        )),),
+            Field("negotiate", "Offer Kerberos (Negotiate) on nodes started with --keytab", "bool"),
+        )), ObjectForm("directory", "Directory (LDAP / Active Directory)", ("authentication", "directory"), (
+            Field("urls", "Servers", "lines", "ldap://host:389 or ldaps://host:636, one per line, tried in turn; "
+                  "leave empty for no directory"),
+            Field("start_tls", "StartTLS on ldap:// servers", "bool"),
+            Field("ca_pem", "CA certificates (PEM) for TLS", "textarea", "Empty: the system's trust store"),
+            Field("bind_dn", "Search account DN", "text", "e.g. cn=proxy,ou=services,dc=example,dc=com"),
+            Field("bind_password", "Search account password", "secret", "Leave empty to keep the current password"),
+            Field("user_base", "User search base", "text", "e.g. ou=people,dc=example,dc=com"),
+            Field("user_filter", "User filter", "text", "(uid={user}) or (sAMAccountName={user})"),
+            Field("principal_filter", "Kerberos principal filter", "text",
+                  "Optional, e.g. (userPrincipalName={principal})"),
+            Field("group_base", "Group search base", "text", "e.g. ou=groups,dc=example,dc=com"),
+            Field("group_membership", "Group membership", "select", choices=("memberOf", "member")),
+            Field("timeout_seconds", "Timeout (seconds)", "number"),
+            Field("cache_seconds", "Remember verdicts for (seconds)", "number"),
+        ), present_when="urls"),),
         lists=(
             ListForm("groups", "Groups", "group", ("groups",), (
                 Field("name", "Name", "text", required=True), Field("description", "Description", "text"),
+                Field("directory_groups", "Directory groups", "lines",
+                      "Group DNs or names from the directory whose members belong to this group"),
             ), summary=lambda g: g.get("description", "")),
             ListForm("users", "Users", "user", ("users",), (
                 Field("name", "Name", "text", required=True),

@@ -72,7 +72,7 @@ def to_form(fields: tuple[Field, ...], item: dict[str, Any]) -> FormValues:
             values[field.key] = bool(value) if field.key != "enabled" or value is not None else True
         elif kind == "multi":
             values[field.key] = list(value or ())
-        elif kind == "password":
+        elif kind in ("password", "secret"):
             values[field.key] = ""  # never shown, not even as a hash
         elif kind in ("int", "int_or_null"):
             values[field.key] = "" if value is None else str(value)
@@ -134,6 +134,16 @@ def from_form(fields: tuple[Field, ...], values: FormValues) -> tuple[dict[str, 
                 ports.append(int(line) if line.isdigit() else line)
             if ports:
                 item[key] = ports
+        elif kind == "secret":
+            if raw:
+                item[key] = raw  # empty: the stored value stays (put_object)
+        elif kind == "number":
+            text = (raw or "").strip()
+            if text:
+                try:
+                    item[key] = float(text) if "." in text else int(text)
+                except ValueError:
+                    errors[key] = f"{text!r} is not a number"
         elif kind in ("int", "int_or_null"):
             text = (raw or "").strip().replace("_", "")
             if not text:
@@ -176,8 +186,14 @@ def put_object(document: dict[str, Any], form: ObjectForm, fragment: dict[str, A
     parent: dict[str, Any] = changed
     for key in form.path[:-1]:
         parent = parent.setdefault(key, {})
-    target = dict(form.defaults) if form.path[-1] not in parent else dict(parent[form.path[-1]])
+    if form.present_when is not None and not fragment.get(form.present_when):
+        parent.pop(form.path[-1], None)  # e.g. no directory servers: no directory at all
+        return changed
+    existing = parent.get(form.path[-1])
+    target = dict(form.defaults) if not isinstance(existing, dict) else dict(existing)
     for field in form.fields:
+        if field.kind == "secret" and field.key not in fragment:
+            continue  # write-only: left empty, the stored value stays
         target.pop(field.key, None)
         if field.key in fragment:
             target[field.key] = fragment[field.key]
