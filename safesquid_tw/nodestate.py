@@ -23,6 +23,8 @@ class NodeState:
     started: float = 0.0  # epoch seconds; 0 means not started yet
     # Where "now" comes from, so uptimes are testable; a running node keeps the default.
     now: Callable[[], float] = attrs.field(default=time.time, repr=False, eq=False)
+    # More parts of /health JSON, each read when asked (e.g. "directory"); None leaves it out.
+    health_parts: dict[str, Callable[[], Any]] = attrs.field(factory=dict, repr=False, eq=False)
 
     @property
     def ready(self) -> bool:
@@ -58,6 +60,7 @@ class NodeState:
             "policy_source": self.policy_source,
             "draining": self.draining,
             "uptime_s": None if uptime is None else round(uptime, 3),
+            **{name: value for name, part in self.health_parts.items() if (value := part()) is not None},
         }
 
 

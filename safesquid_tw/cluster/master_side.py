@@ -296,6 +296,7 @@ class SlaveAvatar(pb.Referenceable):
             rec.clock_offset = round(status["clock"] - _wall(), 3)
         rec.draining = bool(status.get("draining", False))
         rec.ready = bool(status.get("ready", False))
+        rec.directory = status.get("directory")
         version = status["policy_version"] or None
         if version != rec.policy_version:
             rec.policy_applied_at = now

@@ -317,6 +317,8 @@ class ClusterClient(MultiService):
             status["policy_digest"] = state.policy_digest
         if state.policy_source:
             status["policy_source"] = state.policy_source
+        if extra.get("directory"):
+            status["directory"] = extra["directory"]
         self._call("report_status", status).addErrback(lambda f: None)
 
     # -- policy ---------------------------------------------------------------------------

@@ -105,9 +105,11 @@ SLAVE_STATUS = Record(
         "draining": Bool(),
         "ready": Bool(),
         "requests_per_second": Float(),
+        "directory": Text(300),  # the user directory as this node sees it (absent: none)
     },
     optional=frozenset(
-        {"counters", "detail", "clock", "policy_digest", "policy_source", "draining", "ready", "requests_per_second"}
+        {"counters", "detail", "clock", "policy_digest", "policy_source", "draining", "ready", "requests_per_second",
+         "directory"}
     ),
 )
 TASK_NAME = Text(16, re.compile(r"reload|drain|resume"), "one of reload, drain, resume")

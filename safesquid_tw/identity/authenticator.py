@@ -90,6 +90,10 @@ class DirectoryState:
     def cached(self, user: str, password: str):
         return self.passwords.get(_key(b"basic", user, password))
 
+    def probe(self) -> None:
+        """Bind with the search account (blocking); notes reachability, raises when down."""
+        self._call(self.directory.probe)
+
     def lookup_principal(self, user: str, principal: str):
         key = _key(b"principal", principal)
         found = self.principals.get(key)

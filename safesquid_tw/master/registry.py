@@ -44,6 +44,7 @@ class SlaveRecord:
     clock_offset: float | None = None
     draining: bool = False
     ready: bool = False
+    directory: str | None = None  # the user directory as the node sees it; None: no directory
 
     def warnings(self, current_version: int | None) -> list[str]:
         out = []
@@ -59,6 +60,8 @@ class SlaveRecord:
             out.append(f"{self.dropped_records} access records dropped while the master was away")
         if self.draining:
             out.append("draining")
+        if self.directory and self.directory.startswith("unreachable"):
+            out.append(f"user directory {self.directory}")
         return out
 
     def as_json(self, current_version: int | None = None) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from safesquid_tw.proxy.resolver import Resolver
 from safesquid_tw.proxy.service import ProxyFactory, ProxyService
 from safesquid_tw.reporting.store import ReportStore
 from safesquid_tw.resources import sample_policy_path
+from safesquid_tw.identity.watch import directory_health, directory_summary, directory_watch
 
 log = Logger()
 
@@ -38,7 +39,8 @@ class RateMeter:
         then, before = self._last
         self._last = (now, total)
         rate = (total - before) / (now - then) if now > then else 0.0
-        return {"requests_total": total, "requests_per_second": round(rate, 2)}
+        return {"requests_total": total, "requests_per_second": round(rate, 2),
+                "directory": directory_summary(self.factory.current_policy)}
 
 
 def listen_interface(endpoint: str) -> str | None:
@@ -85,6 +87,8 @@ def build_proxy_node(config: NodeConfig, reactor) -> MultiService:
     )
     proxy = ProxyService(reactor, config.listen, factory, resolver, stop_grace=config.stop_grace)
     base.waits["proxy"] = proxy.listening
+    directory_watch(reactor, factory.auth_pool, factory.current_policy).setServiceParent(top)
+    base.state.health_parts["directory"] = lambda: directory_health(factory.current_policy)
 
     if config.role == "standalone":
         base.cached_policy_service().setServiceParent(top)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import subprocess
 import sys
 import textwrap
@@ -10,6 +11,7 @@ import textwrap
 import pytest
 
 import harness
+from cluster_harness import cluster  # noqa: F401 - fixture
 from directory_servers import GROUPS, PROXY_NAME, SERVICE_PRINCIPAL, Kdc, Slapd
 from harness import assert_blocked, assert_passed, basic_credentials, proxy_request
 
@@ -212,3 +214,45 @@ def test_a_replayed_or_forged_token_is_refused(kerberos_node, kdc, origins, tmp_
 def test_basic_still_works_beside_negotiate(kerberos_node, origins):
     assert_passed(proxy_request(kerberos_node, "GET", origins.url("/krb/basic"),
                                 headers=as_user("alice", "alice-password")))
+
+
+def test_health_shows_the_directory(directory_node, origins):
+    assert_passed(proxy_request(directory_node, "GET", origins.url("/dir/health"),
+                                headers=as_user("alice", "alice-password")))
+    def directory_reachable():
+        _status, health = directory_node.health()
+        return health if (health or {}).get("directory", {}).get("reachable") else None
+
+    health = harness.wait_until(directory_reachable, timeout=10, what="the directory in /health")
+    assert health["directory"]["urls"] and "bind_password" not in json.dumps(health)
+
+
+def test_curl_proxy_negotiate(kerberos_node, kdc, origins, tmp_path):
+    # curl names the service after the proxy's host name: give that name the node's address.
+    env = kdc.kinit("alice", tmp_path / "curl.ccache")
+    host, port = kerberos_node.proxy
+    result = subprocess.run(
+        ["curl", "-sS", "--max-time", "20", "-o", "/dev/null", "-w", "%{http_code}", "--proxy-negotiate", "-U", ":",
+         "--resolve", f"{PROXY_NAME}:{port}:{host}", "-x", f"http://{PROXY_NAME}:{port}", origins.url("/krb/curl")],
+        env=env, capture_output=True, timeout=30)
+    assert result.stdout.decode() == "200", result.stderr.decode()
+    assert kerberos_node.wait_for_url("/krb/curl")["user"] == "alice"
+
+
+# --------------------------------------------------------------------------------------------
+# Cluster: the directory settings (bind password included) reach slaves; the master shows them
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_slave_authenticates_directory_users_and_the_master_sees_the_directory(cluster, slapd, origins):
+    cluster.start_master(directory_policy(slapd))
+    slave = cluster.add_slave()
+    slave.wait_health(200, 15, check=lambda body: body.get("policy_version") == 1)
+    response = harness.proxy_request(slave, "GET", origins.url("/cluster/dir"),
+                                     headers=as_user("alice", "alice-password"))
+    assert response.status == 200, response.text[:300]
+    view = cluster.wait_view(slave.name, lambda entry: entry.get("directory") == "reachable", timeout=20,
+                             what="the slave's directory state in the cluster view")
+    assert "directory-admin-password" not in json.dumps(view)
+    status, policy = cluster.api("GET", "/api/v1/policy")
+    assert status == 200 and "directory-admin-password" not in json.dumps(policy)

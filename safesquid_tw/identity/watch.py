@@ -1,0 +1,51 @@
+"""Is the directory reachable? Asked every half minute, so the cluster view and /health say so
+before the first user finds out (the proxy otherwise learns it only from a login)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import threads
+from twisted.python.threadpool import ThreadPool
+
+from safesquid_tw.util.periodic import Periodic
+
+INTERVAL = 30.0
+
+
+def _state(current_policy: Callable[[], Any]):
+    policy = current_policy()
+    directory = getattr(getattr(policy, "compiled", None), "directory", None)
+    return directory.state if directory is not None else None
+
+
+def directory_health(current_policy: Callable[[], Any]) -> dict[str, Any] | None:
+    """The directory's part of /health JSON (None when the policy names no directory)."""
+    state = _state(current_policy)
+    return state.stats() if state is not None else None
+
+
+def directory_summary(current_policy: Callable[[], Any]) -> str | None:
+    """One line for the cluster view: reachable, unreachable (why), or not checked yet."""
+    state = _state(current_policy)
+    if state is None:
+        return None
+    if state.reachable is None:
+        return "not checked yet"
+    return "reachable" if state.reachable else f"unreachable: {state.last_error}"[:300]
+
+
+def directory_watch(reactor, pool: ThreadPool, current_policy: Callable[[], Any]) -> Periodic:
+    def check():
+        state = _state(current_policy)
+        if state is None:
+            return None
+        d = threads.deferToThreadPool(reactor, pool, state.probe)
+        d.addErrback(lambda _failure: None)  # the state has noted it; the periodic task goes on
+        return d
+
+    return Periodic(INTERVAL, check, clock=reactor, name="directory check", now=True)
+
+
+__all__ = ["directory_health", "directory_summary", "directory_watch"]
