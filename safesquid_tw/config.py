@@ -32,6 +32,8 @@ class Limits:
     dns_cache_ttl: float = 60.0
     upstream_idle_per_host: int = 64
     upstream_idle_timeout: float = 30.0
+    max_connections_per_client: int = 256  # one client address cannot take all of max_connections
+    first_byte_timeout: float = 10.0  # a new connection's first request byte (or PROXY header)
 
 
 @attrs.frozen
@@ -54,6 +56,16 @@ class NodeConfig:
     spool_cap_bytes: int = 512 * 1024 * 1024
     report_retention_days: float = 90.0  # the report store keeps records this long
     limits: Limits = attrs.field(factory=Limits)
+    # Further proxy listeners after `listen` (--listen given more than once), e.g. a PROXY
+    # protocol listener for the balancer beside a plain one for direct clients.
+    more_listen: tuple[str, ...] = ()
+    # Networks that may send PROXY headers on `haproxy:` listeners (comma-separated); None: any.
+    proxy_protocol_from: str | None = None
+
+    @property
+    def listen_endpoints(self) -> tuple[str, ...]:
+        """Every proxy listener, `listen` first."""
+        return (self.listen, *self.more_listen)
 
     @property
     def serves_proxy(self) -> bool:

@@ -82,8 +82,11 @@ def build_proxy_node(config: NodeConfig, reactor) -> MultiService:
         record_sink=access_log.write,
         resolver=resolver,
     )
-    proxy = ProxyService(reactor, config.listen, factory, resolver, stop_grace=config.stop_grace)
+    proxy = ProxyService(reactor, config.listen_endpoints, factory, resolver, stop_grace=config.stop_grace,
+                         proxy_protocol_from=config.proxy_protocol_from)
     base.waits["proxy"] = proxy.listening
+    for number, more in enumerate(proxy.listening_each[1:], start=2):
+        base.waits[f"proxy_{number}"] = more  # listening.json names every listener
 
     if config.role == "standalone":
         base.cached_policy_service().setServiceParent(top)
