@@ -23,6 +23,8 @@ class NodeState:
     started: float = 0.0  # epoch seconds; 0 means not started yet
     # Where "now" comes from, so uptimes are testable; a running node keeps the default.
     now: Callable[[], float] = attrs.field(default=time.time, repr=False, eq=False)
+    # Connections the proxy closed at its edge, by reason (ProxyFactory.edge_counters); None: no proxy.
+    edge: Callable[[], dict[str, int]] | None = attrs.field(default=None, repr=False, eq=False)
 
     @property
     def ready(self) -> bool:
@@ -58,6 +60,7 @@ class NodeState:
             "policy_source": self.policy_source,
             "draining": self.draining,
             "uptime_s": None if uptime is None else round(uptime, 3),
+            **({"edge": self.edge()} if self.edge is not None else {}),
         }
 
 

@@ -85,6 +85,7 @@ def build_proxy_node(config: NodeConfig, reactor) -> MultiService:
     proxy = ProxyService(reactor, config.listen_endpoints, factory, resolver, stop_grace=config.stop_grace,
                          proxy_protocol_from=config.proxy_protocol_from)
     base.waits["proxy"] = proxy.listening
+    base.state.edge = factory.edge_counters
     for number, more in enumerate(proxy.listening_each[1:], start=2):
         base.waits[f"proxy_{number}"] = more  # listening.json names every listener
 
