@@ -70,7 +70,8 @@ def render_config(slaves: dict[str, tuple[tuple[str, int], tuple[str, int]]], bi
 
 
 class HAProxy:
-    def __init__(self, workdir: Path, config: str, bind: tuple[str, int], admin_socket: Path) -> None:
+    def __init__(self, workdir: Path, config: str, bind: tuple[str, int], admin_socket: Path,
+                 file_limit: int | None = None) -> None:
         self.config_path = workdir / "haproxy.cfg"
         self.config_path.write_text(config)
         self.bind = bind
@@ -79,8 +80,26 @@ class HAProxy:
                                timeout=30)
         assert check.returncode == 0, f"haproxy refuses the rendered sample:\n{check.stdout}{check.stderr}"
         self.log = open(workdir / "haproxy.log", "wb")
+        def limit_files():  # in the child: an ordinary open-files limit (ulimit -n), soft and hard
+            if file_limit is not None:
+                import resource
+
+                resource.setrlimit(resource.RLIMIT_NOFILE, (file_limit, file_limit))
+
         self.process = subprocess.Popen([HAPROXY, "-db", "-f", str(self.config_path)], stdout=self.log,
-                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                                        preexec_fn=limit_files)
+
+    def info(self) -> dict[str, str]:
+        """`show info` from the admin socket (Maxconn, Ulimit-n, ...)."""
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(2)
+            s.connect(str(self.admin_socket))
+            s.sendall(b"show info\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        return dict(line.split(": ", 1) for line in data.decode().splitlines() if ": " in line)
 
     def server_states(self) -> dict[str, str]:
         """Server name -> HAProxy's status for it (UP, DOWN, UP 1/3, ...), from the admin socket."""
