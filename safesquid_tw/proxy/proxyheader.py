@@ -30,8 +30,10 @@ from typing import Any
 
 import attrs
 from twisted.internet import address, protocol
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.logger import Logger
 from twisted.protocols import policies
+from zope.interface import alsoProvides
 
 from safesquid_tw.policy.networks import NetworkSet
 
@@ -223,6 +225,10 @@ class ProxyHeaderProtocol(policies.ProtocolWrapper):
             self.transport.loseConnection()
             return
         self.wrappedProtocol = inner
+        if IHalfCloseableProtocol.providedBy(inner):
+            # The transport asks its protocol (this wrapper) whether it takes half-closes: say
+            # yes exactly when the proxy's protocol does, so tunnels keep half-close semantics.
+            alsoProvides(self, IHalfCloseableProtocol)
         inner.makeConnection(self)
         if rest and self.wrappedProtocol is not None and not self.disconnecting:
             inner.dataReceived(rest)
@@ -234,6 +240,12 @@ class ProxyHeaderProtocol(policies.ProtocolWrapper):
 
     def getPeer(self):
         return self._peer if self._peer is not None else self.transport.getPeer()
+
+    def readConnectionLost(self) -> None:
+        self.wrappedProtocol.readConnectionLost()
+
+    def writeConnectionLost(self) -> None:
+        self.wrappedProtocol.writeConnectionLost()
 
     def connectionLost(self, reason) -> None:
         self._cancel()

@@ -165,3 +165,37 @@ def test_peers_outside_proxy_protocol_from_are_closed_and_counted():
     proto, transport = connect(wrapper, "127.0.0.10")
     proto.dataReceived(b"PROXY TCP4 192.0.2.9 198.51.100.1 40000 3128\r\n" + REQUEST)
     assert records[-1].client == "192.0.2.9"
+
+
+def test_half_closes_reach_a_protocol_that_takes_them():
+    from twisted.internet import protocol
+    from twisted.internet.interfaces import IHalfCloseableProtocol
+    from zope.interface import implementer
+
+    events = []
+
+    @implementer(IHalfCloseableProtocol)
+    class HalfCloser(protocol.Protocol):
+        def readConnectionLost(self):
+            events.append("read")
+
+        def writeConnectionLost(self):
+            events.append("write")
+
+    class Plain(protocol.Protocol):
+        pass
+
+    for inner_class, provides in ((HalfCloser, True), (Plain, False)):
+        wrapper = ProxyHeaderFactory(protocol.Factory.forProtocol(inner_class), reactor=MemoryReactorClock(),
+                                     timeout=10.0, allowed=None)
+        proto, _transport = connect(wrapper)
+        assert not IHalfCloseableProtocol.providedBy(proto), "not before the header"
+        proto.dataReceived(v2())
+        assert IHalfCloseableProtocol.providedBy(proto) is provides
+    half = ProxyHeaderFactory(protocol.Factory.forProtocol(HalfCloser), reactor=MemoryReactorClock(), timeout=10.0,
+                              allowed=None)
+    proto, _transport = connect(half)
+    proto.dataReceived(v2())
+    proto.readConnectionLost()
+    proto.writeConnectionLost()
+    assert events == ["read", "write"]
