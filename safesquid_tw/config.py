@@ -32,6 +32,8 @@ class Limits:
     dns_cache_ttl: float = 60.0
     upstream_idle_per_host: int = 64
     upstream_idle_timeout: float = 30.0
+    max_connections_per_client: int = 256  # one client address cannot take all of max_connections
+    first_byte_timeout: float = 10.0  # a new connection's first request byte (or PROXY header)
 
 
 @attrs.frozen
@@ -56,6 +58,16 @@ class NodeConfig:
     keytab: str | None = None  # Kerberos keytab for Negotiate proxy authentication
     service_principal: str | None = None  # e.g. HTTP/proxy.example.com
     limits: Limits = attrs.field(factory=Limits)
+    # Further proxy listeners after `listen` (--listen given more than once), e.g. a PROXY
+    # protocol listener for the balancer beside a plain one for direct clients.
+    more_listen: tuple[str, ...] = ()
+    # Networks that may send PROXY headers on `haproxy:` listeners (comma-separated); None: any.
+    proxy_protocol_from: str | None = None
+
+    @property
+    def listen_endpoints(self) -> tuple[str, ...]:
+        """Every proxy listener, `listen` first."""
+        return (self.listen, *self.more_listen)
 
     @property
     def serves_proxy(self) -> bool:

@@ -25,6 +25,8 @@ class NodeState:
     now: Callable[[], float] = attrs.field(default=time.time, repr=False, eq=False)
     # More parts of /health JSON, each read when asked (e.g. "directory"); None leaves it out.
     health_parts: dict[str, Callable[[], Any]] = attrs.field(factory=dict, repr=False, eq=False)
+    # Connections the proxy closed at its edge, by reason (ProxyFactory.edge_counters); None: no proxy.
+    edge: Callable[[], dict[str, int]] | None = attrs.field(default=None, repr=False, eq=False)
 
     @property
     def ready(self) -> bool:
@@ -61,6 +63,7 @@ class NodeState:
             "draining": self.draining,
             "uptime_s": None if uptime is None else round(uptime, 3),
             **{name: value for name, part in self.health_parts.items() if (value := part()) is not None},
+            **({"edge": self.edge()} if self.edge is not None else {}),
         }
 
 

@@ -22,6 +22,8 @@ _LIMIT_OPTIONS: list[tuple[str, str, type]] = [
     ("tunnel-idle-timeout", "seconds a CONNECT or Upgrade tunnel may sit idle", float),
     ("dns-timeout", "seconds a name lookup may take (then 504)", float),
     ("upstream-idle-per-host", "idle keep-alive connections kept per origin", int),
+    ("max-connections-per-client", "most concurrent connections from one client address (more: closed at once)", int),
+    ("first-byte-timeout", "seconds a new connection may take to send its first byte (or PROXY header)", float),
 ]
 
 
@@ -50,7 +52,6 @@ class Options(usage.Options):
     )
     optParameters = [
         ["role", None, "standalone", "standalone, master or slave"],
-        ["listen", None, "tcp:8080", "endpoint of the forward proxy (standalone and slave)"],
         ["portal", None, "tcp:8888", "endpoint of the portal, management API and /health"],
         ["state-dir", None, "safesquid-state", "directory for policy, cache, logs and keys (created mode 0700)"],
         ["policy", None, None, "policy document to start from (default: the sample policy)"],
@@ -77,10 +78,20 @@ class Options(usage.Options):
         ["keytab", None, None, "Kerberos keytab holding the proxy's service key (for authentication.negotiate)"],
         ["service-principal", None, None,
          "Kerberos service principal clients ask tickets for, e.g. HTTP/proxy.example.com (the balancer's name)"],
+        ["proxy-protocol-from", None, None,
+         "comma-separated networks that may send PROXY headers on haproxy: listeners (default: any)"],
     ] + [
         [name, None, getattr(Limits(), name.replace("-", "_")), doc, _number(name, kind)]
         for name, doc, kind in _LIMIT_OPTIONS
     ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+
+    def opt_listen(self, endpoint: str) -> None:
+        """endpoint of the forward proxy (standalone and slave; default tcp:8080); may be given more than once; haproxy:tcp:3128 reads a PROXY protocol header (v1 or v2) from a balancer first"""  # noqa: E501 - usage prints it as written
+        self["listen"].append(endpoint)
 
     def postOptions(self) -> None:
         self.config = options_to_config(self)
@@ -102,6 +113,14 @@ def _check_master(value: str) -> None:
         raise usage.UsageError(f"--master: {value!r} is not HOST:PORT (e.g. --master=10.0.0.1:8888)")
 
 
+def _listen_list(opts) -> list[str]:
+    """--listen values in order (one string from callers that set a single value); tcp:8080 if none."""
+    value = opts.get("listen")
+    if isinstance(value, str):
+        value = [value]
+    return list(value or ["tcp:8080"])
+
+
 def options_to_config(opts: usage.Options) -> NodeConfig:
     """Check the options for contradictions and turn them into a NodeConfig."""
     role = opts["role"]
@@ -113,8 +132,18 @@ def options_to_config(opts: usage.Options) -> NodeConfig:
         raise usage.UsageError(f"--master is for slaves only; drop it or use --role=slave (role is {role})")
     if opts["master"]:
         _check_master(opts["master"])
+    listens = _listen_list(opts)
     if role != "master":
-        _check_endpoint("listen", opts["listen"])
+        for endpoint in listens:
+            _check_endpoint("listen", endpoint)
+    proxy_protocol_from = opts.get("proxy-protocol-from")
+    if proxy_protocol_from is not None:
+        from safesquid_tw.proxy.proxyheader import parse_networks
+
+        try:
+            parse_networks(proxy_protocol_from)
+        except ValueError as e:
+            raise usage.UsageError(f"--proxy-protocol-from: {e}")
     _check_endpoint("portal", opts["portal"])
     for name, _doc, _kind in _LIMIT_OPTIONS:
         if opts[name] is None or opts[name] <= 0:
@@ -149,7 +178,9 @@ def options_to_config(opts: usage.Options) -> NodeConfig:
     limits = Limits(**{n.replace("-", "_"): opts[n] for n, _d, _k in _LIMIT_OPTIONS})
     fields = dict(
         role=role,
-        listen=opts["listen"],
+        listen=listens[0],
+        more_listen=tuple(listens[1:]),
+        proxy_protocol_from=proxy_protocol_from,
         portal=opts["portal"],
         state_dir=opts["state-dir"],
         policy_file=opts["policy"],

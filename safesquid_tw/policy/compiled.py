@@ -17,6 +17,7 @@ from safesquid_tw.policy.classify import ApplicationIndex, CategoryIndex
 from safesquid_tw.policy.content import ContentRules
 from safesquid_tw.policy.credentials import Credentials
 from safesquid_tw.policy.dlp import DlpRules
+from safesquid_tw.policy.forwarding import Forwarding
 from safesquid_tw.policy.hosts import normalise_host, suffixes
 from safesquid_tw.policy.model import CachedIdentity, Decision, Identity, RequestFacts
 from safesquid_tw.policy.networks import NetworkSet, parse_address
@@ -53,6 +54,7 @@ class CompiledPolicy:
         # client address -> (rules its address satisfies, exempt from authentication)
         self._clients: dict[str, tuple[int, bool]] = {}
         self._ports: dict[int, int] = {}
+        self.forwarding = Forwarding(document.get("forwarding", {}))
 
     # -- memo tables -------------------------------------------------------------------------
 

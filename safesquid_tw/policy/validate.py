@@ -51,7 +51,7 @@ ACCESS_RESTRICTION_DEFAULTS: dict[str, Any] = {"portal_allow": [], "slave_allow"
 
 _TOP = {"format": True, "comment": False, "access": True, "authentication": False, "groups": False,
         "users": False, "categories": False, "applications": False, "connect": False,
-        "content_security": False, "dlp": False, "access_restriction": False}
+        "content_security": False, "dlp": False, "access_restriction": False, "forwarding": False}
 _RULE = {"name": True, "action": True, "reason": False, "enabled": False, "clients": False,
          "users": False, "groups": False, "domains": False, "url_patterns": False, "methods": False,
          "ports": False, "categories": False, "applications": False, "schedule": False}
@@ -100,6 +100,11 @@ def validate_document(doc: object) -> dict[str, Any]:
         # it existed keep their canonical bytes, so their digests (and every cache and
         # history file that records one) stay valid.
         canonical["access_restriction"] = restriction
+    forwarding = _forwarding(top.get("forwarding", {}))
+    if forwarding != FORWARDING_DEFAULTS:
+        # Left out while it holds only its defaults, like access_restriction: older documents
+        # keep their canonical bytes and digests.
+        canonical["forwarding"] = forwarding
     return canonical
 
 
@@ -352,3 +357,20 @@ def _dlp(value: object) -> dict[str, Any]:
 
 
 __all__ = ["ACCESS_RESTRICTION_DEFAULTS", "DETECTOR_TYPES", "DLP_ACTIONS", "FORMAT", "validate_document"]
+
+
+FORWARDING_DEFAULTS: dict[str, Any] = {"x_forwarded_for": "append", "trusted_downstream": []}
+
+
+def _forwarding(value: object) -> dict[str, Any]:
+    from safesquid_tw.policy.forwarding import MODES
+
+    path = "forwarding"
+    section = expect_object(value, path, {"x_forwarded_for": False, "trusted_downstream": False})
+    mode = expect_str(section.get("x_forwarded_for", "append"), f"{path}.x_forwarded_for", max_len=32)
+    if mode not in MODES:
+        raise PolicyError(f"{path}.x_forwarded_for", f"must be one of {', '.join(MODES)}, not {mode!r}")
+    field = f"{path}.trusted_downstream"
+    trusted = check_unique_list(expect_list(section.get("trusted_downstream", []), field), field, check_network,
+                                _network_key)
+    return {"x_forwarded_for": mode, "trusted_downstream": trusted}

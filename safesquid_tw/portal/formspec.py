@@ -9,7 +9,9 @@ from typing import Any
 import attrs
 
 from safesquid_tw.policy.fields import DAYS
+from safesquid_tw.policy.forwarding import MODES as FORWARDING_MODES
 from safesquid_tw.policy.validate import ACCESS_RESTRICTION_DEFAULTS, DETECTOR_TYPES, DLP_ACTIONS
+from safesquid_tw.policy.validate import FORWARDING_DEFAULTS
 
 FormValues = dict[str, Any]  # field key -> str, bool or list[str]
 
@@ -211,6 +213,20 @@ SECTIONS: tuple[Section, ...] = (
         "Destination ports that CONNECT tunnels (HTTPS) may reach.",
         objects=(ObjectForm("connect", "Ports", ("connect",), (
             Field("allowed_ports", "Allowed ports", "ports", "One port per line"),)),),
+    ),
+    Section(
+        "forwarding", "Forwarding",
+        "What the gateway tells origins about the client (X-Forwarded-For), and which downstream "
+        "proxies are believed about theirs.",
+        objects=(ObjectForm("forwarding", "X-Forwarded-For", ("forwarding",), (
+            Field("x_forwarded_for", "X-Forwarded-For sent upstream", "select",
+                  "append: add the client's address to the list; replace: only the client's address; "
+                  "delete: no X-Forwarded-For and no Forwarded; transparent: as the client sent it",
+                  choices=FORWARDING_MODES),
+            Field("trusted_downstream", "Trusted downstream proxies", "lines",
+                  NETWORKS_HELP + ". A connection from one of these takes the right-most X-Forwarded-For "
+                  "address outside them as the client. Empty: no client's X-Forwarded-For is believed."),
+        ), defaults=FORWARDING_DEFAULTS),),
     ),
 )
 

@@ -18,6 +18,7 @@ from twisted.logger import Logger
 
 from safesquid_tw.identity.errors import DirectoryUnavailable, NegotiateError
 from safesquid_tw.identity.negotiate import negotiate_token
+from safesquid_tw.policy.forwarding import rewrite as rewrite_forwarded
 from safesquid_tw.policy.model import MISS, RequestFacts
 from safesquid_tw.proxy import http1
 from safesquid_tw.proxy.answers import SelfAnswers
@@ -49,7 +50,8 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
         self.exchange: Exchange | None = None
         self.ctx: RequestContext | None = None
         self.tunnel: Tunnel | None = None
-        self.client_ip = "?"
+        self.client_ip = "?"  # who the client is for the current request (see forwarding)
+        self.peer_ip = "?"  # the connection's own client: PROXY header source or socket peer
         self.bytes_out = 0
         self._scanned = 0
         self._timer = None
@@ -68,11 +70,14 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
     # -- connection lifetime --------------------------------------------------------------
     def connectionMade(self) -> None:
         self.gate = ReadGate(self.transport)
-        self.client_ip = getattr(self.transport.getPeer(), "host", "?")
+        self.peer_ip = self.client_ip = getattr(self.transport.getPeer(), "host", "?")
+        if not self.factory.connection_opened(self):
+            self.state = "closing"  # over the per-client limit: already closed
+            return
         if hasattr(self.transport, "setTcpNoDelay"):
             self.transport.setTcpNoDelay(True)
-        self.factory.connection_opened(self)
-        self._arm("idle", self.limits.idle_timeout)
+        # A new connection's first byte has its own, short deadline (a flood of silent sockets).
+        self._arm("first", self.limits.first_byte_timeout)
 
     def connectionLost(self, reason=protocol.connectionDone) -> None:
         self._cancel_timer()
@@ -86,7 +91,7 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
     def drain(self, quiet: float) -> None:
         """The node is stopping: answer what arrives within `quiet` seconds (or is in progress),
         then close. (The factory's draining flag closes the connection after its response.)"""
-        if self.state == "head" and not self.buf and self._timer_kind in ("idle", ""):
+        if self.state == "head" and not self.buf and self._timer_kind in ("idle", "first", ""):
             if self._timer is not None and self._timer.active():
                 self._timer_kind = "idle"
                 self._timer.reset(min(quiet, self.limits.idle_timeout))
@@ -125,6 +130,9 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
     def _timed_out(self) -> None:
         kind, self._timer, self._timer_kind = self._timer_kind, None, ""
         if kind == "idle":
+            self.transport.loseConnection()
+        elif kind == "first":
+            self.factory.first_byte_timeouts += 1
             self.transport.loseConnection()
         elif kind == "head":
             # RFC 9110 15.5.9: 408 tells the client why its slow request went unanswered.
@@ -280,6 +288,7 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
                 self._answer_max_forwards(ctx, head)
                 return
         compiled = policy.compiled
+        self.client_ip = compiled.forwarding.identity(self.peer_ip, head)
         if compiled.auth_required(self.client_ip):
             authorization = head.get(b"proxy-authorization")
             if compiled.negotiate and factory.negotiate is not None:
@@ -484,6 +493,8 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
             headers.append((b"Max-Forwards", max_forwards))
         if expect is not None and not scan_body:
             headers.append((b"Expect", b"100-continue"))
+        forwarding = compiled.forwarding
+        headers = rewrite_forwarded(headers, forwarding.mode, self.peer_ip, self.client_ip)
         headers = self.factory.add_via(headers, head.version)
         if framing.kind == "length":
             headers.append((b"Content-Length", b"%d" % framing.length))

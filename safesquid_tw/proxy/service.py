@@ -18,6 +18,7 @@ from safesquid_tw.proxy.context import RequestContext
 from safesquid_tw.proxy.frontdoor import ClientConnection
 from safesquid_tw.proxy.guessing import GuessingBrake
 from safesquid_tw.proxy.headers import append_via
+from safesquid_tw.proxy.proxyheader import ProxyHeaderFactory, parse_networks, split_endpoint
 from safesquid_tw.proxy.resolver import Resolver
 from safesquid_tw.proxy.upstream import UpstreamPool
 
@@ -73,6 +74,13 @@ class ProxyFactory(protocol.Factory):
         self.requests = 0
         self.guessing = GuessingBrake()
         self._status_cache: dict[str, bytes] = {}
+        # Edge counters (plain attributes: /health and metrics read them).
+        self.proxy_header_invalid = 0  # haproxy: listeners: missing, malformed or late PROXY header
+        self.proxy_peer_refused = 0  # haproxy: listeners: a peer outside --proxy-protocol-from
+        self.per_client_refused = 0  # over --max-connections-per-client
+        self.first_byte_timeouts = 0  # no first request byte within --first-byte-timeout
+        self.per_client: dict[str, int] = {}  # open connections per client address
+        self._limit_logged = float("-inf")
 
     def buildProtocol(self, addr):
         if len(self.connections) >= self.limits.max_connections or self.draining:
@@ -81,11 +89,41 @@ class ProxyFactory(protocol.Factory):
             return refuse
         return ClientConnection(self)
 
-    def connection_opened(self, conn: ClientConnection) -> None:
+    def connection_opened(self, conn: ClientConnection) -> bool:
+        """Admit a new connection, or close it at once when its address has too many open."""
+        ip = conn.peer_ip
+        count = self.per_client.get(ip, 0)
+        if count >= self.limits.max_connections_per_client and ip != "?":
+            self.per_client_refused += 1
+            now = self.reactor.seconds()
+            if now - self._limit_logged >= 10.0:  # a flood must not flood the event log too
+                self._limit_logged = now
+                log.warn("closed a connection from {client}: it has {count} open (--max-connections-per-client); "
+                         "{total} closed so far", client=ip, count=count, total=self.per_client_refused)
+            conn.transport.loseConnection()
+            return False
+        self.per_client[ip] = count + 1
         self.connections.add(conn)
+        return True
 
     def connection_closed(self, conn: ClientConnection) -> None:
-        self.connections.discard(conn)
+        if conn in self.connections:
+            self.connections.discard(conn)
+            ip = conn.peer_ip
+            count = self.per_client.get(ip, 1) - 1
+            if count > 0:
+                self.per_client[ip] = count
+            else:
+                self.per_client.pop(ip, None)
+
+    def edge_counters(self) -> dict[str, int]:
+        """Connections closed at the edge, by reason (for /health and metrics)."""
+        return {
+            "proxy_header_invalid": self.proxy_header_invalid,
+            "proxy_peer_refused": self.proxy_peer_refused,
+            "per_client_refused": self.per_client_refused,
+            "first_byte_timeouts": self.first_byte_timeouts,
+        }
 
     # -- helpers for the connections ------------------------------------------------------
     def add_via(self, headers, version: bytes) -> list:
@@ -168,28 +206,45 @@ class ProxyService(Service):
 
     name = "proxy"
 
-    def __init__(self, reactor, endpoint: str, factory: ProxyFactory, resolver: Resolver, *, stop_grace: float = 0.0) -> None:
+    def __init__(self, reactor, endpoint: str | tuple[str, ...], factory: ProxyFactory, resolver: Resolver, *,
+                 stop_grace: float = 0.0, proxy_protocol_from: str | None = None) -> None:
         self.stop_grace = stop_grace
         self.reactor = reactor
-        self.endpoint = endpoint
+        self.endpoints = (endpoint,) if isinstance(endpoint, str) else tuple(endpoint)
+        self.endpoint = self.endpoints[0]
         self.factory = factory
         self.resolver = resolver
+        self.proxy_protocol_from = proxy_protocol_from
         self.port = None
-        self.listening: defer.Deferred = defer.Deferred()
+        self.ports: list = []
+        # One Deferred per listener, in --listen order; `listening` is the first one's.
+        self.listening_each: list[defer.Deferred] = [defer.Deferred() for _ in self.endpoints]
+        self.listening: defer.Deferred = self.listening_each[0]
 
     def startService(self) -> None:
         super().startService()
         self.resolver.start()
         self.factory.auth_pool.start()
-        ep = endpoints.serverFromString(self.reactor, with_backlog(self.endpoint))
-        ep.listen(self.factory).addCallbacks(self._listening, self.listening.errback)
+        allowed = parse_networks(self.proxy_protocol_from) if self.proxy_protocol_from else None
+        for description, done in zip(self.endpoints, self.listening_each):
+            proxied, inner = split_endpoint(description)
+            # Every listener gets the same factory, so the limits count all of them together.
+            factory = self.factory
+            if proxied:
+                factory = ProxyHeaderFactory(self.factory, reactor=self.reactor, allowed=allowed,
+                                             timeout=self.factory.limits.first_byte_timeout)
+            ep = endpoints.serverFromString(self.reactor, with_backlog(inner))
+            ep.listen(factory).addCallbacks(self._listening, done.errback, callbackArgs=(done, proxied))
 
-    def _listening(self, port) -> None:
-        self.port = port
+    def _listening(self, port, done: defer.Deferred, proxied: bool) -> None:
+        if self.port is None:
+            self.port = port
+        self.ports.append(port)
         host = port.getHost()
         self.factory.listening.append((host.host, host.port))
-        log.info("proxy listening on {host}:{port}", host=host.host, port=host.port)
-        self.listening.callback(port)
+        log.info("proxy listening on {host}:{port}{kind}", host=host.host, port=host.port,
+                 kind=" (PROXY protocol)" if proxied else "")
+        done.callback(port)
 
     @defer.inlineCallbacks
     def stopService(self):
@@ -201,9 +256,9 @@ class ProxyService(Service):
         if self.stop_grace > 0:
             yield _sleep(self.reactor, self.stop_grace)
         factory.draining = True
-        if self.port is not None:
+        if self.ports:
             # New connections are refused from here on (a load balancer retries those elsewhere).
-            yield self.port.stopListening()
+            yield defer.gatherResults([port.stopListening() for port in self.ports])
         # Connections already accepted may carry a request that is on its way (a load balancer
         # just opened one, a client just reused one): each gets a moment to send it, is answered,
         # and then closes. Closing them at once would lose such a request with no answer at all.

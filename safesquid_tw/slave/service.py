@@ -85,10 +85,14 @@ def build_proxy_node(config: NodeConfig, reactor) -> MultiService:
         resolver=resolver,
         negotiate=_negotiate_acceptor(config),
     )
-    proxy = ProxyService(reactor, config.listen, factory, resolver, stop_grace=config.stop_grace)
+    proxy = ProxyService(reactor, config.listen_endpoints, factory, resolver, stop_grace=config.stop_grace,
+                         proxy_protocol_from=config.proxy_protocol_from)
     base.waits["proxy"] = proxy.listening
     directory_watch(reactor, factory.auth_pool, factory.current_policy).setServiceParent(top)
     base.state.health_parts["directory"] = lambda: directory_health(factory.current_policy)
+    base.state.edge = factory.edge_counters
+    for number, more in enumerate(proxy.listening_each[1:], start=2):
+        base.waits[f"proxy_{number}"] = more  # listening.json names every listener
 
     if config.role == "standalone":
         base.cached_policy_service().setServiceParent(top)

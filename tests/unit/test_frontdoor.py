@@ -89,6 +89,10 @@ def test_a_slow_head_is_cut_off_at_the_deadline():
 
 def test_an_idle_keepalive_connection_is_closed():
     reactor, proto, transport, _ = make(idle_timeout=30.0)
+    # A first request (answered by the proxy itself) makes it a keep-alive connection; a
+    # connection that never sent a byte has the shorter first-byte deadline instead.
+    proto.dataReceived(b"GET http://x.games.test/ HTTP/1.1\r\nHost: x.games.test\r\n\r\n")
+    transport.clear()
     reactor.advance(29.9)
     assert not transport.disconnecting
     reactor.advance(0.2)

@@ -289,3 +289,18 @@ def test_slave_portal_is_read_only_and_names_its_master(tmp_path):
     assert admin.post("/policy/apply").code == 409
     assert admin.get("/policy/history").code == 409
     assert admin.get("/backup").code == 409
+
+
+def test_forwarding_section(portal, admin):
+    page = admin.get("/policy/forwarding")
+    assert page.code == 200 and "x_forwarded_for" in page.text and "trusted_downstream" in page.text
+    bad = admin.post("/policy/forwarding/settings/forwarding",
+                     {"x_forwarded_for": "append", "trusted_downstream": "10.0.0.0/33"})
+    assert bad.code == 422 and "trusted_downstream" in bad.text
+    ok = admin.post("/policy/forwarding/settings/forwarding",
+                    {"x_forwarded_for": "replace", "trusted_downstream": "10.0.0.0/8"})
+    assert ok.code == 303, ok.text
+    admin.post("/policy/apply", {"comment": "forwarding"})
+    assert portal.store.current.document["forwarding"] == {"x_forwarded_for": "replace",
+                                                           "trusted_downstream": ["10.0.0.0/8"]}
+    assert portal.store.current.compiled.forwarding.mode == "replace"
