@@ -16,6 +16,7 @@ from safesquid_tw.proxy import http1
 from safesquid_tw.proxy.errors import ProxyFailure
 from safesquid_tw.proxy.headers import strip_hop_by_hop
 from safesquid_tw.proxy.upstream import UpstreamConnection
+from safesquid_tw.proxy.urlnorm import blocked_request_any
 
 if TYPE_CHECKING:
     from safesquid_tw.proxy.context import RequestContext
@@ -116,7 +117,9 @@ class Exchange:
     def upstream_head(self, head: http1.ResponseHead, framing: http1.Framing) -> None:
         ctx = self.ctx
         content = ctx.policy.compiled.content
-        reason = content.blocked_response(head.get(b"content-type"), head.get(b"content-disposition"), ctx.target.path)
+        reason = content.blocked_response(head.get(b"content-type"), head.get(b"content-disposition"), ctx.target.match_path)
+        if reason is None and ctx.target.other_paths:
+            reason = blocked_request_any(content, ctx.target)
         if reason is None and self._max_download is not None and framing.kind == "length":
             if framing.length > self._max_download:
                 reason = f"the download is larger than {self._max_download} bytes"

@@ -27,6 +27,7 @@ from safesquid_tw.proxy.headers import strip_hop_by_hop, via_contains
 from safesquid_tw.proxy.inspection import BodyInspection
 from safesquid_tw.proxy.target import host_header_for, is_asterisk_options, parse_target
 from safesquid_tw.proxy.tunnel import Tunnel
+from safesquid_tw.proxy.urlnorm import blocked_request_any, strictest_decision
 
 if TYPE_CHECKING:
     from safesquid_tw.proxy.service import ProxyFactory
@@ -335,12 +336,14 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
             scheme=target.scheme,
             host=target.host,
             port=target.port,
-            path=target.path,
+            path=target.match_path,
             user=identity.user if identity is not None else None,
             groups=identity.groups if identity is not None else frozenset(),
             headers=HeaderView(head),
         )
         decision = compiled.decide(facts)
+        if target.other_paths and decision.action == "allow":
+            decision = strictest_decision(compiled, facts, target.other_paths, decision)
         ctx.rule = decision.rule
         ctx.category = decision.category
         ctx.application = decision.application
@@ -362,7 +365,7 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
             self._open_tunnel(ctx)
             return
         content = compiled.content
-        reason = content.blocked_request(target.path)
+        reason = blocked_request_any(content, target)
         if reason is not None:
             ctx.action = "deny"
             ctx.rule = "content-security"
