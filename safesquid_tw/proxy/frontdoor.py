@@ -13,8 +13,11 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from twisted.internet import protocol, threads
+from twisted.internet import error, protocol, threads
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.logger import Logger
+from twisted.python import failure
+from zope.interface import implementer
 
 from safesquid_tw.policy.model import MISS, RequestFacts
 from safesquid_tw.proxy import http1
@@ -38,6 +41,7 @@ PARKED = 86400.0  # a deadline nobody needs right now waits here until it is mov
 PIPELINE_LIMIT = 256 * 1024  # bytes of pipelined requests buffered before reading pauses
 
 
+@implementer(IHalfCloseableProtocol)
 class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
     def __init__(self, factory: "ProxyFactory") -> None:
         self.factory = factory
@@ -61,6 +65,7 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
         self._dlp_scanning = False
         self._dlp_body_done = False
         self._upload_limit: int | None = None
+        self._read_ended = False  # the client shut down its sending half before the tunnel opened
 
     # -- connection lifetime --------------------------------------------------------------
     def connectionMade(self) -> None:
@@ -79,6 +84,21 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
         if self.exchange is not None:
             self.exchange.client_gone()
         self.factory.connection_closed(self)
+
+    def readConnectionLost(self) -> None:
+        """The client shut down its sending half (TCP transports only call this)."""
+        if self.state == "tunnel" and self.tunnel is not None:
+            self.tunnel.client_eof()
+            return
+        if self.tunnel is not None and self.state == "waiting":
+            # CONNECT still being set up: the bytes sent so far go through, then the end.
+            self._read_ended = True
+            return
+        # Plain HTTP: as without half-close (Squid's half_closed_clients off): the connection ends.
+        self.transport.connectionLost(failure.Failure(error.ConnectionDone()))
+
+    def writeConnectionLost(self) -> None:
+        pass  # our own loseWriteConnection in a tunnel completed; the other direction goes on
 
     def drain(self, quiet: float) -> None:
         """The node is stopping: answer what arrives within `quiet` seconds (or is in progress),
@@ -409,7 +429,10 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
             self._respond_error(ctx, 417, "only the 100-continue expectation is supported", "http_request_error")
             return
         headers = strip_hop_by_hop(head.headers, keep_upgrade=upgrade)
-        headers = [(n, v) for n, v in headers if n.lower() not in (b"host", b"content-length", b"max-forwards", b"expect")]
+        # Field names with "_" are dropped: CGI-style origins read X_Forwarded_For or Remote_User
+        # as the X-Forwarded-For / Remote-User the proxy vouches for (nginx's default too).
+        headers = [(n, v) for n, v in headers
+                   if b"_" not in n and n.lower() not in (b"host", b"content-length", b"max-forwards", b"expect")]
         headers.insert(0, (b"Host", host_header_for(target)))
         max_forwards = head.get(b"max-forwards")
         if max_forwards is not None and head.method in (b"OPTIONS", b"TRACE"):
@@ -471,6 +494,8 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
         self.gate.resume("decision")
         if rest:
             tunnel.from_client(rest)
+        if self._read_ended:
+            tunnel.client_eof()
 
     def tunnel_failed(self, tunnel: Tunnel, failure: ProxyFailure) -> None:
         ctx = self.ctx
