@@ -9,6 +9,7 @@ connection that speaks out of turn is never reused.
 from __future__ import annotations
 
 import json
+import socket
 import re
 
 import pytest
@@ -296,3 +297,37 @@ def test_a_clean_bodiless_answer_is_pooled():
     origin, _ = start_get(rig)
     origin.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
     assert rig.factory.pool.idle_count == 1
+
+
+class SocketBackedTransport(HalfCloseTransport):
+    """getHandle() is a real socket, so the pool's peek for unread bytes has something to look at."""
+
+    def __init__(self, sock, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._sock = sock
+
+    def getHandle(self):
+        return self._sock
+
+
+@pytest.mark.parametrize("late, reused", [(b"", True), (b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\npoison", False)])
+def test_bytes_the_reactor_has_not_read_yet_keep_a_pooled_connection_out_of_use(late, reused):
+    # The late bytes are already in the socket when the next request takes the pooled connection
+    # in the same instant: without a look at the socket they would be read as its response.
+    rig = Rig()
+    ours, theirs = socket.socketpair()
+    try:
+        rig.send(b"GET http://10.0.0.1/a HTTP/1.1\r\nHost: 10.0.0.1\r\n\r\n")
+        host, port, factory, _timeout, _bind = rig.reactor.tcpClients[0]
+        rig._origins_seen = 1
+        origin = factory.buildProtocol(IPv4Address("TCP", host, port))
+        origin.makeConnection(SocketBackedTransport(ours, peerAddress=IPv4Address("TCP", host, port)))
+        origin.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+        assert rig.factory.pool.idle_count == 1
+        if late:
+            theirs.sendall(late)
+        rig.send(b"GET http://10.0.0.1/b HTTP/1.1\r\nHost: 10.0.0.1\r\n\r\n")
+        assert (len(rig.reactor.tcpClients) == 1) is reused
+    finally:
+        ours.close()
+        theirs.close()
