@@ -85,7 +85,14 @@ class UpstreamConnection(protocol.Protocol):
         if sink is None:
             return
         if state == "body" and self._framing is not None and self._framing.kind == "close":
-            sink.upstream_done()
+            if reason is None or not reason.check(error.ConnectionLost):
+                sink.upstream_done()  # the close is the body's end
+            else:
+                # A TCP reset is not an end: what came may be cut short anywhere.
+                sink.upstream_failed(
+                    ProxyFailure(502, "http_response_incomplete", f"{self.peer} reset the connection mid-response"),
+                    retryable=False,
+                )
         elif state == "switched":
             sink.upstream_done()
         elif state == "head" and not self._got_bytes:

@@ -331,3 +331,21 @@ def test_bytes_the_reactor_has_not_read_yet_keep_a_pooled_connection_out_of_use(
     finally:
         ours.close()
         theirs.close()
+
+
+def test_a_reset_ends_a_close_delimited_body_as_incomplete():
+    rig = Rig()
+    origin, _ = start_get(rig)
+    origin.dataReceived(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + b"x" * 100)
+    origin.connectionLost(Failure(error.ConnectionLost()))
+    assert not rig.written.endswith(b"0\r\n\r\n") and rig.client_transport.disconnecting
+    assert rig.records[-1].transfer == "origin_incomplete"
+
+
+def test_a_close_ends_a_close_delimited_body_completely():
+    rig = Rig()
+    origin, _ = start_get(rig)
+    origin.dataReceived(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + b"x" * 100)
+    origin.connectionLost(Failure(error.ConnectionDone()))
+    assert rig.written.endswith(b"0\r\n\r\n")
+    assert rig.records[-1].transfer == "complete"
