@@ -285,8 +285,12 @@ def default_twistd() -> str:
 
 
 def start_node(state_dir: Path, policy_path: str, extra_args: list[str] | None = None, twistd: str | None = None,
-               host: str = "127.0.0.2", timeout: float = 60.0) -> Running:
-    """A standalone safesquid-tw node under twistd, ready once listening.json exists and /health is 200."""
+               host: str = "127.0.0.2", timeout: float = 60.0, source_root: Path | None = None,
+               name: str = "safesquid-tw") -> Running:
+    """A standalone safesquid-tw node under twistd, ready once listening.json exists and /health is 200.
+
+    source_root: run the code of another checkout (e.g. the version before a change) instead of this one.
+    """
     state_dir.mkdir(parents=True, exist_ok=True)
     listen_port, portal_port = free_port(host), free_port(host)
     while portal_port == listen_port:
@@ -300,11 +304,11 @@ def start_node(state_dir: Path, policy_path: str, extra_args: list[str] | None =
         "--portal", f"tcp:{portal_port}:interface={host}",
         "--state-dir", str(state_dir), "--policy", policy_path, *(extra_args or []),
     ]
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    env = dict(os.environ, PYTHONPATH=str(source_root or REPO_ROOT))
     stdout_path = state_dir / "twistd.stdout"
     with open(stdout_path, "wb") as out:
         popen = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=state_dir, env=env)
-    node = Running("safesquid-tw", popen, host, listen_port, log_path)
+    node = Running(name, popen, host, listen_port, log_path)
     listening = state_dir / "run" / "listening.json"
 
     def ready() -> bool:

@@ -48,6 +48,7 @@ TARGET_RATIO = 1.5
 REFERENCE = "reference"
 REFERENCE_KEEP_ALIVE = "reference-ka"
 OURS = "safesquid-tw"
+BASELINE = "baseline"
 _RESULT_MARKER = "BENCH-RESULT "
 
 # wrk sends origin-form requests; a forward proxy needs the absolute form. The request is built
@@ -217,6 +218,22 @@ def verdict(reference: Summary, ours: Summary) -> str:
     return f"ours/reference {ratio:.2f}x requests/s (target >= {TARGET_RATIO}x: {met}); p99 latency {p99:.2f}x"
 
 
+def cpu_us_per_request(m: Measurement) -> float:
+    """The proxy process's CPU time per request (from /proc), steadier than rates on a busy machine."""
+    rps = m.wrk.requests_per_second
+    return m.cpu_percent / 100.0 / rps * 1e6 if rps else float("nan")
+
+
+def baseline_verdict(baseline: Summary, ours: Summary) -> str:
+    """Ours against the same node built from another checkout: requests/s and CPU per request."""
+    if not (baseline.clean and ours.clean):
+        return "ratio not meaningful: a node answered with errors or non-2xx/3xx (see the table)"
+    rps = ours.best.wrk.requests_per_second / baseline.best.wrk.requests_per_second
+    cpu_ours, cpu_base = cpu_us_per_request(ours.best), cpu_us_per_request(baseline.best)
+    return (f"ours/baseline {rps:.3f}x requests/s; CPU per request {cpu_ours:.0f} us vs {cpu_base:.0f} us "
+            f"({cpu_ours / cpu_base:.3f}x)")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=15.0, help="seconds of each measured run (default 15)")
@@ -236,6 +253,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--twistd", help="twistd to run the node with (default: beside this Python)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, policy)")
     parser.add_argument("--verbose", action="store_true", help="print wrk's own output too")
+    parser.add_argument("--baseline", metavar="DIR",
+                        help="also measure a node running the code of another checkout (e.g. `git archive BASE | "
+                             "tar -x -C DIR`), in turn with ours, and print ours/baseline: no-regression checks")
     return parser.parse_args(argv)
 
 
@@ -256,6 +276,15 @@ def start_proxies(args: argparse.Namespace, workdir: Path, origin: Running, star
     if args.only in (None, "ours"):
         policy = write_policy_file(args.rules, args.domains, directory=str(workdir))
         print(f"starting the node with {args.rules} rules and {args.domains} category domains ...", flush=True)
+        if args.baseline:
+            try:
+                baseline = start_node(workdir / "baseline-state", policy, shlex.split(args.node_args), twistd=args.twistd,
+                                      source_root=Path(args.baseline).resolve(), name=BASELINE)
+            except BenchError as e:
+                problems.append(f"{BASELINE} did not start: {e}")
+            else:
+                started.append(baseline)
+                candidates.append(baseline)
         try:
             node = start_node(workdir / "node-state", policy, shlex.split(args.node_args), twistd=args.twistd)
         except BenchError as e:
@@ -293,6 +322,7 @@ def run(args: argparse.Namespace, wrk: str, workdir: Path, started: list[Running
             m = measure(proxy, origin, args, wrk, script)
             runs[proxy.name].append(m)
             print(f"  round {round_number} {proxy.name:<14}{m.wrk.requests_per_second:>8.0f} req/s  "
+                  f"{cpu_us_per_request(m):>5.0f} us CPU/req  "
                   f"errors {m.wrk.socket_errors}  non-2xx {m.wrk.non_2xx_3xx}  RSS {m.max_rss_kib / 1024:.0f} MiB  "
                   f"others' CPU {m.others_cpu_percent:.0f}%",
                   flush=True)
@@ -332,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
             for name in (REFERENCE, REFERENCE_KEEP_ALIVE):
                 if name in by_name:
                     print(f"vs {name}: {verdict(by_name[name], by_name[OURS])}")
+            if BASELINE in by_name:
+                print(f"vs {BASELINE}: {baseline_verdict(by_name[BASELINE], by_name[OURS])}")
     return 1 if failed else 0
 
 

@@ -34,6 +34,7 @@ JSON_KEYS: tuple[str, ...] = (
     "dlp",
     "detail",
     "groups",
+    "transfer",
 )
 
 
@@ -78,6 +79,8 @@ class AccessRecord:
     dlp: tuple[str, ...] = ()  # names of the DLP detectors that hit
     detail: str | None = None  # e.g. "upstream connect refused", "download size limit"
     groups: tuple[str, ...] = ()  # the authenticated user's policy groups
+    # "complete", "origin_incomplete" (the origin cut the response short), "client_aborted"
+    transfer: str = "complete"
 
     def to_json_line(self) -> bytes:
         """One JSON object and a newline, keys in `JSON_KEYS` order, ASCII only."""
@@ -102,6 +105,7 @@ class AccessRecord:
             "dlp": list(self.dlp),
             "detail": self.detail,
             "groups": list(self.groups),
+            "transfer": self.transfer,
         }
         # ensure_ascii: a stray surrogate from a badly encoded URL cannot break the whole batch.
         return _ENCODER.encode(obj).encode("ascii") + b"\n"
@@ -133,6 +137,8 @@ class AccessRecord:
             dlp=_text_list(obj, "dlp"),
             detail=_optional_text(obj, "detail"),
             groups=_text_list(obj, "groups"),
+            # Records written before the key existed were complete as far as anyone knew.
+            transfer=_text(obj, "transfer") if obj.get("transfer") is not None else "complete",
         )
 
 

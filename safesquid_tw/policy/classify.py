@@ -12,6 +12,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from safesquid_tw.policy.escapes import normal_escapes
 from safesquid_tw.policy.hosts import parse_domain_pattern
 from safesquid_tw.policy.rules import shell_patterns_regex
 
@@ -48,7 +49,8 @@ class _Signature:
     def __init__(self, spec: dict[str, Any]) -> None:
         self.name: str = spec["name"]
         paths = spec.get("paths")
-        self.path_regex = shell_patterns_regex(paths) if paths else None
+        # Request paths are matched with escapes in one spelling (proxy/urlnorm.py): so are patterns.
+        self.path_regex = shell_patterns_regex([normal_escapes(p) for p in paths]) if paths else None
         self.header_regexes: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
             (header, shell_patterns_regex([pattern])) for header, pattern in spec.get("headers", {}).items()
         )

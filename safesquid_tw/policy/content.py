@@ -29,6 +29,9 @@ def url_path_extension(path: str) -> str | None:
     path = path.split("?", 1)[0].split("#", 1)[0]
     if "%" in path:
         path = unquote(path, errors="replace")
+        # "a.exe%3F.txt" or "a.exe%00.txt": an origin that decodes before it splits serves a.exe.
+        for stop in "?#\x00":
+            path = path.split(stop, 1)[0]
     return extension_of(path)
 
 

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
+from safesquid_tw.policy.escapes import normal_escapes
 from safesquid_tw.policy.fields import DAYS, time_to_minutes
 from safesquid_tw.policy.hosts import parse_domain_pattern
 from safesquid_tw.policy.networks import Address, NetworkMap
@@ -71,7 +72,8 @@ class CompiledRule:
         self.reason: str = spec["reason"] or f"{verb} by rule {self.name}"
         self.categories: frozenset[str] = frozenset(spec.get("categories", ()))
         patterns = spec.get("url_patterns")
-        self.url_regex = shell_patterns_regex(patterns) if patterns else None
+        # Request paths are matched with escapes in one spelling (proxy/urlnorm.py): so are patterns.
+        self.url_regex = shell_patterns_regex([normal_escapes(p) for p in patterns]) if patterns else None
         self.schedule = Schedule(spec["schedule"]) if "schedule" in spec else None
 
 

@@ -97,8 +97,10 @@ class SelfAnswers:
             self.transport.loseConnection()
 
     def _must_close(self, ctx: RequestContext) -> bool:
-        # A request whose body we will not read leaves the connection in an unknown place.
-        return ctx.client_close or ctx.framing.kind != "none"
+        # A request whose body we will not read leaves the connection in an unknown place. So does
+        # a CONNECT the proxy answers itself: what the client sent behind it (a TLS ClientHello...)
+        # was meant for the tunnel and must never be read as the next request.
+        return ctx.client_close or ctx.framing.kind != "none" or ctx.method == b"CONNECT"
 
     def _reject(self, status: int, detail: str, error_type: str) -> None:
         """A request that cannot be parsed: answer, close, never look at the rest of the bytes."""

@@ -16,6 +16,7 @@ from safesquid_tw.proxy import http1
 from safesquid_tw.proxy.errors import ProxyFailure
 from safesquid_tw.proxy.headers import strip_hop_by_hop
 from safesquid_tw.proxy.upstream import UpstreamConnection
+from safesquid_tw.proxy.urlnorm import blocked_request_any
 
 if TYPE_CHECKING:
     from safesquid_tw.proxy.context import RequestContext
@@ -116,7 +117,9 @@ class Exchange:
     def upstream_head(self, head: http1.ResponseHead, framing: http1.Framing) -> None:
         ctx = self.ctx
         content = ctx.policy.compiled.content
-        reason = content.blocked_response(head.get(b"content-type"), head.get(b"content-disposition"), ctx.target.path)
+        reason = content.blocked_response(head.get(b"content-type"), head.get(b"content-disposition"), ctx.target.match_path)
+        if reason is None and ctx.target.other_paths:
+            reason = blocked_request_any(content, ctx.target)
         if reason is None and self._max_download is not None and framing.kind == "length":
             if framing.length > self._max_download:
                 reason = f"the download is larger than {self._max_download} bytes"
@@ -208,6 +211,9 @@ class Exchange:
         if self._finished:
             return
         self.upstream = None
+        if self._response_started and not self.upgrade:
+            self._origin_cut_short(failure)
+            return
         if retryable and not self._retried and not self.has_body and not self._response_started:
             # A pooled connection the origin had just closed: try once more on a fresh one.
             self._retried = True
@@ -215,6 +221,23 @@ class Exchange:
             d.addCallbacks(self._attach, self._connect_failed)
             return
         self.fail(failure)
+
+    def _origin_cut_short(self, failure: ProxyFailure) -> None:
+        """The origin stopped mid-body (closed early, reset, stalled, broke the chunking): the
+        client keeps the head and the bytes that came, then a clean close, never the length's
+        promise or a last chunk, so it knows the body is incomplete; no reset that could destroy
+        what it has not read yet."""
+        ctx = self.ctx
+        ctx.transfer = "origin_incomplete"
+        ctx.detail = failure.detail
+        self.conn.factory.log_upstream_error(ctx, failure)
+        transport = self.conn.transport
+        if transport is not None:
+            try:
+                transport.unregisterProducer()
+            except Exception:
+                pass
+        self._end(close=True)
 
     # -- endings --------------------------------------------------------------------------
     def fail(self, failure: ProxyFailure) -> None:

@@ -13,8 +13,11 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from twisted.internet import protocol, threads
+from twisted.internet import error, protocol, threads
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.logger import Logger
+from twisted.python import failure
+from zope.interface import implementer
 
 from safesquid_tw.identity.errors import DirectoryUnavailable, NegotiateError
 from safesquid_tw.identity.negotiate import negotiate_token
@@ -30,6 +33,7 @@ from safesquid_tw.proxy.headers import strip_hop_by_hop, via_contains
 from safesquid_tw.proxy.inspection import BodyInspection
 from safesquid_tw.proxy.target import host_header_for, is_asterisk_options, parse_target
 from safesquid_tw.proxy.tunnel import Tunnel
+from safesquid_tw.proxy.urlnorm import blocked_request_any, strictest_decision
 
 if TYPE_CHECKING:
     from safesquid_tw.proxy.service import ProxyFactory
@@ -40,6 +44,7 @@ PARKED = 86400.0  # a deadline nobody needs right now waits here until it is mov
 PIPELINE_LIMIT = 256 * 1024  # bytes of pipelined requests buffered before reading pauses
 
 
+@implementer(IHalfCloseableProtocol)
 class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
     def __init__(self, factory: "ProxyFactory") -> None:
         self.factory = factory
@@ -66,6 +71,7 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
         self._upload_limit: int | None = None
         # (policy version, identity, principal) once Negotiate has authenticated this connection
         self._negotiated: tuple | None = None
+        self._read_ended = False  # the client shut down its sending half before the tunnel opened
 
     # -- connection lifetime --------------------------------------------------------------
     def connectionMade(self) -> None:
@@ -87,6 +93,21 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
         if self.exchange is not None:
             self.exchange.client_gone()
         self.factory.connection_closed(self)
+
+    def readConnectionLost(self) -> None:
+        """The client shut down its sending half (TCP transports only call this)."""
+        if self.state == "tunnel" and self.tunnel is not None:
+            self.tunnel.client_eof()
+            return
+        if self.tunnel is not None and self.state == "waiting":
+            # CONNECT still being set up: the bytes sent so far go through, then the end.
+            self._read_ended = True
+            return
+        # Plain HTTP: as without half-close (Squid's half_closed_clients off): the connection ends.
+        self.transport.connectionLost(failure.Failure(error.ConnectionDone()))
+
+    def writeConnectionLost(self) -> None:
+        pass  # our own loseWriteConnection in a tunnel completed; the other direction goes on
 
     def drain(self, quiet: float) -> None:
         """The node is stopping: answer what arrives within `quiet` seconds (or is in progress),
@@ -410,12 +431,14 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
             scheme=target.scheme,
             host=target.host,
             port=target.port,
-            path=target.path,
+            path=target.match_path,
             user=identity.user if identity is not None else None,
             groups=identity.groups if identity is not None else frozenset(),
             headers=HeaderView(head),
         )
         decision = compiled.decide(facts)
+        if target.other_paths and decision.action == "allow":
+            decision = strictest_decision(compiled, facts, target.other_paths, decision)
         ctx.rule = decision.rule
         ctx.category = decision.category
         ctx.application = decision.application
@@ -437,7 +460,7 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
             self._open_tunnel(ctx)
             return
         content = compiled.content
-        reason = content.blocked_request(target.path)
+        reason = blocked_request_any(content, target)
         if reason is not None:
             ctx.action = "deny"
             ctx.rule = "content-security"
@@ -481,7 +504,10 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
             self._respond_error(ctx, 417, "only the 100-continue expectation is supported", "http_request_error")
             return
         headers = strip_hop_by_hop(head.headers, keep_upgrade=upgrade)
-        headers = [(n, v) for n, v in headers if n.lower() not in (b"host", b"content-length", b"max-forwards", b"expect")]
+        # Field names with "_" are dropped: CGI-style origins read X_Forwarded_For or Remote_User
+        # as the X-Forwarded-For / Remote-User the proxy vouches for (nginx's default too).
+        headers = [(n, v) for n, v in headers
+                   if b"_" not in n and n.lower() not in (b"host", b"content-length", b"max-forwards", b"expect")]
         headers.insert(0, (b"Host", host_header_for(target)))
         max_forwards = head.get(b"max-forwards")
         if max_forwards is not None and head.method in (b"OPTIONS", b"TRACE"):
@@ -545,6 +571,8 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
         self.gate.resume("decision")
         if rest:
             tunnel.from_client(rest)
+        if self._read_ended:
+            tunnel.client_eof()
 
     def tunnel_failed(self, tunnel: Tunnel, failure: ProxyFailure) -> None:
         ctx = self.ctx

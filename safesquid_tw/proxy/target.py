@@ -15,6 +15,7 @@ import re
 import attrs
 
 from safesquid_tw.proxy.http1 import ProtocolError
+from safesquid_tw.proxy.urlnorm import normalise_path
 
 __all__ = ["Target", "host_header_for", "is_asterisk_options", "parse_target"]
 
@@ -41,7 +42,10 @@ class Target:
 
     scheme: "http" or "https" (absolute-form), "tunnel" (CONNECT).
     host: lower-case ASCII (IDNA A-labels), no trailing dot; IPv6 without brackets.
-    path: origin-form for the upstream request line ("/" at least); "" for a tunnel.
+    path: origin-form for the upstream request line ("/" at least); "" for a tunnel. The client's
+        own spelling, unless it had dot-segments (see `safesquid_tw.proxy.urlnorm`).
+    match_path: the path (and query) rules match, normalised (`urlnorm.normalise_path`).
+    other_paths: further readings of the path an origin could make; every one must be allowed.
     """
 
     scheme: str
@@ -49,6 +53,9 @@ class Target:
     port: int
     path: str
     had_userinfo: bool = False
+    # Derived from the path: left out of comparisons.
+    match_path: str = attrs.field(default="", eq=False)
+    other_paths: tuple[str, ...] = attrs.field(default=(), eq=False)
 
     def authority(self) -> str:
         """host[:port], with brackets around IPv6; the port is omitted when it is the default."""
@@ -78,8 +85,10 @@ def parse_target(method: bytes, target: bytes) -> Target:
     """Parse a proxy request-target; raises ProtocolError(400, ...) for anything else.
 
     CONNECT takes authority-form ``host:port`` only; every other method absolute-form with an
-    http or https scheme. Userinfo is dropped (``had_userinfo`` records it). Origin-form and
-    asterisk-form are refused: check ``is_asterisk_options`` first to answer ``OPTIONS *``.
+    http or https scheme. Userinfo (``http://user:pass@host/``) is refused: it is deprecated
+    (RFC 9110 4.2.4) and the password would travel in clear; the error never repeats it.
+    Origin-form and asterisk-form are refused: check ``is_asterisk_options`` first to answer
+    ``OPTIONS *``.
     """
     if method == b"CONNECT":
         return _parse_connect_target(target)
@@ -91,13 +100,18 @@ def parse_target(method: bytes, target: bytes) -> Target:
     if scheme is None:
         raise ProtocolError(400, f"unsupported URL scheme {scheme_bytes.decode('ascii')!r}")
     host, port, userinfo = _parse_authority(authority, DEFAULT_PORTS[scheme])
+    if userinfo:
+        raise ProtocolError(400, "credentials (userinfo) in the request target are not allowed")
     if not path:
         path_text = "/"
     elif path[0] == 0x3F:  # "?": path-abempty is empty, the query follows
         path_text = "/" + path.decode("ascii")
     else:
         path_text = path.decode("ascii")
-    return Target(scheme, host, port, path_text, userinfo)
+    if "%" in path_text or "\\" in path_text or "//" in path_text or "/." in path_text:
+        normal = normalise_path(path_text)
+        return Target(scheme, host, port, normal.forward, False, normal.decision, normal.others)
+    return Target(scheme, host, port, path_text, False, path_text)  # already in normal form
 
 
 _SCHEMES = {b"http": "http", b"https": "https"}

@@ -3,6 +3,11 @@
 Bytes are spliced unchanged in both directions with back-pressure each way (a full client buffer
 pauses reading from the origin and vice versa), the tunnel closes after a period with no bytes in
 either direction, and the byte counts go into the access record.
+
+Half-close is kept: when one side shuts down its sending half (TCP FIN), the proxy shuts down its
+sending half toward the other side and keeps relaying the other direction until it ends too (a
+client that uploads and then shuts down its write side still receives the whole answer). A reset
+on either side, or the idle deadline, still ends both directions at once.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ class Tunnel:
         self.bytes_to_client = 0
         self._ready = False
         self._closed = False
+        self._client_ended = False  # the client shut down its sending half
+        self._origin_ended = False  # the origin did
 
     def open(self) -> None:
         target = self.ctx.target
@@ -59,6 +66,39 @@ class Tunnel:
         self.bytes_from_client += len(data)
         if self.upstream is not None:
             self.upstream.send_raw(data)
+
+    def client_eof(self) -> None:
+        """The client will send nothing more: pass the end on, keep the answer flowing."""
+        if self._closed or self._client_ended:
+            return
+        self._client_ended = True
+        upstream = self.upstream
+        if self._origin_ended or upstream is None:
+            self._close(None)
+            return
+        try:
+            upstream.transport.unregisterProducer()
+        except Exception:
+            pass
+        self.conn.gate.resume_all()
+        upstream.transport.loseWriteConnection()
+
+    def upstream_eof(self) -> None:
+        """The origin will send nothing more: end the client's read side of it, keep uploading."""
+        if self._closed or self._origin_ended:
+            return
+        self._origin_ended = True
+        if self._client_ended:
+            self._close(None)
+            return
+        transport = self.conn.transport
+        try:
+            transport.unregisterProducer()
+        except Exception:
+            pass
+        if self.upstream is not None and self.upstream.gate is not None:
+            self.upstream.gate.resume_all()
+        transport.loseWriteConnection()
 
     # -- the origin side (ResponseSink in switched mode) ----------------------------------
     def upstream_data(self, data: bytes) -> None:

@@ -12,8 +12,10 @@ import socket
 from typing import Callable, Protocol as TypingProtocol
 
 from twisted.internet import defer, error, protocol, ssl
-from twisted.internet.interfaces import IReactorTCP, IReactorTime
+from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTCP, IReactorTime
 from twisted.logger import Logger
+from twisted.python import failure
+from zope.interface import implementer
 
 from safesquid_tw.config import Limits
 from safesquid_tw.proxy import http1
@@ -27,6 +29,9 @@ log = Logger()
 MAX_RESPONSE_LINE = 64 * 1024
 MAX_RESPONSE_HEAD = 256 * 1024
 PARKED = 86400.0
+# Interim (1xx) responses relayed for one request; an origin sending more is broken or hostile
+# (each costs a write to the client, and a flood of them would grow the client's buffer).
+MAX_INTERIM_RESPONSES = 10
 
 PoolKey = tuple[str, str, int]
 
@@ -40,6 +45,7 @@ class ResponseSink(TypingProtocol):
     def upstream_failed(self, failure: ProxyFailure, *, retryable: bool) -> None: ...
 
 
+@implementer(IHalfCloseableProtocol)
 class UpstreamConnection(protocol.Protocol):
     def __init__(self, pool: "UpstreamPool", key: PoolKey, peer: str) -> None:
         self.pool = pool
@@ -57,6 +63,7 @@ class UpstreamConnection(protocol.Protocol):
         self._request_complete = False
         self._keep_alive = True
         self._got_bytes = False
+        self._interim = 0
         self._timer = None
         self._timer_info: tuple[str, str, float] | None = None
         self.connected_since = 0.0
@@ -78,7 +85,14 @@ class UpstreamConnection(protocol.Protocol):
         if sink is None:
             return
         if state == "body" and self._framing is not None and self._framing.kind == "close":
-            sink.upstream_done()
+            if reason is None or not reason.check(error.ConnectionLost):
+                sink.upstream_done()  # the close is the body's end
+            else:
+                # A TCP reset is not an end: what came may be cut short anywhere.
+                sink.upstream_failed(
+                    ProxyFailure(502, "http_response_incomplete", f"{self.peer} reset the connection mid-response"),
+                    retryable=False,
+                )
         elif state == "switched":
             sink.upstream_done()
         elif state == "head" and not self._got_bytes:
@@ -92,6 +106,19 @@ class UpstreamConnection(protocol.Protocol):
                 retryable=False,
             )
 
+    def readConnectionLost(self) -> None:
+        """The origin shut down its sending half. In a tunnel the other direction keeps flowing
+        (the tunnel closes when both have ended); otherwise this is the end of the connection,
+        as it always was for HTTP."""
+        if self._state == "switched" and self.sink is not None and hasattr(self.sink, "upstream_eof"):
+            self.sink.upstream_eof()
+            return
+        # Only TCP transports call this; what TCP does for a protocol without half-close.
+        self.transport.connectionLost(failure.Failure(error.ConnectionDone()))
+
+    def writeConnectionLost(self) -> None:
+        pass  # our own loseWriteConnection completed; the tunnel waits for the origin's end
+
     # -- the request ----------------------------------------------------------------------
     def start_request(self, sink: ResponseSink, head: bytes, method: bytes) -> None:
         self._cancel_timer()
@@ -101,6 +128,7 @@ class UpstreamConnection(protocol.Protocol):
         self._request_complete = False
         self._keep_alive = True
         self._got_bytes = False
+        self._interim = 0
         self._framing = None
         self._decoder = None
         self.transport.write(head)
@@ -151,7 +179,11 @@ class UpstreamConnection(protocol.Protocol):
                 self.sink.upstream_data(data)
             return
         if self._state in ("idle", "closed"):
-            # Bytes nobody asked for: the connection cannot be trusted any more.
+            # Bytes nobody asked for (late bytes after a HEAD, 204 or 304 answer, or sent while
+            # idle in the pool): the connection cannot be trusted any more. "closed" at once, so
+            # the pool never hands it out before the abort completes.
+            self._state = "closed"
+            self.pool._forget(self)
             self.transport.abortConnection()
             return
         self._got_bytes = True
@@ -185,6 +217,10 @@ class UpstreamConnection(protocol.Protocol):
                     sink.upstream_switched(head, rest)
                 return
             if head.status < 200:
+                self._interim += 1
+                if self._interim > MAX_INTERIM_RESPONSES:
+                    raise http1.ProtocolError(
+                        502, f"more than {MAX_INTERIM_RESPONSES} interim (1xx) responses to one request")
                 if sink is not None:
                     sink.upstream_interim(head)
                 continue
@@ -300,6 +336,26 @@ class UpstreamConnection(protocol.Protocol):
         status = 504 if self._state == "head" else 502
         self._fail(ProxyFailure(status, error_type, f"{detail} ({seconds:g} s, {self.peer})"))
 
+    def unread_bytes_waiting(self) -> bool:
+        """Whether the origin sent something (or closed) that the reactor has not read yet.
+
+        Late bytes that arrived in the same instant as a new request would otherwise be read
+        as that request's response. One non-blocking peek, on plain TCP only: a TLS connection
+        legitimately receives records (session tickets) while idle, and they never surface as data.
+        """
+        if self.key[0] != "http":
+            return False
+        handle = getattr(self.transport, "getHandle", None)
+        sock = handle() if handle is not None else None
+        if not isinstance(sock, socket.socket):
+            return False
+        try:
+            return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) is not None
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
     def go_idle(self) -> None:
         self._restart_timer(self.pool.limits.upstream_idle_timeout, "idle", "")
 
@@ -351,6 +407,10 @@ class UpstreamPool:
         while idle:
             conn = idle.pop()
             if conn._state == "idle" and conn.transport is not None and conn.transport.connected:
+                if conn.unread_bytes_waiting():
+                    conn._state = "closed"
+                    conn.transport.abortConnection()
+                    continue
                 conn._cancel_timer()
                 return conn
         return None
