@@ -54,6 +54,8 @@ class NodeConfig:
     spool_cap_bytes: int = 512 * 1024 * 1024
     report_retention_days: float = 90.0  # the report store keeps records this long
     limits: Limits = attrs.field(factory=Limits)
+    spool_fsync_interval: float = 1.0  # group commit: a machine crash can lose this window
+    spool_memory_bytes: int = 64 * 1024 * 1024  # records held in memory while the spool is unwritable
 
     @property
     def serves_proxy(self) -> bool:

@@ -23,6 +23,10 @@ class NodeState:
     started: float = 0.0  # epoch seconds; 0 means not started yet
     # Where "now" comes from, so uptimes are testable; a running node keeps the default.
     now: Callable[[], float] = attrs.field(default=time.time, repr=False, eq=False)
+    # More sections of the /health JSON, by key (the spool, the master connection): each a
+    # function returning a JSON-able dict. They never change the status code.
+    health_parts: dict[str, Callable[[], Any]] = attrs.field(factory=dict, repr=False, eq=False)
+    policy_since: float | None = None  # epoch seconds the policy in force was installed here
 
     @property
     def ready(self) -> bool:
@@ -58,6 +62,8 @@ class NodeState:
             "policy_source": self.policy_source,
             "draining": self.draining,
             "uptime_s": None if uptime is None else round(uptime, 3),
+            "policy_age_s": None if self.policy_since is None else round(max(0.0, self.now() - self.policy_since), 3),
+            **{key: part() for key, part in self.health_parts.items()},
         }
 
 

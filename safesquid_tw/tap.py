@@ -74,6 +74,12 @@ class Options(usage.Options):
          _number("report-retention-days", float)],
         ["spool-cap-bytes", None, 512 * 1024 * 1024, "most bytes of unshipped access records kept on disk",
          _number("spool-cap-bytes", int)],
+        ["spool-fsync-interval", None, 1.0,
+         "seconds between fsyncs of the access record spool (a machine crash can lose this window)",
+         _number("spool-fsync-interval", float)],
+        ["spool-memory-bytes", None, 64 * 1024 * 1024,
+         "most bytes of access records held in memory while the spool cannot be written",
+         _number("spool-memory-bytes", int)],
     ] + [
         [name, None, getattr(Limits(), name.replace("-", "_")), doc, _number(name, kind)]
         for name, doc, kind in _LIMIT_OPTIONS
@@ -130,7 +136,8 @@ def options_to_config(opts: usage.Options) -> NodeConfig:
             parse_fingerprint(opts["master-fingerprint"])
         except ValueError as e:
             raise usage.UsageError(f"--master-fingerprint: {e}")
-    for name in ("keepalive", "poll-interval", "drain-grace", "spool-cap-bytes", "report-retention-days"):
+    for name in ("keepalive", "poll-interval", "drain-grace", "spool-cap-bytes", "report-retention-days",
+                 "spool-fsync-interval", "spool-memory-bytes"):
         if opts[name] <= 0:
             raise usage.UsageError(f"--{name} must be a positive number")
     if opts["stop-grace"] < 0:
@@ -161,6 +168,8 @@ def options_to_config(opts: usage.Options) -> NodeConfig:
         report_retention_days=opts["report-retention-days"],
         spool_cap_bytes=opts["spool-cap-bytes"],
         limits=limits,
+        spool_fsync_interval=opts["spool-fsync-interval"],
+        spool_memory_bytes=opts["spool-memory-bytes"],
     )
     if opts["node-name"]:
         fields["node_name"] = opts["node-name"]

@@ -295,6 +295,8 @@ class SlaveAvatar(pb.Referenceable):
         if "clock" in status:
             rec.clock_offset = round(status["clock"] - _wall(), 3)
         rec.draining = bool(status.get("draining", False))
+        detail = status.get("detail") or None
+        rec.spool_problem = detail if detail and detail.startswith("spool") else None
         rec.ready = bool(status.get("ready", False))
         version = status["policy_version"] or None
         if version != rec.policy_version:

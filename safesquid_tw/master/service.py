@@ -18,6 +18,7 @@ from safesquid_tw.cluster.master_side import ControlPlane, ControlRoot
 from safesquid_tw.config import NodeConfig, read_activation_key
 from safesquid_tw.master.registry import SlaveRegistry
 from safesquid_tw.node import NodeBase
+from safesquid_tw.reporting.recordcheck import QuarantineFile, quarantining
 from safesquid_tw.reporting.store import ReportStore
 from safesquid_tw.resources import sample_policy_path
 
@@ -36,13 +37,14 @@ def build_master(config: NodeConfig, reactor) -> MultiService:
 
     registry = SlaveRegistry()
     reports = ReportStore(root / "reports.sqlite3")
+    quarantine = QuarantineFile(root / "quarantine.jsonl")
     plane = ControlPlane(
         reactor=reactor,
         key=ClusterKey.from_activation_key(read_activation_key(config.activation_key_file)),
         version=NodeVersion(__version__),
         store=store,
         registry=registry,
-        ingest=reports.ingest,
+        ingest=quarantining(reports.ingest, reports, quarantine),
         record_dropped=reports.record_dropped,
         keepalive=config.keepalive,
     )
@@ -52,5 +54,6 @@ def build_master(config: NodeConfig, reactor) -> MultiService:
     base.report_retention(reports)
     top.registry = registry
     top.reports = reports
+    top.quarantine = quarantine
     top.control_plane = plane
     return base.finish()
