@@ -518,6 +518,9 @@ class Spool:
                 if len(parts) == 3 and parts[1].isdigit():
                     self._remember_sealed(segment, _Sealed(path, int(parts[1]), path.stat().st_size))
         self._next_segment = max(self._persisted_next, highest + 1)
+        # Reserve ids now (at start, before any traffic), so the first segments need no fsync.
+        self._persisted_next = self._next_segment + ID_RESERVE
+        self._save_state()
 
     def _recover_set_aside(self, segment: int, tmp_path: Path) -> None:
         # An interrupted `_set_aside`: the clean copy was synced before the damaged file moved.

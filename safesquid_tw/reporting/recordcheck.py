@@ -57,9 +57,11 @@ def _number(obj: dict[str, Any], key: str, low: float, high: float) -> None:
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise MalformedRecord(f"{key!r} must be a number, not {type(value).__name__}")
+        return  # a wrong type is `rows.record_row`'s to name
     if isinstance(value, float) and not math.isfinite(value):
         raise MalformedRecord(f"{key!r} is not finite")
+    if value < 0 <= low:
+        raise MalformedRecord(f"{key!r} must not be negative: {value!r}")
     if not low <= value <= high:
         raise MalformedRecord(f"{key!r} out of range: {value!r} (allowed {low:g} .. {high:g})")
 
