@@ -88,6 +88,19 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         self.config = options_to_config(self)
 
+    def parseOptions(self, options=None) -> None:
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            if getattr(self, "parent", None) is None:
+                raise  # called directly (tests, tools): the caller reports it
+            # Under twistd: one line naming the problem and where the options are explained,
+            # instead of twistd's whole help text.
+            import sys
+
+            sys.stderr.write(f"twistd safesquid: {e} (see: twistd safesquid --help)\n")
+            raise SystemExit(1) from None
+
 
 def _check_endpoint(kind: str, description: str) -> None:
     from twisted.internet import reactor
@@ -123,7 +136,12 @@ def options_to_config(opts: usage.Options) -> NodeConfig:
         if opts[name] is None or opts[name] <= 0:
             raise usage.UsageError(f"--{name} must be a positive number")
     key_file = opts["activation-key-file"]
-    if role in ("master", "slave") and not key_file:
+    if role == "master" and not key_file:
+        # A master without a key makes one at its first start (see cluster/keyfile.py).
+        import os
+
+        key_file = os.path.join(opts["state-dir"], "activation.key")
+    if role == "slave" and not key_file:
         raise usage.UsageError(
             f"a {role} needs --activation-key-file=FILE (the cluster's shared key, the same on every node)"
         )
@@ -143,12 +161,15 @@ def options_to_config(opts: usage.Options) -> NodeConfig:
     if opts["stop-grace"] < 0:
         raise usage.UsageError("--stop-grace must be zero or more seconds")
     if key_file:
+        from safesquid_tw.cluster.keyfile import MIN_KEY_LENGTH, check_key_length
         from safesquid_tw.config import read_activation_key
+        import os
 
-        try:
-            read_activation_key(key_file)
-        except (OSError, ValueError) as e:
-            raise usage.UsageError(f"--activation-key-file: {e}")
+        if not (role == "master" and not os.path.exists(key_file)):  # else created at start
+            try:
+                check_key_length(read_activation_key(key_file), key_file)
+            except (OSError, ValueError) as e:
+                raise usage.UsageError(f"--activation-key-file: {e}")
     limits = Limits(**{n.replace("-", "_"): opts[n] for n, _d, _k in _LIMIT_OPTIONS})
     fields = dict(
         role=role,
