@@ -68,6 +68,8 @@ class NodeConfig:
     def listen_endpoints(self) -> tuple[str, ...]:
         """Every proxy listener, `listen` first."""
         return (self.listen, *self.more_listen)
+    spool_fsync_interval: float = 1.0  # group commit: a machine crash can lose this window
+    spool_memory_bytes: int = 64 * 1024 * 1024  # records held in memory while the spool is unwritable
 
     @property
     def serves_proxy(self) -> bool:

@@ -306,6 +306,7 @@ class NodeBase:
 
         def on_policy(policy) -> None:
             state.policy_version = policy.version
+            state.policy_since = time.time()
             state.policy_digest = policy.digest
 
         store.add_observer(on_policy)

@@ -23,10 +23,13 @@ class NodeState:
     started: float = 0.0  # epoch seconds; 0 means not started yet
     # Where "now" comes from, so uptimes are testable; a running node keeps the default.
     now: Callable[[], float] = attrs.field(default=time.time, repr=False, eq=False)
-    # More parts of /health JSON, each read when asked (e.g. "directory"); None leaves it out.
+    # More sections of the /health JSON, by key (the spool, the master connection, the directory):
+    # each a function returning a JSON-able value, or None to leave its key out. They never
+    # change the status code.
     health_parts: dict[str, Callable[[], Any]] = attrs.field(factory=dict, repr=False, eq=False)
     # Connections the proxy closed at its edge, by reason (ProxyFactory.edge_counters); None: no proxy.
     edge: Callable[[], dict[str, int]] | None = attrs.field(default=None, repr=False, eq=False)
+    policy_since: float | None = None  # epoch seconds the policy in force was installed here
 
     @property
     def ready(self) -> bool:
@@ -62,6 +65,7 @@ class NodeState:
             "policy_source": self.policy_source,
             "draining": self.draining,
             "uptime_s": None if uptime is None else round(uptime, 3),
+            "policy_age_s": None if self.policy_since is None else round(max(0.0, self.now() - self.policy_since), 3),
             **{name: value for name, part in self.health_parts.items() if (value := part()) is not None},
             **({"edge": self.edge()} if self.edge is not None else {}),
         }

@@ -80,6 +80,12 @@ class Options(usage.Options):
          "Kerberos service principal clients ask tickets for, e.g. HTTP/proxy.example.com (the balancer's name)"],
         ["proxy-protocol-from", None, None,
          "comma-separated networks that may send PROXY headers on haproxy: listeners (default: any)"],
+        ["spool-fsync-interval", None, 1.0,
+         "seconds between fsyncs of the access record spool (a machine crash can lose this window)",
+         _number("spool-fsync-interval", float)],
+        ["spool-memory-bytes", None, 64 * 1024 * 1024,
+         "most bytes of access records held in memory while the spool cannot be written",
+         _number("spool-memory-bytes", int)],
     ] + [
         [name, None, getattr(Limits(), name.replace("-", "_")), doc, _number(name, kind)]
         for name, doc, kind in _LIMIT_OPTIONS
@@ -95,6 +101,19 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         self.config = options_to_config(self)
+
+    def parseOptions(self, options=None) -> None:
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            if getattr(self, "parent", None) is None:
+                raise  # called directly (tests, tools): the caller reports it
+            # Under twistd: one line naming the problem and where the options are explained,
+            # instead of twistd's whole help text.
+            import sys
+
+            sys.stderr.write(f"twistd safesquid: {e} (see: twistd safesquid --help)\n")
+            raise SystemExit(1) from None
 
 
 def _check_endpoint(kind: str, description: str) -> None:
@@ -149,7 +168,12 @@ def options_to_config(opts: usage.Options) -> NodeConfig:
         if opts[name] is None or opts[name] <= 0:
             raise usage.UsageError(f"--{name} must be a positive number")
     key_file = opts["activation-key-file"]
-    if role in ("master", "slave") and not key_file:
+    if role == "master" and not key_file:
+        # A master without a key makes one at its first start (see cluster/keyfile.py).
+        import os
+
+        key_file = os.path.join(opts["state-dir"], "activation.key")
+    if role == "slave" and not key_file:
         raise usage.UsageError(
             f"a {role} needs --activation-key-file=FILE (the cluster's shared key, the same on every node)"
         )
@@ -162,18 +186,22 @@ def options_to_config(opts: usage.Options) -> NodeConfig:
             parse_fingerprint(opts["master-fingerprint"])
         except ValueError as e:
             raise usage.UsageError(f"--master-fingerprint: {e}")
-    for name in ("keepalive", "poll-interval", "drain-grace", "spool-cap-bytes", "report-retention-days"):
+    for name in ("keepalive", "poll-interval", "drain-grace", "spool-cap-bytes", "report-retention-days",
+                 "spool-fsync-interval", "spool-memory-bytes"):
         if opts[name] <= 0:
             raise usage.UsageError(f"--{name} must be a positive number")
     if opts["stop-grace"] < 0:
         raise usage.UsageError("--stop-grace must be zero or more seconds")
     if key_file:
+        from safesquid_tw.cluster.keyfile import MIN_KEY_LENGTH, check_key_length
         from safesquid_tw.config import read_activation_key
+        import os
 
-        try:
-            read_activation_key(key_file)
-        except (OSError, ValueError) as e:
-            raise usage.UsageError(f"--activation-key-file: {e}")
+        if not (role == "master" and not os.path.exists(key_file)):  # else created at start
+            try:
+                check_key_length(read_activation_key(key_file), key_file)
+            except (OSError, ValueError) as e:
+                raise usage.UsageError(f"--activation-key-file: {e}")
     _check_kerberos(opts, role)
     limits = Limits(**{n.replace("-", "_"): opts[n] for n, _d, _k in _LIMIT_OPTIONS})
     fields = dict(
@@ -198,6 +226,8 @@ def options_to_config(opts: usage.Options) -> NodeConfig:
         keytab=opts["keytab"],
         service_principal=opts["service-principal"],
         limits=limits,
+        spool_fsync_interval=opts["spool-fsync-interval"],
+        spool_memory_bytes=opts["spool-memory-bytes"],
     )
     if opts["node-name"]:
         fields["node_name"] = opts["node-name"]

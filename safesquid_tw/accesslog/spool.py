@@ -16,10 +16,17 @@ and their records added to `dropped_records`, which is persisted *before* the de
 between over-counts, never hides a loss). A segment dropped while it was being shipped may end up
 both stored and counted as dropped; that errs on the side of telling.
 
+Durability: `append()` only touches memory; `write_out()` hands the buffered lines to the kernel
+(`write(2)`, no fsync) and is called by the node once per reactor turn (see `accesslog.durable`),
+so a *process* crash loses no appended record. `sync()` fsyncs what was written (data, sealed
+files, directory entries) and runs on a group-commit timer in a worker thread, so only a *machine*
+crash can lose the records written since the last sync. Segment ids are reserved ahead in blocks
+(`ID_RESERVE`) so that opening a segment on the reactor thread does not wait for an fsync.
+
 Threads: `append()` only touches memory under a short lock, so it is safe on the reactor thread.
-`flush()`, `seal()`, `read_batches()`, `acknowledge()` and `close()` do disk I/O (write, fsync,
-rename); they are serialised by a second lock and may run in a worker thread (`deferToThread`)
-while the reactor keeps appending.
+`write_out()`, `flush()`, `seal()`, `read_batches()`, `acknowledge()` and `close()` do disk I/O;
+they are serialised by a second lock, which is never held across an fsync, so the reactor's
+`write_out()` never waits for the disk to sync.
 """
 
 from __future__ import annotations
@@ -48,6 +55,8 @@ STATE_FORMAT = "safesquid-spool-state/1"
 # Far below Perspective Broker's 640 KiB string limit, so one record always fits in a message.
 MAX_RECORD_BYTES = 256 * 1024
 _PROBLEMS_KEPT = 100
+# Segment ids persisted ahead of use: opening a segment rarely needs a state write (and fsync).
+ID_RESERVE = 64
 
 
 @attrs.frozen
@@ -115,6 +124,11 @@ class Spool:
         self._lock = threading.Lock()  # in-memory state; never held across disk I/O
         self._disk_lock = threading.RLock()  # one thread at a time writes, renames or deletes
         self._pending: list[_Pending] = []
+        self._pending_bytes = 0  # encoded bytes appended and not yet written: the memory backlog
+        self._fd_dirty = False  # the open segment has writes not yet fsynced
+        self._unsynced: list[Path] = []  # sealed files closed before their data was fsynced
+        self._dir_dirty = False  # directory entries (create, rename, unlink) not yet fsynced
+        self._state_dirty = False  # counters changed in memory, state file not yet rewritten
         self._oldest_buffered_at: float | None = None
         self._open_id: int | None = None
         self._open_seq = 0
@@ -154,6 +168,7 @@ class Spool:
             if not self._pending or self._pending[-1].segment != segment:
                 self._pending.append(_Pending(segment))
             self._pending[-1].lines.append(encoded)
+            self._pending_bytes += len(encoded)
             self._open_seq += 1
             self._open_size += len(encoded)
             self._unsealed_records += 1
@@ -184,6 +199,28 @@ class Spool:
         with self._lock:
             return self._sealed_bytes + self._unsealed_bytes
 
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes appended but not yet written to a segment file (held in memory)."""
+        return self._pending_bytes
+
+    @property
+    def pending_records(self) -> int:
+        with self._lock:
+            return sum(len(p.lines) for p in self._pending)
+
+    def request_seal(self) -> None:
+        """Close the open segment at the next `write_out()` (memory only)."""
+        with self._lock:
+            self._seal_locked()
+
+    def count_dropped(self, records: int) -> None:
+        """Records lost before they reached the spool (memory bound): counted with the cap's
+        drops, persisted at the next `sync()`."""
+        with self._lock:
+            self.dropped_records += records
+            self._state_dirty = True
+
     def sealed_segments(self) -> list[int]:
         """Segments ready to ship, oldest first."""
         with self._lock:
@@ -195,21 +232,86 @@ class Spool:
 
     # -- disk side (may run in a worker thread) -----------------------------------------------
 
-    def flush(self) -> None:
-        """Write and fsync every buffered line; perform pending seals; enforce the size cap."""
+    def write_out(self, max_bytes: int | None = None) -> int:
+        """Hand buffered lines to the kernel (`write(2)`, no fsync) and perform pending seals
+        (renames); at most about `max_bytes` (at least one line) when given. Returns the bytes
+        written. On OSError nothing is lost: unwritten lines stay buffered, in order."""
+        written = 0
         with self._disk_lock:
-            with self._lock:
-                work, self._pending = self._pending, []
-                self._oldest_buffered_at = None
-            for index, pending in enumerate(work):
+            while max_bytes is None or written < max_bytes:
+                with self._lock:
+                    if not self._pending:
+                        self._oldest_buffered_at = None
+                        break
+                    head = self._pending[0]
+                    budget = None if max_bytes is None else max_bytes - written
+                    count, size = _prefix(head.lines, budget)
+                    whole = count == len(head.lines)
+                    piece = _Pending(head.segment, head.lines[:count], head.seal_count if whole else None)
+                sealed = False
                 try:
-                    self._write_pending(pending)
+                    self._write_pending(piece)
+                    sealed = piece.seal_count is not None
+                finally:
+                    with self._lock:
+                        if count and not piece.lines:  # written: `_write_pending` cleared them
+                            del head.lines[:count]
+                            self._pending_bytes -= size
+                            written += size
+                        if sealed:
+                            head.seal_count = None
+                        if not head.lines and head.seal_count is None and self._pending[:1] == [head]:
+                            self._pending.pop(0)
+        return written
+
+    def sync(self) -> None:
+        """fsync what `write_out()` wrote: the open segment, sealed files, the directory, the
+        state file when counters changed; then enforce the size cap. For a worker thread."""
+        with self._disk_lock:
+            fd = os.dup(self._open_fd) if self._open_fd is not None and self._fd_dirty else None
+            self._fd_dirty = False
+            paths, self._unsynced = self._unsynced, []
+            dir_dirty, self._dir_dirty = self._dir_dirty, False
+            reserve = self._next_segment + ID_RESERVE // 2 > self._persisted_next
+        try:
+            if fd is not None:
+                os.fsync(fd)
+            for path in paths:
+                try:
+                    sync_fd = os.open(path, os.O_RDONLY)
+                except FileNotFoundError:  # shipped and deleted already
+                    continue
+                try:
+                    os.fsync(sync_fd)
+                finally:
+                    os.close(sync_fd)
+            if dir_dirty:
+                fsync_directory(self.directory)
+        except BaseException:
+            with self._disk_lock:
+                self._fd_dirty = self._fd_dirty or fd is not None
+                self._unsynced[:0] = paths
+                self._dir_dirty = self._dir_dirty or dir_dirty
+            raise
+        finally:
+            if fd is not None:
+                os.close(fd)
+        with self._disk_lock:
+            if reserve or self._state_dirty:
+                if reserve:
+                    self._persisted_next = max(self._persisted_next, self._next_segment + ID_RESERVE)
+                self._state_dirty = False
+                try:
+                    self._save_state()
                 except BaseException:
-                    with self._lock:  # keep what was not written, ahead of newer lines
-                        self._pending[:0] = work[index:]
-                        self._oldest_buffered_at = self._clock()
+                    self._state_dirty = True
                     raise
             self._enforce_cap()
+
+    def flush(self) -> None:
+        """Write and fsync every buffered line; perform pending seals; enforce the size cap."""
+        self.write_out()
+        self.sync()
 
     def seal(self) -> None:
         """Close the open segment even if small, so its records can ship; flushes."""
@@ -259,7 +361,7 @@ class Spool:
             if sealed is None:
                 return
             sealed.path.unlink(missing_ok=True)
-            fsync_directory(self.directory)
+        fsync_directory(self.directory)  # outside the lock: the reactor's writes never wait on it
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -295,31 +397,40 @@ class Spool:
         if self._open_fd is None:
             if pending.segment >= self._persisted_next:
                 # The id is on disk before any file carries it: it can never be handed out again.
-                self._persisted_next = pending.segment + 1
-                self._save_state()
+                # Reserved in blocks, so this fsync is rare (see `sync()`).
+                self._persisted_next = pending.segment + ID_RESERVE
+                try:
+                    self._save_state()
+                except BaseException:
+                    self._persisted_next = pending.segment
+                    raise
             self._open_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
             self._open_on_disk = os.fstat(self._open_fd).st_size
+            self._dir_dirty = True
         if pending.lines:
             data = b"".join(pending.lines)
             try:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(self._open_fd, view) :]
-                os.fsync(self._open_fd)
             except OSError:
                 # Cut a partial write off so the retry does not leave a damaged line behind.
                 os.ftruncate(self._open_fd, self._open_on_disk)
                 raise
             self._open_on_disk += len(data)
+            self._fd_dirty = True
             pending.lines = []  # written: a retry after a failed seal must not write them twice
         if pending.seal_count is not None:
+            unsynced = self._fd_dirty
             self._close_open_fd()
             if pending.seal_count == 0:
                 path.unlink(missing_ok=True)
                 return
             sealed_path = self._sealed_path(pending.segment, pending.seal_count)
             os.replace(path, sealed_path)
-            fsync_directory(self.directory)
+            self._dir_dirty = True
+            if unsynced:
+                self._unsynced.append(sealed_path)
             with self._lock:
                 self._remember_sealed(
                     pending.segment, _Sealed(sealed_path, pending.seal_count, self._open_on_disk)
@@ -331,6 +442,7 @@ class Spool:
         if self._open_fd is not None:
             os.close(self._open_fd)
             self._open_fd = None
+            self._fd_dirty = False  # the caller keeps the path in `_unsynced` if it was dirty
 
     def _enforce_cap(self) -> None:
         while True:
@@ -406,6 +518,9 @@ class Spool:
                 if len(parts) == 3 and parts[1].isdigit():
                     self._remember_sealed(segment, _Sealed(path, int(parts[1]), path.stat().st_size))
         self._next_segment = max(self._persisted_next, highest + 1)
+        # Reserve ids now (at start, before any traffic), so the first segments need no fsync.
+        self._persisted_next = self._next_segment + ID_RESERVE
+        self._save_state()
 
     def _recover_set_aside(self, segment: int, tmp_path: Path) -> None:
         # An interrupted `_set_aside`: the clean copy was synced before the damaged file moved.
@@ -467,6 +582,19 @@ class Spool:
         _log.warn(
             "log spool {kind} (segment {segment}): {detail}", kind=kind, segment=segment, detail=detail
         )
+
+
+def _prefix(lines: list[bytes], budget: int | None) -> tuple[int, int]:
+    """How many leading lines fit in `budget` bytes (at least one), and their size."""
+    if budget is None:
+        return len(lines), sum(len(line) for line in lines)
+    count = size = 0
+    for line in lines:
+        if count and size + len(line) > budget:
+            break
+        count += 1
+        size += len(line)
+    return count, size
 
 
 __all__ = ["MAX_RECORD_BYTES", "Batch", "Spool", "SpoolProblem", "encode_line", "scan_segment"]

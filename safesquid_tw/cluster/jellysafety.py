@@ -106,14 +106,16 @@ class ClusterBroker(pb.Broker):
         try:
             super().dataReceived(data)
         except Exception as e:
-            _log.warn(
-                "dropping the control-plane connection from {peer}: it sent what this node cannot "
-                "read ({why})",
-                peer=self._peer(), why=f"{type(e).__name__}: {e}",
-            )
-            transport = self.transport
-            if transport is not None:
-                transport.abortConnection()
+            self._dropping(f"{type(e).__name__}: {e}"[:300])
+
+    def _dropping(self, why: str) -> None:
+        _log.warn(
+            "dropping the control-plane connection from {peer}: it sent what this node cannot read ({why})",
+            peer=self._peer(), why=why,
+        )
+        transport = self.transport
+        if transport is not None:
+            transport.abortConnection()
 
     def proto_answer(self, requestID: int, netResult: object) -> None:
         self._settle(requestID, netResult, failed=False)

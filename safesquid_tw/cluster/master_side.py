@@ -62,8 +62,10 @@ class ControlPlane:
         ingest: Callable[[str, int, int, list[bytes]], object] | None,
         record_dropped: Callable[[str, int], None] | None = None,
         keepalive: float = 10.0,
+        guard=None,
     ) -> None:
         self.reactor = reactor
+        self.guard = guard  # guard.ControlGuard: refusal counters, per-source log and proof limits
         self.key = key
         self.version = version
         self.store = store
@@ -128,8 +130,14 @@ class Gate(pb.Referenceable):
         except Exception:
             return "?"
 
-    def _refuse(self, node: str, why: str) -> None:
-        log.warn("refused slave {node} from {address}: {why}", node=node, address=self._peer_ip(), why=why)
+    def _refuse(self, node: str, why: str, kind: str = "refused") -> None:
+        address = self._peer_ip()
+        message = f"refused slave {node} from {address}: {why}"
+        guard = self.plane.guard
+        if guard is not None:
+            guard.refuse(kind, address, message)  # one line per source and window
+        else:
+            log.warn("{message}", message=message)
         # Drop the connection shortly after the answer leaves: a refused peer gets one try.
         self.plane.reactor.callLater(0.5, self._drop)
         raise ClusterRefused(why)
@@ -141,6 +149,14 @@ class Gate(pb.Referenceable):
 
     @wire.checked("gate")
     def remote_hello(self, protocol, product, node, nonce):
+        if self.proof is not None:
+            self._refuse(node, "one key proof per connection", "second_proof")
+        guard = self.plane.guard
+        if guard is not None:
+            wait = guard.proofs_blocked(self._peer_ip())
+            if wait is not None:
+                self._refuse(node, f"too many failed key proofs from this address; try again in {wait:.0f} s",
+                             "throttled")
         why = self.plane.refusal_for_address(self._peer_ip())
         if why is not None:
             self._refuse(node, why)
@@ -161,7 +177,9 @@ class Gate(pb.Referenceable):
         try:
             master_proof = self.proof.verify(proof)
         except KeyProofFailed as e:
-            self._refuse(self.proof.slave_name or "?", f"wrong activation key ({e})")
+            if self.plane.guard is not None:
+                self.plane.guard.proof_failed(self._peer_ip())
+            self._refuse(self.proof.slave_name or "?", f"wrong activation key ({e})", "failed_proof")
         name = self.proof.slave_name
         return defer.ensureDeferred(self._admit(name, mind, master_proof))
 
@@ -178,6 +196,9 @@ class Gate(pb.Referenceable):
             existing.disconnect(f"replaced by a new connection from {self._peer_ip()}")
         avatar = SlaveAvatar(plane, name, mind, self.broker, self._peer_ip(), self.product)
         avatar.attach()
+        login_completed = getattr(self.broker, "login_completed", None)
+        if login_completed is not None:
+            login_completed()
         return {"proof": master_proof, "avatar": avatar}
 
 
@@ -295,6 +316,8 @@ class SlaveAvatar(pb.Referenceable):
         if "clock" in status:
             rec.clock_offset = round(status["clock"] - _wall(), 3)
         rec.draining = bool(status.get("draining", False))
+        detail = status.get("detail") or None
+        rec.spool_problem = detail if detail and detail.startswith("spool") else None
         rec.ready = bool(status.get("ready", False))
         rec.directory = status.get("directory")
         version = status["policy_version"] or None

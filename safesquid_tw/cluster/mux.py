@@ -107,6 +107,7 @@ class _AlpnDispatch(Protocol):
         self._inner: Protocol | None = None
         self._early: list[bytes] = []
         self.dispatched = lambda: None  # set by the sniffer: stops the handshake deadline
+        self.accepted_at: float | None = None  # set by the sniffer: when TCP accepted
 
     def handshakeCompleted(self) -> None:
         transport = self.transport
@@ -114,6 +115,9 @@ class _AlpnDispatch(Protocol):
         control_plane = getattr(transport, "negotiatedProtocol", None) == ALPN_CONTROL_PLANE
         factory = self._port.control_factory if control_plane else self._port.web_factory
         inner = factory.buildProtocol(transport.getPeer())
+        if control_plane and inner is not None:
+            # The control plane's key-proof deadline counts from the TCP accept (TLS included).
+            inner.accepted_at = self.accepted_at
         self.dispatched()
         if inner is None:
             stats.refused_by_factory += 1
@@ -164,6 +168,7 @@ class _FirstByte(Protocol):
         self._deadline: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
+        self._accepted_at = self._port.clock.seconds()
         self._deadline = self._port.clock.callLater(self._port.handshake_timeout, self._timed_out)
 
     def _timed_out(self) -> None:
@@ -186,6 +191,7 @@ class _FirstByte(Protocol):
         if data[0] == TLS_HANDSHAKE_RECORD:
             tls = self._port.tls_factory.buildProtocol(self._addr)
             tls.wrappedProtocol.dispatched = self._stop_deadline
+            tls.wrappedProtocol.accepted_at = self._accepted_at
             self._start(tls, data)
         elif self._port.plain_http and is_loopback(self.transport.getHost()):
             self._serve_plain(self._port.web_factory, data)

@@ -37,6 +37,9 @@ class LogShipper(Service):
         self._last_backlog = -1
         self._unchanged_since = 0.0
         self._stopping = False
+        # The node's SpoolWriter, when records are written per reactor turn (see
+        # accesslog.durable): then the shipper leaves writing and fsync to it and only seals.
+        self.writer = None
 
     def set_sender(self, sender: Sender | None) -> None:
         """Where batches go now (None while the master is away: records wait in the spool)."""
@@ -80,12 +83,17 @@ class LogShipper(Service):
             self._last_backlog = backlog
             self._unchanged_since = now
         sealed = spool.sealed_segments()
-        if spool.flush_due():
+        writer = self.writer
+        if writer is None and spool.flush_due():
             await threads.deferToThread(spool.flush)
         # Seal the open segment once records have stopped arriving for a moment, or when
         # shipping is possible and nothing sealed waits: records should not linger unshipped.
         if backlog and (now - self._unchanged_since >= self.seal_after or (self.sender and not sealed)):
-            await threads.deferToThread(spool.seal)
+            if writer is None:
+                await threads.deferToThread(spool.seal)
+            elif writer.writable:
+                spool.request_seal()  # a rename, done by the writer on this (reactor) thread
+                writer.write_now()
         if self.sender is None:
             return
         for segment in spool.sealed_segments():

@@ -140,6 +140,7 @@ class ClusterClient(MultiService):
         self.poll_interval = poll_interval
         self.avatar = None
         self.connected_since: float | None = None
+        self.disconnected_since: float | None = time.time()  # not connected yet, since start
         self._syncing: defer.Deferred | None = None
         self._sync_again = False
         self._timers: list = []
@@ -246,6 +247,7 @@ class ClusterClient(MultiService):
 
     def _lost(self, broker) -> None:
         self.avatar = None
+        self.disconnected_since = time.time()
         self.shipper.set_sender(None)
         for call in self._timers:
             if call.active():
@@ -295,6 +297,15 @@ class ClusterClient(MultiService):
         return reason
 
     # -- status ---------------------------------------------------------------------------
+    def master_health(self) -> dict:
+        """The "master" section of this slave's /health JSON (it never changes the status code)."""
+        connected = self.avatar is not None
+        return {
+            "address": self.master,
+            "connected": connected,
+            "since": self.connected_since if connected else self.disconnected_since,
+        }
+
     def report_status(self) -> None:
         state = self.state
         spool = self.shipper.spool
@@ -319,6 +330,9 @@ class ClusterClient(MultiService):
             status["policy_source"] = state.policy_source
         if extra.get("directory"):
             status["directory"] = extra["directory"]
+        writer = getattr(self.shipper, "writer", None)
+        if writer is not None and not writer.writable:
+            status["detail"] = f"spool not writable: {writer.reason}"[:1000]
         self._call("report_status", status).addErrback(lambda f: None)
 
     # -- policy ---------------------------------------------------------------------------

@@ -45,6 +45,7 @@ class SlaveRecord:
     draining: bool = False
     ready: bool = False
     directory: str | None = None  # the user directory as the node sees it; None: no directory
+    spool_problem: str | None = None  # why the slave cannot write its spool, while it cannot
 
     def warnings(self, current_version: int | None) -> list[str]:
         out = []
@@ -58,6 +59,8 @@ class SlaveRecord:
             out.append(f"runs policy version {self.policy_version}, not {current_version}")
         if self.dropped_records:
             out.append(f"{self.dropped_records} access records dropped while the master was away")
+        if self.spool_problem:
+            out.append(self.spool_problem)
         if self.draining:
             out.append("draining")
         if self.directory and self.directory.startswith("unreachable"):

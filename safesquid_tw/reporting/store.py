@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable
 
 import attrs
 
+from safesquid_tw.reporting.recordcheck import check_record
 from safesquid_tw.reporting.rows import MalformedRecord, host_of, record_row
 
 # Actions that mean the gateway refused the request (policy or DLP); every other action counts
@@ -153,7 +154,7 @@ def _prepare(node: str, segment: int, first_seq: int, records: list[bytes], rece
     loads = json.loads
     for seq, raw in enumerate(records, first_seq):
         try:
-            rows.append((node, segment, seq, *record_row(loads(raw))))
+            rows.append((node, segment, seq, *record_row(check_record(loads(raw)))))
             continue
         except MalformedRecord as e:
             reason = str(e)

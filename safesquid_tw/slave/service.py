@@ -12,16 +12,18 @@ from twisted.internet import threads
 from twisted.logger import Logger
 
 from safesquid_tw import __version__
+from safesquid_tw.accesslog.durable import SpoolWriter
 from safesquid_tw.accesslog.spool import Spool
 from safesquid_tw.accesslog.writer import AccessLogWriter
 from safesquid_tw.cluster.shipper import LogShipper
 from safesquid_tw.config import NodeConfig, read_activation_key
+from safesquid_tw.identity.watch import directory_health, directory_summary, directory_watch
 from safesquid_tw.node import NodeBase
 from safesquid_tw.proxy.resolver import Resolver
 from safesquid_tw.proxy.service import ProxyFactory, ProxyService
+from safesquid_tw.reporting.recordcheck import QuarantineFile, quarantining
 from safesquid_tw.reporting.store import ReportStore
 from safesquid_tw.resources import sample_policy_path
-from safesquid_tw.identity.watch import directory_health, directory_summary, directory_watch
 
 log = Logger()
 
@@ -69,10 +71,21 @@ def build_proxy_node(config: NodeConfig, reactor) -> MultiService:
     access_log = AccessLogWriter(
         str(root / "logs" / "access.log"), rotate_bytes=config.log_rotate_bytes, keep=config.log_keep, clock=reactor
     )
-    access_log.add_line_sink(spool.append)
+    # Each record reaches the kernel in the reactor turn its request finished in; see
+    # accesslog/durable.py for the promise.
+    spool_writer = SpoolWriter(
+        reactor, spool, fsync_interval=config.spool_fsync_interval, memory_bytes=config.spool_memory_bytes
+    )
+    access_log.add_line_sink(spool_writer.append)
     access_log.setServiceParent(top)
     shipper = LogShipper(reactor, spool)
+    shipper.writer = spool_writer
     shipper.setServiceParent(top)
+    # Started after the shipper, so stopped before it: the last records are written before the
+    # shipper closes the spool.
+    spool_writer.setServiceParent(top)
+    top.spool_writer = spool_writer
+    base.state.health_parts["spool"] = spool_writer.stats
 
     limits = config.limits
     resolver = Resolver(reactor, threads_max=limits.dns_threads, timeout=limits.dns_timeout, ttl=limits.dns_cache_ttl)
@@ -98,9 +111,12 @@ def build_proxy_node(config: NodeConfig, reactor) -> MultiService:
         base.cached_policy_service().setServiceParent(top)
         base.policy_file_service(config.policy_file or str(sample_policy_path())).setServiceParent(top)
         reports = ReportStore(root / "reports.sqlite3")
+        quarantine = QuarantineFile(root / "quarantine.jsonl")
+        ingest = quarantining(reports.ingest, reports, quarantine)
+        top.quarantine = quarantine
 
         def ingest_locally(batch):
-            return threads.deferToThread(reports.ingest, batch.node, batch.segment, batch.first_seq, batch.records)
+            return threads.deferToThread(ingest, batch.node, batch.segment, batch.first_seq, batch.records)
 
         shipper.set_sender(ingest_locally)
         base.report_retention(reports)
@@ -183,6 +199,7 @@ def _slave_parts(base: NodeBase, factory: ProxyFactory, shipper: LogShipper) -> 
     )
     client.setServiceParent(base.top)
     base.top.cluster_client = client
+    state.health_parts["master"] = client.master_health
 
 
 def _negotiate_acceptor(config):

@@ -494,10 +494,16 @@ def status_of(node: ClusterNode, url: str, timeout: float = 5.0) -> int | None:
 
 
 def probe(master: str, *, key_file: Path, state_dir: Path, product: str | None = None,
-          node_name: str = "probe", source: str | None = None, timeout: float = 20.0) -> dict:
+          node_name: str = "probe", source: str | None = None, timeout: float = 20.0,
+          misbehave: str | None = None, count: int = 1) -> dict:
     """Log in to the master as a slave would, with the given release number, in a subprocess.
 
     Returns what happened as {"stage": "hello"|"prove"|"admitted"|"connect", "refused": message}.
+    `misbehave` breaks the protocol instead of logging in, `count` times in a row:
+    "unknown-method" (a call the gate does not have, i.e. a call before login), "deep" (an
+    over-deep argument), "refused-class" (an instance of a class the master must not rebuild),
+    "second-hello" (a second key proof on one connection). The result then says
+    {"answers": [error messages received], "closed": whether the master closed the connection}.
     """
     state_dir.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, str(Path(__file__).resolve()), "probe", "--master", master,
@@ -507,6 +513,8 @@ def probe(master: str, *, key_file: Path, state_dir: Path, product: str | None =
         argv += ["--product", product]
     if source:
         argv += ["--source", source]
+    if misbehave:
+        argv += ["--misbehave", misbehave, "--count", str(count)]
     done = subprocess.run(argv, env=harness.node_environment(), capture_output=True, text=True,
                           timeout=timeout + 10, stdin=subprocess.DEVNULL)
     try:
@@ -527,7 +535,10 @@ def _probe_main(argv: list[str]) -> int:
     parser.add_argument("--product", default=None)
     parser.add_argument("--source", default=None)
     parser.add_argument("--timeout", type=float, default=20.0)
+    parser.add_argument("--misbehave", default=None)
+    parser.add_argument("--count", type=int, default=1)
     opts = parser.parse_args(argv)
+    sys.setrecursionlimit(100000)  # to build (and jelly) an over-deep argument
 
     from twisted.internet import defer, endpoints, reactor
     from twisted.spread import pb
@@ -554,11 +565,58 @@ def _probe_main(argv: list[str]) -> int:
         text = str(getattr(error, "value", None) or error)
         return text
 
+    class Thing(pb.Copyable):
+        pass
+
+    async def misbehave(broker, root) -> None:
+        closed = []
+        broker.notifyOnDisconnect(lambda: closed.append(True))
+        calls = []
+        for _ in range(opts.count):
+            if opts.misbehave == "unknown-method":
+                calls.append(root.callRemote("ship_log_batch", 1, 0, [b"{}"]))
+            elif opts.misbehave == "deep":
+                value: Any = []
+                for _ in range(3000):
+                    value = [value]
+                calls.append(root.callRemote("hello", value, "x", "y", b"z"))
+            elif opts.misbehave == "refused-class":
+                calls.append(root.callRemote("hello", Thing(), "x", "y", b"z"))
+            elif opts.misbehave == "second-hello":
+                key = ClusterKey.from_activation_key(read_activation_key(opts.key_file))
+                proof = SlaveKeyProof(key, NodeVersion(__version__), opts.node_name,
+                                      channel_binding(broker.transport, "slave"))
+                calls.append(root.callRemote("hello", *proof.hello_args()))
+        answers = []
+        for d in calls:
+            try:
+                answers.append({"ok": repr(await d)[:200]})
+            except BaseException as e:
+                answers.append({"error": message(e)[:300]})
+        for _ in range(50):
+            if closed:
+                break
+            wait = defer.Deferred()
+            reactor.callLater(0.1, wait.callback, None)
+            await wait
+        result.update(stage="misbehaved", answers=answers, closed=bool(closed))
+        if not closed:
+            broker.transport.loseConnection()
+
     async def run() -> None:
         stage = "connect"
         try:
+            if opts.misbehave == "refused-class":  # PB's permissive defaults, to send what ours refuse
+                factory = pb.PBClientFactory()
+                await endpoint.connect(factory)
+                root = await factory.getRootObject()
+                await misbehave(root.broker, root)
+                return
             broker = await endpoint.connect(SlaveClientFactory())
             await broker.ready
+            if opts.misbehave:
+                await misbehave(broker, broker.remoteForName("root"))
+                return
             root = broker.remoteForName("root")
             key = ClusterKey.from_activation_key(read_activation_key(opts.key_file))
             proof = SlaveKeyProof(key, NodeVersion(opts.product or __version__), opts.node_name,

@@ -34,7 +34,7 @@ def _is_traceback(line: str) -> bool:
 
 def test_wrong_activation_key_is_refused_and_the_slave_keeps_trying(cluster, tmp_path):
     cluster.start_master(harness.make_policy())
-    wrong_key = write_key(tmp_path / "wrong.key", "not-the-cluster-key")
+    wrong_key = write_key(tmp_path / "wrong.key", "not-the-cluster-activation-key")
     slave = cluster.slave("intruder", key_file=wrong_key, keepalive=1)
     slave.launch()
     slave.wait_listening()
@@ -42,7 +42,8 @@ def test_wrong_activation_key_is_refused_and_the_slave_keeps_trying(cluster, tmp
     refusals = slave.wait_for_lines(lambda l: "refused this node" in l, count=2, timeout=20,
                                     what="two refused attempts")
     assert all("activation key" in line for line in refusals), refusals
-    master_lines = cluster.master.wait_for_lines(lambda l: "refused slave intruder" in l, count=2, timeout=5,
+    # The master logs failed proofs once per burst and source (the rest are counted).
+    master_lines = cluster.master.wait_for_lines(lambda l: "refused slave intruder" in l, count=1, timeout=5,
                                                  what="the master's refusals")
     assert all("wrong activation key" in line and slave.host in line for line in master_lines), master_lines
     assert slave.alive()
@@ -56,7 +57,7 @@ def test_wrong_activation_key_is_refused_and_the_slave_keeps_trying(cluster, tmp
     slave_attempts = len(slave.extended_lines(lambda l: "refused this node" in l))
     problems = slave.extended_lines(lambda l: " ERROR " in l or " CRITICAL " in l)
     assert len(problems) == slave_attempts, f"more than one line per attempt on the slave: {problems}"
-    assert abs(len(cluster.master.extended_lines(lambda l: "refused slave intruder" in l)) - slave_attempts) <= 1
+    assert 1 <= len(cluster.master.extended_lines(lambda l: "refused slave intruder" in l)) <= slave_attempts
     assert not [l for l in cluster.master.extended_text().splitlines() if _is_traceback(l)]
     assert not [l for l in slave.extended_text().splitlines() if _is_traceback(l)]
 

@@ -24,8 +24,9 @@ def test_readiness(changes, ready, status):
 def test_health_json():
     state = NodeState(
         role="standalone", node="gw1", policy_version=4, policy_digest="sha256:ab",
-        policy_source="file", started=1000.0, now=lambda: 1062.5,
+        policy_source="file", started=1000.0, now=lambda: 1062.5, policy_since=1060.0,
     )
+    state.health_parts["spool"] = lambda: {"backlog_records": 3}
     assert state.as_health_json() == {
         "role": "standalone",
         "node": "gw1",
@@ -36,6 +37,8 @@ def test_health_json():
         "policy_source": "file",
         "draining": False,
         "uptime_s": 62.5,
+        "policy_age_s": 2.5,
+        "spool": {"backlog_records": 3},
     }
 
 

@@ -30,6 +30,7 @@ def files(tmp_path):
     made = {
         "key": tmp_path / "activation.key",
         "empty-key": tmp_path / "empty.key",
+        "short-key": tmp_path / "short.key",
         "good-policy": tmp_path / "good.json",
         "bad-policy": tmp_path / "bad.json",
         "not-json": tmp_path / "not-json.json",
@@ -37,6 +38,7 @@ def files(tmp_path):
     }
     made["key"].write_text("  s3cret-activation-key  \nsecond line ignored\n")
     made["empty-key"].write_text("\n")
+    made["short-key"].write_text("fifteen-chars-k\n")
     made["good-policy"].write_text(json.dumps(VALID_POLICY))
     made["bad-policy"].write_text(json.dumps(INVALID_POLICY))
     made["not-json"].write_text("{ this is not json")
@@ -73,7 +75,7 @@ def expand(argv: list[str], files: dict) -> list[str]:
         (["--max-connections", "1.5"], "--max-connections must be a whole number"),
         (["--activation-key-file", "@missing"], "--activation-key-file:"),
         (["--activation-key-file", "@empty-key"], "is empty"),
-        (["--role", "master"], "a master needs --activation-key-file=FILE"),
+        (["--role", "slave", "--master", "m:1", "--activation-key-file", "@short-key"], "at least 16"),
         (["--role", "slave", "--master", "10.0.0.1:8888"], "a slave needs --activation-key-file=FILE"),
         (["--role", "slave", "--master", "10.0.0.1:8888", "--activation-key-file", "@missing"],
          "--activation-key-file:"),
@@ -182,3 +184,15 @@ def test_every_limit_option_is_in_the_help():
     help_text = str(tap.Options())
     for name, _doc, _kind in tap._LIMIT_OPTIONS:
         assert f"--{name}=" in help_text
+
+
+def test_a_master_without_a_key_file_gets_one_in_its_state_dir(tmp_path):
+    config = parse(["--role", "master", "--state-dir", str(tmp_path / "state")])
+    assert config.activation_key_file == str(tmp_path / "state" / "activation.key")
+    from safesquid_tw.cluster.keyfile import ensure_master_key
+    from safesquid_tw.config import read_activation_key
+
+    assert ensure_master_key(config.activation_key_file)
+    assert (tmp_path / "state" / "activation.key").stat().st_mode & 0o777 == 0o600
+    assert len(read_activation_key(config.activation_key_file)) >= 16
+    assert not ensure_master_key(config.activation_key_file)  # never replaced

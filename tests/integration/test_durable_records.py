@@ -1,0 +1,130 @@
+"""Durable access records over real processes: a slave SIGKILLed under load loses no finished
+request's record and stores none twice; a spool directory that cannot be written keeps the node
+proxying with records held in memory (bounded, drops counted), visible in /health, the cluster
+view and extended.log, and everything held ships once writing works again."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import threading
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+import harness
+from cluster_harness import ClusterNode, cluster, status_of  # noqa: F401 - fixture
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+
+
+class Load(threading.Thread):
+    """One client: GETs of unique URLs through a slave until halted; `answered` holds the URLs
+    whose whole response arrived, `failed` those that did not."""
+
+    def __init__(self, slave: ClusterNode, url_for, limit: int = 5000) -> None:
+        super().__init__(daemon=True)
+        self.slave, self.url_for, self.limit = slave, url_for, limit
+        self.answered: list[str] = []
+        self.failed: list[str] = []
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        for i in range(self.limit):
+            if self.halt.is_set():
+                return
+            url = self.url_for(i)
+            status = status_of(self.slave, url, timeout=5.0)
+            (self.answered if status is not None else self.failed).append(url)
+
+
+def _stored(cluster, marker: str, at_least: int, timeout: float = 40.0) -> list[tuple]:
+    def enough():
+        rows = cluster.report_rows(marker)
+        return rows if len(rows) >= at_least else None
+
+    try:
+        return harness.wait_until(enough, timeout, f"{at_least} records in the master's store", interval=0.25)
+    except harness.HarnessError:
+        return cluster.report_rows(marker)
+
+
+def test_sigkill_under_load_loses_no_finished_request(cluster, origins):
+    cluster.start_master(harness.make_policy())
+    [slave] = cluster.add_slaves(1, keepalive=1)
+    marker = f"/kill-{uuid.uuid4().hex[:12]}/"
+    loads = [Load(slave, lambda i, k=k: origins.url(f"{marker}c{k}/{i}")) for k in range(4)]
+    for load in loads:
+        load.start()
+    try:
+        harness.wait_until(lambda: sum(len(x.answered) for x in loads) >= 600, 60, "600 answered requests")
+        slave.kill()  # SIGKILL in the middle of the load
+    finally:
+        for load in loads:
+            load.halt.set()
+        for load in loads:
+            load.join(15)
+    answered = [url for load in loads for url in load.answered]
+    in_flight = {url for load in loads for url in load.failed}
+    assert len(set(answered)) == len(answered)
+    slave.restart()
+    rows = _stored(cluster, marker, len(answered))
+    by_url = Counter(row[3] for row in rows)
+    missing = set(answered) - set(by_url)
+    print(f"\n{len(answered)} answered, {len(in_flight)} cut off by the kill, {len(rows)} stored")
+    assert not missing, f"{len(missing)} finished requests have no record, e.g. {sorted(missing)[:3]}"
+    duplicates = {url: n for url, n in by_url.items() if n > 1}
+    assert not duplicates, f"stored twice: {list(duplicates.items())[:3]}"
+    # A record beyond what the client saw can only be a request the kill cut off after it finished.
+    assert set(by_url) - set(answered) <= in_flight
+
+
+CHATTR = shutil.which("chattr")
+
+
+def _immutable(paths: list[Path], on: bool) -> bool:
+    flag = "+i" if on else "-i"
+    result = subprocess.run([CHATTR, flag, *map(str, paths)], capture_output=True)
+    return result.returncode == 0
+
+
+@pytest.mark.skipif(CHATTR is None, reason="chattr (e2fsprogs) is needed to make a directory unwritable for root")
+def test_unwritable_spool_holds_records_in_memory_then_catches_up(cluster, origins):
+    memory_bytes = 40_000
+    cluster.start_master(harness.make_policy())
+    slave = cluster.slave(keepalive=1, args=["--spool-memory-bytes", str(memory_bytes)]).start()
+    spool_dir = slave.state_dir / "spool"
+    marker = f"/ro-{uuid.uuid4().hex[:12]}/"
+    locked = [spool_dir, *spool_dir.iterdir()]
+    if not _immutable(locked, True):
+        pytest.skip("this file system or container does not allow chattr +i (CAP_LINUX_IMMUTABLE)")
+    try:
+        mark = slave.extended_mark()
+        statuses = [status_of(slave, origins.url(f"{marker}{i}")) for i in range(300)]
+        assert statuses == [200] * 300, "the node keeps proxying while its spool cannot be written"
+        status, health = slave.health()
+        assert status == 200
+        spool = health["spool"]
+        assert spool["writable"] is False and spool["reason"]
+        assert 0 < spool["memory_bytes"] <= memory_bytes
+        held = spool["memory_records"]
+        dropped = spool["dropped_records"]
+        assert held + dropped == 300 and dropped > 0, spool
+        slave.wait_for_lines(lambda line: "spool cannot be written" in line, since=mark)
+        slave.wait_for_lines(lambda line: "further records are dropped and counted" in line, since=mark)
+        view = cluster.wait_view(slave.name, lambda e: any("spool not writable" in w for w in e["warnings"]),
+                                 10, "the spool problem in the cluster view")
+        assert view["dropped_records"] == dropped or view["dropped_records"] >= 0
+    finally:
+        assert _immutable(locked, False)
+    rows = _stored(cluster, marker, held)
+    assert len(rows) == held and len({row[3] for row in rows}) == held
+    slave.wait_for_lines(lambda line: "spool writable again" in line, since=mark)
+    health = harness.wait_until(lambda: (h := slave.health()[1]) and h["spool"]["backlog_records"] == 0 and h,
+                                20, "an empty backlog")
+    assert health["spool"]["writable"] is True and health["spool"]["dropped_records"] == dropped
+    cluster.wait_view(slave.name, lambda e: e["dropped_records"] == dropped and
+                      not any("spool not writable" in w for w in e["warnings"]), 10, "drops counted, problem gone")

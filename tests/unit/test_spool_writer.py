@@ -1,0 +1,127 @@
+"""SpoolWriter: records reach the segment file in the reactor turn they were appended in; fsync on
+the group-commit timer; an unwritable spool holds records in memory up to a bound, counts drops,
+and writes the backlog in pieces once the disk takes writes again. Driven by a `task.Clock`."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+
+import pytest
+from twisted.internet import defer, threads
+from twisted.internet.task import Clock
+
+from safesquid_tw.accesslog import spool as spool_module
+from safesquid_tw.accesslog.durable import SpoolWriter
+from safesquid_tw.accesslog.segment import scan_segment
+from safesquid_tw.accesslog.spool import Spool
+
+
+@pytest.fixture(autouse=True)
+def inline_threads(monkeypatch):
+    monkeypatch.setattr(threads, "deferToThread", lambda f, *a, **kw: defer.maybeDeferred(f, *a, **kw))
+
+
+def record(i: int, pad: int = 0) -> bytes:
+    return json.dumps({"ts": 1795300000.0 + i, "url": f"http://h{i}.test/", "pad": "x" * pad}).encode()
+
+
+def on_disk(spool: Spool) -> list[bytes]:
+    out = []
+    for path in sorted(spool.directory.iterdir()):
+        if path.name.endswith((".open", ".seg")):
+            out += [payload for _seq, payload in scan_segment(path.read_bytes()).records]
+    return out
+
+
+class Disk:
+    """Makes the spool's write(2) and open(2) fail while `broken` is set (ENOSPC)."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.broken = False
+        real_write, real_open = os.write, os.open
+
+        def write(fd, data):
+            if self.broken:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.writes.append(len(data))
+            return real_write(fd, data)
+
+        def open_(path, flags, mode=0o777):
+            if self.broken and flags & os.O_CREAT:
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            return real_open(path, flags, mode)
+
+        self.writes: list[int] = []
+        monkeypatch.setattr(spool_module.os, "write", write)
+        monkeypatch.setattr(spool_module.os, "open", open_)
+
+
+def make(tmp_path, clock, **kwargs):
+    spool = Spool(tmp_path / "spool", node="n1", segment_bytes=1 << 20, cap_bytes=64 << 20)
+    writer = SpoolWriter(clock, spool, wall_clock=clock.seconds, **kwargs)
+    writer.startService()
+    return spool, writer
+
+
+def test_records_of_a_turn_are_written_at_the_end_of_the_turn_without_fsync(tmp_path, monkeypatch):
+    clock = Clock()
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(spool_module.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    spool, writer = make(tmp_path, clock, fsync_interval=1.0)
+    del synced[:]  # the spool's state, written at start
+    for i in range(3):
+        writer.append(record(i))
+    assert on_disk(spool) == []  # still this turn
+    clock.advance(0)  # the reactor's next turn begins: callLater(0) runs before any I/O wait
+    assert on_disk(spool) == [record(i) for i in range(3)]
+    assert synced == []
+    clock.advance(1.0)  # the group-commit timer
+    assert synced
+    assert writer.stats()["memory_bytes"] == 0
+
+
+def test_unwritable_spool_holds_records_in_memory_then_drops_and_counts(tmp_path, monkeypatch):
+    clock = Clock()
+    disk = Disk(monkeypatch)
+    line = record(0, pad=100)
+    spool, writer = make(tmp_path, clock, memory_bytes=len(line) * 20, piece_bytes=len(line) * 3)
+    disk.broken = True
+    for i in range(30):
+        writer.append(record(i, pad=100))
+        clock.advance(0)
+    stats = writer.stats()
+    assert stats["writable"] is False and "No space left" in stats["reason"]
+    assert 15 <= stats["memory_records"] <= 20
+    assert stats["dropped_records"] == 30 - stats["memory_records"]
+    held = stats["memory_records"]
+    disk.broken = False
+    clock.advance(1.0)  # the retry timer, then one reactor turn per piece
+    assert writer.writable and writer.reason is None
+    assert spool.pending_records == 0
+    assert len(on_disk(spool)) == held
+    # The backlog went out a piece per reactor turn, not in one write.
+    assert max(disk.writes) <= len(line) * 4
+    assert len(disk.writes) >= held // 4
+    clock.advance(1.0)  # the dropped count is persisted with the next sync
+    reopened = Spool(tmp_path / "spool", node="n1", segment_bytes=1 << 20, cap_bytes=64 << 20)
+    assert reopened.dropped_records == 30 - held
+
+
+def test_shipper_seals_through_the_writer(tmp_path):
+    from safesquid_tw.cluster.shipper import LogShipper
+
+    clock = Clock()
+    spool, writer = make(tmp_path, clock)
+    shipper = LogShipper(clock, spool, interval=0.5, seal_after=1.0)
+    shipper.writer = writer
+    shipper.startService()
+    for i in range(5):
+        writer.append(record(i))
+    clock.advance(0)
+    for _ in range(6):
+        clock.advance(0.5)
+    assert len(spool.sealed_segments()) == 1
+    assert spool.backlog_records == 5
