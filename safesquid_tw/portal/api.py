@@ -15,6 +15,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 
 from safesquid_tw.master.registry import TASKS
+from safesquid_tw.policy.applier import PolicySuperseded
 from safesquid_tw.policy.errors import PolicyError
 from safesquid_tw.portal import backup as B
 from safesquid_tw.portal import reportdata as R
@@ -144,8 +145,10 @@ async def post_policy(call: ApiCall) -> Reply:
         return _fail(400, "'comment' must be text")
     before = call.services.ctx.store.current
     try:
-        policy = history.apply(body["document"], by=call.actor, comment=comment or "applied through the API",
-                               source="api")
+        policy = await history.apply_async(body["document"], by=call.actor,
+                                           comment=comment or "applied through the API", source="api")
+    except PolicySuperseded as e:
+        return _fail(409, str(e))
     except PolicyError as e:
         current = call.services.ctx.store.current
         return _fail(422, "the policy does not validate", path=e.path, message=e.message,
@@ -166,7 +169,9 @@ async def post_rollback(call: ApiCall) -> Reply:
         return _fail(400, "'comment' must be text")
     before = call.services.ctx.store.current
     try:
-        policy = history.rollback(number, by=call.actor, comment=comment)
+        policy = await history.rollback_async(number, by=call.actor, comment=comment)
+    except PolicySuperseded as e:
+        return _fail(409, str(e))
     except KeyError as e:
         return _fail(404, str(e.args[0]))
     except PolicyError as e:
