@@ -54,6 +54,7 @@ class NodeConfig:
     spool_cap_bytes: int = 512 * 1024 * 1024
     report_retention_days: float = 90.0  # the report store keeps records this long
     limits: Limits = attrs.field(factory=Limits)
+    metrics_token_file: str | None = None  # GET /metrics then needs this bearer token too
 
     @property
     def serves_proxy(self) -> bool:

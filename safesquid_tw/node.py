@@ -17,6 +17,8 @@ from twisted.logger import Logger
 from safesquid_tw import __version__
 from safesquid_tw.config import NodeConfig
 from safesquid_tw.eventlog import start_event_log, stop_event_log
+from safesquid_tw.metrics import NodeMetrics
+from safesquid_tw.metrics.collectors import NodeCollector, PolicyCollector
 from safesquid_tw.nodestate import NodeState
 from safesquid_tw.policy.codec import digest, parse_json
 from safesquid_tw.policy.validate import validate_document
@@ -346,6 +348,7 @@ class NodeBase:
     store: PolicyStore
     history: PolicyHistory
     waits: dict = attrs.field(factory=dict)
+    metrics: NodeMetrics = attrs.field(factory=NodeMetrics)
 
     @classmethod
     def create(cls, config: NodeConfig, reactor) -> "NodeBase":
@@ -368,7 +371,12 @@ class NodeBase:
             log.error("policy history: {problem}", problem=problem)
         top.node_state = state
         top.policy_store = store
-        return cls(config, reactor, top, root, state, store, history)
+        node = cls(config, reactor, top, root, state, store, history)
+        # Other parts register their collectors on `top.metrics` (safesquid_tw/metrics).
+        top.metrics = node.metrics
+        node.metrics.register(NodeCollector(state, __version__))
+        node.metrics.register(PolicyCollector(state, store))
+        return node
 
     def load_cache(self) -> bool:
         try:
@@ -442,6 +450,7 @@ class NodeBase:
         identity = load_or_create_master_identity(self.root)
         health_site = make_health_only_site(self.state, reactor=self.reactor)
         health_site.timeOut = PORTAL_IDLE_TIMEOUT
+        self._mount_metrics(site, health_site)
         factory = PortalPortFactory(
             identity.server_options(),
             control_factory or _NoControlPlane(),
@@ -453,6 +462,18 @@ class NodeBase:
         service = PortalService(self.reactor, config.portal, factory, stop_grace=config.stop_grace)
         self.waits["portal"] = service.listening
         return service
+
+    def _mount_metrics(self, site, health_site) -> None:
+        """`/metrics` on the portal (HTTPS) and in plain HTTP beside /health: see metrics/resource.py."""
+        from safesquid_tw.metrics.collectors import PortalCollector
+        from safesquid_tw.metrics.resource import MetricsResource, read_token_file
+
+        services = site.portal_services
+        token = read_token_file(self.config.metrics_token_file) if self.config.metrics_token_file else None
+        resource = MetricsResource(self.metrics, services.allow, self.state, token)
+        site.resource.putChild(b"metrics", resource)
+        health_site.resource.putChild(b"metrics", resource)
+        self.metrics.register(PortalCollector(services))
 
     def report_retention(self, reports) -> None:
         """Old records leave the report store in the background: hourly, in small batches (so

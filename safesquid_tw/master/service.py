@@ -17,6 +17,7 @@ from safesquid_tw.cluster.keyproof import ClusterKey, NodeVersion
 from safesquid_tw.cluster.master_side import ControlPlane, ControlRoot
 from safesquid_tw.config import NodeConfig, read_activation_key
 from safesquid_tw.master.registry import SlaveRegistry
+from safesquid_tw.metrics.collectors import ClusterCollector
 from safesquid_tw.node import NodeBase
 from safesquid_tw.reporting.store import ReportStore
 from safesquid_tw.resources import sample_policy_path
@@ -53,4 +54,5 @@ def build_master(config: NodeConfig, reactor) -> MultiService:
     top.registry = registry
     top.reports = reports
     top.control_plane = plane
+    base.metrics.register(ClusterCollector(plane, registry, base.store))
     return base.finish()

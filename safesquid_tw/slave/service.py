@@ -7,6 +7,8 @@ master (starting from its cache) and ships its records there.
 
 from __future__ import annotations
 
+import time
+
 from twisted.application.service import MultiService
 from twisted.internet import threads
 from twisted.logger import Logger
@@ -16,6 +18,7 @@ from safesquid_tw.accesslog.spool import Spool
 from safesquid_tw.accesslog.writer import AccessLogWriter
 from safesquid_tw.cluster.shipper import LogShipper
 from safesquid_tw.config import NodeConfig, read_activation_key
+from safesquid_tw.metrics.collectors import MasterLinkCollector, ProxyCollector, SpoolCollector
 from safesquid_tw.node import NodeBase
 from safesquid_tw.proxy.resolver import Resolver
 from safesquid_tw.proxy.service import ProxyFactory, ProxyService
@@ -102,6 +105,8 @@ def build_proxy_node(config: NodeConfig, reactor) -> MultiService:
     proxy.setServiceParent(top)
     base.portal(reports=getattr(top, "reports", None)).setServiceParent(top)
     top.proxy_factory = factory
+    base.metrics.register(ProxyCollector(factory))
+    base.metrics.register(SpoolCollector(spool))
     return base.finish()
 
 
@@ -174,3 +179,4 @@ def _slave_parts(base: NodeBase, factory: ProxyFactory, shipper: LogShipper) -> 
     )
     client.setServiceParent(base.top)
     base.top.cluster_client = client
+    base.metrics.register(MasterLinkCollector(client, now=time.time))
