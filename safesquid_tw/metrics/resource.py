@@ -14,7 +14,7 @@ import hmac
 from pathlib import Path
 from typing import Any
 
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 
@@ -23,6 +23,9 @@ from safesquid_tw.portal.allowlist import PortalAllowList
 from safesquid_tw.portal.responses import error_response, method_not_allowed, not_found, respond
 
 ALLOWED = (b"GET", b"HEAD")
+# The classic text format (0.0.4): what every Prometheus release reads, Debian's 2.x included;
+# our metric names need none of the 1.0.0 format's escaping.
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4.encode("ascii")
 
 
 def read_token_file(path: str) -> bytes:
@@ -63,7 +66,7 @@ class MetricsResource(Resource):
             return error_response(request, status=401, title="Token required",
                                   detail="The metrics need the bearer token of --metrics-token-file.", node=node)
         body = self.metrics.exposition()
-        return respond(request, body, content_type=CONTENT_TYPE_LATEST.encode("ascii"))
+        return respond(request, body, content_type=CONTENT_TYPE)
 
     def _token_ok(self, request: IRequest) -> bool:
         value = request.getHeader(b"authorization") or b""
