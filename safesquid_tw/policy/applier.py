@@ -17,6 +17,7 @@ thread, so name look-ups in the reactor's pool never wait behind a policy), and
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -63,8 +64,17 @@ class PolicyApplier:
     thread), `busy` (a job is running), `pending` (a job waits).
     """
 
-    def __init__(self, runner: Runner = synchronous_runner, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, runner: Runner = synchronous_runner, *, clock: Callable[[], float] = time.monotonic,
+                 pause_gc: bool = True) -> None:
         self.runner = runner
+        # Python's cyclic garbage collector runs in whichever thread allocates, holding the GIL:
+        # compiling a big policy allocates enough to trigger full collections of 30-70 ms each,
+        # and every one of them stalls the reactor thread too. Collection waits while a job
+        # runs (a second or so) and resumes after the swap; reference counting frees memory
+        # meanwhile as always.
+        self.pause_gc = pause_gc
+        self._gc_paused = False
+        self._gc_was_enabled = False
         self._clock = clock
         self.busy = False
         self._pending: tuple[Callable[[], Any], Callable[[Any], Any], defer.Deferred] | None = None
@@ -100,6 +110,10 @@ class PolicyApplier:
         work, commit, done = self._pending
         self._pending = None
         self.busy = True
+        if self.pause_gc and not self._gc_paused:
+            self._gc_paused = True
+            self._gc_was_enabled = gc.isenabled()
+            gc.disable()
         started = self._clock()
 
         def timed_work() -> tuple[Any, float]:
@@ -131,6 +145,10 @@ class PolicyApplier:
         self.busy = False
         # The next job starts only after this one's swap, so it prepares against the new version.
         self._start_next()
+        if not self.busy and self._gc_paused:
+            self._gc_paused = False
+            if self._gc_was_enabled:
+                gc.enable()
         if isinstance(outcome, Failure):
             done.errback(outcome)
         else:
