@@ -156,3 +156,21 @@ def test_a_synchronous_apply_during_a_prepared_one_wins_and_the_cache_follows_it
     assert pending[0].check(PolicySuperseded)
     assert store.current.document["access"]["rules"][0]["name"] == "sync"
     assert b'"sync"' in store.cache_path.read_bytes()
+
+
+def test_garbage_collection_pauses_while_jobs_run_and_resumes_after_the_last_one():
+    import gc
+
+    assert gc.isenabled()
+    runner = ManualRunner()
+    applier = PolicyApplier(runner)
+    try:
+        applier.submit(lambda: 1, lambda r: r)
+        assert not gc.isenabled()
+        applier.submit(lambda: 2, lambda r: r)
+        runner.run_next()
+        assert not gc.isenabled()  # the waiting job started at once
+        runner.run_next()
+        assert gc.isenabled()
+    finally:
+        gc.enable()
