@@ -13,6 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import harness
+from cluster_harness import cluster, fetch  # noqa: F401 - fixture
 from harness import proxy_request
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
@@ -33,6 +34,13 @@ def node(module_node_factory, tmp_path_factory):
     token_file.write_text(TOKEN + "\n")
     return module_node_factory.start(policy=_policy(["127.0.0.0/8"]), name="metrics",
                                      args=["--metrics-token-file", str(token_file)])
+
+
+def promtool_check(body: str) -> None:
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool (Debian package prometheus) is needed: scripts/test installs it"
+    check = subprocess.run([promtool, "check", "metrics"], input=body.encode(), capture_output=True, timeout=30)
+    assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
 
 
 def scrape(node, token: str | None = TOKEN) -> tuple[int, dict[str, str], str]:
@@ -62,10 +70,7 @@ def test_promtool_accepts_the_metrics_of_a_real_node(node, origins):
     assert proxy_request(node, "GET", origins.url("/metrics/warm")).status == 200
     status, headers, body = scrape(node)
     assert status == 200 and headers["content-type"].startswith("text/plain; version=0.0.4")
-    promtool = shutil.which("promtool")
-    assert promtool, "promtool (Debian package prometheus) is needed: scripts/test installs it"
-    check = subprocess.run([promtool, "check", "metrics"], input=body.encode(), capture_output=True, timeout=30)
-    assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
+    promtool_check(body)
     for name in ("safesquid_requests_total", "safesquid_request_duration_seconds_bucket",
                  "safesquid_client_connections", "safesquid_tunnels", "safesquid_client_bytes_total",
                  "safesquid_policy_version", "safesquid_spool_backlog_records", "safesquid_spool_backlog_bytes",
@@ -116,3 +121,34 @@ def test_addresses_outside_portal_allow_are_refused_and_a_reload_shows_in_the_po
     assert value(after, "safesquid_policy_applies_total", outcome="applied") - \
         value(before, "safesquid_policy_applies_total", outcome="applied") == 2
     assert value(after, "safesquid_policy_last_apply_seconds") > 0
+
+
+def test_master_and_slave_metrics(cluster, origins):
+    """The master shows each slave's connection, policy version, sync lag and push latency;
+    the slave shows its master connection; promtool accepts both."""
+    cluster.start_master(harness.make_policy(rules=[{"name": "r1", "action": "deny", "domains": ["a.invalid"]}]))
+    slave = cluster.add_slave()
+    cluster.wait_view(slave.name, lambda e: e["policy_version"] == 1 and e["connected"], 10, "slave on version 1")
+    assert fetch(slave, origins.url("/metrics/through-slave")).status == 200
+    cluster.push(harness.make_policy(rules=[{"name": "r2", "action": "deny", "domains": ["b.invalid"]}]))
+    cluster.wait_view(slave.name, lambda e: e["policy_version"] == 2, 15, "slave on version 2")
+
+    def master_text() -> str:
+        return scrape(cluster.master, token=None)[2]
+
+    harness.wait_until(lambda: value(master_text(), "safesquid_policy_push_latency_seconds", node=slave.name) > 0,
+                       10, "the push latency of the slave")
+    text = master_text()
+    promtool_check(text)
+    assert value(text, "safesquid_cluster_node_connected", node=slave.name) == 1
+    assert value(text, "safesquid_cluster_node_policy_version", node=slave.name) == 2
+    assert value(text, "safesquid_cluster_node_policy_lag_versions", node=slave.name) == 0
+    assert value(text, "safesquid_policy_version") == 2
+    assert 'safesquid_node_info{node="master",role="master"' in text
+
+    status, _headers, slave_text = scrape(slave, token=None)
+    assert status == 200
+    promtool_check(slave_text)
+    assert value(slave_text, "safesquid_master_connected") == 1
+    assert value(slave_text, "safesquid_policy_version") == 2
+    assert value(slave_text, "safesquid_requests_total", action="allow", status_class="2xx") >= 1
