@@ -64,12 +64,14 @@ class NodeConfig:
     # Networks that may send PROXY headers on `haproxy:` listeners (comma-separated); None: any.
     proxy_protocol_from: str | None = None
 
+    spool_fsync_interval: float = 1.0  # group commit: a machine crash can lose this window
+    spool_memory_bytes: int = 64 * 1024 * 1024  # records held in memory while the spool is unwritable
+    metrics_token_file: str | None = None  # GET /metrics then needs this bearer token too
+
     @property
     def listen_endpoints(self) -> tuple[str, ...]:
         """Every proxy listener, `listen` first."""
         return (self.listen, *self.more_listen)
-    spool_fsync_interval: float = 1.0  # group commit: a machine crash can lose this window
-    spool_memory_bytes: int = 64 * 1024 * 1024  # records held in memory while the spool is unwritable
 
     @property
     def serves_proxy(self) -> bool:

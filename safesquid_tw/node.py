@@ -17,11 +17,14 @@ from twisted.logger import Logger
 from safesquid_tw import __version__
 from safesquid_tw.config import NodeConfig
 from safesquid_tw.eventlog import start_event_log, stop_event_log
+from safesquid_tw.metrics import NodeMetrics
+from safesquid_tw.metrics.collectors import NodeCollector, PolicyCollector
 from safesquid_tw.nodestate import NodeState
 from safesquid_tw.policy.codec import digest, parse_json
 from safesquid_tw.policy.validate import validate_document
 from safesquid_tw.policy.errors import PolicyError
 from safesquid_tw.master.history import PolicyHistory
+from safesquid_tw.policy.applier import PolicySuperseded, PolicyApplier, policy_thread_pool, thread_runner
 from safesquid_tw.policy.store import PolicyCacheCorrupt, PolicyStore
 from safesquid_tw.portal.plainhealth import make_health_only_site
 from safesquid_tw.util.atomic import atomic_write
@@ -96,9 +99,11 @@ class PolicyFileService(Service):
     name = "policy-file"
 
     def __init__(
-        self, reactor, apply, store: PolicyStore, path: str, *, only_if_empty: bool = False, loaded_before=None
+        self, reactor, apply, store: PolicyStore, path: str, *, only_if_empty: bool = False, loaded_before=None,
+        apply_async=None,
     ) -> None:
         self.loaded_before = loaded_before  # digest -> the version this file was last loaded as
+        self.apply_async = apply_async  # (document or callable, source) -> Deferred[Policy]
         self.reactor = reactor
         self.apply = apply
         self.store = store
@@ -162,7 +167,55 @@ class PolicyFileService(Service):
 
     def reload(self) -> None:
         log.info("SIGHUP: reloading the policy from {path}", path=self.path)
-        self.load()
+        self.load_in_background()
+
+    def load_in_background(self) -> defer.Deferred:
+        """`load` with reading, validating, compiling and writing off the reactor thread (the
+        store's applier): a big policy never stalls traffic. Refusals are logged as in `load`."""
+        if self.apply_async is None:
+            self.load()
+            return defer.succeed(None)
+        before = self.store.current
+        path = self.path
+
+        def read():
+            with open(path, "rb") as f:
+                return parse_json(f.read())
+
+        def done(policy) -> None:
+            if before is not None and before.version == policy.version:
+                log.info("policy file {path} is unchanged: version {version} stays", path=path, version=policy.version)
+                return
+            log.info("policy version {version} ({digest}) loaded from {path}",
+                     version=policy.version, digest=policy.digest, path=path)
+
+        def refused(failure) -> None:
+            failure.trap(OSError, PolicyError, PolicySuperseded)
+            current = self.store.current
+            log.error("policy from {path} refused: {error}; still running version {version}",
+                      path=path, error=failure.getErrorMessage(), version=current.version if current else None)
+
+        d = self.apply_async(read, f"file {path}")
+        d.addCallbacks(done, refused)
+        return d
+
+
+class PolicyPoolService(Service):
+    """The thread new policy versions are prepared in (validate, compile, write) while the reactor
+    keeps serving; see policy/applier.py."""
+
+    name = "policy-pool"
+
+    def __init__(self, pool) -> None:
+        self.pool = pool
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+
+    def stopService(self):
+        super().stopService()
+        self.pool.stop()
 
 
 class ListeningFile(Service):
@@ -295,6 +348,7 @@ class NodeBase:
     store: PolicyStore
     history: PolicyHistory
     waits: dict = attrs.field(factory=dict)
+    metrics: NodeMetrics = attrs.field(factory=NodeMetrics)
 
     @classmethod
     def create(cls, config: NodeConfig, reactor) -> "NodeBase":
@@ -303,6 +357,9 @@ class NodeBase:
         EventLogService(root / "logs" / "extended.log", config.log_rotate_bytes, config.log_keep).setServiceParent(top)
         state = NodeState(role=config.role, node=config.node_name)
         store = PolicyStore(root)
+        pool = policy_thread_pool()
+        store.applier = PolicyApplier(thread_runner(reactor, pool))
+        PolicyPoolService(pool).setServiceParent(top)
 
         def on_policy(policy) -> None:
             state.policy_version = policy.version
@@ -315,7 +372,12 @@ class NodeBase:
             log.error("policy history: {problem}", problem=problem)
         top.node_state = state
         top.policy_store = store
-        return cls(config, reactor, top, root, state, store, history)
+        node = cls(config, reactor, top, root, state, store, history)
+        # Other parts register their collectors on `top.metrics` (safesquid_tw/metrics).
+        top.metrics = node.metrics
+        node.metrics.register(NodeCollector(state, __version__))
+        node.metrics.register(PolicyCollector(state, store))
+        return node
 
     def load_cache(self) -> bool:
         try:
@@ -344,8 +406,18 @@ class NodeBase:
                     return info.version if info.digest == file_digest else None
             return None
 
+        def apply_async(doc, source):
+            d = self.history.apply_async(doc, by="policy file", comment=f"loaded from {path}", source=source)
+
+            def in_force(policy):
+                self.state.policy_source = "file"
+                return policy
+
+            return d.addCallback(in_force)
+
         return PolicyFileService(
-            self.reactor, apply, self.store, path, only_if_empty=only_if_empty, loaded_before=loaded_before
+            self.reactor, apply, self.store, path, only_if_empty=only_if_empty, loaded_before=loaded_before,
+            apply_async=apply_async,
         )
 
     def cached_policy_service(self, then=None) -> CachedPolicyService:
@@ -379,6 +451,7 @@ class NodeBase:
         identity = load_or_create_master_identity(self.root)
         health_site = make_health_only_site(self.state, reactor=self.reactor)
         health_site.timeOut = PORTAL_IDLE_TIMEOUT
+        self._mount_metrics(site, health_site)
         factory = PortalPortFactory(
             identity.server_options(),
             control_factory or _NoControlPlane(),
@@ -390,6 +463,18 @@ class NodeBase:
         service = PortalService(self.reactor, config.portal, factory, stop_grace=config.stop_grace)
         self.waits["portal"] = service.listening
         return service
+
+    def _mount_metrics(self, site, health_site) -> None:
+        """`/metrics` on the portal (HTTPS) and in plain HTTP beside /health: see metrics/resource.py."""
+        from safesquid_tw.metrics.collectors import PortalCollector
+        from safesquid_tw.metrics.resource import MetricsResource, read_token_file
+
+        services = site.portal_services
+        token = read_token_file(self.config.metrics_token_file) if self.config.metrics_token_file else None
+        resource = MetricsResource(self.metrics, services.allow, self.state, token)
+        site.resource.putChild(b"metrics", resource)
+        health_site.resource.putChild(b"metrics", resource)
+        self.metrics.register(PortalCollector(services))
 
     def report_retention(self, reports) -> None:
         """Old records leave the report store in the background: hourly, in small batches (so

@@ -89,6 +89,9 @@ class Options(usage.Options):
     ] + [
         [name, None, getattr(Limits(), name.replace("-", "_")), doc, _number(name, kind)]
         for name, doc, kind in _LIMIT_OPTIONS
+    ] + [
+        ["metrics-token-file", None, None,
+         "file whose first line is a bearer token GET /metrics then requires (at least 16 characters)"],
     ]
 
     def __init__(self) -> None:
@@ -228,7 +231,15 @@ def options_to_config(opts: usage.Options) -> NodeConfig:
         limits=limits,
         spool_fsync_interval=opts["spool-fsync-interval"],
         spool_memory_bytes=opts["spool-memory-bytes"],
+        metrics_token_file=opts["metrics-token-file"],
     )
+    if opts["metrics-token-file"]:
+        from safesquid_tw.metrics.resource import read_token_file
+
+        try:
+            read_token_file(opts["metrics-token-file"])
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise usage.UsageError(f"--metrics-token-file: {e}")
     if opts["node-name"]:
         fields["node_name"] = opts["node-name"]
     config = NodeConfig(**fields)

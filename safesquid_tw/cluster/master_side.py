@@ -41,10 +41,12 @@ class ClusterRefused(pb.Error):
 class PolicyPublication:
     """The current policy cut into wire chunks, made once per version."""
 
-    def __init__(self, policy: Policy) -> None:
+    def __init__(self, policy: Policy, data: bytes | None = None) -> None:
+        """`data`: the document's canonical bytes when the store has them already (made in its
+        worker thread), so the reactor does not serialise a big policy again."""
         self.version = policy.version
         self.digest = policy.digest
-        manifest, self.chunks = wire.split_blob(canonical_bytes(policy.document))
+        manifest, self.chunks = wire.split_blob(data if data is not None else canonical_bytes(policy.document))
         self.manifest = dict(manifest.to_wire(), version=policy.version)
 
 
@@ -75,6 +77,12 @@ class ControlPlane:
         self.keepalive = keepalive
         self.publication: PolicyPublication | None = None
         self.avatars: dict[str, SlaveAvatar] = {}
+        # For metrics (plain values, read at scrape time): when each version was announced
+        # (reactor seconds), each node's last push latency (announce -> applied, seconds) and
+        # the access records ingested from each node since start.
+        self.announced_at: dict[int, float] = {}
+        self.push_latency: dict[str, float] = {}
+        self.ingested_records: dict[str, int] = {}
         store.add_observer(self.policy_changed)
         if store.current is not None:
             self.publication = PolicyPublication(store.current)
@@ -96,7 +104,9 @@ class ControlPlane:
 
     # -- policy ---------------------------------------------------------------------------
     def policy_changed(self, policy: Policy) -> None:
-        self.publication = PolicyPublication(policy)
+        data = self.store.current_bytes if self.store.current is policy else None
+        self.publication = PolicyPublication(policy, data)
+        self.announced_at = {policy.version: self.reactor.seconds()}
         for name, avatar in list(self.avatars.items()):
             avatar.notify_policy(policy.version)
         if self.avatars:
@@ -353,6 +363,9 @@ class SlaveAvatar(pb.Referenceable):
             rec.policy_version = version
             rec.policy_applied_at = self.plane.reactor.seconds()
             rec.policy_error = None
+            announced = self.plane.announced_at.get(version)
+            if announced is not None:
+                self.plane.push_latency[self.name] = self.plane.reactor.seconds() - announced
             log.info("slave {node} applied policy version {version}", node=self.name, version=version)
         else:
             rec.policy_error = f"version {version}: {detail}"
@@ -366,8 +379,14 @@ class SlaveAvatar(pb.Referenceable):
         if ingest is None:
             raise ClusterRefused("this master keeps no reports")
         d = threads.deferToThread(ingest, self.name, segment, first_seq, records)
-        d.addCallback(lambda result: result.inserted)
+        d.addCallback(self._ingested)
         return d
+
+
+    def _ingested(self, result):
+        counts = self.plane.ingested_records
+        counts[self.name] = counts.get(self.name, 0) + result.inserted
+        return result.inserted
 
 
 def _wall() -> float:

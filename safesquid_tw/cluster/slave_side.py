@@ -28,7 +28,7 @@ from safesquid_tw.cluster.keyproof import ClusterKey, NodeVersion, SlaveKeyProof
 from safesquid_tw.cluster.shipper import LogShipper
 from safesquid_tw.cluster.tlsconfig import MasterClientCreator, MasterTrust, channel_binding, master_fingerprint
 from safesquid_tw.nodestate import NodeState
-from safesquid_tw.policy.codec import parse_json, policy_from_document
+from safesquid_tw.policy.applier import PolicySuperseded
 from safesquid_tw.policy.errors import PolicyError
 from safesquid_tw.policy.store import PolicyStore
 
@@ -364,8 +364,10 @@ class ClusterClient(MultiService):
             assembler.add(index, chunk)
         blob = assembler.result()
         try:
-            policy = policy_from_document(parse_json(blob), version)
-            self.store.install(policy, source="master")
+            # Parsed, validated, compiled and cached in the store's worker thread; swapped here.
+            policy = await self.store.install_blob_async(blob, version, source="master")
+        except PolicySuperseded:
+            return  # a newer version is being prepared; its sync acknowledges that one
         except (PolicyError, OSError) as e:
             log.error("refused policy version {version} from the master: {why}", version=version, why=str(e))
             await self._call("policy_applied", version, False, str(e)[:4000])

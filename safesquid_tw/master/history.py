@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import attrs
+from twisted.internet import defer
 
 from safesquid_tw.policy.codec import canonical_bytes, parse_json
 from safesquid_tw.policy.compiled import Policy
@@ -81,18 +82,50 @@ class PolicyHistory:
             self._write(policy, by=by, comment=comment, source=source)
         return policy
 
+    def apply_async(self, doc: object, *, by: str, comment: str, source: str = "portal") -> defer.Deferred:
+        """`apply` with validation, compilation and both files written off the reactor thread
+        (the store's applier); fires with the Policy in force, fails with PolicyError (nothing
+        changed, the running version stays) or PolicySuperseded (a newer apply came first).
+
+        `doc` may be a callable returning the document; it is called in the worker thread."""
+
+        def work():
+            prepared = self.store.prepare_document(doc, source=source)
+            info = self._write_file(prepared.policy, by=by, comment=comment, source=source) if prepared.changed else None
+            return prepared, info
+
+        def commit(outcome):
+            prepared, info = outcome
+            policy = self.store.commit_prepared(prepared)
+            if info is not None:
+                self._infos[policy.version] = info
+            return policy
+
+        return self.store.applier.submit(work, commit)
+
+    def rollback_async(self, version: int, *, by: str, comment: str = "") -> defer.Deferred:
+        """`rollback` off the reactor thread; KeyError (as a failure) when there is no such version."""
+        self.info(version)
+        return self.apply_async(lambda: self.document(version), by=by,
+                                comment=comment or f"roll back to version {version}", source=f"rollback {version}")
+
     def rollback(self, version: int, *, by: str, comment: str = "") -> Policy:
         doc = self.document(version)
         return self.apply(doc, by=by, comment=comment or f"roll back to version {version}", source=f"rollback {version}")
 
     def _write(self, policy: Policy, *, by: str, comment: str, source: str) -> VersionInfo:
+        info = self._write_file(policy, by=by, comment=comment, source=source)
+        self._infos[policy.version] = info
+        return info
+
+    def _write_file(self, policy: Policy, *, by: str, comment: str, source: str) -> VersionInfo:
+        """Write one version's file (any thread); the caller records the info."""
         info = VersionInfo(
             version=policy.version, digest=policy.digest, applied_by=by, applied_at=self._clock(),
             comment=comment, source=source,
         )
         record = dict(info.as_json(), policy=policy.document)
         atomic_write(self._path(policy.version), canonical_bytes(record), mode=0o600)
-        self._infos[policy.version] = info
         return info
 
     def versions(self) -> list[VersionInfo]:

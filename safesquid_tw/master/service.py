@@ -17,6 +17,7 @@ from safesquid_tw.cluster.keyproof import ClusterKey, NodeVersion
 from safesquid_tw.cluster.master_side import ControlPlane, ControlRoot
 from safesquid_tw.config import NodeConfig, read_activation_key
 from safesquid_tw.master.registry import SlaveRegistry
+from safesquid_tw.metrics.collectors import ClusterCollector
 from safesquid_tw.node import NodeBase
 from safesquid_tw.reporting.recordcheck import QuarantineFile, quarantining
 from safesquid_tw.reporting.store import ReportStore
@@ -62,4 +63,5 @@ def build_master(config: NodeConfig, reactor) -> MultiService:
     top.quarantine = quarantine
     top.control_plane = plane
     top.control_guard = guard
+    base.metrics.register(ClusterCollector(plane, registry, base.store))
     return base.finish()

@@ -17,7 +17,10 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from safesquid_tw.policy.codec import canonical_bytes, digest, parse_json
+from twisted.internet import defer
+
+from safesquid_tw.policy.applier import PolicyApplier, PolicySuperseded
+from safesquid_tw.policy.codec import canonical_bytes, digest, parse_json, policy_from_document
 from safesquid_tw.policy.compiled import Policy, compile_policy
 from safesquid_tw.policy.errors import PolicyError
 from safesquid_tw.policy.fields import expect_int, expect_object, expect_str
@@ -46,6 +49,11 @@ class PolicyStore:
         self.current_source: str | None = None
         self._clock = clock
         self._observers: list[Callable[[Policy], None]] = []
+        # Where new versions are prepared: synchronous until the node hands in its thread pool.
+        self.applier = PolicyApplier()
+        # The canonical bytes of the current version when it was prepared here (the master
+        # publishes them to its slaves without serialising the document again).
+        self.current_bytes: bytes | None = None
 
     def add_observer(self, fn: Callable[[Policy], None]) -> None:
         """Call `fn(policy)` after every swap (on the caller's thread)."""
@@ -71,6 +79,7 @@ class PolicyStore:
         except PolicyError as e:
             moved_to = self._set_aside()
             raise PolicyCacheCorrupt(str(self.cache_path), moved_to, str(e)) from None
+        self.current_bytes = None
         self._swap(policy, source)
         return policy
 
@@ -127,13 +136,68 @@ class PolicyStore:
             return
         self._commit(policy, source)
 
+    # -- changing the policy off the reactor thread ------------------------------------------
+
+    def prepare_document(self, doc: object, *, source: str) -> "Prepared":
+        """Worker thread: validate, compile and write the cache for `doc` as the next version.
+
+        Reads `current` only; the swap is `commit_prepared`, on the reactor thread. Raises
+        PolicyError (refused) or OSError (cache not written); nothing changes then.
+        """
+        if callable(doc):  # the document is read in the worker too (a policy file)
+            doc = doc()
+        canonical = validate_document(doc)
+        new_digest = digest(canonical)
+        current = self.current
+        if current is not None and current.digest == new_digest:
+            return Prepared(current, source, changed=False, base=current)
+        version = current.version + 1 if current is not None else 1
+        policy = Policy(version=version, digest=new_digest, document=canonical, compiled=compile_policy(canonical))
+        data = self._write_cache(policy, source)
+        return Prepared(policy, source, changed=True, base=current, data=data, numbered_here=True)
+
+    def prepare_blob(self, blob: bytes, version: int, *, source: str = "master") -> "Prepared":
+        """Worker thread: parse, validate and compile a version numbered elsewhere (a slave taking
+        its master's), and write the cache. Raises PolicyError or OSError; nothing changes then."""
+        policy = policy_from_document(parse_json(blob), version)
+        current = self.current
+        if current is not None and current.version == policy.version and current.digest == policy.digest:
+            return Prepared(current, source, changed=False, base=current)
+        data = self._write_cache(policy, source)
+        return Prepared(policy, source, changed=True, base=current, data=data)
+
+    def commit_prepared(self, prepared: "Prepared") -> Policy:
+        """Reactor thread: make a prepared version current (one assignment and the observers)."""
+        if not prepared.changed:
+            return prepared.policy
+        if prepared.numbered_here and prepared.base is not self.current:
+            # Another version was swapped in while this one was prepared (a synchronous apply):
+            # its number is taken. Put the cache back to what runs and refuse this one.
+            if self.current is not None:
+                self._write_cache(self.current, self.current_source or "unknown")
+            raise PolicySuperseded()
+        if self.current is not None:
+            prepared.policy.compiled.inherit_from(self.current.compiled)
+        self.current_bytes = prepared.data
+        self._swap(prepared.policy, prepared.source)
+        return prepared.policy
+
+    def apply_document_async(self, doc: object, *, source: str) -> defer.Deferred:
+        """`apply_document` with the work off the reactor thread; fires with the Policy in force.
+
+        `doc` may be a callable that returns the document (called in the worker thread)."""
+        return self.applier.submit(lambda: self.prepare_document(doc, source=source), self.commit_prepared)
+
+    def install_blob_async(self, blob: bytes, version: int, *, source: str = "master") -> defer.Deferred:
+        return self.applier.submit(lambda: self.prepare_blob(blob, version, source=source), self.commit_prepared)
+
     def _commit(self, policy: Policy, source: str) -> None:
         if self.current is not None:
             policy.compiled.inherit_from(self.current.compiled)
-        self._write_cache(policy, source)
+        self.current_bytes = self._write_cache(policy, source)
         self._swap(policy, source)
 
-    def _write_cache(self, policy: Policy, source: str) -> None:
+    def _write_cache(self, policy: Policy, source: str) -> bytes:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         record: dict[str, Any] = {
             "version": policy.version,
@@ -142,6 +206,7 @@ class PolicyStore:
             "policy": policy.document,
         }
         atomic_write(self.cache_path, canonical_bytes(record), mode=0o600)
+        return canonical_bytes(policy.document)
 
     def _swap(self, policy: Policy, source: str) -> None:
         self.current = policy
@@ -155,4 +220,19 @@ class PolicyStore:
                              observer=observer, version=policy.version)
 
 
-__all__ = ["PolicyCacheCorrupt", "PolicyStore"]
+class Prepared:
+    """A version made ready in a worker thread, waiting for its swap."""
+
+    __slots__ = ("policy", "source", "changed", "base", "data", "numbered_here")
+
+    def __init__(self, policy: Policy, source: str, *, changed: bool, base: Policy | None,
+                 data: bytes | None = None, numbered_here: bool = False) -> None:
+        self.numbered_here = numbered_here  # its version number is the base's plus one
+        self.policy = policy
+        self.source = source
+        self.changed = changed  # False: equal to the version that was current
+        self.base = base  # the version current when it was prepared
+        self.data = data  # canonical bytes of the document
+
+
+__all__ = ["PolicyCacheCorrupt", "PolicyStore", "Prepared"]

@@ -17,6 +17,7 @@ from twisted.web.resource import Resource
 from safesquid_tw.identity.probe import test_directory
 from safesquid_tw.master.registry import TASKS
 from safesquid_tw.policy import secrets as policy_secrets
+from safesquid_tw.policy.applier import PolicySuperseded
 from safesquid_tw.policy.errors import PolicyError
 from safesquid_tw.portal import backup as B
 from safesquid_tw.portal import reportdata as R
@@ -148,8 +149,10 @@ async def post_policy(call: ApiCall) -> Reply:
     # Secrets sent back as their markers keep the running version's values.
     document = policy_secrets.restore(body["document"], before.document if before is not None else None)
     try:
-        policy = history.apply(document, by=call.actor, comment=comment or "applied through the API",
-                               source="api")
+        policy = await history.apply_async(document, by=call.actor,
+                                           comment=comment or "applied through the API", source="api")
+    except PolicySuperseded as e:
+        return _fail(409, str(e))
     except PolicyError as e:
         current = call.services.ctx.store.current
         return _fail(422, "the policy does not validate", path=e.path, message=e.message,
@@ -170,7 +173,9 @@ async def post_rollback(call: ApiCall) -> Reply:
         return _fail(400, "'comment' must be text")
     before = call.services.ctx.store.current
     try:
-        policy = history.rollback(number, by=call.actor, comment=comment)
+        policy = await history.rollback_async(number, by=call.actor, comment=comment)
+    except PolicySuperseded as e:
+        return _fail(409, str(e))
     except KeyError as e:
         return _fail(404, str(e.args[0]))
     except PolicyError as e:

@@ -121,5 +121,17 @@ def replay(history: Any, versions: list[BackupVersion], *, by: str) -> list[int]
     return made
 
 
+async def replay_async(history: Any, versions: list[BackupVersion], *, by: str) -> list[int]:
+    """`replay` with each version prepared off the reactor thread, one after the other."""
+    made = []
+    for entry in versions:
+        comment = f"{entry.comment} [restored: version {entry.version}, applied by {entry.applied_by}]".strip()
+        before = history.store.current
+        policy = await history.apply_async(entry.document, by=by, comment=comment, source="restore")
+        if before is None or policy.version != before.version:
+            made.append(policy.version)
+    return made
+
+
 __all__ = ["FORMAT", "BackupError", "BackupVersion", "build_backup", "check_backup", "is_fresh", "parse_backup",
-           "replay"]
+           "replay", "replay_async"]

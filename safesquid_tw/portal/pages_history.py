@@ -7,6 +7,7 @@ import time
 from collections import defaultdict
 from typing import Any
 
+from safesquid_tw.policy.applier import PolicySuperseded
 from safesquid_tw.policy.errors import PolicyError
 from safesquid_tw.portal import backup as B
 from safesquid_tw.portal.diffview import classify, counts, pretty
@@ -88,7 +89,10 @@ async def rollback(call: Call) -> Reply:
     try:
         if number is None:
             raise KeyError("name the version to roll back to")
-        policy = history.rollback(number, by=call.account, comment=comment)
+        policy = await history.rollback_async(number, by=call.account, comment=comment)
+    except PolicySuperseded as e:
+        call.session.flash("error", f"Not rolled back: {e}")
+        return Redirect("/policy/history")
     except KeyError as e:
         call.session.flash("error", str(e.args[0]) if e.args else "There is no such version.")
         return Redirect("/policy/history")
@@ -123,7 +127,7 @@ async def restore(services: Any, data: bytes, *, by: str, address: str | None) -
                             "fresh node, whose policy so far comes from files only")
     parsed = await services.in_thread(B.parse_backup, data)
     versions, accounts = await services.in_thread(B.check_backup, parsed)
-    made = B.replay(history, versions, by=by)
+    made = await B.replay_async(history, versions, by=by)
     created = await services.in_thread(services.accounts.restore_public, accounts, by=by)
     services.audit.record("restore", actor=by, address=address, versions=len(versions), new_versions=made,
                           accounts_created=created)

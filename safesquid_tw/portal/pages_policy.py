@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from safesquid_tw.policy.applier import PolicySuperseded
 from safesquid_tw.policy.errors import PolicyError
 from safesquid_tw.policy.hashpw import hash_password
 from safesquid_tw.policy.validate import validate_document
@@ -310,7 +311,10 @@ async def apply_draft(call: Call) -> Reply:
     before = services.ctx.store.current
     comment = call.form.get("comment").strip() or "applied from the portal"
     try:
-        policy = history.apply(draft.document, by=call.account, comment=comment, source="portal")
+        policy = await history.apply_async(draft.document, by=call.account, comment=comment, source="portal")
+    except PolicySuperseded as e:
+        call.session.flash("error", f"Not applied: {e}")
+        return Redirect("/policy/changes")
     except PolicyError as e:
         call.session.flash("error", f"Not applied: {e}")
         return Redirect("/policy/changes")

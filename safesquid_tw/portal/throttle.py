@@ -38,6 +38,7 @@ class LoginThrottle:
         max_tracked: int = MAX_TRACKED,
     ) -> None:
         self._clock = clock
+        self.failed_total = 0
         self.base = base
         self.account_cap = account_cap
         self.address_cap = address_cap
@@ -67,6 +68,7 @@ class LoginThrottle:
 
     def failed(self, account: str, address: str) -> float:
         """Count a failed login; returns the seconds the next attempt has to wait."""
+        self.failed_total += 1  # for metrics: every failure since start, never forgotten
         now = self._clock()
         for table, key in ((self._accounts, account), (self._addresses, address)):
             failures = table.get(key)

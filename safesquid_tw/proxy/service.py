@@ -13,6 +13,7 @@ from twisted.python.threadpool import ThreadPool
 
 from safesquid_tw.accesslog.record import AccessRecord
 from safesquid_tw.config import Limits
+from safesquid_tw.proxy.counters import ProxyCounters
 from safesquid_tw.proxy.errors import ProxyFailure, error_response, proxy_status_value
 from safesquid_tw.proxy.context import RequestContext
 from safesquid_tw.proxy.frontdoor import ClientConnection
@@ -72,6 +73,7 @@ class ProxyFactory(protocol.Factory):
         self.pool = UpstreamPool(reactor, resolver, limits, is_self=self.is_self)
         self.auth_pool = ThreadPool(minthreads=0, maxthreads=4, name="safesquid-auth")
         self.requests = 0
+        self.counters = ProxyCounters()  # read by the metrics collector at scrape time
         self.guessing = GuessingBrake()
         self._status_cache: dict[str, bytes] = {}
         # Edge counters (plain attributes: /health and metrics read them).
@@ -161,6 +163,8 @@ class ProxyFactory(protocol.Factory):
         self.requests += 1
         now = time.time()
         policy = ctx.policy
+        bytes_out = conn.bytes_out if tunnel_bytes is None else tunnel_bytes[1]
+        self.counters.count_request(ctx.action, ctx.status, now - ctx.start, ctx.bytes_in, bytes_out)
         record = AccessRecord(
             time=ctx.start,
             node=self.node_name,
@@ -171,7 +175,7 @@ class ProxyFactory(protocol.Factory):
             url=ctx.url,
             status=ctx.status,
             bytes_in=ctx.bytes_in,
-            bytes_out=conn.bytes_out if tunnel_bytes is None else tunnel_bytes[1],
+            bytes_out=bytes_out,
             duration_ms=(now - ctx.start) * 1000.0,
             action=ctx.action,
             rule=ctx.rule,
@@ -186,6 +190,7 @@ class ProxyFactory(protocol.Factory):
         self.record_sink(record)
 
     def log_upstream_error(self, ctx: RequestContext, failure: ProxyFailure) -> None:
+        self.counters.upstream_failed(failure.error_type)
         log.warn(
             "upstream error for {method} {url}: {status} {error_type}: {detail}",
             method=ctx.method.decode("ascii", "replace"), url=ctx.url, status=failure.status,

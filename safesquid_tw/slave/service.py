@@ -7,6 +7,8 @@ master (starting from its cache) and ships its records there.
 
 from __future__ import annotations
 
+import time
+
 from twisted.application.service import MultiService
 from twisted.internet import threads
 from twisted.logger import Logger
@@ -18,6 +20,7 @@ from safesquid_tw.accesslog.writer import AccessLogWriter
 from safesquid_tw.cluster.shipper import LogShipper
 from safesquid_tw.config import NodeConfig, read_activation_key
 from safesquid_tw.identity.watch import directory_health, directory_summary, directory_watch
+from safesquid_tw.metrics.collectors import MasterLinkCollector, ProxyCollector, SpoolCollector
 from safesquid_tw.node import NodeBase
 from safesquid_tw.proxy.resolver import Resolver
 from safesquid_tw.proxy.service import ProxyFactory, ProxyService
@@ -127,6 +130,8 @@ def build_proxy_node(config: NodeConfig, reactor) -> MultiService:
     proxy.setServiceParent(top)
     base.portal(reports=getattr(top, "reports", None)).setServiceParent(top)
     top.proxy_factory = factory
+    base.metrics.register(ProxyCollector(factory))
+    base.metrics.register(SpoolCollector(spool))
     return base.finish()
 
 
@@ -200,6 +205,7 @@ def _slave_parts(base: NodeBase, factory: ProxyFactory, shipper: LogShipper) -> 
     client.setServiceParent(base.top)
     base.top.cluster_client = client
     state.health_parts["master"] = client.master_health
+    base.metrics.register(MasterLinkCollector(client, now=time.time))
 
 
 def _negotiate_acceptor(config):

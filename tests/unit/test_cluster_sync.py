@@ -36,6 +36,7 @@ from safesquid_tw.config import NodeConfig
 from safesquid_tw.master.registry import SlaveRegistry
 from safesquid_tw.nodestate import NodeState
 from safesquid_tw.policy.errors import PolicyError
+from safesquid_tw.policy import store as policy_store_module
 from safesquid_tw.policy.store import PolicyStore
 from safesquid_tw.portal.health import HealthResource
 from safesquid_tw.reporting.store import ReportStore
@@ -259,7 +260,7 @@ def test_a_slave_that_refuses_a_version_keeps_its_own_and_the_master_shows_why(m
     def refuse(document, version):
         raise PolicyError("access.rules[0]", "this release does not know that field")
 
-    monkeypatch.setattr(slave_side, "policy_from_document", refuse)
+    monkeypatch.setattr(policy_store_module, "policy_from_document", refuse)
     master.apply(policy("refused.invalid"))
     link.flush()
     assert slave.version == 1

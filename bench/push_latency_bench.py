@@ -1,0 +1,227 @@
+"""Proxy latency while a big policy is pushed again and again, and the push latency to 3 slaves.
+
+    .venv/bin/python bench/push_latency_bench.py [--rules 1000] [--domains 100000] [--slaves 3]
+                                                 [--phase 8] [--rounds 2] [--rate 50]
+
+Starts a local origin (nginx), a master loaded with the `bench/big_policy.py` policy (1000 rules,
+100,000 domains by default) and `--slaves` slaves, all real `twistd` processes on loopback. A paced
+client (`--rate` requests per second on one keep-alive connection, so a stall shows as latency and
+not as lost throughput) sends requests through the first slave's proxy, alternating phases of
+`--phase` seconds: quiet (no pushes), then pushes (a new version of the big policy applied through
+the master's API, `POST /api/v1/policy`, as soon as every slave runs the previous one), `--rounds`
+times. Everything is measured in the same run.
+
+Prints p50/p99/max proxy latency in each kind of phase and the ratio p99(pushes)/p99(quiet)
+(target: at most 2), and the push latency: from the API call until every slave's /health shows the
+new version (min/median/max over the pushes), with the master's own figure of its apply time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import importlib.util
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR.parent))
+sys.path.insert(0, str(BENCH_DIR.parent / "tests" / "integration"))  # its own `harness` module
+sys.path.insert(0, str(BENCH_DIR))
+
+
+def _bench_module(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+build_policy = _bench_module("big_policy").build_policy
+_bench_harness = _bench_module("harness")
+SMALL_PATH, start_origin = _bench_harness.SMALL_PATH, _bench_harness.start_origin
+sys.path.remove(str(BENCH_DIR))
+
+import cluster_harness  # noqa: E402  (tests/integration: real master and slaves on loopback)
+
+
+class PacedClient(threading.Thread):
+    """GETs the small file through the proxy at a fixed rate on one keep-alive connection and
+    records (send time, latency) for each answer."""
+
+    def __init__(self, proxy: tuple[str, int], origin_port: int, rate: float) -> None:
+        super().__init__(daemon=True)
+        self.proxy = proxy
+        self.request = (f"GET http://127.0.0.1:{origin_port}{SMALL_PATH} HTTP/1.1\r\n"
+                        f"Host: 127.0.0.1:{origin_port}\r\n\r\n").encode()
+        self.interval = 1.0 / rate
+        self.samples: list[tuple[float, float]] = []
+        self.errors = 0
+        self.stopping = threading.Event()
+
+    def _connect(self) -> socket.socket:
+        sock = socket.create_connection(self.proxy, timeout=10)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+    def _one(self, sock: socket.socket) -> None:
+        sock.sendall(self.request)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed")
+            data += chunk
+        head, _, rest = data.partition(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        while len(rest) < length:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed")
+            rest += chunk
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise ConnectionError(head[:40])
+
+    def run(self) -> None:
+        sock = self._connect()
+        next_at = time.monotonic()
+        while not self.stopping.is_set():
+            now = time.monotonic()
+            if now < next_at:
+                time.sleep(next_at - now)
+            start = time.monotonic()
+            try:
+                self._one(sock)
+            except (OSError, ConnectionError):
+                self.errors += 1
+                sock.close()
+                sock = self._connect()
+                continue
+            self.samples.append((start, time.monotonic() - start))
+            next_at = max(next_at + self.interval, time.monotonic())
+        sock.close()
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def wait_versions(slaves, version: int, timeout: float) -> float | None:
+    deadline = time.monotonic() + timeout
+    pending = list(slaves)
+    while pending and time.monotonic() < deadline:
+        for slave in list(pending):
+            try:
+                status, body = slave.health(timeout=2.0)
+            except OSError:
+                continue
+            if body and body.get("policy_version") == version:
+                pending.remove(slave)
+        if pending:
+            time.sleep(0.01)
+    return None if pending else time.monotonic()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rules", type=int, default=1000)
+    parser.add_argument("--domains", type=int, default=100000)
+    parser.add_argument("--slaves", type=int, default=3)
+    parser.add_argument("--phase", type=float, default=8.0, help="seconds per phase")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rate", type=float, default=50.0, help="client requests per second")
+    args = parser.parse_args(argv)
+
+    base = build_policy(args.rules, args.domains)
+    workdir = Path(tempfile.mkdtemp(prefix="push-bench-"))
+    origin = start_origin(workdir / "origin")
+    cluster = cluster_harness.Cluster(workdir)
+    try:
+        print(f"policy: {args.rules} rules, {args.domains} domains, "
+              f"{len(json.dumps(base)) / 1e6:.1f} MB as JSON; {args.slaves} slaves", flush=True)
+        cluster.start_master(base, keepalive=2.0)
+        slaves = cluster.add_slaves(args.slaves, timeout=120)
+        for slave in slaves:
+            slave.wait_health(200, 120, check=lambda body: body["policy_version"] == 1)
+        client = PacedClient(slaves[0].proxy, origin.port, args.rate)
+        client.start()
+        time.sleep(1.0)  # warm the connection pool
+        phases: list[tuple[str, float, float]] = []
+        pushes: list[float] = []
+        version = 1
+        for _round in range(args.rounds):
+            start = time.monotonic()
+            time.sleep(args.phase)
+            phases.append(("quiet", start, time.monotonic()))
+            start = time.monotonic()
+            while time.monotonic() - start < args.phase:
+                document = dict(base, comment=f"bench push {version + 1}")
+                sent = time.monotonic()
+                status, body = cluster.api("POST", "/api/v1/policy", {"document": document}, timeout=60)
+                if status not in (200, 201):
+                    print(f"push refused: {status} {body}", flush=True)
+                    return 1
+                version = body["version"]
+                reached = wait_versions(slaves, version, 60)
+                if reached is None:
+                    print(f"version {version} did not reach every slave within 60 s", flush=True)
+                    return 1
+                pushes.append(reached - sent)
+            phases.append(("pushes", start, time.monotonic()))
+        client.stopping.set()
+        client.join(15)
+        by_kind: dict[str, list[float]] = {"quiet": [], "pushes": []}
+        for kind, begin, end in phases:
+            by_kind[kind] += [lat for at, lat in client.samples if begin <= at < end]
+        print("proxy latency through slave1 (ms), paced at %.0f req/s:" % args.rate)
+        for kind, values in by_kind.items():
+            if not values:
+                print(f"  {kind:7s} no samples")
+                continue
+            print(f"  {kind:7s} n={len(values):5d}  p50={percentile(values, .5) * 1e3:7.2f}  "
+                  f"p99={percentile(values, .99) * 1e3:7.2f}  max={max(values) * 1e3:7.2f}")
+        p99_quiet = percentile(by_kind["quiet"], .99)
+        p99_push = percentile(by_kind["pushes"], .99)
+        print(f"  p99 ratio pushes/quiet = {p99_push / p99_quiet:.2f} (target <= 2.0); client errors: {client.errors}")
+        if pushes:
+            print(f"push latency to {args.slaves} slaves (API call -> every slave's /health shows it), "
+                  f"{len(pushes)} pushes: min {min(pushes):.2f} s, median {statistics.median(pushes):.2f} s, "
+                  f"max {max(pushes):.2f} s")
+        text = _metrics_text(cluster)
+        for line in text.splitlines():
+            if line.startswith(("safesquid_policy_last_apply", "safesquid_policy_push_latency_seconds")):
+                print("  master metric:", line)
+        print("(figures from a shared 2-core machine under other load: compare ratios, not absolutes)")
+        return 0
+    finally:
+        cluster.stop_all()
+        origin.stop()
+
+
+def _metrics_text(cluster) -> str:
+    import http.client
+
+    conn = http.client.HTTPConnection(cluster_harness.MASTER_HOST, cluster.master_port, timeout=5)
+    try:
+        conn.request("GET", "/metrics")
+        return conn.getresponse().read().decode()
+    except OSError:
+        return ""
+    finally:
+        conn.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
