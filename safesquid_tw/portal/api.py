@@ -23,6 +23,7 @@ from safesquid_tw.portal.pages_history import make_backup, restore
 from safesquid_tw.portal.responses import JSON, respond
 from safesquid_tw.portal.services import PortalServices
 from safesquid_tw.portal.tokens import TokenInfo
+from safesquid_tw.portal.worklimit import Busy
 from safesquid_tw.portal.web import (
     BadForm,
     Call,
@@ -64,16 +65,26 @@ def _fail(code: int, error: str, **details: Any) -> Json:
     return Json({"error": error, **details}, code=code)
 
 
-def read_json(call: ApiCall) -> dict[str, Any]:
+def _parse_json(data: bytes) -> Any:
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ApiError(400, "the body is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the body is not JSON: {e}") from None
+
+
+async def read_json(call: ApiCall) -> dict[str, Any]:
+    """The request body as a JSON object, parsed in a worker thread (bounded: worklimit.py)."""
     content = call.request.content
     content.seek(0)
     data = content.read(MAX_JSON_BODY + 1)
     if len(data) > MAX_JSON_BODY:
         raise ApiError(413, f"the body is larger than {MAX_JSON_BODY} bytes")
     try:
-        body = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"the body is not JSON: {e}")
+        body = await call.services.heavy.run(_parse_json, data)
+    except Busy:
+        raise ApiError(503, "the portal is busy with other large requests; try again in a moment") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object")
     return body
@@ -136,7 +147,7 @@ async def get_diff(call: ApiCall) -> Reply:
 
 async def post_policy(call: ApiCall) -> Reply:
     history = _history(call)
-    body = read_json(call)
+    body = await read_json(call)
     if "document" not in body:
         return _fail(400, "the body needs a 'document'")
     comment = body.get("comment", "")
@@ -159,7 +170,7 @@ async def post_policy(call: ApiCall) -> Reply:
 
 async def post_rollback(call: ApiCall) -> Reply:
     history = _history(call)
-    body = read_json(call)
+    body = await read_json(call)
     number = _version_number(body.get("version"), "version")
     comment = body.get("comment") or ""
     if not isinstance(comment, str):
@@ -190,7 +201,7 @@ async def post_task(call: ApiCall) -> Reply:
     ctx = call.services.ctx
     if ctx.registry is None:
         return _fail(409, "only a master sends tasks to nodes")
-    task = read_json(call).get("task")
+    task = (await read_json(call)).get("task")
     if task not in TASKS:
         return _fail(422, f"'task' must be one of {', '.join(TASKS)}")
     node = call.params["node"]

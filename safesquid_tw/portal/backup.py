@@ -99,6 +99,8 @@ def check_backup(data: Any) -> tuple[list[BackupVersion], list[dict[str, Any]]]:
 def parse_backup(data: bytes) -> Any:
     try:
         return json.loads(data)
+    except RecursionError:
+        raise BackupError("the file is nested too deeply to be a backup") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise BackupError(f"the file is not JSON ({e})") from None
 
