@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import attrs
 from twisted.application.service import IService
 from twisted.internet import endpoints
@@ -193,7 +195,12 @@ def _with_saved_startup_params(config: NodeConfig) -> NodeConfig:
 
 def makeService(options: Options) -> IService:
     from safesquid_tw.node import build_node_service
+    from safesquid_tw.statedir import state_dir_problem
 
+    if (problem := state_dir_problem(options.config.state_dir)) is not None:
+        # One line and exit status 1, not a traceback from deep inside a store.
+        print(f"safesquid: {problem}", file=sys.stderr)
+        raise SystemExit(1)
     return build_node_service(options.config)
 
 
