@@ -25,6 +25,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from safesquid_tw.pages import render_template
 from safesquid_tw.portal.bodylimits import MAX_FORM_FIELDS, too_many_fields
+from safesquid_tw.portal.filereload import discarded_warning
 from safesquid_tw.portal.responses import HTML, JSON, error_response, respond
 from safesquid_tw.portal.services import PortalServices
 from safesquid_tw.portal.sessions import COOKIE_NAME, Session
@@ -377,6 +378,7 @@ def base_context(call: Call) -> dict[str, Any]:
         "has_reports": ctx.reports is not None,
         "has_registry": ctx.registry is not None,
         "path": "/" + "/".join(request_segments(call.request)),
+        "file_reload_warning": discarded_warning(ctx.history) if session else None,
     }
 
 

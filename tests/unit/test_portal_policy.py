@@ -28,7 +28,7 @@ RULE = {"name": "block-social", "action": "deny", "reason": "Not at work", "enab
 
 def test_every_section_page_shows_its_forms(admin):
     for slug, marker in (("access", "block-games"), ("users", "staff"), ("categories", "adult"),
-                         ("applications", "Add a application"), ("content", "blocked_mime_types"),
+                         ("applications", "Add an application"), ("content", "blocked_mime_types"),
                          ("dlp", "scan_limit_bytes"), ("restriction", "portal_allow"), ("connect", "allowed_ports")):
         page = admin.get(f"/policy/{slug}")
         assert page.code == 200, slug
