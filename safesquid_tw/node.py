@@ -385,7 +385,9 @@ class NodeBase:
             registry=registry,
             reports=reports,
             master_address=config.master,
-            startup_params=StartupParams(self.root, reactor=self.reactor) if slave else None,
+            # Slaves edit their startup parameters; a standalone node can join a cluster.
+            startup_params=StartupParams(self.root, reactor=self.reactor)
+            if config.role in ("slave", "standalone") else None,
         )
         site = build_portal_site(context)
         # A connection that sends nothing useful is dropped after this many idle seconds.

@@ -181,7 +181,7 @@ def options_to_config(opts: usage.Options) -> NodeConfig:
 def _with_saved_startup_params(config: NodeConfig) -> NodeConfig:
     """Startup parameters saved from a slave's portal (`<state-dir>/startup.json`) win over the
     command line: the portal is where an administrator changed them last."""
-    if config.role != "slave":
+    if config.role not in ("slave", "standalone"):
         return config
     from safesquid_tw.portal.startup import StartupParamError, read_startup_file
 
@@ -189,6 +189,8 @@ def _with_saved_startup_params(config: NodeConfig) -> NodeConfig:
         saved = read_startup_file(config.state_dir)
     except (OSError, ValueError, StartupParamError) as e:
         raise usage.UsageError(f"{config.state_dir}/startup.json: {e}")
+    if config.role == "standalone" and saved.get("role") != "slave":
+        return config  # a standalone node reads the file only once "join a cluster" wrote it
     changes = {key: value for key, value in saved.items() if value}
     return attrs.evolve(config, **changes) if changes else config
 
