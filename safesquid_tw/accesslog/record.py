@@ -33,6 +33,7 @@ JSON_KEYS: tuple[str, ...] = (
     "policy_version",
     "dlp",
     "detail",
+    "transfer",
 )
 
 
@@ -76,6 +77,7 @@ class AccessRecord:
     policy_version: int | None
     dlp: tuple[str, ...] = ()  # names of the DLP detectors that hit
     detail: str | None = None  # e.g. "upstream connect refused", "download size limit"
+    transfer: str = "complete"  # "origin_incomplete" | "client_aborted": the response was cut short
 
     def to_json_line(self) -> bytes:
         """One JSON object and a newline, keys in `JSON_KEYS` order, ASCII only."""
@@ -99,6 +101,7 @@ class AccessRecord:
             "policy_version": self.policy_version,
             "dlp": list(self.dlp),
             "detail": self.detail,
+            "transfer": self.transfer,
         }
         # ensure_ascii: a stray surrogate from a badly encoded URL cannot break the whole batch.
         return _ENCODER.encode(obj).encode("ascii") + b"\n"
@@ -129,6 +132,7 @@ class AccessRecord:
             policy_version=_optional_integer(obj, "policy_version"),
             dlp=_text_list(obj, "dlp"),
             detail=_optional_text(obj, "detail"),
+            transfer=_optional_text(obj, "transfer") or "complete",
         )
 
 

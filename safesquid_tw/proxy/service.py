@@ -130,6 +130,7 @@ class ProxyFactory(protocol.Factory):
             policy_version=policy.version if policy is not None else None,
             dlp=ctx.dlp,
             detail=ctx.detail,
+            transfer=ctx.transfer,
         )
         conn.bytes_out = 0
         self.record_sink(record)
