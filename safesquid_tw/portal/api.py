@@ -21,7 +21,7 @@ from safesquid_tw.policy.shadowing import shadowed_rules
 from safesquid_tw.portal import backup as B
 from safesquid_tw.portal import reportdata as R
 from safesquid_tw.portal.pages_cluster import cluster_view, run_task
-from safesquid_tw.portal.pages_history import make_backup, restore
+from safesquid_tw.portal.pages_history import KeysWouldChange, make_backup, restore
 from safesquid_tw.portal.positions import parse_position, place_in_document
 from safesquid_tw.portal.responses import JSON, respond
 from safesquid_tw.portal.services import PortalServices
@@ -333,7 +333,10 @@ async def post_restore(call: ApiCall) -> Reply:
     if len(data) > MAX_JSON_BODY:
         return _fail(413, f"the body is larger than {MAX_JSON_BODY} bytes")
     try:
-        result = await restore(call.services, data, by=call.actor, address=call.address)
+        result = await restore(call.services, data, by=call.actor, address=call.address,
+                               replace_keys=call.form.checked("replace_keys"))
+    except KeysWouldChange as e:
+        return _fail(409, str(e), confirm="repeat with ?replace_keys=1 to replace the key")
     except B.BackupError as e:
         code = 409 if "fresh" in str(e) else 422
         return _fail(code, str(e))

@@ -83,6 +83,14 @@ class BadForm(ValueError):
     """A form or query that cannot be read at all (not UTF-8): 400."""
 
 
+def _is_utf8(value: bytes) -> bool:
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 @attrs.frozen
 class Form:
     """Decoded form fields and query parameters (last value wins for `get`)."""
@@ -90,8 +98,11 @@ class Form:
     fields: dict[str, list[str]]
 
     @classmethod
-    def from_args(cls, args: dict[bytes, list[bytes]]) -> "Form":
+    def from_args(cls, args: dict[bytes, list[bytes]], *, files: bool = False) -> "Form":
+        """`files`: a multipart upload, whose binary parts stay in request.args only."""
         try:
+            if files:
+                return cls({k.decode("utf-8"): [v.decode("utf-8") for v in vs if _is_utf8(v)] for k, vs in args.items()})
             return cls({k.decode("utf-8"): [v.decode("utf-8") for v in vs] for k, vs in args.items()})
         except UnicodeDecodeError:
             raise BadForm("the form is not UTF-8 text") from None
@@ -257,7 +268,7 @@ class PortalApp(Resource):
             return answer(error_response(request, status=400, title="Bad request",
                                          detail=f"The form has more than {MAX_FORM_FIELDS} fields.", node=node))
         try:
-            form = Form.from_args(request.args or {})
+            form = Form.from_args(request.args or {}, files=deferred)
         except BadForm as e:
             return answer(error_response(request, status=400, title="Bad request", detail=str(e), node=node))
         session = services.sessions.get(session_cookie(request))
