@@ -26,7 +26,9 @@ from safesquid_tw.policy.errors import PolicyError
 from safesquid_tw.master.history import PolicyHistory
 from safesquid_tw.policy.applier import PolicySuperseded, PolicyApplier, policy_thread_pool, thread_runner
 from safesquid_tw.policy.store import PolicyCacheCorrupt, PolicyStore
+from safesquid_tw.policy.shadowing import shadowed_rules
 from safesquid_tw.portal.plainhealth import make_health_only_site
+from safesquid_tw.portal.filereload import replaced_comment, versions_the_file_replaces
 from safesquid_tw.util.atomic import atomic_write
 
 log = Logger()
@@ -365,6 +367,8 @@ class NodeBase:
             state.policy_version = policy.version
             state.policy_since = time.time()
             state.policy_digest = policy.digest
+            for warning in shadowed_rules(policy.document):
+                log.warn("policy version {version}: {warning}", version=policy.version, warning=warning.message)
 
         store.add_observer(on_policy)
         history = PolicyHistory(store, root)
@@ -394,7 +398,20 @@ class NodeBase:
 
     def policy_file_service(self, path: str, *, only_if_empty: bool = False) -> "PolicyFileService":
         def apply(doc, source):
-            policy = self.history.apply(doc, by="policy file", comment=f"loaded from {path}", source=source)
+            replaced = versions_the_file_replaces(self.history, source)
+            comment = f"loaded from {path}"
+            if replaced:
+                # A file reload (SIGHUP) over versions applied in the portal or the API: say so
+                # in the history entry and the log; a rollback brings them back.
+                comment += replaced_comment(replaced)
+            policy = self.history.apply(doc, by="policy file", comment=comment, source=source)
+            if replaced and policy.version != replaced[0].version:
+                log.warn(
+                    "policy file {path} replaced version(s) {versions} applied in the portal or API since the "
+                    "file was last loaded; roll back to version {newest} to bring them back",
+                    path=path, versions=", ".join(str(i.version) for i in reversed(replaced)),
+                    newest=replaced[0].version,
+                )
             self.state.policy_source = "file"
             return policy
 
@@ -441,7 +458,9 @@ class NodeBase:
             registry=registry,
             reports=reports,
             master_address=config.master,
-            startup_params=StartupParams(self.root, reactor=self.reactor) if slave else None,
+            # Slaves edit their startup parameters; a standalone node can join a cluster.
+            startup_params=StartupParams(self.root, reactor=self.reactor)
+            if config.role in ("slave", "standalone") else None,
         )
         site = build_portal_site(context)
         # A connection that sends nothing useful is dropped after this many idle seconds.

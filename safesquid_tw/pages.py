@@ -71,6 +71,23 @@ def format_duration(seconds: float | None) -> str:
     return f"{secs}s"
 
 
+def with_article(noun: str) -> str:
+    """`a rule`, `an application`: the indefinite article a reader expects."""
+    return ("an " if noun[:1].lower() in "aeiou" else "a ") + noun
+
+
+def format_bytes(count: float | int | None) -> str:
+    """`512 B`, `1.5 KiB`, `12.3 MiB`, `2.0 GiB`: sizes people read at a glance."""
+    if count is None:
+        return "-"
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
 def shorten(text: str, limit: int = _MAX_URL_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
@@ -87,6 +104,8 @@ def _environment() -> jinja2.Environment:
     )
     env.filters["duration"] = format_duration
     env.filters["utc"] = format_utc
+    env.filters["article"] = with_article
+    env.filters["bytes"] = format_bytes
     return env
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import attrs
 from twisted.application.service import IService
 from twisted.internet import endpoints
@@ -275,7 +277,7 @@ def _check_kerberos(opts: usage.Options, role: str) -> None:
 def _with_saved_startup_params(config: NodeConfig) -> NodeConfig:
     """Startup parameters saved from a slave's portal (`<state-dir>/startup.json`) win over the
     command line: the portal is where an administrator changed them last."""
-    if config.role != "slave":
+    if config.role not in ("slave", "standalone"):
         return config
     from safesquid_tw.portal.startup import StartupParamError, read_startup_file
 
@@ -283,13 +285,20 @@ def _with_saved_startup_params(config: NodeConfig) -> NodeConfig:
         saved = read_startup_file(config.state_dir)
     except (OSError, ValueError, StartupParamError) as e:
         raise usage.UsageError(f"{config.state_dir}/startup.json: {e}")
+    if config.role == "standalone" and saved.get("role") != "slave":
+        return config  # a standalone node reads the file only once "join a cluster" wrote it
     changes = {key: value for key, value in saved.items() if value}
     return attrs.evolve(config, **changes) if changes else config
 
 
 def makeService(options: Options) -> IService:
     from safesquid_tw.node import build_node_service
+    from safesquid_tw.statedir import state_dir_problem
 
+    if (problem := state_dir_problem(options.config.state_dir)) is not None:
+        # One line and exit status 1, not a traceback from deep inside a store.
+        print(f"safesquid: {problem}", file=sys.stderr)
+        raise SystemExit(1)
     return build_node_service(options.config)
 
 

@@ -185,6 +185,33 @@ class AccountStore:
             del self._accounts[name]
             self._write()
 
+    def restore_hashes(self, entries: list[dict[str, Any]], *, by: str) -> tuple[list[str], list[str]]:
+        """Accounts from a backup with their argon2id hashes: new ones are created, existing
+        ones take the backup's password. Returns (created, passwords replaced)."""
+        created, replaced = [], []
+        with self._lock:
+            for entry in entries:
+                name = check_account_name(str(entry.get("name", "")))
+                stored = entry.get("password_hash")
+                if not isinstance(stored, str) or not stored.startswith("$argon2id$"):
+                    continue
+                existing = self._accounts.get(name)
+                created_at = entry.get("created_at")
+                if existing is None:
+                    self._accounts[name] = Account(
+                        name, stored,
+                        created_at=float(created_at) if isinstance(created_at, (int, float)) else self._clock(),
+                        created_by=f"restored by {by}", password_changed_at=entry.get("password_changed_at"),
+                    )
+                    created.append(name)
+                elif existing.password_hash != stored:
+                    self._accounts[name] = attrs.evolve(existing, password_hash=stored,
+                                                        password_changed_at=entry.get("password_changed_at"))
+                    replaced.append(name)
+            if created or replaced:
+                self._write()
+        return created, replaced
+
     def restore_public(self, entries: list[dict[str, Any]], *, by: str) -> list[str]:
         """Create the accounts a backup names that do not exist here, without a password
         (an administrator sets one before they can log in). Returns the names created."""

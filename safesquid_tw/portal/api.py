@@ -7,6 +7,7 @@ validator's path and message (and the running policy stays). docs/api.md describ
 
 from __future__ import annotations
 
+import copy
 import json
 from typing import Any
 
@@ -19,13 +20,16 @@ from safesquid_tw.master.registry import TASKS
 from safesquid_tw.policy import secrets as policy_secrets
 from safesquid_tw.policy.applier import PolicySuperseded
 from safesquid_tw.policy.errors import PolicyError
+from safesquid_tw.policy.shadowing import shadowed_rules
 from safesquid_tw.portal import backup as B
 from safesquid_tw.portal import reportdata as R
 from safesquid_tw.portal.pages_cluster import cluster_view, run_task
-from safesquid_tw.portal.pages_history import make_backup, restore
+from safesquid_tw.portal.pages_history import KeysWouldChange, make_backup, restore
+from safesquid_tw.portal.positions import parse_position, place_in_document
 from safesquid_tw.portal.responses import JSON, respond
 from safesquid_tw.portal.services import PortalServices
 from safesquid_tw.portal.tokens import TokenInfo
+from safesquid_tw.portal.worklimit import Busy
 from safesquid_tw.portal.web import (
     BadForm,
     Call,
@@ -67,16 +71,26 @@ def _fail(code: int, error: str, **details: Any) -> Json:
     return Json({"error": error, **details}, code=code)
 
 
-def read_json(call: ApiCall) -> dict[str, Any]:
+def _parse_json(data: bytes) -> Any:
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ApiError(400, "the body is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the body is not JSON: {e}") from None
+
+
+async def read_json(call: ApiCall) -> dict[str, Any]:
+    """The request body as a JSON object, parsed in a worker thread (bounded: worklimit.py)."""
     content = call.request.content
     content.seek(0)
     data = content.read(MAX_JSON_BODY + 1)
     if len(data) > MAX_JSON_BODY:
         raise ApiError(413, f"the body is larger than {MAX_JSON_BODY} bytes")
     try:
-        body = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"the body is not JSON: {e}")
+        body = await call.services.heavy.run(_parse_json, data)
+    except Busy:
+        raise ApiError(503, "the portal is busy with other large requests; try again in a moment") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object")
     return body
@@ -139,7 +153,7 @@ async def get_diff(call: ApiCall) -> Reply:
 
 async def post_policy(call: ApiCall) -> Reply:
     history = _history(call)
-    body = read_json(call)
+    body = await read_json(call)
     if "document" not in body:
         return _fail(400, "the body needs a 'document'")
     comment = body.get("comment", "")
@@ -161,12 +175,72 @@ async def post_policy(call: ApiCall) -> Reply:
     if changed:
         call.services.audit.record("apply", actor=call.actor, address=call.address, version=policy.version,
                                    digest=policy.digest, comment=comment, via="api")
-    return Json({"version": policy.version, "digest": policy.digest, "changed": changed}, code=201 if changed else 200)
+    return Json({"version": policy.version, "digest": policy.digest, "changed": changed,
+                 "warnings": [w.as_json() for w in shadowed_rules(policy.document)]}, code=201 if changed else 200)
+
+
+async def post_rule(call: ApiCall) -> Reply:
+    """Add an access rule at a chosen position (`top` by default: first match decides)."""
+    history = _history(call)
+    body = await read_json(call)
+    rule = body.get("rule")
+    if not isinstance(rule, dict) or not isinstance(rule.get("name"), str):
+        return _fail(400, "the body needs a 'rule' object with a 'name'")
+    return await _reorder(call, history, body, rule=rule, default="top")
+
+
+async def move_rule(call: ApiCall) -> Reply:
+    """Move an existing access rule to `position`."""
+    history = _history(call)
+    body = await read_json(call)
+    if "position" not in body:
+        return _fail(400, "the body needs a 'position'")
+    return await _reorder(call, history, body, name=call.params["name"], default="top")
+
+
+async def _reorder(call: ApiCall, history: Any, body: dict[str, Any], *, default: str,
+                   rule: dict[str, Any] | None = None, name: str | None = None) -> Reply:
+    current = call.services.ctx.store.current
+    if current is None:
+        return _fail(503, "no policy is loaded yet")
+    try:
+        position = parse_position(body.get("position", default))
+    except ValueError as e:
+        return _fail(400, str(e))
+    comment = body.get("comment") or ""
+    if not isinstance(comment, str):
+        return _fail(400, "'comment' must be text")
+    document = copy.deepcopy(current.document)
+    rules = document.setdefault("access", {}).setdefault("rules", [])
+    names = [r["name"] for r in rules]
+    if rule is not None:
+        if rule["name"] in names:
+            return _fail(409, f"there is already a rule {rule['name']!r}")
+        rules.append(rule)
+        index, what = len(rules) - 1, f"rule {rule['name']!r} added"
+    else:
+        if name not in names:
+            return _fail(404, f"there is no rule {name!r}")
+        index, what = names.index(name), f"rule {name!r} moved"
+    try:
+        document = place_in_document(document, ("access", "rules"), index, position)
+        policy = history.apply(document, by=call.actor, comment=comment or f"{what} through the API", source="api")
+    except PolicyError as e:
+        return _fail(422, "the policy does not validate", path=e.path, message=e.message,
+                     running_version=current.version)
+    changed = policy.version != current.version
+    if changed:
+        call.services.audit.record("apply", actor=call.actor, address=call.address, version=policy.version,
+                                   digest=policy.digest, comment=comment or what, via="api")
+    order = [r["name"] for r in policy.document["access"]["rules"]]
+    return Json({"version": policy.version, "digest": policy.digest, "changed": changed, "rules": order,
+                 "warnings": [w.as_json() for w in shadowed_rules(policy.document)]},
+                code=201 if changed else 200)
 
 
 async def post_rollback(call: ApiCall) -> Reply:
     history = _history(call)
-    body = read_json(call)
+    body = await read_json(call)
     number = _version_number(body.get("version"), "version")
     comment = body.get("comment") or ""
     if not isinstance(comment, str):
@@ -199,7 +273,7 @@ async def post_task(call: ApiCall) -> Reply:
     ctx = call.services.ctx
     if ctx.registry is None:
         return _fail(409, "only a master sends tasks to nodes")
-    task = read_json(call).get("task")
+    task = (await read_json(call)).get("task")
     if task not in TASKS:
         return _fail(422, f"'task' must be one of {', '.join(TASKS)}")
     node = call.params["node"]
@@ -284,7 +358,10 @@ async def post_restore(call: ApiCall) -> Reply:
     if len(data) > MAX_JSON_BODY:
         return _fail(413, f"the body is larger than {MAX_JSON_BODY} bytes")
     try:
-        result = await restore(call.services, data, by=call.actor, address=call.address)
+        result = await restore(call.services, data, by=call.actor, address=call.address,
+                               replace_keys=call.form.checked("replace_keys"))
+    except KeysWouldChange as e:
+        return _fail(409, str(e), confirm="repeat with ?replace_keys=1 to replace the key")
     except B.BackupError as e:
         code = 409 if "fresh" in str(e) else 422
         return _fail(code, str(e))
@@ -298,6 +375,8 @@ ROUTES: list[Route] = [
     route("GET", "/api/v1/policy/versions/{version}", get_version),
     route("GET", "/api/v1/policy/diff", get_diff),
     route("POST", "/api/v1/policy/rollback", post_rollback),
+    route("POST", "/api/v1/policy/rules", post_rule),
+    route("POST", "/api/v1/policy/rules/{name}/move", move_rule),
     route("GET", "/api/v1/cluster", get_cluster),
     route("POST", "/api/v1/cluster/{node}/tasks", post_task),
     route("GET", "/api/v1/reports/dashboard", get_dashboard),

@@ -1,8 +1,9 @@
 """Backup and restore of a master's configuration: every policy version and the accounts.
 
 A backup is one JSON document: every version in the history (its document, who applied it,
-when, why) and the administrator accounts without their password hashes (API tokens are
-secrets and are left out too). Restoring is for a fresh node, one whose policy so far only came
+when, why), the administrator accounts with their argon2id hashes, the API tokens' digests and
+the master's control-plane TLS key and certificate (backupsecrets.py); with the report store it
+is a .tar.gz of that document and a snapshot of the store. Restoring is for a fresh node, one whose policy so far only came
 from files: every version of the backup is checked first (format, validation, digest), and only
 then replayed in order, each as a new version whose comment names the original one.
 """
@@ -18,7 +19,9 @@ from safesquid_tw.policy.codec import digest
 from safesquid_tw.policy.errors import PolicyError
 from safesquid_tw.policy.validate import validate_document
 
-FORMAT = "safesquid-backup/1"
+FORMAT = "safesquid-backup/2"
+# Version 1 held the history and the accounts without hashes; it is still restored.
+FORMATS = ("safesquid-backup/1", FORMAT)
 MAX_VERSIONS = 10000
 
 
@@ -57,7 +60,7 @@ def build_backup(history: Any, accounts: list[dict[str, Any]], *, node: str, rol
 def check_backup(data: Any) -> tuple[list[BackupVersion], list[dict[str, Any]]]:
     """Every version of a backup, validated, oldest first, and its accounts; BackupError if any
     part is wrong (then nothing may be restored)."""
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
+    if not isinstance(data, dict) or data.get("format") not in FORMATS:
         raise BackupError(f"not a backup file (its format is not {FORMAT!r})")
     raw_versions = data.get("versions")
     if not isinstance(raw_versions, list) or not raw_versions:
@@ -99,6 +102,8 @@ def check_backup(data: Any) -> tuple[list[BackupVersion], list[dict[str, Any]]]:
 def parse_backup(data: bytes) -> Any:
     try:
         return json.loads(data)
+    except RecursionError:
+        raise BackupError("the file is nested too deeply to be a backup") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise BackupError(f"the file is not JSON ({e})") from None
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 import hmac
 import math
 
+from typing import Any
+
 from safesquid_tw.portal.accounts import AccountError
 from safesquid_tw.portal.sessions import new_secret
 from safesquid_tw.portal.tokens import TokenError
+from safesquid_tw.portal.worklimit import Busy
 from safesquid_tw.portal.web import Call, Error, Page, Redirect, Reply, Route, route, safe_next, set_session_cookie
 
 LOGIN_COOKIE = b"safesquid_login"
@@ -46,7 +49,20 @@ async def login(call: Call) -> Reply:
         services.audit.record("login", actor=name, address=address, outcome="refused", wait_s=seconds)
         return _login_page(call, name=name, code=429,
                            error=f"Too many failed logins: wait {seconds} s before trying again.")
-    ok = bool(name) and bool(password) and await services.in_thread(services.accounts.verify, name, password)
+    if not services.throttle.begin(name, address):
+        call.request.setHeader(b"Retry-After", b"1")
+        services.audit.record("login", actor=name, address=address, outcome="refused", wait_s=1)
+        return _login_page(call, name=name, code=429,
+                           error="Another login for this account or from your address is being checked: "
+                           "wait a second before trying again.")
+    try:
+        ok = bool(name) and bool(password) and await services.passwords.run(services.accounts.verify, name, password)
+    except Busy:
+        call.request.setHeader(b"Retry-After", b"2")
+        return _login_page(call, name=name, code=503,
+                           error="The portal is checking many logins right now: try again in a few seconds.")
+    finally:
+        services.throttle.end(name, address)
     if not ok:
         wait = services.throttle.failed(name, address)
         services.audit.record("login", actor=name, address=address, outcome="failed")
@@ -86,6 +102,13 @@ async def home(call: Call) -> Reply:
     })
 
 
+async def _verify(services: Any, name: str, password: str) -> bool:
+    try:
+        return await services.passwords.run(services.accounts.verify, name, password)
+    except Busy:
+        return False
+
+
 # -- accounts ------------------------------------------------------------------------------------
 
 
@@ -106,9 +129,12 @@ async def add_account(call: Call) -> Reply:
     if password != form.get("password2"):
         return _accounts_page(call, errors={"password2": "the two passwords differ"}, values={"name": name}, code=422)
     try:
-        await services.in_thread(services.accounts.add, name, password, by=call.account)
+        await services.passwords.run(services.accounts.add, name, password, by=call.account)
     except AccountError as e:
         return _accounts_page(call, errors={e.field: e.message}, values={"name": name}, code=422)
+    except Busy:
+        return _accounts_page(call, errors={"password": "the portal is busy checking passwords: try again"},
+                              values={"name": name}, code=503)
     services.audit.record("account_add", actor=call.account, address=call.address, account=name)
     call.session.flash("ok", f"Account {name} created.")
     return Redirect("/accounts")
@@ -139,7 +165,7 @@ async def set_password(call: Call) -> Reply:
     if new != again:
         errors["new_password2"] = "the two passwords differ"
     elif target == call.account:
-        if not await services.in_thread(services.accounts.verify, call.account, form.get("current_password")):
+        if not await _verify(services, call.account, form.get("current_password")):
             errors["current_password"] = "this is not your current password"
     else:
         other = services.accounts.get(target)
@@ -147,9 +173,11 @@ async def set_password(call: Call) -> Reply:
             errors["new_password"] = "only accounts without a password (restored from a backup) can be set here"
     if not errors:
         try:
-            await services.in_thread(services.accounts.set_password, target, new)
+            await services.passwords.run(services.accounts.set_password, target, new)
         except AccountError as e:
             errors["new_password"] = e.message
+        except Busy:
+            errors["new_password"] = "the portal is busy checking passwords: try again in a few seconds"
     if errors:
         return _accounts_page(call, errors=errors, code=422)
     services.sessions.end_account(target, keep=call.session.id)

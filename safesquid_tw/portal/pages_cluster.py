@@ -71,6 +71,8 @@ async def run_task(services: Any, node: str, task: str, *, actor: str, address: 
 
 
 def _startup_page(call: Call, values: dict[str, str], errors: dict[str, str], code: int = 200) -> Page:
+    if call.services.ctx.role == "standalone":
+        return Page("portal/join.html", {"values": values, "errors": errors}, code=code)
     return Page("portal/startup.html", {"values": values, "errors": errors, "fields": FIELDS}, code=code)
 
 
@@ -96,6 +98,29 @@ async def save_startup(call: Call) -> Reply:
     return Redirect("/node/startup")
 
 
+async def join_cluster(call: Call) -> Reply:
+    """A standalone node becomes a slave: its key and startup parameters are saved, then it restarts."""
+    ctx = call.services.ctx
+    params = ctx.startup_params
+    if params is None or ctx.role != "standalone":
+        return Error(404, "Not found", "Only a standalone node joins a cluster from here.")
+    form = call.form
+    values = {"master": form.get("master").strip(), "master_fingerprint": form.get("master_fingerprint").strip(),
+              "node_name": form.get("node_name").strip()}
+    try:
+        saved = await call.services.in_thread(params.join, values["master"], form.get("activation_key"),
+                                              fingerprint=values["master_fingerprint"], node_name=values["node_name"])
+    except StartupParamError as e:
+        return _startup_page(call, values, {e.field: e.message}, code=422)
+    call.services.audit.record("join_cluster", actor=call.account, address=call.address, master=saved["master"])
+    if not form.checked("restart"):
+        call.session.flash("ok", f"Saved: at its next start this node is a slave of {saved['master']}.")
+        return Redirect("/node/startup")
+    call.services.audit.record("restart", actor=call.account, address=call.address)
+    params.restart()
+    return Page("portal/restarting.html", {"joining": saved["master"]})
+
+
 async def restart(call: Call) -> Reply:
     params = call.services.ctx.startup_params
     if params is None:
@@ -112,6 +137,7 @@ ROUTES: list[Route] = [
     route("GET", "/node/startup", startup_page),
     route("POST", "/node/startup", save_startup),
     route("POST", "/node/restart", restart),
+    route("POST", "/node/join", join_cluster),
 ]
 
 __all__ = ["ROUTES", "cluster_view", "run_task"]

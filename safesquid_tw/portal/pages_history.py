@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from collections import defaultdict
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 from safesquid_tw.policy.applier import PolicySuperseded
 from safesquid_tw.policy.errors import PolicyError
 from safesquid_tw.portal import backup as B
+from safesquid_tw.portal import backupsecrets as S
 from safesquid_tw.portal.diffview import classify, counts, pretty
 from safesquid_tw.portal.web import Body, Call, Error, Page, Redirect, Reply, Route, route
 
@@ -114,41 +116,85 @@ async def rollback(call: Call) -> Reply:
 async def make_backup(services: Any) -> dict[str, Any]:
     ctx = services.ctx
     current = ctx.store.current
-    accounts = [a.public() for a in services.accounts.accounts()]
-    return await services.in_thread(B.build_backup, ctx.history, accounts, node=ctx.state.node, role=ctx.role,
-                                    now=services.now(), current_version=current.version if current else None)
+
+    def build() -> dict[str, Any]:
+        parts = S.secret_parts(ctx.state_dir, services.accounts, services.tokens)
+        document = B.build_backup(ctx.history, parts.pop("accounts"), node=ctx.state.node, role=ctx.role,
+                                  now=services.now(), current_version=current.version if current else None)
+        document.update(parts)
+        return document
+
+    return await services.in_thread(build)
 
 
-async def restore(services: Any, data: bytes, *, by: str, address: str | None) -> dict[str, Any]:
+class KeysWouldChange(B.BackupError):
+    """The backup's control-plane key differs from this node's and replacing it was not confirmed."""
+
+
+async def restore(services: Any, data: bytes, *, by: str, address: str | None,
+                  replace_keys: bool = False) -> dict[str, Any]:
     """Check a backup and restore it; BackupError says why not (nothing changed then)."""
-    history = services.ctx.history
+    ctx = services.ctx
+    history = ctx.history
     if not B.is_fresh(history):
         raise B.BackupError("this node's policy was already changed by an administrator: restore only onto a "
                             "fresh node, whose policy so far comes from files only")
-    parsed = await services.in_thread(B.parse_backup, data)
-    versions, accounts = await services.in_thread(B.check_backup, parsed)
-    made = await B.replay_async(history, versions, by=by)
-    created = await services.in_thread(services.accounts.restore_public, accounts, by=by)
+    with tempfile.TemporaryDirectory(dir=ctx.state_dir) as workdir:
+        try:
+            raw, reports_file = await services.in_thread(S.unpack, data, workdir)
+            parsed = await services.in_thread(B.parse_backup, raw)
+            versions, accounts = await services.in_thread(B.check_backup, parsed)
+            tls = S.check_tls(parsed.get("control_plane_tls"))
+        except S.SecretsError as e:
+            raise B.BackupError(str(e)) from None
+        warning = await services.in_thread(S.key_change, ctx.state_dir, tls)
+        if warning and not replace_keys:
+            raise KeysWouldChange(f"Nothing was restored: {warning} Confirm replacing the key to restore.")
+        made = await B.replay_async(history, versions, by=by)
+        created, replaced = await services.in_thread(services.accounts.restore_hashes, accounts, by=by)
+        without_hash = [a for a in accounts if not a.get("password_hash")]
+        created += await services.in_thread(services.accounts.restore_public, without_hash, by=by)
+        tokens_added = await services.in_thread(S.restore_tokens, services.tokens, parsed.get("tokens"))
+        key_replaced = False
+        if tls is not None and (warning or S.control_plane_tls(ctx.state_dir) is None):
+            await services.in_thread(S.write_tls, ctx.state_dir, tls)
+            key_replaced = bool(warning)
+        records = 0
+        if reports_file is not None and ctx.reports is not None:
+            records = await services.in_thread(S.import_reports, ctx.reports, reports_file)
+    for name in replaced:
+        services.sessions.end_account(name)
     services.audit.record("restore", actor=by, address=address, versions=len(versions), new_versions=made,
-                          accounts_created=created)
-    return {"versions_restored": len(versions), "new_versions": made, "accounts_created": created}
+                          accounts_created=created, passwords_restored=replaced, tokens_restored=tokens_added,
+                          key_replaced=key_replaced, report_records=records)
+    return {"versions_restored": len(versions), "new_versions": made, "accounts_created": created,
+            "passwords_restored": replaced, "tokens_restored": tokens_added, "key_replaced": key_replaced,
+            "report_records_restored": records}
 
 
 async def backup_page(call: Call) -> Reply:
     if call.services.ctx.history is None:
         return READ_ONLY
-    return Page("portal/backup.html", {"fresh": B.is_fresh(call.services.ctx.history), "error": None})
+    return Page("portal/backup.html", {"fresh": B.is_fresh(call.services.ctx.history), "error": None,
+                                       "has_reports": call.services.ctx.reports is not None})
 
 
 async def download_backup(call: Call) -> Reply:
     if call.services.ctx.history is None:
         return READ_ONLY
-    document = await make_backup(call.services)
-    data = json.dumps(document, indent=1, sort_keys=True, ensure_ascii=False).encode("utf-8") + b"\n"
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(call.services.now()))
-    name = f"safesquid-backup-{stamp}.json".encode()
-    call.services.audit.record("backup", actor=call.account, address=call.address, versions=len(document["versions"]))
-    return Body(data, b"application/json", headers=((b"Content-Disposition", b'attachment; filename="' + name + b'"'),))
+    services = call.services
+    document = await make_backup(services)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(services.now()))
+    with_reports = call.form.checked("reports") and services.ctx.reports is not None
+    if with_reports:
+        data = await services.heavy.run(S.archive, document, services.ctx.reports.path)
+        name, content_type = f"safesquid-backup-{stamp}.tar.gz".encode(), b"application/gzip"
+    else:
+        data = json.dumps(document, indent=1, sort_keys=True, ensure_ascii=False).encode("utf-8") + b"\n"
+        name, content_type = f"safesquid-backup-{stamp}.json".encode(), b"application/json"
+    services.audit.record("backup", actor=call.account, address=call.address, versions=len(document["versions"]),
+                          reports=with_reports)
+    return Body(data, content_type, headers=((b"Content-Disposition", b'attachment; filename="' + name + b'"'),))
 
 
 async def restore_upload(call: Call) -> Reply:
@@ -158,15 +204,30 @@ async def restore_upload(call: Call) -> Reply:
     raw = call.request.args.get(b"backup", [b""])[-1]
     if not raw.strip():
         return Page("portal/backup.html", {"fresh": B.is_fresh(services.ctx.history),
+                                           "has_reports": services.ctx.reports is not None,
                                            "error": "Choose a backup file first."}, code=422)
     try:
-        result = await restore(services, raw, by=call.account, address=call.address)
+        result = await restore(services, raw, by=call.account, address=call.address,
+                               replace_keys=call.form.checked("replace_keys"))
+    except KeysWouldChange as e:
+        return Page("portal/backup.html", {"fresh": True, "error": None, "key_warning": str(e),
+                                           "has_reports": services.ctx.reports is not None}, code=409)
     except B.BackupError as e:
-        return Page("portal/backup.html", {"fresh": B.is_fresh(services.ctx.history), "error": str(e)}, code=422)
+        return Page("portal/backup.html", {"fresh": B.is_fresh(services.ctx.history),
+                                           "has_reports": services.ctx.reports is not None, "error": str(e)}, code=422)
     except PolicyError as e:
         return Page("portal/backup.html", {"fresh": B.is_fresh(services.ctx.history),
+                                           "has_reports": services.ctx.reports is not None,
                                            "error": f"not restored: {e}"}, code=422)
     note = f"Restored {result['versions_restored']} versions"
+    if result["passwords_restored"]:
+        note += f"; passwords from the backup for {', '.join(result['passwords_restored'])}"
+    if result["tokens_restored"]:
+        note += f"; {len(result['tokens_restored'])} API token(s)"
+    if result["key_replaced"]:
+        note += "; the control-plane key and certificate (used from the next restart)"
+    if result["report_records_restored"]:
+        note += f"; {result['report_records_restored']} report records"
     if result["accounts_created"]:
         note += f"; accounts without a password yet: {', '.join(result['accounts_created'])} (set them on Accounts)"
     call.session.flash("ok", note + ".")

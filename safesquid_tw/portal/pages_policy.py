@@ -12,11 +12,13 @@ from typing import Any
 from safesquid_tw.policy.applier import PolicySuperseded
 from safesquid_tw.policy.errors import PolicyError
 from safesquid_tw.policy.hashpw import hash_password
+from safesquid_tw.policy.shadowing import shadowed_rules
 from safesquid_tw.policy.validate import validate_document
 from safesquid_tw.portal import sections as S
 from safesquid_tw.portal.allowlist import address_in, portal_networks
 from safesquid_tw.portal.diffview import classify, counts, document_diff
 from safesquid_tw.portal.drafts import Draft
+from safesquid_tw.portal.positions import parse_position, place_in_document, position_choices
 from safesquid_tw.portal.web import Call, Error, Page, Redirect, Reply, Route, route
 
 READ_ONLY = Error(409, "Read-only", "This node's policy is managed by its master; change it there.")
@@ -117,18 +119,26 @@ async def section_page(call: Call, *, object_errors: dict[str, dict[str, str]] |
             values = S.to_form(of.fields, S.get_path(document, of.path, dict(of.defaults)))
         objects.append({"form": of, "values": values, "errors": (object_errors or {}).get(of.name, {}),
                         "choices": _choices(document, of.fields)})
-    lists = [{"form": lf, "items": S.list_items(document, lf)} for lf in section.lists]
+    lists = [{"form": lf, "items": S.list_items(document, lf), "warnings": {}} for lf in section.lists]
+    # Rules an earlier rule shadows, by position, shown beside them and above the list.
+    shadows = shadowed_rules(document) if any(lf.path == ("access", "rules") for lf in section.lists) else []
+    for lst in lists:
+        if lst["form"].path == ("access", "rules"):
+            lst["warnings"] = {w.index: w for w in shadows}
     return Page("portal/section.html", {"section": section, "objects": objects, "lists": lists, "draft": draft,
-                                        "general_error": general_error, "sections": S.SECTIONS}, code=code)
+                                        "general_error": general_error, "sections": S.SECTIONS,
+                                        "shadows": shadows}, code=code)
 
 
 def _item_page(call: Call, section: S.Section, lf: S.ListForm, document: dict[str, Any], index: int | None,
                values: dict[str, Any], errors: dict[str, str], general_error: str | None = None,
-               original_name: str = "", code: int = 200) -> Page:
+               original_name: str = "", code: int = 200, position: str = "") -> Page:
+    positions = [] if lf.mapping else position_choices(S.list_items(document, lf), index)
+    default = "keep" if index is not None else ("top" if lf.path == ("access", "rules") else "end")
     return Page("portal/item_form.html", {
         "section": section, "form": lf, "index": index, "values": values, "errors": errors,
         "general_error": general_error, "choices": _choices(document, lf.fields), "original_name": original_name,
-        "sections": S.SECTIONS,
+        "sections": S.SECTIONS, "positions": positions, "position": position or default,
     }, code=code)
 
 
@@ -181,7 +191,13 @@ async def save_item(call: Call) -> Reply:
             fragment["password_hash"] = items[index]["password_hash"]
         else:
             errors["password"] = f"a new {lf.noun} needs a password"
-    page_args = dict(original_name=original)
+    page_args = dict(original_name=original, position=form.get("position"))
+    position = form.get("position") or ("end" if index is None else "keep")
+    if not lf.mapping:
+        try:
+            position = parse_position(position)
+        except ValueError as e:
+            errors["position"] = str(e)
     if errors:
         return _item_page(call, section, lf, document, index, values, errors, code=422, **page_args)
     final_index = index if index is not None else len(items)
@@ -190,6 +206,8 @@ async def save_item(call: Call) -> Reply:
         lf.error_prefix(final_index, name), ".".join(lf.path) + f"[{final_index}]")
     try:
         changed = S.put_item(document, lf, index, fragment)
+        if not lf.mapping and position not in ("keep", "end" if index is None else "keep"):
+            changed = place_in_document(changed, lf.path, final_index, position)
         verb = "added" if index is None else "changed"
         await keep_in_draft(call, changed, f"{lf.noun} {name!r} {verb}")
     except PolicyError as e:
@@ -199,6 +217,10 @@ async def save_item(call: Call) -> Reply:
         return _item_page(call, section, lf, document, index, values, {}, code=422, general_error=str(e),
                           **page_args)
     call.session.flash("ok", f"The {lf.noun} {name!r} is saved in your draft. Apply the draft to put it to use.")
+    if lf.path == ("access", "rules"):
+        for warning in shadowed_rules(changed):
+            if warning.rule == name or warning.by_rule == name:
+                call.session.flash("error", f"Warning: {warning.message}.")
     return Redirect(f"/policy/{section.slug}")
 
 
@@ -223,6 +245,9 @@ async def change_item(call: Call) -> Reply:
     elif action in ("up", "down"):
         changed = S.move_item(document, lf, index, -1 if action == "up" else 1)
         change = f"{lf.noun} {name!r} moved {action}"
+    elif action in ("top", "end") and not lf.mapping:
+        changed = place_in_document(document, lf.path, index, action)
+        change = f"{lf.noun} {name!r} moved to the {'top' if action == 'top' else 'end'}"
     else:
         return Error(404, "Not found", "There is no such action.")
     try:
@@ -325,6 +350,8 @@ async def apply_draft(call: Call) -> Reply:
     services.audit.record("apply", actor=call.account, address=call.address, version=policy.version,
                           digest=policy.digest, comment=comment, changes=list(draft.changes))
     call.session.flash("ok", f"Version {policy.version} applied.")
+    for warning in shadowed_rules(policy.document):
+        call.session.flash("info", f"Warning: {warning.message}.")
     return Redirect("/policy/history")
 
 

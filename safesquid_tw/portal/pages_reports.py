@@ -15,10 +15,11 @@ NO_REPORTS = Error(404, "No reports here", "This node keeps no reports: a slave 
                    "master, whose portal shows them.")
 ALLOWED_COLOUR = "#067647"
 BLOCKED_COLOUR = "#b42318"
+ERROR_COLOUR = "#b54708"  # amber: neither the green of allowed nor the red of blocked
 TOP_TITLES = (("domain", "Top domains"), ("user", "Top users"), ("category", "Top categories"),
               ("application", "Top applications"), ("rule", "Top blocked rules"))
 RECORD_COLUMNS = ("time", "node", "client", "user", "method", "url", "status", "action", "rule", "category",
-                  "application", "bytes_in", "bytes_out", "duration_ms")
+                  "application", "bytes_in", "bytes_out", "duration_ms", "transfer")
 
 
 def _params(call: Call) -> dict[str, str]:
@@ -45,12 +46,14 @@ def charts(data: dict[str, Any], step: int) -> dict[str, Any]:
         "requests": stacked_bars(starts, [
             ("allowed", ALLOWED_COLOUR, [b.totals.allowed for b in timeline]),
             ("blocked", BLOCKED_COLOUR, [b.totals.blocked for b in timeline]),
+            ("errors", ERROR_COLOUR, [b.totals.errors for b in timeline]),
         ], step=step, title="Requests over time"),
         "bytes": stacked_bars(starts, [
             ("received from clients", "#1d4e89", [b.totals.bytes_in for b in timeline]),
             ("sent to clients", "#7a9cc6", [b.totals.bytes_out for b in timeline]),
         ], step=step, title="Bytes over time", value_format=human_bytes),
-        "share": share_bar([("allowed", ALLOWED_COLOUR, totals.allowed), ("blocked", BLOCKED_COLOUR, totals.blocked)]),
+        "share": share_bar([("allowed", ALLOWED_COLOUR, totals.allowed), ("blocked", BLOCKED_COLOUR, totals.blocked),
+                            ("errors", ERROR_COLOUR, totals.errors)]),
     }
 
 
@@ -118,12 +121,14 @@ async def export_csv(call: Call) -> Reply:
     else:
         dashboard_data = await call.services.in_thread(R.dashboard_data, reports, period, node, 100)
         if table == "timeline":
-            data = csv_bytes(("start", "requests", "allowed", "blocked", "bytes_in", "bytes_out"), [
+            data = csv_bytes(("start", "requests", "allowed", "blocked", "bytes_in", "bytes_out", "errors",
+                              "client_aborted"), [
                 (_iso(b.start), b.totals.requests, b.totals.allowed, b.totals.blocked, b.totals.bytes_in,
-                 b.totals.bytes_out) for b in dashboard_data["timeline"]])
+                 b.totals.bytes_out, b.totals.errors, b.totals.aborted) for b in dashboard_data["timeline"]])
         elif table == "nodes":
-            data = csv_bytes(("node", "requests", "allowed", "blocked", "bytes_in", "bytes_out"), [
-                (name, t.requests, t.allowed, t.blocked, t.bytes_in, t.bytes_out)
+            data = csv_bytes(("node", "requests", "allowed", "blocked", "bytes_in", "bytes_out", "errors",
+                              "client_aborted"), [
+                (name, t.requests, t.allowed, t.blocked, t.bytes_in, t.bytes_out, t.errors, t.aborted)
                 for name, t in dashboard_data["per_node"].items()])
         elif table in dashboard_data["tops"]:
             data = csv_bytes((table, "requests", "blocked", "bytes"), _top_rows(dashboard_data["tops"][table]))

@@ -27,7 +27,7 @@ TOP_LIMIT = 10
 PAGE_SIZE = 50
 MAX_PAGE = 10000
 MAX_EXPORT_ROWS = 100000
-SEARCH_FILTERS = ("node", "user", "client", "domain", "rule", "status", "action", "category")
+SEARCH_FILTERS = ("node", "user", "client", "domain", "rule", "status", "action", "category", "transfer")
 
 
 class ReportQueryError(ValueError):
@@ -143,6 +143,7 @@ def export_records(store: Any, period: ReportPeriod, filters: dict[str, Any],
 
 def totals_json(totals: aggregate.Totals) -> dict[str, int]:
     return {"requests": totals.requests, "allowed": totals.allowed, "blocked": totals.blocked,
+            "errors": totals.errors, "client_aborted": totals.aborted,
             "bytes_in": totals.bytes_in, "bytes_out": totals.bytes_out}
 
 

@@ -25,6 +25,8 @@ SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
     (b"X-Frame-Options", b"DENY"),
 )
 
+HSTS = b"max-age=31536000"
+
 HTML = b"text/html; charset=utf-8"
 JSON = b"application/json"
 CSS_CONTENT_TYPE = b"text/css; charset=utf-8"
@@ -34,6 +36,9 @@ def apply_standard_headers(request: IRequest) -> None:
     """Security headers, and our Server header in place of twisted.web's version string."""
     for name, value in SECURITY_HEADERS:
         request.setHeader(name, value)
+    if request.isSecure():
+        # Browsers that once reached the portal over TLS never fall back to plain HTTP for it.
+        request.setHeader(b"Strict-Transport-Security", HSTS)
     request.setHeader(b"Server", SERVER_NAME)
 
 

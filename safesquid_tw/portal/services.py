@@ -18,8 +18,14 @@ from safesquid_tw.portal.drafts import DraftStore
 from safesquid_tw.portal.sessions import SessionStore
 from safesquid_tw.portal.throttle import LoginThrottle
 from safesquid_tw.portal.tokens import TokenStore
+from safesquid_tw.portal.worklimit import WorkLimiter
 
 log = Logger()
+
+PASSWORD_CHECKS = 2
+PASSWORD_QUEUE = 8
+HEAVY_JOBS = 2
+HEAVY_QUEUE = 16
 
 
 @attrs.define
@@ -32,6 +38,9 @@ class PortalServices:
     audit: AuditLog
     drafts: DraftStore
     allow: PortalAllowList
+    # Heavy work in worker threads, a few at a time (worklimit.py); built in create().
+    passwords: WorkLimiter | None = None
+    heavy: WorkLimiter | None = None
     # One edit at a time per account, so two browser tabs cannot lose each other's draft edits.
     draft_locks: dict[str, defer.DeferredLock] = attrs.field(factory=dict)
 
@@ -46,7 +55,7 @@ class PortalServices:
                 path=str(created),
             )
         reactor_clock = ctx.reactor.seconds
-        return cls(
+        services = cls(
             ctx=ctx,
             accounts=accounts,
             sessions=SessionStore(reactor_clock),
@@ -56,6 +65,11 @@ class PortalServices:
             drafts=DraftStore(ctx.state_dir, clock=wall),
             allow=PortalAllowList(ctx.store),
         )
+        # argon2id costs 64 MiB and tens of milliseconds per check: two at a time node-wide,
+        # a short queue, and "busy" past it, however many logins arrive at once.
+        services.passwords = WorkLimiter(ctx.run_in_thread, concurrency=PASSWORD_CHECKS, max_waiting=PASSWORD_QUEUE)
+        services.heavy = WorkLimiter(ctx.run_in_thread, concurrency=HEAVY_JOBS, max_waiting=HEAVY_QUEUE)
+        return services
 
     def now(self) -> float:
         """Wall-clock time (audit lines, report periods)."""

@@ -16,9 +16,13 @@ from twisted.web.server import Request, Site
 
 from safesquid_tw.nodestate import NodeState
 from safesquid_tw.pages import render_template, stylesheet
+from safesquid_tw.portal.sessions import COOKIE_NAME
+from safesquid_tw.portal.bodylimits import UPLOAD_BODY, body_limit, media_type
 from safesquid_tw.portal.health import HealthResource
 from safesquid_tw.portal.responses import (
     CSS_CONTENT_TYPE,
+    SECURITY_HEADERS,
+    SERVER_NAME,
     apply_standard_headers,
     error_response,
     method_not_allowed,
@@ -125,29 +129,76 @@ class PortalRoot(_Directory):
         self.putChild(b"static", static)
 
 
-MAX_BODY_BYTES = 64 * 1024 * 1024
+MAX_BODY_BYTES = UPLOAD_BODY
 
 
 class PortalRequest(Request):
     """twisted.web's Request with our headers on every response and our pages for failures.
 
-    twisted.web keeps any request body whole (in memory or a temporary file); past
-    MAX_BODY_BYTES the rest is read and dropped, and the answer is 413.
+    The body limit (bodylimits.py) is decided when the head is complete: a body declared larger
+    is refused with 413 and the connection closed before any of it is read; a chunked body is
+    refused as soon as its count passes the limit. A multipart form is not parsed here (that
+    would be on the reactor thread): the portal parses it in a worker thread (`multipart_pending`).
     """
 
     _body_bytes = 0
-    _too_large = False
+    _body_limit = MAX_BODY_BYTES
+    _refused = False
+    multipart_pending = False
 
     def gotLength(self, length: int | None) -> None:
-        self._too_large = length is not None and length > MAX_BODY_BYTES
-        super().gotLength(None if self._too_large else length)
+        self._body_limit = self._limit_from_head()
+        if length is not None and length > self._body_limit:
+            self._refuse_body()
+            return
+        super().gotLength(length)
+
+    def _limit_from_head(self) -> int:
+        path = (getattr(self.channel, "_path", None) or b"/").split(b"?", 1)[0]
+        content_type = self.requestHeaders.getRawHeaders(b"content-type", [None])[0]
+        return body_limit(path, content_type, authenticated=self._has_credentials())
+
+    def _has_credentials(self) -> bool:
+        services = getattr(getattr(self.channel, "site", None), "portal_services", None)
+        if services is None:
+            return False
+        cookie = self.received_cookies.get(COOKIE_NAME)
+        if cookie and services.sessions.get(cookie.decode("ascii", "replace")) is not None:
+            return True
+        header = (self.requestHeaders.getRawHeaders(b"authorization", [b""])[0] or b"").decode("latin-1")
+        scheme, _, value = header.strip().partition(" ")
+        return scheme.lower() == "bearer" and services.tokens.authenticate(value.strip()) is not None
+
+    def _refuse_body(self) -> None:
+        """413 now, from the head alone; the connection closes without reading the body."""
+        self._refused = True
+        self.requestHeaders.removeHeader(b"expect")  # no "100 Continue" after this
+        body = (f"413 Content Too Large: this request may carry at most {self._body_limit} bytes.\n").encode()
+        head = [b"HTTP/1.1 413 Content Too Large", b"Content-Type: text/plain; charset=utf-8",
+                b"Content-Length: %d" % len(body), b"Connection: close", b"Cache-Control: no-store",
+                b"Server: " + SERVER_NAME]
+        head += [name + b": " + value for name, value in SECURITY_HEADERS]
+        transport = self.channel.transport
+        transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+        transport.loseConnection()  # stops reading: the rest of the body stays in the kernel
 
     def handleContentChunk(self, data: bytes) -> None:
+        if self._refused:
+            return
         self._body_bytes += len(data)
-        if self._body_bytes > MAX_BODY_BYTES:
-            self._too_large = True
-        if not self._too_large:
-            super().handleContentChunk(data)
+        if self._body_bytes > self._body_limit:
+            self._refuse_body()
+            return
+        super().handleContentChunk(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self._refused:
+            return
+        ctype = self.requestHeaders.getRawHeaders(b"content-type", [None])[0]
+        if command == b"POST" and media_type(ctype) == b"multipart/form-data":
+            self.multipart_pending = True
+            self._parsePOSTFormSubmission = False
+        super().requestReceived(command, path, version)
 
     def process(self) -> None:
         # Replaces Request.process: its `OPTIONS *` shortcut always answers 200, whatever the
@@ -156,12 +207,6 @@ class PortalRequest(Request):
         self.site = self.channel.site
         self.setHeader(b"Date", datetimeToString())
         apply_standard_headers(self)
-        if self._too_large:
-            self.write(error_response(self, status=413, title="Request too large",
-                                      detail=f"The portal takes request bodies of up to {MAX_BODY_BYTES} bytes.",
-                                      node=_node_name(self.site)))
-            self.finish()
-            return
         self.prepath = []
         self.postpath = list(map(unquote, self.path[1:].split(b"/")))
         try:

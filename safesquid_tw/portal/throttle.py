@@ -6,6 +6,9 @@ it is refused, without even checking the password, until `base * 2**(n-1)` secon
 second. The account's cap is short, so that someone failing on purpose cannot lock an
 administrator out for long; the address's cap is long. A success clears both; failures are
 forgotten after `forget_after` seconds without another one.
+
+Only one attempt per account and per address is checked at a time (`begin`/`end`): the others
+are refused like throttled ones, before any hashing, so parallel guesses gain nothing.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ class LoginThrottle:
         self.max_tracked = max_tracked
         self._accounts: dict[str, _Failures] = {}
         self._addresses: dict[str, _Failures] = {}
+        self._accounts_in_flight: set[str] = set()
+        self._addresses_in_flight: set[str] = set()
 
     def _delay(self, failures: _Failures | None, cap: float) -> float:
         if failures is None or failures.count == 0:
@@ -79,6 +84,24 @@ class LoginThrottle:
             failures.count += 1
             failures.last = now
         return self.wait(account, address)
+
+    def begin(self, account: str, address: str) -> bool:
+        """Mark an attempt for `account` from `address` as being checked; False (and nothing
+        marked) when one for the same account or from the same address is still being checked.
+        Parallel guesses would otherwise all pass `wait()` before the first failure counts."""
+        if account in self._accounts_in_flight or address in self._addresses_in_flight:
+            return False
+        self._accounts_in_flight.add(account)
+        self._addresses_in_flight.add(address)
+        return True
+
+    def end(self, account: str, address: str) -> None:
+        self._accounts_in_flight.discard(account)
+        self._addresses_in_flight.discard(address)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._addresses_in_flight)
 
     def succeeded(self, account: str, address: str) -> None:
         self._accounts.pop(account, None)

@@ -92,6 +92,11 @@ class TokenStore:
                 return info
         raise TokenError("id", f"there is no token {token_id!r}")
 
+    def add_restored(self, info: TokenInfo) -> None:
+        """A token from a backup (its digest only: the secret was never stored)."""
+        self._by_digest[info.digest] = info
+        self._write()
+
     def authenticate(self, secret: str) -> TokenInfo | None:
         if not secret.startswith(PREFIX) or len(secret) > 200:
             return None

@@ -12,20 +12,24 @@ import hmac
 import json
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import parse_qs, quote, urlencode
 
 import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http import _getMultiPartArgs, _MultiPartParseException
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from safesquid_tw.pages import render_template
+from safesquid_tw.portal.bodylimits import MAX_FORM_FIELDS, too_many_fields
+from safesquid_tw.portal.filereload import discarded_warning
 from safesquid_tw.portal.responses import HTML, JSON, error_response, respond
 from safesquid_tw.portal.services import PortalServices
 from safesquid_tw.portal.sessions import COOKIE_NAME, Session
+from safesquid_tw.portal.worklimit import Busy
 
 log = Logger()
 
@@ -79,6 +83,14 @@ class BadForm(ValueError):
     """A form or query that cannot be read at all (not UTF-8): 400."""
 
 
+def _is_utf8(value: bytes) -> bool:
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 @attrs.frozen
 class Form:
     """Decoded form fields and query parameters (last value wins for `get`)."""
@@ -86,8 +98,11 @@ class Form:
     fields: dict[str, list[str]]
 
     @classmethod
-    def from_args(cls, args: dict[bytes, list[bytes]]) -> "Form":
+    def from_args(cls, args: dict[bytes, list[bytes]], *, files: bool = False) -> "Form":
+        """`files`: a multipart upload, whose binary parts stay in request.args only."""
         try:
+            if files:
+                return cls({k.decode("utf-8"): [v.decode("utf-8") for v in vs if _is_utf8(v)] for k, vs in args.items()})
             return cls({k.decode("utf-8"): [v.decode("utf-8") for v in vs] for k, vs in args.items()})
         except UnicodeDecodeError:
             raise BadForm("the form is not UTF-8 text") from None
@@ -225,25 +240,54 @@ class PortalApp(Resource):
                 return respond(request, b"", code=204)
             return error_response(request, status=405, title="Method not allowed",
                                   detail="This address does not accept that kind of request.", node=node)
+        if getattr(request, "multipart_pending", False):
+            # A multipart upload is parsed in a worker thread, a bounded number at a time.
+            d = defer.ensureDeferred(parse_multipart(self.services, request))
+            d.addErrback(lambda reason: "the upload cannot be read")
+            d.addCallback(lambda problem: self._continue(request, chosen, params, problem))
+            d.addErrback(lambda reason: log.failure("portal upload {uri} failed", failure=reason, uri=request.uri))
+            return NOT_DONE_YET
+        return self._continue(request, chosen, params, None)
+
+    def _continue(self, request: IRequest, chosen: Route, params: dict[str, str],
+                  problem: str | None) -> bytes | int:
+        services = self.services
+        node = services.ctx.state.node
+        deferred = getattr(request, "multipart_pending", False)
+
+        def answer(body: bytes | int) -> bytes | int:
+            # After a parse in a thread, render() has returned already: write here.
+            if deferred and isinstance(body, bytes) and not request.finished:
+                request.write(body)
+                request.finish()
+            return body
+
+        if problem is not None:
+            return answer(error_response(request, status=400, title="Bad request", detail=problem, node=node))
+        if too_many_fields(request.args or {}):
+            return answer(error_response(request, status=400, title="Bad request",
+                                         detail=f"The form has more than {MAX_FORM_FIELDS} fields.", node=node))
         try:
-            form = Form.from_args(request.args or {})
+            form = Form.from_args(request.args or {}, files=deferred)
         except BadForm as e:
-            return error_response(request, status=400, title="Bad request", detail=str(e), node=node)
+            return answer(error_response(request, status=400, title="Bad request", detail=str(e), node=node))
         session = services.sessions.get(session_cookie(request))
         if chosen.login and session is None:
             if request.method in (b"GET", b"HEAD"):
-                return redirect(request, login_location(request))
-            return error_response(request, status=403, title="Session expired",
-                                  detail="Your session has ended. Log in again, then repeat what you did.",
-                                  node=node)
+                return answer(redirect(request, login_location(request)))
+            return answer(error_response(request, status=403, title="Session expired",
+                                         detail="Your session has ended. Log in again, then repeat what you did.",
+                                         node=node))
         if request.method == b"POST" and chosen.login:
             assert session is not None
-            if not hmac.compare_digest(form.get("csrf").encode(), session.csrf.encode()):
-                return error_response(request, status=403, title="Form refused",
-                                      detail="The form was not sent from this portal page (CSRF token missing "
-                                      "or wrong). Reload the page and try again.", node=node)
+            if not csrf_ok(request, form, session.csrf):
+                return answer(error_response(
+                    request, status=403, title="Form refused",
+                    detail="The form was not sent from this portal page (CSRF token missing or wrong). "
+                    "Reload the page and try again.", node=node))
         call = Call(request, services, session, form, params)
-        return run_handler(request, chosen.handler, call, self.write_reply)
+        result = run_handler(request, chosen.handler, call, self.write_reply)
+        return answer(result)
 
     def write_reply(self, request: IRequest, call: Call, reply: Reply) -> bytes:
         return write_reply(request, call, reply)
@@ -274,6 +318,42 @@ def run_handler(request: IRequest, handler: Handler, call: Call,
     d.addCallback(done)
     d.addErrback(failed)
     return NOT_DONE_YET
+
+
+CSRF_HEADER = b"x-csrf-token"
+
+
+def csrf_ok(request: IRequest, form: Form, expected: str) -> bool:
+    """The session's CSRF token, from the form body or the X-CSRF-Token header only: a token
+    in the address would end up in logs, history and Referer headers."""
+    query = request.uri.split(b"?", 1)[1] if b"?" in request.uri else b""
+    if b"csrf" in parse_qs(query, keep_blank_values=True):
+        return False
+    header = request.getHeader(CSRF_HEADER)
+    if header is not None:
+        return hmac.compare_digest(header, expected.encode())
+    return hmac.compare_digest(form.get("csrf").encode(), expected.encode())
+
+
+async def parse_multipart(services: PortalServices, request: IRequest) -> str | None:
+    """Parse a multipart body into request.args in a worker thread; a problem's text, or None."""
+    ctype = request.getHeader(b"content-type") or b""
+
+    def parse() -> dict[bytes, list[bytes]]:
+        request.content.seek(0)
+        try:
+            return _getMultiPartArgs(request.content.read(), ctype)
+        finally:
+            request.content.seek(0)
+
+    try:
+        parsed = await services.heavy.run(parse)
+    except Busy:
+        return "The portal is busy with other uploads; try again in a moment."
+    except _MultiPartParseException:
+        return "The upload is not a valid multipart form."
+    request.args.update(parsed)
+    return None
 
 
 def session_cookie(request: IRequest) -> str | None:
@@ -309,6 +389,7 @@ def base_context(call: Call) -> dict[str, Any]:
         "has_reports": ctx.reports is not None,
         "has_registry": ctx.registry is not None,
         "path": "/" + "/".join(request_segments(call.request)),
+        "file_reload_warning": discarded_warning(ctx.history) if session else None,
     }
 
 

@@ -17,9 +17,7 @@ class RequestContext:
     __slots__ = (
         "start", "method", "version", "target", "url", "policy", "framing", "client_close", "user",
         "status", "action", "rule", "category", "application", "detail", "dlp", "bytes_in",
-        "head", "groups",
-        "head",
-        "transfer",
+        "head", "groups", "transfer",
     )
 
     def __init__(self, start: float, head: http1.RequestHead, target: Target, policy, framing) -> None:
@@ -42,7 +40,7 @@ class RequestContext:
         self.dlp: tuple[str, ...] = ()
         self.bytes_in = 0
         self.groups: frozenset[str] = frozenset()
-        self.transfer = "complete"  # "origin_incomplete": the origin cut the response short
+        self.transfer = "complete"  # "origin_incomplete" | "client_aborted": the response was cut short
 
 
 def basic_credentials(value: bytes | None) -> tuple[str, str] | None:

@@ -259,6 +259,8 @@ class Exchange:
             return
         if self.ctx.detail is None and not self._response_started:
             self.ctx.detail = "client closed the connection"
+        if self.ctx.transfer == "complete":
+            self.ctx.transfer = "client_aborted"  # left before the response was complete
         self._abandon_upstream()
         self._end(close=True)
 

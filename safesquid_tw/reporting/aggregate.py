@@ -38,10 +38,12 @@ class Totals:
     blocked: int
     bytes_in: int
     bytes_out: int
+    errors: int = 0  # action "error": the gateway could not serve them (502/504)
+    aborted: int = 0  # transfers the client left before the response was complete
 
     @property
     def allowed(self) -> int:
-        return self.requests - self.blocked
+        return self.requests - self.blocked - self.errors
 
 
 @attrs.frozen
@@ -92,7 +94,8 @@ def totals(store: ReportStore, start: float, end: float, *, node: str | None = N
     clause, params = _node_clause(node)
     row = store.reader().execute(
         "SELECT coalesce(sum(requests), 0), coalesce(sum(blocked), 0), coalesce(sum(bytes_in), 0),"
-        f" coalesce(sum(bytes_out), 0) FROM rollup_minute WHERE bucket >= ? AND bucket < ?{clause}",
+        " coalesce(sum(bytes_out), 0), coalesce(sum(errors), 0), coalesce(sum(aborted), 0)"
+        f" FROM rollup_minute WHERE bucket >= ? AND bucket < ?{clause}",
         (period.start, period.end, *params),
     ).fetchone()
     return Totals(*row)
@@ -101,7 +104,8 @@ def totals(store: ReportStore, start: float, end: float, *, node: str | None = N
 def per_node(store: ReportStore, start: float, end: float) -> dict[str, Totals]:
     period = widen(start, end, MINUTE)
     rows = store.reader().execute(
-        "SELECT node, sum(requests), sum(blocked), sum(bytes_in), sum(bytes_out) FROM rollup_minute"
+        "SELECT node, sum(requests), sum(blocked), sum(bytes_in), sum(bytes_out), sum(errors), sum(aborted)"
+        " FROM rollup_minute"
         " WHERE bucket >= ? AND bucket < ? GROUP BY node ORDER BY node",
         (period.start, period.end),
     )
@@ -126,7 +130,7 @@ def timeline(
     clause, params = _node_clause(node)
     rows = store.reader().execute(
         "SELECT (bucket - ?1) / ?2 * ?2 + ?1 AS slot, sum(requests), sum(blocked), sum(bytes_in),"
-        f" sum(bytes_out) FROM {table} WHERE bucket >= ?3 AND bucket < ?4{clause}"
+        f" sum(bytes_out), sum(errors), sum(aborted) FROM {table} WHERE bucket >= ?3 AND bucket < ?4{clause}"
         " GROUP BY slot",
         (align, step, period.start, period.end, *params),
     )

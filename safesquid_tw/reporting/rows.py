@@ -79,7 +79,7 @@ def _integer(obj: dict[str, Any], key: str, default: int | None) -> int | None:
 
 def record_row(obj: Any) -> tuple[Any, ...]:
     """(time, minute, client, user, method, url, host, host_rev, status, bytes_in, bytes_out,
-    duration_ms, action, rule, category, application, policy_version, dlp, detail) of a parsed
+    duration_ms, action, rule, category, application, policy_version, dlp, detail, transfer) of a parsed
     JSON record; MalformedRecord names the first field that cannot be stored."""
     if not isinstance(obj, dict):
         raise MalformedRecord(f"not a JSON object but {type(obj).__name__}")
@@ -108,11 +108,14 @@ def record_row(obj: Any) -> tuple[Any, ...]:
     detail = get("detail")
     if detail is not None and not isinstance(detail, str):
         detail = json.dumps(detail, sort_keys=True)
+    transfer = get("transfer") or "complete"
+    if not isinstance(transfer, str):
+        raise MalformedRecord(f"'transfer' must be a string, not {transfer!r}")
     host = host_of(url)
     return (
         when, int(when // 60), client, user, method, url, host, host[::-1] if host else None,
         _integer(obj, "status", None), bytes_in, bytes_out, duration, action, rule, category,
-        application, version, json.dumps(dlp) if dlp else None, detail,
+        application, version, json.dumps(dlp) if dlp else None, detail, transfer,
     )  # fmt: skip
 
 

@@ -37,8 +37,12 @@ from safesquid_tw.reporting.rows import MalformedRecord, host_of, record_row
 # Actions that mean the gateway refused the request (policy or DLP); every other action counts
 # as allowed in the roll-ups ("allow", "tunnel", "auth", "error", ...).
 BLOCKED_ACTIONS = frozenset({"deny", "block"})
+# The gateway could not serve the request (502/504 answers): counted apart, neither allowed nor blocked.
+ERROR_ACTIONS = frozenset({"error"})
+# Transfers the client left before the response was complete, counted in the roll-ups.
+CLIENT_ABORTED = "client_aborted"
 TOP_DIMENSIONS = ("domain", "user", "category", "application", "rule")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (
@@ -81,11 +85,29 @@ CREATE TABLE IF NOT EXISTS node_drops (
 );
 """
 
+# Columns added since the first schema: (table, column, definition). A store made by an older
+# release gains them at open (ALTER TABLE ... ADD COLUMN is instant in SQLite).
+_ADDED_COLUMNS = (
+    ("requests", "transfer", "TEXT"),
+    ("rollup_minute", "errors", "INTEGER NOT NULL DEFAULT 0"),
+    ("rollup_minute", "aborted", "INTEGER NOT NULL DEFAULT 0"),
+    ("rollup_hour", "errors", "INTEGER NOT NULL DEFAULT 0"),
+    ("rollup_hour", "aborted", "INTEGER NOT NULL DEFAULT 0"),
+)
+
+
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    for table, column, definition in _ADDED_COLUMNS:
+        present = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if column not in present:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+
 # Positions in a row as inserted (node, segment, seq, then `record_row`), for the roll-ups.
 _ROW = ("node", "segment", "seq", "time", "minute", "client", "user", "method", "url", "host",
         "host_rev", "status", "bytes_in", "bytes_out", "duration_ms", "action", "rule", "category",
-        "application", "policy_version", "dlp", "detail")  # fmt: skip
+        "application", "policy_version", "dlp", "detail", "transfer")  # fmt: skip
 _MINUTE, _ACTION = _ROW.index("minute"), _ROW.index("action")
+_TRANSFER = _ROW.index("transfer")
 _BYTES_IN, _BYTES_OUT = _ROW.index("bytes_in"), _ROW.index("bytes_out")
 _TOP_COLUMNS = tuple(
     (dimension, _ROW.index(column))
@@ -102,10 +124,12 @@ _EXISTING = (
     " UNION ALL SELECT seq FROM quarantine WHERE node = ?1 AND segment = ?2 AND seq BETWEEN ?3 AND ?4"
 )
 _BUMP_TOTALS = (
-    "INSERT INTO {table} (bucket, node, requests, blocked, bytes_in, bytes_out) VALUES (?,?,?,?,?,?)"
+    "INSERT INTO {table} (bucket, node, requests, blocked, bytes_in, bytes_out, errors, aborted)"
+    " VALUES (?,?,?,?,?,?,?,?)"
     " ON CONFLICT (bucket, node) DO UPDATE SET requests = requests + excluded.requests,"
     " blocked = blocked + excluded.blocked, bytes_in = bytes_in + excluded.bytes_in,"
-    " bytes_out = bytes_out + excluded.bytes_out"
+    " bytes_out = bytes_out + excluded.bytes_out, errors = errors + excluded.errors,"
+    " aborted = aborted + excluded.aborted"
 )
 _BUMP_MINUTE = _BUMP_TOTALS.format(table="rollup_minute")
 _BUMP_HOUR = _BUMP_TOTALS.format(table="rollup_hour")
@@ -118,11 +142,11 @@ _BUMP_TOP = (
 _COLUMNS = (
     "node", "segment", "seq", "time", "client", "user", "method", "url", "host", "status",
     "bytes_in", "bytes_out", "duration_ms", "action", "rule", "category", "application",
-    "policy_version", "dlp", "detail",
+    "policy_version", "dlp", "detail", "transfer",
 )  # fmt: skip
 _SELECT_COLUMNS = ", ".join(_COLUMNS)
 _FILTERS = frozenset(
-    {"start", "end", "node", "user", "client", "domain", "rule", "status", "action", "category"}
+    {"start", "end", "node", "user", "client", "domain", "rule", "status", "action", "category", "transfer"}
 )
 
 
@@ -196,11 +220,15 @@ def _rollups(rows: list[tuple[Any, ...]]) -> _Rollups:
         bytes_in, bytes_out = row[_BYTES_IN], row[_BYTES_OUT]
         totals = minutes.get((minute, node))
         if totals is None:
-            totals = minutes[(minute, node)] = [0, 0, 0, 0]
+            totals = minutes[(minute, node)] = [0, 0, 0, 0, 0, 0]
         totals[0] += 1
         totals[1] += blocked
         totals[2] += bytes_in
         totals[3] += bytes_out
+        if row[_ACTION] in ERROR_ACTIONS:
+            totals[4] += 1
+        if row[_TRANSFER] == CLIENT_ABORTED:
+            totals[5] += 1
         for dimension, column in _TOP_COLUMNS:
             key = row[column]
             if key is None:
@@ -213,8 +241,8 @@ def _rollups(rows: list[tuple[Any, ...]]) -> _Rollups:
             top[2] += bytes_in + bytes_out
     hours: dict[tuple[int, str], list[int]] = {}
     for (minute, node), totals in minutes.items():
-        summed = hours.setdefault((minute - minute % 3600, node), [0, 0, 0, 0])
-        for i in range(4):
+        summed = hours.setdefault((minute - minute % 3600, node), [0, 0, 0, 0, 0, 0])
+        for i in range(6):
             summed[i] += totals[i]
     return (
         [(*k, *t) for k, t in minutes.items()],
@@ -248,6 +276,7 @@ class ReportStore:
         self._writer.execute("PRAGMA synchronous = FULL")
         with self._write_lock:
             self._writer.executescript(_SCHEMA)
+            _add_missing_columns(self._writer)
             self._writer.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
@@ -391,6 +420,7 @@ class ReportStore:
         status: int | None = None,
         action: str | None = None,
         category: str | None = None,
+        transfer: str | None = None,
         limit: int = 50,
         offset: int = 0,
     ) -> list[dict[str, Any]]:
@@ -401,6 +431,7 @@ class ReportStore:
         filters = {
             "start": start, "end": end, "node": node, "user": user, "client": client,
             "domain": domain, "rule": rule, "status": status, "action": action, "category": category,
+            "transfer": transfer,
         }  # fmt: skip
         where, params = _where(filters)
         rows = self.reader().execute(
@@ -461,7 +492,7 @@ def _where(filters: dict[str, Any]) -> tuple[str, list[Any]]:
         if filters.get(key) is not None:
             clauses.append(f"{key} = ?")
             params.append(filters[key])
-    for key in ("node", "status", "action", "category"):
+    for key in ("node", "status", "action", "category", "transfer"):
         if filters.get(key) is not None:
             # Unary + keeps these few-valued columns from steering the planner to an index that
             # does not narrow the time (the (node, segment, seq) one would scan a whole node).
@@ -479,6 +510,8 @@ def _where(filters: dict[str, Any]) -> tuple[str, list[Any]]:
 
 __all__ = [
     "BLOCKED_ACTIONS",
+    "CLIENT_ABORTED",
+    "ERROR_ACTIONS",
     "TOP_DIMENSIONS",
     "IngestResult",
     "MalformedRecord",

@@ -28,7 +28,7 @@ RULE = {"name": "block-social", "action": "deny", "reason": "Not at work", "enab
 
 def test_every_section_page_shows_its_forms(admin):
     for slug, marker in (("access", "block-games"), ("users", "staff"), ("categories", "adult"),
-                         ("applications", "Add a application"), ("content", "blocked_mime_types"),
+                         ("applications", "Add an application"), ("content", "blocked_mime_types"),
                          ("dlp", "scan_limit_bytes"), ("restriction", "portal_allow"), ("connect", "allowed_ports")):
         page = admin.get(f"/policy/{slug}")
         assert page.code == 200, slug
@@ -253,8 +253,10 @@ def test_backup_download_and_restore_on_a_fresh_node(tmp_path, portal, admin):
     backup = download.json()
     assert [v["version"] for v in backup["versions"]] == [1, 2]
     assert backup["versions"][1]["comment"] == "v2"
-    assert "$argon2" not in download.text and "password_hash" not in download.text
+    # What rebuilding the master needs: accounts with their argon2id hashes (never a password).
     assert backup["accounts"][0]["name"] == "admin"
+    assert backup["accounts"][0]["password_hash"].startswith("$argon2id$")
+    assert portal.admin_password not in download.text
     # Not on a node an administrator already changed.
     refused = admin.post("/backup/restore", {"backup": download.text})
     assert refused.code == 422 and "fresh" in refused.text
@@ -265,6 +267,8 @@ def test_backup_download_and_restore_on_a_fresh_node(tmp_path, portal, admin):
     assert fresh.store.current.digest == portal.store.current.digest
     assert "restored: version 2" in fresh.history.info(fresh.store.current.version).comment
     assert fresh.audit()[-1]["event"] == "restore"
+    assert fresh.audit()[-1]["passwords_restored"] == ["admin"]
+    fresh.client().login("admin", portal.admin_password)  # the backed-up master's password works
 
 
 def test_restore_refuses_an_invalid_backup_and_changes_nothing(tmp_path, admin, portal):

@@ -82,15 +82,15 @@ def test_requests_table_search_paging_and_escaping(portal):
 
 
 @pytest.mark.parametrize("table, header", [
-    ("timeline", "start,requests,allowed,blocked,bytes_in,bytes_out"),
-    ("nodes", "node,requests,allowed,blocked,bytes_in,bytes_out"),
+    ("timeline", "start,requests,allowed,blocked,bytes_in,bytes_out,errors,client_aborted"),
+    ("nodes", "node,requests,allowed,blocked,bytes_in,bytes_out,errors,client_aborted"),
     ("domain", "domain,requests,blocked,bytes"),
     ("user", "user,requests,blocked,bytes"),
     ("category", "category,requests,blocked,bytes"),
     ("application", "application,requests,blocked,bytes"),
     ("rule", "rule,requests,blocked,bytes"),
     ("requests", "time,node,client,user,method,url,status,action,rule,category,application,bytes_in,bytes_out,"
-                 "duration_ms"),
+                 "duration_ms,transfer"),
 ])
 def test_every_table_exports_as_csv(portal, table, header):
     response = portal.admin().get(f"/reports/export.csv?table={table}&period=day")
