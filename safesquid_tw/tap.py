@@ -74,6 +74,8 @@ class Options(usage.Options):
          _number("report-retention-days", float)],
         ["spool-cap-bytes", None, 512 * 1024 * 1024, "most bytes of unshipped access records kept on disk",
          _number("spool-cap-bytes", int)],
+        ["upstream-ca-file", None, None,
+         "PEM bundle of CA certificates trusted for origin servers, beside the system trust store"],
     ] + [
         [name, None, getattr(Limits(), name.replace("-", "_")), doc, _number(name, kind)]
         for name, doc, kind in _LIMIT_OPTIONS
@@ -97,6 +99,19 @@ def _check_master(value: str) -> None:
     host = host.strip("[]")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise usage.UsageError(f"--master: {value!r} is not HOST:PORT (e.g. --master=10.0.0.1:8888)")
+
+
+def _check_ca_file(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise usage.UsageError(f"--upstream-ca-file: {e}")
+    if b"-----BEGIN CERTIFICATE-----" not in data:
+        raise usage.UsageError(f"--upstream-ca-file: {path} holds no PEM certificate")
+    return path
 
 
 def options_to_config(opts: usage.Options) -> NodeConfig:
@@ -160,6 +175,7 @@ def options_to_config(opts: usage.Options) -> NodeConfig:
         stop_grace=opts["stop-grace"],
         report_retention_days=opts["report-retention-days"],
         spool_cap_bytes=opts["spool-cap-bytes"],
+        upstream_ca_file=_check_ca_file(opts["upstream-ca-file"]),
         limits=limits,
     )
     if opts["node-name"]:

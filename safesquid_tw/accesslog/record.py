@@ -33,6 +33,7 @@ JSON_KEYS: tuple[str, ...] = (
     "policy_version",
     "dlp",
     "detail",
+    "tls",
 )
 
 
@@ -76,6 +77,7 @@ class AccessRecord:
     policy_version: int | None
     dlp: tuple[str, ...] = ()  # names of the DLP detectors that hit
     detail: str | None = None  # e.g. "upstream connect refused", "download size limit"
+    tls: str | None = None  # "inspected" (decrypted), "bypassed" (spliced tunnel), None: plain HTTP
 
     def to_json_line(self) -> bytes:
         """One JSON object and a newline, keys in `JSON_KEYS` order, ASCII only."""
@@ -99,6 +101,7 @@ class AccessRecord:
             "policy_version": self.policy_version,
             "dlp": list(self.dlp),
             "detail": self.detail,
+            "tls": self.tls,
         }
         # ensure_ascii: a stray surrogate from a badly encoded URL cannot break the whole batch.
         return _ENCODER.encode(obj).encode("ascii") + b"\n"
@@ -129,6 +132,7 @@ class AccessRecord:
             policy_version=_optional_integer(obj, "policy_version"),
             dlp=_text_list(obj, "dlp"),
             detail=_optional_text(obj, "detail"),
+            tls=_optional_text(obj, "tls"),
         )
 
 

@@ -34,6 +34,9 @@ def build_master(config: NodeConfig, reactor) -> MultiService:
     else:
         base.policy_file_service(str(sample_policy_path()), only_if_empty=True).setServiceParent(top)
 
+    from safesquid_tw.proxy.intercept.wiring import open_ca_store
+
+    top.ca_store = open_ca_store(root, config.node_name, create=True)
     registry = SlaveRegistry()
     reports = ReportStore(root / "reports.sqlite3")
     plane = ControlPlane(

@@ -39,6 +39,8 @@ from safesquid_tw.policy.fields import (
 )
 from safesquid_tw.policy.hosts import parse_domain_pattern
 from safesquid_tw.policy.model import ACTIONS
+from safesquid_tw.policy.tlsinspection import DEFAULTS as TLS_INSPECTION_DEFAULTS
+from safesquid_tw.policy.tlsinspection import validate_tls_inspection
 
 FORMAT = "safesquid-policy/1"
 DEFAULT_REALM = "safesquid-tw"
@@ -50,7 +52,8 @@ ACCESS_RESTRICTION_DEFAULTS: dict[str, Any] = {"portal_allow": [], "slave_allow"
 
 _TOP = {"format": True, "comment": False, "access": True, "authentication": False, "groups": False,
         "users": False, "categories": False, "applications": False, "connect": False,
-        "content_security": False, "dlp": False, "access_restriction": False}
+        "content_security": False, "dlp": False, "access_restriction": False,
+        "tls_inspection": False}
 _RULE = {"name": True, "action": True, "reason": False, "enabled": False, "clients": False,
          "users": False, "groups": False, "domains": False, "url_patterns": False, "methods": False,
          "ports": False, "categories": False, "applications": False, "schedule": False}
@@ -99,6 +102,10 @@ def validate_document(doc: object) -> dict[str, Any]:
         # it existed keep their canonical bytes, so their digests (and every cache and
         # history file that records one) stay valid.
         canonical["access_restriction"] = restriction
+    tls_inspection = validate_tls_inspection(top.get("tls_inspection", {}), known["categories"])
+    if tls_inspection != TLS_INSPECTION_DEFAULTS:
+        # Left out while it holds only its defaults, like access_restriction (digests stay put).
+        canonical["tls_inspection"] = tls_inspection
     return canonical
 
 

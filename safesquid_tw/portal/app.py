@@ -20,6 +20,7 @@ from safesquid_tw.portal.api import ApiApp
 from safesquid_tw.portal.context import PortalContext
 from safesquid_tw.resources import static_dir
 from safesquid_tw.portal.health import HealthResource
+from safesquid_tw.portal.inspection_ca import add_inspection_ca
 from safesquid_tw.portal.responses import CSS_CONTENT_TYPE, method_not_allowed, readiness_options, respond
 from safesquid_tw.portal.services import PortalServices
 from safesquid_tw.portal.site import PAGE_METHODS, PortalRequest, PortalSite, StarOptions, Stylesheet, _Directory
@@ -84,6 +85,7 @@ class PortalAppRoot(_Directory):
         self.putChild(b"health", HealthResource(state))
         self.putChild(b"static", static)
         self.putChild(b"api", ApiApp(services))
+        add_inspection_ca(self, state, services.ctx.ca_store)
 
     def getChild(self, path: bytes, request: IRequest) -> IResource:
         return self.app

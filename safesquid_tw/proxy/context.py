@@ -17,7 +17,7 @@ class RequestContext:
     __slots__ = (
         "start", "method", "version", "target", "url", "policy", "framing", "client_close", "user",
         "status", "action", "rule", "category", "application", "detail", "dlp", "bytes_in",
-        "head",
+        "head", "tls",
     )
 
     def __init__(self, start: float, head: http1.RequestHead, target: Target, policy, framing) -> None:
@@ -39,6 +39,7 @@ class RequestContext:
         self.detail: str | None = None
         self.dlp: tuple[str, ...] = ()
         self.bytes_in = 0
+        self.tls: str | None = None  # "inspected", "bypassed" (a spliced CONNECT), None: plain HTTP
 
 
 def basic_credentials(value: bytes | None) -> tuple[str, str] | None:

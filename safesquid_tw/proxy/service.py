@@ -69,6 +69,7 @@ class ProxyFactory(protocol.Factory):
         self.auth_pool = ThreadPool(minthreads=0, maxthreads=4, name="safesquid-auth")
         self.requests = 0
         self.guessing = GuessingBrake()
+        self.intercept = None  # an intercept.session.Interceptor when this node inspects TLS
         self._status_cache: dict[str, bytes] = {}
 
     def buildProtocol(self, addr):
@@ -130,6 +131,7 @@ class ProxyFactory(protocol.Factory):
             policy_version=policy.version if policy is not None else None,
             dlp=ctx.dlp,
             detail=ctx.detail,
+            tls=ctx.tls,
         )
         conn.bytes_out = 0
         self.record_sink(record)

@@ -83,6 +83,12 @@ def build_proxy_node(config: NodeConfig, reactor) -> MultiService:
         resolver=resolver,
     )
     proxy = ProxyService(reactor, config.listen, factory, resolver, stop_grace=config.stop_grace)
+    from safesquid_tw.proxy.intercept.wiring import install_interception, open_ca_store
+
+    # A standalone node makes its own inspection CA; a slave uses its master's (kept from last time).
+    top.ca_store = open_ca_store(root, config.node_name, create=config.role == "standalone")
+    install_interception(factory, reactor, top.ca_store, store,
+                         upstream_ca_file=config.upstream_ca_file).setServiceParent(top)
     base.waits["proxy"] = proxy.listening
 
     if config.role == "standalone":
