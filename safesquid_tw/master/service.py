@@ -49,6 +49,9 @@ def build_master(config: NodeConfig, reactor) -> MultiService:
         record_dropped=reports.record_dropped,
         keepalive=config.keepalive,
     )
+    from safesquid_tw.cluster.ca_sync import attach_master
+
+    attach_master(plane, top.ca_store)
     base.portal(
         control_factory=ClusterServerFactory(ControlRoot(plane)), registry=registry, reports=reports
     ).setServiceParent(top)

@@ -22,6 +22,7 @@ from safesquid_tw.portal.pages_cluster import cluster_view, run_task
 from safesquid_tw.portal.pages_history import make_backup, restore
 from safesquid_tw.portal.responses import JSON, respond
 from safesquid_tw.portal.services import PortalServices
+from safesquid_tw.portal import tls_admin
 from safesquid_tw.portal.tokens import TokenInfo
 from safesquid_tw.portal.web import (
     BadForm,
@@ -279,6 +280,7 @@ ROUTES: list[Route] = [
     route("GET", "/api/v1/reports/requests", get_requests),
     route("GET", "/api/v1/backup", get_backup),
     route("POST", "/api/v1/restore", post_restore),
+    *tls_admin.API_ROUTES,
 ]
 
 

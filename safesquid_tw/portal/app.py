@@ -15,7 +15,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Site
 
-from safesquid_tw.portal import pages_auth, pages_cluster, pages_history, pages_policy, pages_reports
+from safesquid_tw.portal import pages_auth, pages_cluster, pages_history, pages_policy, pages_reports, tls_admin
 from safesquid_tw.portal.api import ApiApp
 from safesquid_tw.portal.context import PortalContext
 from safesquid_tw.resources import static_dir
@@ -32,7 +32,7 @@ STATIC_TYPES = {".css": CSS_CONTENT_TYPE, ".js": b"text/javascript; charset=utf-
 def all_routes() -> list[Route]:
     # Fixed paths before the patterns that would also match them (/policy/history vs /policy/{section}).
     return [*pages_auth.ROUTES, *pages_history.ROUTES, *pages_policy.ROUTES, *pages_cluster.ROUTES,
-            *pages_reports.ROUTES]
+            *pages_reports.ROUTES, *tls_admin.PAGE_ROUTES]
 
 
 class StaticAsset(Resource):

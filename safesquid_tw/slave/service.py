@@ -180,3 +180,6 @@ def _slave_parts(base: NodeBase, factory: ProxyFactory, shipper: LogShipper) -> 
     )
     client.setServiceParent(base.top)
     base.top.cluster_client = client
+    from safesquid_tw.cluster.ca_sync import SlaveCASync
+
+    SlaveCASync(client, base.top.ca_store)
