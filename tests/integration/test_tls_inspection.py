@@ -223,3 +223,62 @@ def _issuer_is_origin(node, origins) -> bool:
         return True
     except ssl.SSLError:
         return False
+
+
+def _get_over(tls, host_header: str, path: str) -> bytes:
+    tls.sendall(f"GET {path} HTTP/1.1\r\nHost: {host_header}\r\nConnection: close\r\n\r\n".encode())
+    data = b""
+    try:
+        while chunk := tls.recv(65536):
+            data += chunk
+    except (ssl.SSLError, OSError):
+        pass
+    return data
+
+
+def test_connect_to_an_ip_is_peeked_and_bumped_by_its_sni(node, origins):
+    port = origins.good.port
+    sock = connect_tunnel(node.proxy, f"127.0.0.1:{port}")
+    ctx = ssl.create_default_context(cafile=str(node.ca_file))
+    tls = ctx.wrap_socket(sock, server_hostname="localhost")  # the leaf names the SNI's host
+    data = _get_over(tls, f"localhost:{port}", "/peeked")
+    assert data.startswith(b"HTTP/1.1 200") and b'"/peeked"' in data
+    record = node.wait_for_access(lambda r: r["url"] == f"https://localhost:{port}/peeked")
+    assert record["tls"] == "inspected"
+
+
+def test_connect_to_an_ip_without_sni_gets_an_ip_leaf(node, origins):
+    port = origins.good.port
+    sock = connect_tunnel(node.proxy, f"127.0.0.1:{port}")
+    ctx = ssl.create_default_context(cafile=str(node.ca_file))
+    tls = ctx.wrap_socket(sock, server_hostname="127.0.0.1")  # verified against an IP SAN, no SNI sent
+    data = _get_over(tls, f"127.0.0.1:{port}", "/by-ip")
+    assert data.startswith(b"HTTP/1.1 200") and b'"/by-ip"' in data
+
+
+def test_connect_to_an_ip_that_is_not_tls_is_closed_and_recorded(node, origins):
+    port = origins.good.port
+    sock = connect_tunnel(node.proxy, f"127.0.0.1:{port}")
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert sock.recv(4096) == b""
+    sock.close()
+    record = node.wait_for_access(lambda r: r["method"] == "CONNECT" and "not TLS" in (r["detail"] or ""))
+    assert record["url"] == f"127.0.0.1:{port}"
+
+
+def test_connect_to_an_ip_with_a_bypassed_sni_is_spliced(node, origins):
+    port = origins.good.port
+    try:
+        node.reload(_policy(origins, bypass_domains=["localhost"]))
+        harness.wait_until(lambda: _issuer_is_origin(node, origins), 10, "the bypass to apply")
+        sock = connect_tunnel(node.proxy, f"127.0.0.1:{port}")
+        ctx = ssl.create_default_context(cafile=str(origins.ca_file))  # trusts the origin, not the node
+        tls = ctx.wrap_socket(sock, server_hostname="localhost")
+        data = _get_over(tls, f"localhost:{port}", "/spliced")
+        assert data.startswith(b"HTTP/1.1 200") and b'"/spliced"' in data
+        record = node.wait_for_access(lambda r: r["method"] == "CONNECT" and r["url"] == f"127.0.0.1:{port}"
+                                      and r["tls"] == "bypassed")
+        assert record["detail"] == "bypassed domain"
+    finally:
+        node.reload(_policy(origins))
+        harness.wait_until(lambda: not _issuer_is_origin(node, origins), 10, "inspection to resume")

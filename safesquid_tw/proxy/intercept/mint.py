@@ -23,7 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from OpenSSL import SSL, crypto
+from OpenSSL import SSL
 from twisted.internet import defer, threads
 
 from safesquid_tw.proxy.intercept.ca import InspectionCA
@@ -82,14 +82,14 @@ def _select_http11(conn: SSL.Connection, offered: list[bytes]) -> bytes:
     return ALPN_HTTP11 if ALPN_HTTP11 in offered else SSL.NO_OVERLAPPING_PROTOCOLS
 
 
-def server_context(ca: InspectionCA, leaf_key_pem: crypto.PKey, leaf: x509.Certificate) -> SSL.Context:
+def server_context(ca: InspectionCA, leaf_key: ec.EllipticCurvePrivateKey, leaf: x509.Certificate) -> SSL.Context:
     """The server-side context for one host: TLS 1.2+, the leaf and the CA as its chain."""
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
     ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE | SSL.OP_NO_RENEGOTIATION)
-    ctx.use_privatekey(leaf_key_pem)
-    ctx.use_certificate(crypto.X509.from_cryptography(leaf))
-    ctx.add_extra_chain_cert(crypto.X509.from_cryptography(ca.cert))
+    ctx.use_privatekey(leaf_key)
+    ctx.use_certificate(leaf)
+    ctx.add_extra_chain_cert(ca.cert)
     ctx.check_privatekey()
     ctx.set_alpn_select_callback(_select_http11)
     # Resumed sessions skip the signature: browsers reconnect to the same host all the time.
@@ -108,7 +108,6 @@ class LeafCache:
         self.size = size
         self._now = clock or (lambda: datetime.datetime.now(datetime.timezone.utc))
         self.leaf_key = ec.generate_private_key(ec.SECP256R1())
-        self._leaf_pkey = crypto.PKey.from_cryptography_key(self.leaf_key)
         self.ca: InspectionCA | None = None
         self._cache: OrderedDict[str, tuple[SSL.Context, datetime.datetime]] = OrderedDict()
         self._pending: dict[str, list[defer.Deferred]] = {}
@@ -152,7 +151,7 @@ class LeafCache:
 
     def _mint(self, ca: InspectionCA, host: str) -> tuple[SSL.Context, datetime.datetime]:
         leaf = mint_leaf(ca, self.leaf_key, host, now=self._now())
-        return server_context(ca, self._leaf_pkey, leaf), leaf.not_valid_after_utc - RENEW_BEFORE
+        return server_context(ca, self.leaf_key, leaf), leaf.not_valid_after_utc - RENEW_BEFORE
 
     def _minted(self, result, host: str, generation: int) -> None:
         waiting = self._pending.pop(host, [])
