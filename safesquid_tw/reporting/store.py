@@ -50,6 +50,7 @@ CREATE TABLE IF NOT EXISTS requests (
     dlp TEXT, detail TEXT,
     UNIQUE (node, segment, seq)
 );
+-- (requests.tls, added later, is added by ReportStore on open: see _add_late_columns)
 CREATE INDEX IF NOT EXISTS requests_time ON requests (time);
 CREATE INDEX IF NOT EXISTS requests_user ON requests (minute, user);
 CREATE INDEX IF NOT EXISTS requests_client ON requests (minute, client);
@@ -83,7 +84,7 @@ CREATE TABLE IF NOT EXISTS node_drops (
 # Positions in a row as inserted (node, segment, seq, then `record_row`), for the roll-ups.
 _ROW = ("node", "segment", "seq", "time", "minute", "client", "user", "method", "url", "host",
         "host_rev", "status", "bytes_in", "bytes_out", "duration_ms", "action", "rule", "category",
-        "application", "policy_version", "dlp", "detail")  # fmt: skip
+        "application", "policy_version", "dlp", "detail", "tls")  # fmt: skip
 _MINUTE, _ACTION = _ROW.index("minute"), _ROW.index("action")
 _BYTES_IN, _BYTES_OUT = _ROW.index("bytes_in"), _ROW.index("bytes_out")
 _TOP_COLUMNS = tuple(
@@ -117,12 +118,14 @@ _BUMP_TOP = (
 _COLUMNS = (
     "node", "segment", "seq", "time", "client", "user", "method", "url", "host", "status",
     "bytes_in", "bytes_out", "duration_ms", "action", "rule", "category", "application",
-    "policy_version", "dlp", "detail",
+    "policy_version", "dlp", "detail", "tls",
 )  # fmt: skip
 _SELECT_COLUMNS = ", ".join(_COLUMNS)
 _FILTERS = frozenset(
-    {"start", "end", "node", "user", "client", "domain", "rule", "status", "action", "category"}
+    {"start", "end", "node", "user", "client", "domain", "rule", "status", "action", "category", "tls"}
 )
+# tls filter values: "inspected", "bypassed", or "none" (plain HTTP: no TLS key in the record).
+TLS_FILTER_VALUES = ("inspected", "bypassed", "none")
 
 
 @attrs.frozen
@@ -247,6 +250,7 @@ class ReportStore:
         self._writer.execute("PRAGMA synchronous = FULL")
         with self._write_lock:
             self._writer.executescript(_SCHEMA)
+            _add_late_columns(self._writer)
             self._writer.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
@@ -390,6 +394,7 @@ class ReportStore:
         status: int | None = None,
         action: str | None = None,
         category: str | None = None,
+        tls: str | None = None,
         limit: int = 50,
         offset: int = 0,
     ) -> list[dict[str, Any]]:
@@ -400,6 +405,7 @@ class ReportStore:
         filters = {
             "start": start, "end": end, "node": node, "user": user, "client": client,
             "domain": domain, "rule": rule, "status": status, "action": action, "category": category,
+            "tls": tls,
         }  # fmt: skip
         where, params = _where(filters)
         rows = self.reader().execute(
@@ -440,6 +446,13 @@ _MINUTES = (
 _MINUTE_INDEXED = ("user", "client", "domain", "rule")
 
 
+def _add_late_columns(conn: sqlite3.Connection) -> None:
+    """Columns added to `requests` after its first release (a store made before gets them here)."""
+    present = {row[1] for row in conn.execute("PRAGMA table_info(requests)")}
+    if "tls" not in present:
+        conn.execute("ALTER TABLE requests ADD COLUMN tls TEXT")
+
+
 def _where(filters: dict[str, Any]) -> tuple[str, list[Any]]:
     unknown = set(filters) - _FILTERS
     if unknown:
@@ -466,6 +479,13 @@ def _where(filters: dict[str, Any]) -> tuple[str, list[Any]]:
             # does not narrow the time (the (node, segment, seq) one would scan a whole node).
             clauses.append(f"+{key} = ?")
             params.append(filters[key])
+    tls = filters.get("tls")
+    if tls is not None:
+        if tls == "none":
+            clauses.append("+tls IS NULL")
+        else:
+            clauses.append("+tls = ?")
+            params.append(tls)
     domain = filters.get("domain")
     if domain is not None:
         reversed_domain = domain.lower().rstrip(".")[::-1]
