@@ -9,6 +9,7 @@ from typing import Any
 import attrs
 
 from safesquid_tw.policy.fields import DAYS
+from safesquid_tw.policy.tlsinspection import DEFAULTS as TLS_INSPECTION_DEFAULTS
 from safesquid_tw.policy.validate import ACCESS_RESTRICTION_DEFAULTS, DETECTOR_TYPES, DLP_ACTIONS
 
 FormValues = dict[str, Any]  # field key -> str, bool or list[str]
@@ -189,6 +190,19 @@ SECTIONS: tuple[Section, ...] = (
         "Destination ports that CONNECT tunnels (HTTPS) may reach.",
         objects=(ObjectForm("connect", "Ports", ("connect",), (
             Field("allowed_ports", "Allowed ports", "ports", "One port per line"),)),),
+    ),
+    Section(
+        "tls", "TLS inspection",
+        "Decrypt HTTPS tunnels so that every section applies to them; bypassed tunnels are spliced "
+        "unchanged. Clients must trust the inspection CA (TLS inspection page).",
+        objects=(ObjectForm("tls_inspection", "Inspection", ("tls_inspection",), (
+            Field("enabled", "Inspect CONNECT tunnels", "bool"),
+            Field("bypass_domains", "Bypassed domains", "lines", "example.com or *.example.com, one per line"),
+            Field("bypass_categories", "Bypassed categories", "multi", choices_from="categories"),
+            Field("bypass_clients", "Bypassed client networks", "lines", NETWORKS_HELP),
+            Field("allow_invalid_upstream_domains", "Origins whose certificate errors are tolerated", "lines",
+                  "example.com or *.example.com, one per line; each use is logged"),
+        ), defaults=TLS_INSPECTION_DEFAULTS),),
     ),
 )
 

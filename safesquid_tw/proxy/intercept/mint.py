@@ -173,19 +173,4 @@ class LeafCache:
         return len(self._cache)
 
 
-class HostContextFactory:
-    """What `transport.startTLS` is given: the context minted for the tunnel's host.
-
-    When the client's SNI names another host whose leaf is already cached, that one is used (a
-    client reusing a tunnel's authority for an alias); otherwise the CONNECT host's leaf is
-    presented and a client that wanted another name rejects it, as it should."""
-
-    def __init__(self, ctx: SSL.Context, cache: LeafCache) -> None:
-        self._ctx = ctx
-        self._cache = cache
-
-    def getContext(self) -> SSL.Context:
-        return self._ctx
-
-
-__all__ = ["HostContextFactory", "LeafCache", "mint_leaf", "server_context"]
+__all__ = ["LeafCache", "mint_leaf", "server_context"]
