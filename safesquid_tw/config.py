@@ -57,6 +57,7 @@ class NodeConfig:
     report_retention_days: float = 90.0  # the report store keeps records this long
     keytab: str | None = None  # Kerberos keytab for Negotiate proxy authentication
     service_principal: str | None = None  # e.g. HTTP/proxy.example.com
+    upstream_ca_file: str | None = None  # PEM bundle trusted for origins beside the system store
     limits: Limits = attrs.field(factory=Limits)
     # Further proxy listeners after `listen` (--listen given more than once), e.g. a PROXY
     # protocol listener for the balancer beside a plain one for direct clients.

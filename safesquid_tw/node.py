@@ -461,6 +461,7 @@ class NodeBase:
             # Slaves edit their startup parameters; a standalone node can join a cluster.
             startup_params=StartupParams(self.root, reactor=self.reactor)
             if config.role in ("slave", "standalone") else None,
+            ca_store=getattr(self.top, "ca_store", None),
         )
         site = build_portal_site(context)
         # A connection that sends nothing useful is dropped after this many idle seconds.
@@ -468,7 +469,7 @@ class NodeBase:
         if not slave:
             _bootstrap_api_token(site.portal_services.tokens, self.root)
         identity = load_or_create_master_identity(self.root)
-        health_site = make_health_only_site(self.state, reactor=self.reactor)
+        health_site = make_health_only_site(self.state, reactor=self.reactor, ca_store=getattr(self.top, "ca_store", None))
         health_site.timeOut = PORTAL_IDLE_TIMEOUT
         self._mount_metrics(site, health_site)
         factory = PortalPortFactory(

@@ -88,6 +88,8 @@ class Options(usage.Options):
         ["spool-memory-bytes", None, 64 * 1024 * 1024,
          "most bytes of access records held in memory while the spool cannot be written",
          _number("spool-memory-bytes", int)],
+        ["upstream-ca-file", None, None,
+         "PEM bundle of CA certificates trusted for origin servers, beside the system trust store"],
     ] + [
         [name, None, getattr(Limits(), name.replace("-", "_")), doc, _number(name, kind)]
         for name, doc, kind in _LIMIT_OPTIONS
@@ -143,6 +145,17 @@ def _listen_list(opts) -> list[str]:
     if isinstance(value, str):
         value = [value]
     return list(value or ["tcp:8080"])
+def _check_ca_file(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise usage.UsageError(f"--upstream-ca-file: {e}")
+    if b"-----BEGIN CERTIFICATE-----" not in data:
+        raise usage.UsageError(f"--upstream-ca-file: {path} holds no PEM certificate")
+    return path
 
 
 def options_to_config(opts: usage.Options) -> NodeConfig:
@@ -230,6 +243,7 @@ def options_to_config(opts: usage.Options) -> NodeConfig:
         spool_cap_bytes=opts["spool-cap-bytes"],
         keytab=opts["keytab"],
         service_principal=opts["service-principal"],
+        upstream_ca_file=_check_ca_file(opts["upstream-ca-file"]),
         limits=limits,
         spool_fsync_interval=opts["spool-fsync-interval"],
         spool_memory_bytes=opts["spool-memory-bytes"],

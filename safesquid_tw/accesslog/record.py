@@ -35,6 +35,7 @@ JSON_KEYS: tuple[str, ...] = (
     "detail",
     "groups",
     "transfer",
+    "tls",
 )
 
 
@@ -81,6 +82,7 @@ class AccessRecord:
     groups: tuple[str, ...] = ()  # the authenticated user's policy groups
     # "complete", "origin_incomplete" (the origin cut the response short), "client_aborted"
     transfer: str = "complete"
+    tls: str | None = None  # "inspected" (decrypted), "bypassed" (spliced tunnel), None: plain HTTP
 
     def to_json_line(self) -> bytes:
         """One JSON object and a newline, keys in `JSON_KEYS` order, ASCII only."""
@@ -106,6 +108,7 @@ class AccessRecord:
             "detail": self.detail,
             "groups": list(self.groups),
             "transfer": self.transfer,
+            "tls": self.tls,
         }
         # ensure_ascii: a stray surrogate from a badly encoded URL cannot break the whole batch.
         return _ENCODER.encode(obj).encode("ascii") + b"\n"
@@ -139,6 +142,7 @@ class AccessRecord:
             groups=_text_list(obj, "groups"),
             # Records written before the key existed were complete as far as anyone knew.
             transfer=_text(obj, "transfer") if obj.get("transfer") is not None else "complete",
+            tls=_optional_text(obj, "tls"),
         )
 
 

@@ -373,6 +373,20 @@ class SlaveAvatar(pb.Referenceable):
         return None
 
     @wire.checked("avatar")
+    def remote_inspection_ca_fingerprint(self):
+        from safesquid_tw.cluster.ca_sync import master_ca_fingerprint
+
+        self._heard()
+        return master_ca_fingerprint(self.plane)
+
+    @wire.checked("avatar")
+    def remote_inspection_ca(self):
+        from safesquid_tw.cluster.ca_sync import master_ca_bundle
+
+        self._heard()
+        return master_ca_bundle(self.plane, self.name)
+
+    @wire.checked("avatar")
     def remote_ship_log_batch(self, segment, first_seq, records):
         self._heard()
         ingest = self.plane.ingest

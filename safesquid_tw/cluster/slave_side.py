@@ -76,6 +76,12 @@ class Mind(pb.Referenceable):
     def remote_task(self, task):
         return self.client.run_task(task)
 
+    @wire.checked("mind")
+    def remote_inspection_ca_changed(self, fingerprint):
+        for sync in self.client.extra_syncs:
+            sync("the master replaced its inspection CA")
+        return None
+
 
 @implementer(IStreamClientEndpoint)
 class _LoggingEndpoint:
@@ -159,6 +165,9 @@ class ClusterClient(MultiService):
         self._stopping = False
         self._sleep: defer.Deferred | None = None
         self._broker = None
+        # Further things fetched whenever the policy is compared (connect, poll, reload task):
+        # callables taking the reason, e.g. cluster.ca_sync.SlaveCASync.sync_soon.
+        self.extra_syncs: list[Callable[[str], None]] = []
 
     # -- the connection loop ------------------------------------------------------------------
     # Twisted's ClientService cannot take a connection that is refused *after* it was made (its
@@ -337,6 +346,8 @@ class ClusterClient(MultiService):
 
     # -- policy ---------------------------------------------------------------------------
     def sync_soon(self, why: str) -> None:
+        for sync in self.extra_syncs:
+            sync(why)
         if self._syncing is not None:
             self._sync_again = True
             return

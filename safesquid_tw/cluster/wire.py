@@ -113,6 +113,9 @@ SLAVE_STATUS = Record(
     ),
 )
 TASK_NAME = Text(16, re.compile(r"reload|drain|resume"), "one of reload, drain, resume")
+MAX_CA_PEM_BYTES = 64 * 1024
+CA_FINGERPRINT = Text(64, re.compile(r"[0-9a-f]{64}|"), "a SHA-256 in hex (empty: no CA)")
+INSPECTION_CA = Record({"fingerprint": CA_FINGERPRINT, "cert": Bytes(MAX_CA_PEM_BYTES), "key": Bytes(MAX_CA_PEM_BYTES)})
 
 
 @attrs.frozen
@@ -196,6 +199,11 @@ _ALL = [
     _contract("mind", "ping", NoneValue()),
     _contract("mind", "policy_changed", NoneValue(), ("version", VERSION)),
     _contract("mind", "task", Text(), ("task", TASK_NAME)),
+    # The TLS inspection CA, synced like a policy version (added after version 1 of the contract:
+    # a master without these methods answers with an error and the slave carries on without).
+    _contract("avatar", "inspection_ca_fingerprint", CA_FINGERPRINT),
+    _contract("avatar", "inspection_ca", INSPECTION_CA),
+    _contract("mind", "inspection_ca_changed", NoneValue(), ("fingerprint", CA_FINGERPRINT)),
 ]
 
 CONTRACTS: dict[str, dict[str, MethodContract]] = {}

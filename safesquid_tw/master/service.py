@@ -39,6 +39,9 @@ def build_master(config: NodeConfig, reactor) -> MultiService:
     else:
         base.policy_file_service(str(sample_policy_path()), only_if_empty=True).setServiceParent(top)
 
+    from safesquid_tw.proxy.intercept.wiring import open_ca_store
+
+    top.ca_store = open_ca_store(root, config.node_name, create=True)
     registry = SlaveRegistry()
     reports = ReportStore(root / "reports.sqlite3")
     quarantine = QuarantineFile(root / "quarantine.jsonl")
@@ -54,6 +57,9 @@ def build_master(config: NodeConfig, reactor) -> MultiService:
         keepalive=config.keepalive,
         guard=guard,
     )
+    from safesquid_tw.cluster.ca_sync import attach_master
+
+    attach_master(plane, top.ca_store)
     base.portal(
         control_factory=GuardedServerFactory(ControlRoot(plane), guard), registry=registry, reports=reports
     ).setServiceParent(top)

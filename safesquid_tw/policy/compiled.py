@@ -22,6 +22,7 @@ from safesquid_tw.policy.hosts import normalise_host, suffixes
 from safesquid_tw.policy.model import CachedIdentity, Decision, Identity, RequestFacts
 from safesquid_tw.policy.networks import NetworkSet, parse_address
 from safesquid_tw.policy.rules import CompiledRule, RuleTable, full_url
+from safesquid_tw.policy.tlsinspection import compile_tls_inspection
 
 # Memo tables are cleared when they reach this size: a working set of hosts and clients stays
 # fast, and a scan over millions of names cannot grow memory without bound.
@@ -48,6 +49,7 @@ class CompiledPolicy:
         self.connect_ports: frozenset[int] = frozenset(document["connect"]["allowed_ports"])
         self.content = ContentRules(document["content_security"])
         self.dlp = DlpRules(document["dlp"])
+        self.tls_inspection = compile_tls_inspection(document)
         self._no_application_mask = self._rules.application_mask(None)
         # host -> (normalised host, categories, rules its host satisfies, application candidates)
         self._hosts: dict[str, tuple[str, tuple[str, ...], int, tuple[int, ...]]] = {}

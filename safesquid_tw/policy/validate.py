@@ -40,6 +40,8 @@ from safesquid_tw.policy.fields import (
 )
 from safesquid_tw.policy.hosts import parse_domain_pattern
 from safesquid_tw.policy.model import ACTIONS
+from safesquid_tw.policy.tlsinspection import DEFAULTS as TLS_INSPECTION_DEFAULTS
+from safesquid_tw.policy.tlsinspection import validate_tls_inspection
 
 FORMAT = "safesquid-policy/1"
 DEFAULT_REALM = "safesquid-tw"
@@ -51,7 +53,8 @@ ACCESS_RESTRICTION_DEFAULTS: dict[str, Any] = {"portal_allow": [], "slave_allow"
 
 _TOP = {"format": True, "comment": False, "access": True, "authentication": False, "groups": False,
         "users": False, "categories": False, "applications": False, "connect": False,
-        "content_security": False, "dlp": False, "access_restriction": False, "forwarding": False}
+        "content_security": False, "dlp": False, "access_restriction": False, "forwarding": False,
+        "tls_inspection": False}
 _RULE = {"name": True, "action": True, "reason": False, "enabled": False, "clients": False,
          "users": False, "groups": False, "domains": False, "url_patterns": False, "methods": False,
          "ports": False, "categories": False, "applications": False, "schedule": False}
@@ -105,6 +108,10 @@ def validate_document(doc: object) -> dict[str, Any]:
         # Left out while it holds only its defaults, like access_restriction: older documents
         # keep their canonical bytes and digests.
         canonical["forwarding"] = forwarding
+    tls_inspection = validate_tls_inspection(top.get("tls_inspection", {}), known["categories"])
+    if tls_inspection != TLS_INSPECTION_DEFAULTS:
+        # Left out while it holds only its defaults, like access_restriction (digests stay put).
+        canonical["tls_inspection"] = tls_inspection
     return canonical
 
 

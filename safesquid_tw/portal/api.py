@@ -28,6 +28,7 @@ from safesquid_tw.portal.pages_history import KeysWouldChange, make_backup, rest
 from safesquid_tw.portal.positions import parse_position, place_in_document
 from safesquid_tw.portal.responses import JSON, respond
 from safesquid_tw.portal.services import PortalServices
+from safesquid_tw.portal import tls_admin
 from safesquid_tw.portal.tokens import TokenInfo
 from safesquid_tw.portal.worklimit import Busy
 from safesquid_tw.portal.web import (
@@ -328,7 +329,7 @@ async def get_requests(call: ApiCall) -> Reply:
 
 async def post_directory_test(call: ApiCall) -> Reply:
     """Bind with the running version's directory settings, find a user, list their groups."""
-    body = read_json(call)
+    body = await read_json(call)
     user = body.get("user")
     password = body.get("password")
     if not isinstance(user, str) or not user.strip() or len(user) > 256:
@@ -384,6 +385,7 @@ ROUTES: list[Route] = [
     route("POST", "/api/v1/directory/test", post_directory_test),
     route("GET", "/api/v1/backup", get_backup),
     route("POST", "/api/v1/restore", post_restore),
+    *tls_admin.API_ROUTES,
 ]
 
 

@@ -22,11 +22,13 @@ from safesquid_tw.portal import (
     pages_history,
     pages_policy,
     pages_reports,
+    tls_admin,
 )
 from safesquid_tw.portal.api import ApiApp
 from safesquid_tw.portal.context import PortalContext
 from safesquid_tw.resources import static_dir
 from safesquid_tw.portal.health import HealthResource
+from safesquid_tw.portal.inspection_ca import add_inspection_ca
 from safesquid_tw.portal.responses import CSS_CONTENT_TYPE, method_not_allowed, readiness_options, respond
 from safesquid_tw.portal.services import PortalServices
 from safesquid_tw.portal.site import PAGE_METHODS, PortalRequest, PortalSite, StarOptions, Stylesheet, _Directory
@@ -38,7 +40,7 @@ STATIC_TYPES = {".css": CSS_CONTENT_TYPE, ".js": b"text/javascript; charset=utf-
 def all_routes() -> list[Route]:
     # Fixed paths before the patterns that would also match them (/policy/history vs /policy/{section}).
     return [*pages_auth.ROUTES, *pages_history.ROUTES, *pages_policy.ROUTES, *pages_cluster.ROUTES,
-            *pages_reports.ROUTES, *pages_directory.ROUTES]
+            *pages_reports.ROUTES, *pages_directory.ROUTES, *tls_admin.PAGE_ROUTES]
 
 
 class StaticAsset(Resource):
@@ -91,6 +93,7 @@ class PortalAppRoot(_Directory):
         self.putChild(b"health", HealthResource(state))
         self.putChild(b"static", static)
         self.putChild(b"api", ApiApp(services))
+        add_inspection_ca(self, state, services.ctx.ca_store)
 
     def getChild(self, path: bytes, request: IRequest) -> IResource:
         return self.app

@@ -28,6 +28,7 @@ class PortalContext:
     in_thread: Callable[..., defer.Deferred] | None = None
     # Wall-clock time for audit lines, version times and report periods.
     wall_clock: Callable[[], float] | None = None
+    ca_store: Any | None = None  # the inspection CA (proxy.intercept.ca.CAStore)
 
     def run_in_thread(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred:
         if self.in_thread is not None:

@@ -10,6 +10,7 @@ import attrs
 
 from safesquid_tw.policy.fields import DAYS
 from safesquid_tw.policy.forwarding import MODES as FORWARDING_MODES
+from safesquid_tw.policy.tlsinspection import DEFAULTS as TLS_INSPECTION_DEFAULTS
 from safesquid_tw.policy.validate import ACCESS_RESTRICTION_DEFAULTS, DETECTOR_TYPES, DLP_ACTIONS
 from safesquid_tw.policy.validate import FORWARDING_DEFAULTS
 
@@ -227,6 +228,19 @@ SECTIONS: tuple[Section, ...] = (
                   NETWORKS_HELP + ". A connection from one of these takes the right-most X-Forwarded-For "
                   "address outside them as the client. Empty: no client's X-Forwarded-For is believed."),
         ), defaults=FORWARDING_DEFAULTS),),
+    ),
+    Section(
+        "tls", "TLS inspection",
+        "Decrypt HTTPS tunnels so that every section applies to them; bypassed tunnels are spliced "
+        "unchanged. Clients must trust the inspection CA (TLS inspection page).",
+        objects=(ObjectForm("tls_inspection", "Inspection", ("tls_inspection",), (
+            Field("enabled", "Inspect CONNECT tunnels", "bool"),
+            Field("bypass_domains", "Bypassed domains", "lines", "example.com or *.example.com, one per line"),
+            Field("bypass_categories", "Bypassed categories", "multi", choices_from="categories"),
+            Field("bypass_clients", "Bypassed client networks", "lines", NETWORKS_HELP),
+            Field("allow_invalid_upstream_domains", "Origins whose certificate errors are tolerated", "lines",
+                  "example.com or *.example.com, one per line; each use is logged"),
+        ), defaults=TLS_INSPECTION_DEFAULTS),),
     ),
 )
 

@@ -11,6 +11,7 @@ from twisted.web.resource import Resource
 
 from safesquid_tw.nodestate import NodeState
 from safesquid_tw.portal.health import HealthResource
+from safesquid_tw.portal.inspection_ca import add_inspection_ca
 from safesquid_tw.portal.responses import error_response, readiness_options
 from safesquid_tw.portal.site import PortalRequest, PortalSite, StarOptions, _Directory
 
@@ -35,12 +36,13 @@ class _UseHttps(Resource):
 
 
 class HealthOnlyRoot(_Directory):
-    def __init__(self, state: NodeState) -> None:
+    def __init__(self, state: NodeState, ca_store=None) -> None:
         super().__init__(state)
         self.state = state
         self.star = StarOptions(state)
         self._use_https = _UseHttps(state)
         self.putChild(b"health", HealthResource(state))
+        add_inspection_ca(self, state, ca_store)
 
     def getChild(self, path: bytes, request: IRequest):
         return self._use_https
@@ -49,6 +51,6 @@ class HealthOnlyRoot(_Directory):
         return self._use_https.render(request)
 
 
-def make_health_only_site(state: NodeState, *, reactor=None) -> PortalSite:
+def make_health_only_site(state: NodeState, *, reactor=None, ca_store=None) -> PortalSite:
     kwargs = {} if reactor is None else {"reactor": reactor}
-    return PortalSite(HealthOnlyRoot(state), requestFactory=PortalRequest, **kwargs)
+    return PortalSite(HealthOnlyRoot(state, ca_store), requestFactory=PortalRequest, **kwargs)

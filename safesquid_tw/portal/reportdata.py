@@ -27,7 +27,7 @@ TOP_LIMIT = 10
 PAGE_SIZE = 50
 MAX_PAGE = 10000
 MAX_EXPORT_ROWS = 100000
-SEARCH_FILTERS = ("node", "user", "client", "domain", "rule", "status", "action", "category", "transfer")
+SEARCH_FILTERS = ("node", "user", "client", "domain", "rule", "status", "action", "category", "transfer", "tls")
 
 
 class ReportQueryError(ValueError):
@@ -93,6 +93,10 @@ def parse_search(params: Mapping[str, str]) -> tuple[dict[str, Any], int]:
             if not value.isdigit() or not 100 <= int(value) <= 999:
                 raise ReportQueryError("status", f"{value!r} is not an HTTP status code")
             filters[key] = int(value)
+        elif key == "tls":
+            if value not in ("inspected", "bypassed", "none"):
+                raise ReportQueryError("tls", f"{value!r} is not one of inspected, bypassed, none")
+            filters[key] = value
         else:
             filters[key] = value[:300]
     page_text = (params.get("page") or "1").strip()

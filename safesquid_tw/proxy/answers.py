@@ -111,4 +111,6 @@ class SelfAnswers:
         self._disarm()
         self.write(error_response(status, node=self.factory.node_name, detail=detail, error_type=error_type, close=True))
         self.factory.log_rejected(self, status, detail, ctx)
+        if ctx is None and self.tls_session is not None:
+            self.tls_session.rejected(self, status, detail)
         self.transport.loseConnection()

@@ -17,7 +17,7 @@ class RequestContext:
     __slots__ = (
         "start", "method", "version", "target", "url", "policy", "framing", "client_close", "user",
         "status", "action", "rule", "category", "application", "detail", "dlp", "bytes_in",
-        "head", "groups", "transfer",
+        "head", "groups", "transfer", "tls",
     )
 
     def __init__(self, start: float, head: http1.RequestHead, target: Target, policy, framing) -> None:
@@ -41,6 +41,7 @@ class RequestContext:
         self.bytes_in = 0
         self.groups: frozenset[str] = frozenset()
         self.transfer = "complete"  # "origin_incomplete" | "client_aborted": the response was cut short
+        self.tls: str | None = None  # "inspected", "bypassed" (a spliced CONNECT), None: plain HTTP
 
 
 def basic_credentials(value: bytes | None) -> tuple[str, str] | None:

@@ -14,7 +14,7 @@ import time
 from typing import TYPE_CHECKING
 
 from twisted.internet import error, protocol, threads
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener
 from twisted.logger import Logger
 from twisted.python import failure
 from zope.interface import implementer
@@ -44,7 +44,7 @@ PARKED = 86400.0  # a deadline nobody needs right now waits here until it is mov
 PIPELINE_LIMIT = 256 * 1024  # bytes of pipelined requests buffered before reading pauses
 
 
-@implementer(IHalfCloseableProtocol)
+@implementer(IHalfCloseableProtocol, IHandshakeListener)
 class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
     def __init__(self, factory: "ProxyFactory") -> None:
         self.factory = factory
@@ -72,6 +72,8 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
         # (policy version, identity, principal) once Negotiate has authenticated this connection
         self._negotiated: tuple | None = None
         self._read_ended = False  # the client shut down its sending half before the tunnel opened
+        self.tls_session = None  # a TlsSession once this connection is inspected (decrypted)
+        self.peek = None  # while the ClientHello of a CONNECT to an IP address is awaited
 
     # -- connection lifetime --------------------------------------------------------------
     def connectionMade(self) -> None:
@@ -92,6 +94,8 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
             self.tunnel.side_closed("client")
         if self.exchange is not None:
             self.exchange.client_gone()
+        if self.tls_session is not None:
+            self.tls_session.connection_lost(self, reason)
         self.factory.connection_closed(self)
 
     def readConnectionLost(self) -> None:
@@ -108,6 +112,11 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
 
     def writeConnectionLost(self) -> None:
         pass  # our own loseWriteConnection in a tunnel completed; the other direction goes on
+
+    def handshakeCompleted(self) -> None:
+        """TLS with the client is up (an inspected tunnel)."""
+        if self.tls_session is not None:
+            self.tls_session.handshake_completed(self)
 
     def drain(self, quiet: float) -> None:
         """The node is stopping: answer what arrives within `quiet` seconds (or is in progress),
@@ -168,6 +177,9 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
             self.tunnel.from_client(data)
             return
         if state == "closing":
+            return
+        if state == "peek":
+            self.factory.intercept.peeked(self, data)
             return
         if state == "body" and not self.buf:
             self._body_bytes(data)
@@ -284,7 +296,8 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
         if is_asterisk_options(method, head.target):
             self._answer_options(head)
             return
-        target = parse_target(method, head.target)
+        tls_session = self.tls_session
+        target = parse_target(method, head.target) if tls_session is None else tls_session.target_for(head)
         hosts = head.get_all(b"host")
         if len(hosts) > 1 or (not hosts and head.version == b"HTTP/1.1"):
             # RFC 9112 3.2: exactly one Host in HTTP/1.1; two would let two parsers disagree.
@@ -297,6 +310,8 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
         ctx.bytes_in = head_size
         self.ctx = ctx
         self.state = "hold"
+        if tls_session is not None:
+            tls_session.request_started(self, ctx)
         if policy is None:
             self._respond_error(ctx, 503, "this node has no policy yet", "destination_unavailable", template="nopolicy")
             return
@@ -310,6 +325,10 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
                 return
         compiled = policy.compiled
         self.client_ip = compiled.forwarding.identity(self.peer_ip, head)
+        if tls_session is not None:
+            # Authenticated (or not) with the CONNECT: nothing inside a tunnel carries credentials.
+            self._decide(ctx, tls_session.identity)
+            return
         if compiled.auth_required(self.client_ip):
             authorization = head.get(b"proxy-authorization")
             if compiled.negotiate and factory.negotiate is not None:
@@ -457,6 +476,9 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
                 )
                 self._finish_local(ctx)
                 return
+            intercept = self.factory.intercept
+            if intercept is not None and intercept.take(self, ctx, identity):
+                return
             self._open_tunnel(ctx)
             return
         content = compiled.content
@@ -563,8 +585,9 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
         tunnel.open()
 
     def tunnel_ready(self, tunnel: Tunnel) -> None:
-        self.ctx.status = 200
-        self.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        if self.ctx.status != 200:  # a peeked tunnel (CONNECT to an IP) was answered before
+            self.ctx.status = 200
+            self.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
         self.state = "tunnel"
         rest = bytes(self.buf)
         self.buf.clear()

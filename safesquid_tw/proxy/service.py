@@ -75,6 +75,7 @@ class ProxyFactory(protocol.Factory):
         self.requests = 0
         self.counters = ProxyCounters()  # read by the metrics collector at scrape time
         self.guessing = GuessingBrake()
+        self.intercept = None  # an intercept.session.Interceptor when this node inspects TLS
         self._status_cache: dict[str, bytes] = {}
         # Edge counters (plain attributes: /health and metrics read them).
         self.proxy_header_invalid = 0  # haproxy: listeners: missing, malformed or late PROXY header
@@ -185,6 +186,7 @@ class ProxyFactory(protocol.Factory):
             dlp=ctx.dlp,
             detail=ctx.detail,
             transfer=ctx.transfer,
+            tls=ctx.tls,
         )
         conn.bytes_out = 0
         self.record_sink(record)

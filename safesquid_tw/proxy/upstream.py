@@ -12,7 +12,7 @@ import socket
 from typing import Callable, Protocol as TypingProtocol
 
 from twisted.internet import defer, error, protocol, ssl
-from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTCP, IReactorTime
+from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener, IReactorTCP, IReactorTime
 from twisted.logger import Logger
 from twisted.python import failure
 from zope.interface import implementer
@@ -45,7 +45,7 @@ class ResponseSink(TypingProtocol):
     def upstream_failed(self, failure: ProxyFailure, *, retryable: bool) -> None: ...
 
 
-@implementer(IHalfCloseableProtocol)
+@implementer(IHalfCloseableProtocol, IHandshakeListener)
 class UpstreamConnection(protocol.Protocol):
     def __init__(self, pool: "UpstreamPool", key: PoolKey, peer: str) -> None:
         self.pool = pool
@@ -74,10 +74,48 @@ class UpstreamConnection(protocol.Protocol):
         if hasattr(self.transport, "setTcpNoDelay"):
             self.transport.setTcpNoDelay(True)
         factory = getattr(self, "factory", None)
+        if factory is not None and self.key[0] != "https":
+            factory.connected(self)
+        elif factory is not None:
+            # An https origin is handed out only once its certificate checked out (handshakeCompleted),
+            # and its handshake gets the connect timeout.
+            self._handshake_timer = self.pool.reactor.callLater(
+                self.pool.limits.connect_timeout, self._handshake_timed_out)
+
+    def _handshake_timed_out(self) -> None:
+        self._handshake_timer = None
+        self._tls_problem = ProxyFailure(
+            504, "connection_timeout",
+            f"the TLS handshake with {self.peer} took longer than {self.pool.limits.connect_timeout:g} s")
+        self.transport.abortConnection()
+
+    def _stop_handshake_timer(self) -> None:
+        timer = getattr(self, "_handshake_timer", None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        self._handshake_timer = None
+
+    def handshakeCompleted(self) -> None:
+        self._stop_handshake_timer()
+        factory = getattr(self, "factory", None)
+        tls = self.pool.tls
+        problem = tls.check(self.transport, self.key[1], self.peer) if tls is not None else None
+        if problem is not None:
+            self._tls_problem = problem
+            self.transport.abortConnection()
+            return
         if factory is not None:
             factory.connected(self)
 
     def connectionLost(self, reason=protocol.connectionDone) -> None:
+        self._stop_handshake_timer()
+        factory = getattr(self, "factory", None)
+        if factory is not None and not factory.deferred.called and self.key[0] == "https":
+            # Never handed out: the TLS handshake or the certificate check failed.
+            problem = getattr(self, "_tls_problem", None)
+            if problem is None and self.pool.tls is not None:
+                problem = self.pool.tls.handshake_failure(reason, self.key[1], self.peer)
+            factory.deferred.errback(problem or reason)
         self._drop_timer()
         state, self._state = self._state, "closed"
         self.pool._forget(self)
@@ -400,6 +438,7 @@ class UpstreamPool:
         self.is_self = is_self
         self._idle: dict[PoolKey, list[UpstreamConnection]] = {}
         self._tls_options: dict[str, object] = {}
+        self.tls = None  # an intercept.upstream_tls.UpstreamTLS: verified origin TLS with precise errors
         self.connections_made = 0
 
     def take_idle(self, key: PoolKey) -> UpstreamConnection | None:
@@ -433,6 +472,8 @@ class UpstreamPool:
                 self.reactor.connectTCP(ip, port, factory, timeout=timeout)
             try:
                 conn = yield factory.deferred
+            except ProxyFailure:
+                raise  # the origin answered, but its TLS cannot be trusted: no other address helps
             except error.ConnectionRefusedError:
                 last = ProxyFailure(502, "connection_refused", f"{peer} refused the connection")
             except (error.TimeoutError, error.TCPTimedOutError):
@@ -446,6 +487,8 @@ class UpstreamPool:
         raise last or ProxyFailure(502, "destination_unavailable", f"no address for {host}")
 
     def _tls_for(self, host: str):
+        if self.tls is not None:
+            return self.tls.creator_for(host)
         options = self._tls_options.get(host)
         if options is None:
             options = ssl.optionsForClientTLS(host)

@@ -79,7 +79,7 @@ def _integer(obj: dict[str, Any], key: str, default: int | None) -> int | None:
 
 def record_row(obj: Any) -> tuple[Any, ...]:
     """(time, minute, client, user, method, url, host, host_rev, status, bytes_in, bytes_out,
-    duration_ms, action, rule, category, application, policy_version, dlp, detail, transfer) of a parsed
+    duration_ms, action, rule, category, application, policy_version, dlp, detail, transfer, tls) of a parsed
     JSON record; MalformedRecord names the first field that cannot be stored."""
     if not isinstance(obj, dict):
         raise MalformedRecord(f"not a JSON object but {type(obj).__name__}")
@@ -112,10 +112,13 @@ def record_row(obj: Any) -> tuple[Any, ...]:
     if not isinstance(transfer, str):
         raise MalformedRecord(f"'transfer' must be a string, not {transfer!r}")
     host = host_of(url)
+    tls = get("tls")
+    if tls is not None and not isinstance(tls, str):
+        raise MalformedRecord(f"'tls' must be a string, not {tls!r}")
     return (
         when, int(when // 60), client, user, method, url, host, host[::-1] if host else None,
         _integer(obj, "status", None), bytes_in, bytes_out, duration, action, rule, category,
-        application, version, json.dumps(dlp) if dlp else None, detail, transfer,
+        application, version, json.dumps(dlp) if dlp else None, detail, transfer, tls,
     )  # fmt: skip
 
 

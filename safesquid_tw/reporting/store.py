@@ -55,6 +55,8 @@ CREATE TABLE IF NOT EXISTS requests (
     dlp TEXT, detail TEXT,
     UNIQUE (node, segment, seq)
 );
+-- (columns added after the first release, e.g. requests.transfer and requests.tls, are added by
+-- ReportStore on open: see _ADDED_COLUMNS)
 CREATE INDEX IF NOT EXISTS requests_time ON requests (time);
 CREATE INDEX IF NOT EXISTS requests_user ON requests (minute, user);
 CREATE INDEX IF NOT EXISTS requests_client ON requests (minute, client);
@@ -89,6 +91,7 @@ CREATE TABLE IF NOT EXISTS node_drops (
 # release gains them at open (ALTER TABLE ... ADD COLUMN is instant in SQLite).
 _ADDED_COLUMNS = (
     ("requests", "transfer", "TEXT"),
+    ("requests", "tls", "TEXT"),
     ("rollup_minute", "errors", "INTEGER NOT NULL DEFAULT 0"),
     ("rollup_minute", "aborted", "INTEGER NOT NULL DEFAULT 0"),
     ("rollup_hour", "errors", "INTEGER NOT NULL DEFAULT 0"),
@@ -105,7 +108,7 @@ def _add_missing_columns(conn: sqlite3.Connection) -> None:
 # Positions in a row as inserted (node, segment, seq, then `record_row`), for the roll-ups.
 _ROW = ("node", "segment", "seq", "time", "minute", "client", "user", "method", "url", "host",
         "host_rev", "status", "bytes_in", "bytes_out", "duration_ms", "action", "rule", "category",
-        "application", "policy_version", "dlp", "detail", "transfer")  # fmt: skip
+        "application", "policy_version", "dlp", "detail", "transfer", "tls")  # fmt: skip
 _MINUTE, _ACTION = _ROW.index("minute"), _ROW.index("action")
 _TRANSFER = _ROW.index("transfer")
 _BYTES_IN, _BYTES_OUT = _ROW.index("bytes_in"), _ROW.index("bytes_out")
@@ -142,12 +145,14 @@ _BUMP_TOP = (
 _COLUMNS = (
     "node", "segment", "seq", "time", "client", "user", "method", "url", "host", "status",
     "bytes_in", "bytes_out", "duration_ms", "action", "rule", "category", "application",
-    "policy_version", "dlp", "detail", "transfer",
+    "policy_version", "dlp", "detail", "transfer", "tls",
 )  # fmt: skip
 _SELECT_COLUMNS = ", ".join(_COLUMNS)
 _FILTERS = frozenset(
-    {"start", "end", "node", "user", "client", "domain", "rule", "status", "action", "category", "transfer"}
+    {"start", "end", "node", "user", "client", "domain", "rule", "status", "action", "category", "transfer", "tls"}
 )
+# tls filter values: "inspected", "bypassed", or "none" (plain HTTP: no TLS key in the record).
+TLS_FILTER_VALUES = ("inspected", "bypassed", "none")
 
 
 @attrs.frozen
@@ -421,6 +426,7 @@ class ReportStore:
         action: str | None = None,
         category: str | None = None,
         transfer: str | None = None,
+        tls: str | None = None,
         limit: int = 50,
         offset: int = 0,
     ) -> list[dict[str, Any]]:
@@ -432,6 +438,7 @@ class ReportStore:
             "start": start, "end": end, "node": node, "user": user, "client": client,
             "domain": domain, "rule": rule, "status": status, "action": action, "category": category,
             "transfer": transfer,
+            "tls": tls,
         }  # fmt: skip
         where, params = _where(filters)
         rows = self.reader().execute(
@@ -498,6 +505,13 @@ def _where(filters: dict[str, Any]) -> tuple[str, list[Any]]:
             # does not narrow the time (the (node, segment, seq) one would scan a whole node).
             clauses.append(f"+{key} = ?")
             params.append(filters[key])
+    tls = filters.get("tls")
+    if tls is not None:
+        if tls == "none":
+            clauses.append("+tls IS NULL")
+        else:
+            clauses.append("+tls = ?")
+            params.append(tls)
     domain = filters.get("domain")
     if domain is not None:
         reversed_domain = domain.lower().rstrip(".")[::-1]

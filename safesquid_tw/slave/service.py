@@ -103,6 +103,12 @@ def build_proxy_node(config: NodeConfig, reactor) -> MultiService:
     )
     proxy = ProxyService(reactor, config.listen_endpoints, factory, resolver, stop_grace=config.stop_grace,
                          proxy_protocol_from=config.proxy_protocol_from)
+    from safesquid_tw.proxy.intercept.wiring import install_interception, open_ca_store
+
+    # A standalone node makes its own inspection CA; a slave uses its master's (kept from last time).
+    top.ca_store = open_ca_store(root, config.node_name, create=config.role == "standalone")
+    install_interception(factory, reactor, top.ca_store, store,
+                         upstream_ca_file=config.upstream_ca_file).setServiceParent(top)
     base.waits["proxy"] = proxy.listening
     directory_watch(reactor, factory.auth_pool, factory.current_policy).setServiceParent(top)
     base.state.health_parts["directory"] = lambda: directory_health(factory.current_policy)
@@ -206,6 +212,10 @@ def _slave_parts(base: NodeBase, factory: ProxyFactory, shipper: LogShipper) -> 
     base.top.cluster_client = client
     state.health_parts["master"] = client.master_health
     base.metrics.register(MasterLinkCollector(client, now=time.time))
+    from safesquid_tw.cluster.ca_sync import SlaveCASync
+
+    SlaveCASync(client, base.top.ca_store)
+
 
 
 def _negotiate_acceptor(config):

@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
 NODE_NAME = "logs-test-node"
 ACCESS_FIELDS = ("time", "ts", "node", "client", "user", "method", "url", "status", "bytes_in", "bytes_out",
-                 "duration_ms", "action", "rule", "category", "application", "policy_version", "dlp", "detail")
+                 "duration_ms", "action", "rule", "category", "application", "policy_version", "dlp", "detail", "tls")
 
 
 @pytest.fixture(scope="module")

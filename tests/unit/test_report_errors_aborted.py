@@ -48,7 +48,7 @@ def test_totals_count_errors_and_aborted_apart(reports):
 
 
 def test_the_record_carries_transfer_and_old_records_read_as_complete():
-    assert JSON_KEYS[-1] == "transfer"
+    assert "transfer" in JSON_KEYS
     rec = AccessRecord(time=NOW, node="n", client="c", user=None, method="GET", url="http://a/", status=200,
                        bytes_in=1, bytes_out=2, duration_ms=1.0, action="allow", rule=None, category=None,
                        application=None, policy_version=1, transfer="client_aborted")

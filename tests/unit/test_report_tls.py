@@ -1,0 +1,51 @@
+"""The `tls` key of access records in the report store: stored, filtered, and added to a store
+made before the key existed."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+
+from safesquid_tw.portal.reportdata import ReportQueryError, parse_search
+from safesquid_tw.reporting.store import ReportStore
+
+T0 = 1_800_000_000.0
+
+
+def rec(i: int, tls) -> bytes:
+    obj = {"ts": T0 + i, "client": "10.0.0.1", "method": "GET", "url": f"https://a.example/{i}", "status": 200,
+           "bytes_in": 1, "bytes_out": 2, "action": "allow"}
+    if tls is not ...:
+        obj["tls"] = tls
+    return json.dumps(obj).encode()
+
+
+def test_filter_by_tls(tmp_path):
+    store = ReportStore(tmp_path / "r.sqlite3")
+    store.ingest("n1", 1, 0, [rec(0, "inspected"), rec(1, "bypassed"), rec(2, None), rec(3, ...)])
+    window = {"start": T0 - 1, "end": T0 + 10}
+    assert [r["url"] for r in store.search(**window, tls="inspected")] == ["https://a.example/0"]
+    assert [r["tls"] for r in store.search(**window, tls="bypassed")] == ["bypassed"]
+    assert store.count(**window, tls="none") == 2
+    assert store.count(**window) == 4
+
+
+def test_a_store_made_before_the_key_gains_the_column(tmp_path):
+    path = tmp_path / "old.sqlite3"
+    ReportStore(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute("ALTER TABLE requests DROP COLUMN tls")
+    conn.commit()
+    conn.close()
+    store = ReportStore(path)
+    store.ingest("n1", 1, 0, [rec(0, "inspected")])
+    assert store.count(start=T0 - 1, end=T0 + 1, tls="inspected") == 1
+
+
+def test_portal_search_checks_the_tls_value():
+    filters, _page = parse_search({"tls": "inspected"})
+    assert filters == {"tls": "inspected"}
+    with pytest.raises(ReportQueryError):
+        parse_search({"tls": "decrypted"})
