@@ -12,6 +12,7 @@ from typing import Any
 
 import attrs
 
+from safesquid_tw.policy.antivirus import AntivirusRules
 from safesquid_tw.policy.classify import ApplicationIndex, CategoryIndex
 from safesquid_tw.policy.content import ContentRules
 from safesquid_tw.policy.credentials import Credentials
@@ -43,6 +44,7 @@ class CompiledPolicy:
         self.connect_ports: frozenset[int] = frozenset(document["connect"]["allowed_ports"])
         self.content = ContentRules(document["content_security"])
         self.dlp = DlpRules(document["dlp"])
+        self.antivirus = AntivirusRules.from_section(document.get("antivirus"))
         self._no_application_mask = self._rules.application_mask(None)
         # host -> (normalised host, categories, rules its host satisfies, application candidates)
         self._hosts: dict[str, tuple[str, tuple[str, ...], int, tuple[int, ...]]] = {}

@@ -11,6 +11,8 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
+from safesquid_tw.policy.antivirus import DEFAULTS as ANTIVIRUS_DEFAULTS
+from safesquid_tw.policy.antivirus import validate_antivirus
 from safesquid_tw.policy.errors import PolicyError
 from safesquid_tw.policy.fields import (
     DAYS,
@@ -50,7 +52,8 @@ ACCESS_RESTRICTION_DEFAULTS: dict[str, Any] = {"portal_allow": [], "slave_allow"
 
 _TOP = {"format": True, "comment": False, "access": True, "authentication": False, "groups": False,
         "users": False, "categories": False, "applications": False, "connect": False,
-        "content_security": False, "dlp": False, "access_restriction": False}
+        "content_security": False, "dlp": False, "access_restriction": False,
+        "antivirus": False}
 _RULE = {"name": True, "action": True, "reason": False, "enabled": False, "clients": False,
          "users": False, "groups": False, "domains": False, "url_patterns": False, "methods": False,
          "ports": False, "categories": False, "applications": False, "schedule": False}
@@ -99,6 +102,10 @@ def validate_document(doc: object) -> dict[str, Any]:
         # it existed keep their canonical bytes, so their digests (and every cache and
         # history file that records one) stay valid.
         canonical["access_restriction"] = restriction
+    antivirus = validate_antivirus(top.get("antivirus", {}))
+    if antivirus != ANTIVIRUS_DEFAULTS:
+        # Left out while it holds only its defaults, like access_restriction (digests stay valid).
+        canonical["antivirus"] = antivirus
     return canonical
 
 
