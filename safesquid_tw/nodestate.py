@@ -23,6 +23,8 @@ class NodeState:
     started: float = 0.0  # epoch seconds; 0 means not started yet
     # Where "now" comes from, so uptimes are testable; a running node keeps the default.
     now: Callable[[], float] = attrs.field(default=time.time, repr=False, eq=False)
+    # The anti-virus scanner's figures (Scanner.health) on nodes that proxy: None when it is off.
+    antivirus: Callable[[], dict] | None = attrs.field(default=None, repr=False, eq=False)
 
     @property
     def ready(self) -> bool:
@@ -48,7 +50,7 @@ class NodeState:
 
     def as_health_json(self) -> dict[str, Any]:
         uptime = self.uptime_s
-        return {
+        health = {
             "role": self.role,
             "node": self.node,
             "ready": self.ready,
@@ -59,6 +61,10 @@ class NodeState:
             "draining": self.draining,
             "uptime_s": None if uptime is None else round(uptime, 3),
         }
+        antivirus = self.antivirus() if self.antivirus is not None else None
+        if antivirus is not None:
+            health["antivirus"] = antivirus
+        return health
 
 
 __all__ = ["NodeState"]

@@ -331,6 +331,10 @@ class Scanner:
             self._cache.popitem(last=False)
 
     # -- figures ----------------------------------------------------------------------------------
+    def health(self) -> dict | None:
+        """`stats()` while scanning is enabled, else None (for /health and the cluster view)."""
+        return self.stats() if self.rules is not None and self.rules.enabled else None
+
     def stats(self) -> dict:
         """Scanner state for /health, the cluster view and metrics (plain JSON values)."""
         services = [s.as_dict() for s in self.services.values()]

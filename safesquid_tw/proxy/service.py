@@ -13,6 +13,7 @@ from twisted.python.threadpool import ThreadPool
 
 from safesquid_tw.accesslog.record import AccessRecord
 from safesquid_tw.config import Limits
+from safesquid_tw.icap.scanner import Scanner
 from safesquid_tw.proxy.errors import ProxyFailure, error_response, proxy_status_value
 from safesquid_tw.proxy.context import RequestContext
 from safesquid_tw.proxy.frontdoor import ClientConnection
@@ -70,6 +71,7 @@ class ProxyFactory(protocol.Factory):
         self.requests = 0
         self.guessing = GuessingBrake()
         self._status_cache: dict[str, bytes] = {}
+        self.antivirus = Scanner(reactor)  # ICAP services of the policy's antivirus section
 
     def buildProtocol(self, addr):
         if len(self.connections) >= self.limits.max_connections or self.draining:
@@ -203,6 +205,7 @@ class ProxyService(Service):
         for conn in list(factory.connections):
             conn.transport.abortConnection()
         factory.pool.close_idle()
+        factory.antivirus.stop()
         self.resolver.stop()
         factory.auth_pool.stop()
 

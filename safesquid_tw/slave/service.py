@@ -82,6 +82,9 @@ def build_proxy_node(config: NodeConfig, reactor) -> MultiService:
         record_sink=access_log.write,
         resolver=resolver,
     )
+    # The anti-virus scanner follows every policy version (its services, self-tests, limits).
+    store.add_observer(lambda policy: reactor.callFromThread(factory.antivirus.configure, policy.compiled.antivirus))
+    base.state.antivirus = factory.antivirus.health
     proxy = ProxyService(reactor, config.listen, factory, resolver, stop_grace=config.stop_grace)
     base.waits["proxy"] = proxy.listening
 
