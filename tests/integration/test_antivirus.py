@@ -148,7 +148,7 @@ def test_chunked_eicar_upload_never_reaches_the_origin(av_node, origin):
                          [("Transfer-Encoding", "chunked"), ("Expect", "100-continue")], None)
     with RawConnection(av_node.proxy, 15) as conn:
         conn.send(data)
-        interim = conn.read_response(timeout=15)
+        interim = conn.read_response(timeout=15, skip_interim=False)
         assert interim.status == 100  # the proxy asks for the body itself: it holds it for the scan
         conn.send(body + b"0\r\n\r\n")
         response = conn.read_response(timeout=15)
