@@ -32,7 +32,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "tests" / "integration"))
+sys.path.append(str(HERE.parent / "tests" / "integration"))  # icap_servers (after bench/: both have a harness.py)
 
 from harness import ProcessSampler, read_cpu_seconds, start_node  # noqa: E402
 from icap_servers import Scanners, missing_tools  # noqa: E402
