@@ -13,6 +13,8 @@ from typing import Any, Callable, Protocol
 import attrs
 from twisted.internet import defer
 
+from safesquid_tw.icap import status as antivirus_status
+
 CLOCK_OFFSET_WARNING = 3.0  # seconds; the reference documents ask for NTP on every node
 TASKS = ("reload", "drain", "resume")
 
@@ -44,6 +46,7 @@ class SlaveRecord:
     clock_offset: float | None = None
     draining: bool = False
     ready: bool = False
+    antivirus: list = attrs.field(factory=list)  # the slave's ICAP services (icap/status.py)
 
     def warnings(self, current_version: int | None) -> list[str]:
         out = []
@@ -59,6 +62,7 @@ class SlaveRecord:
             out.append(f"{self.dropped_records} access records dropped while the master was away")
         if self.draining:
             out.append("draining")
+        out.extend(antivirus_status.warnings(self.antivirus))
         return out
 
     def as_json(self, current_version: int | None = None) -> dict[str, Any]:
