@@ -77,9 +77,12 @@ class IcapConnection(protocol.Protocol):
         self.sending = False
         self.reusable = True
         self.closed = False
+        self.served = 0  # transactions answered on this connection
+        self.got_bytes = False  # for the current transaction
 
     def run(self, txn: Transaction) -> None:
         self.txn = txn
+        self.got_bytes = False
         self.sending = txn.send_rest_now
         self.transport.write(txn.first)
         if txn.send_rest_now and txn.body is not None:
@@ -96,6 +99,7 @@ class IcapConnection(protocol.Protocol):
         self.sender = None
 
     def dataReceived(self, data: bytes) -> None:
+        self.got_bytes = True
         try:
             responses = self.parser.feed(data)
         except codec.IcapProtocolError as e:
@@ -115,6 +119,7 @@ class IcapConnection(protocol.Protocol):
 
     def _answered(self, response: codec.IcapResponse) -> None:
         txn, self.txn = self.txn, None
+        self.served += 1
         connection = (response.get("Connection") or "").lower()
         if self.sending or txn.expects_continue or "close" in connection or not self.parser.idle:
             # The server answered before it had the whole request: the rest of the message is
@@ -259,7 +264,7 @@ class ServicePool:
 
     # -- transactions ---------------------------------------------------------------------------
     @defer.inlineCallbacks
-    def transact(self, txn: Transaction, timeout: float):
+    def transact(self, txn: Transaction, timeout: float, retried: bool = False):
         """Run one transaction; the final (non-100) response, or IcapUnavailable."""
         deadline = self.reactor.seconds() + timeout
         acquired = self._acquire(timeout)
@@ -276,6 +281,13 @@ class ServicePool:
         try:
             conn.run(txn)
             response = yield txn.result
+        except IcapUnavailable:
+            if conn.served == 0 or conn.got_bytes or retried:
+                raise
+            # A kept-alive connection the server had closed meanwhile (its keep-alive timeout,
+            # MaxKeepAliveRequests): not a failure of the service; once more on a fresh one.
+            fresh = attrs.evolve(txn, result=defer.Deferred())
+            response = yield self.transact(fresh, max(0.001, deadline - self.reactor.seconds()), retried=True)
         finally:
             if timer.active():
                 timer.cancel()

@@ -26,6 +26,7 @@ class ScriptedIcap(protocol.Protocol):
         self.factory.connections += 1
         self.factory.open += 1
         self.factory.max_open = max(self.factory.max_open, self.factory.open)
+        self.answered = 0
         self._reset()
 
     def connectionLost(self, reason=None):
@@ -50,6 +51,11 @@ class ScriptedIcap(protocol.Protocol):
                 return False
             self.head = bytes(self.buf[: end + 4])
             del self.buf[: end + 4]
+            if f.drop_reused and self.answered >= 1:
+                # As a server whose keep-alive timeout ran out just as the request came.
+                self.transport.abortConnection()
+                return False
+            self.answered += 1
             if self.head.startswith(b"OPTIONS"):
                 f.options_asked += 1
                 self.transport.write(
@@ -139,6 +145,7 @@ class ScriptedFactory(protocol.Factory):
         self.options_asked = 0
         self.delay = 0.0
         self.pending = []
+        self.drop_reused = False
 
 
 @pytest.fixture
@@ -284,6 +291,34 @@ async def test_unreachable_service_is_down():
     assert scanner.services[url].state == "down"
     assert scanner.stats()["services"][0]["reachable"] is False
     scanner.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_kept_alive_connection_the_server_closed_is_retried_once(icap_server):
+    server, url = icap_server()
+    scanner = Scanner(reactor)
+    r = rules(url)
+    await ready(scanner, r)
+    server.drop_reused = True  # every reused connection is closed when the next request arrives
+    verdict = await scanner.scan(r, b"RESPMOD", REQ, RES, held(b"data"))
+    assert verdict.outcome == "clean"
+    assert scanner.services[url].state == "ok" and scanner.services[url].failures == 0
+    scanner.stop()
+
+
+def test_options_go_stale_after_their_ttl():
+    from twisted.internet.task import Clock
+
+    from safesquid_tw.icap.client import ServicePool
+    clock = Clock()
+    pool = ServicePool(clock, codec.parse_service_url("icap://127.0.0.1:1/x"))
+    assert pool.options_stale()
+    pool.options = codec.ServiceOptions(frozenset({"RESPMOD"}), "t", 1024, True, 5, 60, frozenset(), frozenset(),
+                                        frozenset())
+    pool.options_at = clock.seconds()
+    assert not pool.options_stale() and pool.max_connections == 5
+    clock.advance(60)
+    assert pool.options_stale()
 
 
 def test_held_body_spills_to_a_file_and_reads_back():
