@@ -35,6 +35,8 @@ class _Handler(BaseHTTPRequestHandler):
             return EICAR
         if kind == "eicar-padded":  # EICAR followed by clean bytes up to `size`
             return EICAR + clean_bytes(max(0, size - len(EICAR)))
+        if kind == "modify":
+            return b"please modify-me"
         if kind == "eicar-late":  # clean bytes, then EICAR at the end (past any preview)
             return clean_bytes(max(0, size - len(EICAR))) + EICAR
         return clean_bytes(size, query.get("seed", ["clean"])[0])

@@ -214,3 +214,104 @@ class SilentServer:
 
     def close(self) -> None:
         self.sock.close()
+
+
+class ModifyingServer:
+    """A small RFC 3507 service for what c-icap's virus_scan never does: it finds EICAR (so the
+    node's self-test passes), answers 204 for ordinary bodies, and for a body containing
+    `modify-me` answers 200 with a modified message (new head field, body in upper case)."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        import socketserver
+        import threading
+
+        outer = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                try:
+                    while outer._one(self.rfile, self.wfile):
+                        pass
+                except (OSError, ValueError):
+                    pass
+
+        class Server(socketserver.ThreadingTCPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+
+        self.server = Server((host, 0), Handler)
+        self.host = host
+        self.port = self.server.server_address[1]
+        self.seen: list[bytes] = []
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"icap://{self.host}:{self.port}/modify"
+
+    @staticmethod
+    def _head(rfile) -> bytes:
+        lines = []
+        while True:
+            line = rfile.readline(65536)
+            if not line:
+                raise ValueError("closed")
+            lines.append(line)
+            if line in (b"\r\n", b"\n"):
+                return b"".join(lines)
+
+    @staticmethod
+    def _chunks(rfile) -> tuple[bytes, bool]:
+        body = bytearray()
+        while True:
+            line = rfile.readline(4096)
+            size = int(line.split(b";")[0], 16)
+            if size == 0:
+                rfile.readline()
+                return bytes(body), b"ieof" in line
+            body += rfile.read(size)
+            rfile.readline()
+
+    def _one(self, rfile, wfile) -> bool:
+        head = self._head(rfile)
+        fields = {}
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            fields[name.strip().lower()] = value.strip()
+        if head.startswith(b"OPTIONS"):
+            wfile.write(b'ICAP/1.0 200 OK\r\nMethods: RESPMOD, REQMOD\r\nISTag: "MOD-1"\r\nPreview: 16\r\n'
+                        b"Allow: 204\r\nOptions-TTL: 3600\r\nEncapsulated: null-body=0\r\n\r\n")
+            return True
+        sections = [(p.split(b"=")[0].strip(), int(p.split(b"=")[1])) for p in fields[b"encapsulated"].split(b",")]
+        heads = rfile.read(sections[-1][1])
+        body = b""
+        if sections[-1][0] != b"null-body":
+            body, ieof = self._chunks(rfile)
+            if b"preview" in fields and not ieof:
+                wfile.write(b"ICAP/1.0 100 Continue\r\n\r\n")
+                wfile.flush()
+                rest, _ = self._chunks(rfile)
+                body += rest
+        self.seen.append(body)
+        if EICAR in body:
+            res = b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\n\r\n"
+            wfile.write(b'ICAP/1.0 200 OK\r\nISTag: "MOD-1"\r\nX-Infection-Found: Type=0; Resolution=2; Threat=Mod.Test;\r\n'
+                        b"Encapsulated: res-hdr=0, res-body=%d\r\n\r\n" % len(res) + res + b"5\r\nvirus\r\n0\r\n\r\n")
+        elif b"modify-me" in body:
+            is_response = b"res-hdr" in fields[b"encapsulated"]
+            http_heads = heads.split(b"\r\n\r\n")
+            original = http_heads[1 if is_response else 0]
+            new_head = original + b"\r\nX-Modified-By: modify-service\r\n\r\n"
+            new_body = body.upper()
+            name = b"res" if is_response else b"req"
+            wfile.write(b'ICAP/1.0 200 OK\r\nISTag: "MOD-1"\r\nEncapsulated: %s-hdr=0, %s-body=%d\r\n\r\n'
+                        % (name, name, len(new_head)) + new_head
+                        + b"%x\r\n%s\r\n0\r\n\r\n" % (len(new_body), new_body))
+        else:
+            wfile.write(b'ICAP/1.0 204 No Content\r\nISTag: "MOD-1"\r\n\r\n')
+        wfile.flush()
+        return True
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -9,7 +9,7 @@ import pytest
 import harness
 from av_origin import AvOrigin, clean_bytes
 from harness import RawConnection, build_request, proxy_request
-from icap_servers import CIcap, EICAR, THREAT_NAME, Scanners, SilentServer, missing_tools
+from icap_servers import CIcap, EICAR, THREAT_NAME, ModifyingServer, Scanners, SilentServer, missing_tools
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -252,3 +252,40 @@ def test_scanning_disabled_changes_nothing(module_node_factory, origin):
     response = get(node, origin.url("/noav?kind=eicar"))
     assert response.status == 200 and response.body == EICAR
     assert "antivirus" not in node.health()[1]
+
+
+def test_a_modified_message_from_the_scanner_replaces_the_original(node_factory, origin):
+    # The 200 path other than a block: the scanner's message goes on, re-framed by the proxy.
+    service = ModifyingServer()
+    try:
+        node = node_factory.start(policy=av_policy(service.url), name="modify")
+        wait_scanner_state(node, "ok")
+        response = get(node, origin.url("/modify-dl?kind=modify&framing=chunked"))
+        assert response.status == 200
+        assert response.header("x-modified-by") == "modify-service"
+        assert response.body == b"PLEASE MODIFY-ME" and response.header("content-length") == "16"
+        assert "modified" in record_for(node, "/modify-dl")["detail"]
+        upload = proxy_request(node, "POST", origin.url("/modify-up"), body=b"upload modify-me please")
+        assert upload.status == 200
+        (seen,) = [s for s in origin.seen if s[1] == "/modify-up"]
+        assert seen[2] == b"UPLOAD MODIFY-ME PLEASE"
+        plain = get(node, origin.url("/modify-plain?size=100&seed=m"))  # 204 from the same service
+        assert plain.status == 200 and plain.body == clean_bytes(100, "m")
+    finally:
+        service.close()
+
+
+def test_a_scanner_that_comes_back_is_tested_and_used_again(node_factory, origin, tmp_path):
+    scanners = Scanners(tmp_path / "again").start()
+    try:
+        node = node_factory.start(policy=av_policy(scanners.url), name="again")
+        wait_scanner_state(node, "ok")
+        scanners.icap.stop()
+        assert get(node, origin.url("/again-down?size=10")).status == 503
+        wait_scanner_state(node, "down")
+        scanners.icap.start()  # same port
+        wait_scanner_state(node, "ok")  # the EICAR self-test passed again
+        assert get(node, origin.url("/again-eicar?kind=eicar")).status == 403
+        assert get(node, origin.url("/again-up?size=10&seed=a")).body == clean_bytes(10, "a")
+    finally:
+        scanners.stop()
