@@ -30,6 +30,8 @@ class NodeState:
     # Connections the proxy closed at its edge, by reason (ProxyFactory.edge_counters); None: no proxy.
     edge: Callable[[], dict[str, int]] | None = attrs.field(default=None, repr=False, eq=False)
     policy_since: float | None = None  # epoch seconds the policy in force was installed here
+    # The anti-virus scanner's figures (Scanner.health) on nodes that proxy: None when it is off.
+    antivirus: Callable[[], dict] | None = attrs.field(default=None, repr=False, eq=False)
 
     @property
     def ready(self) -> bool:
@@ -55,7 +57,7 @@ class NodeState:
 
     def as_health_json(self) -> dict[str, Any]:
         uptime = self.uptime_s
-        return {
+        health = {
             "role": self.role,
             "node": self.node,
             "ready": self.ready,
@@ -69,6 +71,10 @@ class NodeState:
             **{name: value for name, part in self.health_parts.items() if (value := part()) is not None},
             **({"edge": self.edge()} if self.edge is not None else {}),
         }
+        antivirus = self.antivirus() if self.antivirus is not None else None
+        if antivirus is not None:
+            health["antivirus"] = antivirus
+        return health
 
 
 __all__ = ["NodeState"]

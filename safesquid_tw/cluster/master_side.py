@@ -18,6 +18,7 @@ from twisted.spread import pb
 from zope.interface import implementer
 
 from safesquid_tw.cluster import wire
+from safesquid_tw.icap import status as antivirus_status
 from safesquid_tw.cluster.keyproof import (
     ClusterKey,
     IncompatibleVersion,
@@ -336,6 +337,7 @@ class SlaveAvatar(pb.Referenceable):
         rec.policy_version = version
         rec.policy_digest = status.get("policy_digest")
         rec.policy_source = status.get("policy_source")
+        rec.antivirus = antivirus_status.from_wire(status.get("antivirus", []))
         return None
 
     @wire.checked("avatar")

@@ -23,6 +23,7 @@ from zope.interface import implementer
 
 from safesquid_tw.accesslog.spool import Batch
 from safesquid_tw.cluster import wire
+from safesquid_tw.icap import status as antivirus_status
 from safesquid_tw.cluster.jellysafety import ClusterBroker, ClusterClientFactory
 from safesquid_tw.cluster.keyproof import ClusterKey, NodeVersion, SlaveKeyProof
 from safesquid_tw.cluster.shipper import LogShipper
@@ -342,6 +343,10 @@ class ClusterClient(MultiService):
         writer = getattr(self.shipper, "writer", None)
         if writer is not None and not writer.writable:
             status["detail"] = f"spool not writable: {writer.reason}"[:1000]
+        if state.antivirus is not None:
+            antivirus = antivirus_status.to_wire(state.antivirus())
+            if antivirus:
+                status["antivirus"] = antivirus
         self._call("report_status", status).addErrback(lambda f: None)
 
     # -- policy ---------------------------------------------------------------------------

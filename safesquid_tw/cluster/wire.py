@@ -91,6 +91,11 @@ BLOB_MANIFEST_FIELDS: dict[str, Any] = {
     "chunks": Int(0, MAX_BLOB_CHUNKS),
 }
 POLICY_MANIFEST = Record({"version": VERSION, **BLOB_MANIFEST_FIELDS})
+# One ICAP service as a slave's scanner sees it (safesquid_tw/icap/status.py).
+ANTIVIRUS_SERVICE = Record({
+    "url": Text(1024), "state": Text(16), "istag": Text(256), "scans": Int(), "detections": Int(),
+    "failures": Int(), "latency_ms": Float(-1.0),
+})
 SLAVE_STATUS = Record(
     {
         "policy_version": Int(0, MAX_INT),  # 0: the slave has no policy yet
@@ -106,10 +111,11 @@ SLAVE_STATUS = Record(
         "ready": Bool(),
         "requests_per_second": Float(),
         "directory": Text(300),  # the user directory as this node sees it (absent: none)
+        "antivirus": ListOf(ANTIVIRUS_SERVICE, 16),
     },
     optional=frozenset(
         {"counters", "detail", "clock", "policy_digest", "policy_source", "draining", "ready", "requests_per_second",
-         "directory"}
+         "directory", "antivirus"}
     ),
 )
 TASK_NAME = Text(16, re.compile(r"reload|drain|resume"), "one of reload, drain, resume")

@@ -13,6 +13,8 @@ from typing import Any, Callable, Protocol
 import attrs
 from twisted.internet import defer
 
+from safesquid_tw.icap import status as antivirus_status
+
 CLOCK_OFFSET_WARNING = 3.0  # seconds; the reference documents ask for NTP on every node
 TASKS = ("reload", "drain", "resume")
 
@@ -46,6 +48,7 @@ class SlaveRecord:
     ready: bool = False
     directory: str | None = None  # the user directory as the node sees it; None: no directory
     spool_problem: str | None = None  # why the slave cannot write its spool, while it cannot
+    antivirus: list = attrs.field(factory=list)  # the slave's ICAP services (icap/status.py)
 
     def warnings(self, current_version: int | None) -> list[str]:
         out = []
@@ -65,6 +68,7 @@ class SlaveRecord:
             out.append("draining")
         if self.directory and self.directory.startswith("unreachable"):
             out.append(f"user directory {self.directory}")
+        out.extend(antivirus_status.warnings(self.antivirus))
         return out
 
     def as_json(self, current_version: int | None = None) -> dict[str, Any]:

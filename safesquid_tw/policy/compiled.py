@@ -13,6 +13,7 @@ from typing import Any
 import attrs
 
 from safesquid_tw.identity.authenticator import DirectoryAuthenticator
+from safesquid_tw.policy.antivirus import AntivirusRules
 from safesquid_tw.policy.classify import ApplicationIndex, CategoryIndex
 from safesquid_tw.policy.content import ContentRules
 from safesquid_tw.policy.credentials import Credentials
@@ -50,6 +51,7 @@ class CompiledPolicy:
         self.content = ContentRules(document["content_security"])
         self.dlp = DlpRules(document["dlp"])
         self.tls_inspection = compile_tls_inspection(document)
+        self.antivirus = AntivirusRules.from_section(document.get("antivirus"))
         self._no_application_mask = self._rules.application_mask(None)
         # host -> (normalised host, categories, rules its host satisfies, application candidates)
         self._hosts: dict[str, tuple[str, tuple[str, ...], int, tuple[int, ...]]] = {}

@@ -12,6 +12,8 @@ import ipaddress
 from typing import Any
 
 from safesquid_tw.policy.directoryfields import check_directory, check_directory_groups
+from safesquid_tw.policy.antivirus import DEFAULTS as ANTIVIRUS_DEFAULTS
+from safesquid_tw.policy.antivirus import validate_antivirus
 from safesquid_tw.policy.errors import PolicyError
 from safesquid_tw.policy.fields import (
     DAYS,
@@ -54,7 +56,7 @@ ACCESS_RESTRICTION_DEFAULTS: dict[str, Any] = {"portal_allow": [], "slave_allow"
 _TOP = {"format": True, "comment": False, "access": True, "authentication": False, "groups": False,
         "users": False, "categories": False, "applications": False, "connect": False,
         "content_security": False, "dlp": False, "access_restriction": False, "forwarding": False,
-        "tls_inspection": False}
+        "tls_inspection": False, "antivirus": False}
 _RULE = {"name": True, "action": True, "reason": False, "enabled": False, "clients": False,
          "users": False, "groups": False, "domains": False, "url_patterns": False, "methods": False,
          "ports": False, "categories": False, "applications": False, "schedule": False}
@@ -112,6 +114,10 @@ def validate_document(doc: object) -> dict[str, Any]:
     if tls_inspection != TLS_INSPECTION_DEFAULTS:
         # Left out while it holds only its defaults, like access_restriction (digests stay put).
         canonical["tls_inspection"] = tls_inspection
+    antivirus = validate_antivirus(top.get("antivirus", {}))
+    if antivirus != ANTIVIRUS_DEFAULTS:
+        # Left out while it holds only its defaults, like access_restriction (digests stay valid).
+        canonical["antivirus"] = antivirus
     return canonical
 
 

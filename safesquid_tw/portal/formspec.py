@@ -8,6 +8,8 @@ from typing import Any
 
 import attrs
 
+from safesquid_tw.policy.antivirus import DEFAULTS as ANTIVIRUS_DEFAULTS
+from safesquid_tw.policy.antivirus import FAIL_MODES, OVERSIZE_ACTIONS
 from safesquid_tw.policy.fields import DAYS
 from safesquid_tw.policy.forwarding import MODES as FORWARDING_MODES
 from safesquid_tw.policy.tlsinspection import DEFAULTS as TLS_INSPECTION_DEFAULTS
@@ -241,6 +243,27 @@ SECTIONS: tuple[Section, ...] = (
             Field("allow_invalid_upstream_domains", "Origins whose certificate errors are tolerated", "lines",
                   "example.com or *.example.com, one per line; each use is logged"),
         ), defaults=TLS_INSPECTION_DEFAULTS),),
+    ),
+    Section(
+        "antivirus", "Anti-virus",
+        "Downloads and uploads scanned over ICAP (c-icap with ClamAV, or any RFC 3507 service) before "
+        "they are released.",
+        objects=(ObjectForm("antivirus", "Scanning", ("antivirus",), (
+            Field("enabled", "Scan for viruses", "bool"),
+            Field("icap_services", "ICAP services", "lines",
+                  "icap://host:port/service, one per line, used in turn (the next when one fails); "
+                  "icap://127.0.0.1:1344/avscan means each node's own scanner"),
+            Field("scan_downloads", "Scan downloads", "bool"),
+            Field("scan_uploads", "Scan uploads", "bool"),
+            Field("max_scan_bytes", "Largest object scanned (bytes)", "int"),
+            Field("oversize_action", "Larger objects", "select", choices=OVERSIZE_ACTIONS),
+            Field("skip_mime_types", "MIME types not scanned", "lines", "type/subtype or type/*, one per line"),
+            Field("timeout_seconds", "Scanner timeout (seconds)", "int"),
+            Field("fail_mode", "When no scanner answers", "select", "closed: refuse (503); open: let it "
+                  "through unscanned", choices=FAIL_MODES),
+            Field("self_test_seconds", "EICAR self-test every (seconds)", "int"),
+            Field("verdict_cache_seconds", "Remember clean verdicts for (seconds)", "int", "0: never"),
+        ), defaults=ANTIVIRUS_DEFAULTS),),
     ),
 )
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from twisted.logger import Logger
 
-from safesquid_tw.proxy import http1
+from safesquid_tw.proxy import avscan, http1
 from safesquid_tw.proxy.errors import ProxyFailure
 from safesquid_tw.proxy.headers import strip_hop_by_hop
 from safesquid_tw.proxy.upstream import UpstreamConnection
@@ -46,9 +46,15 @@ class Exchange:
         self._finished = False
         self._retried = False
         self.upgrade = False
+        self.av: avscan.DownloadHold | None = None  # a response body held for its virus scan
+        self.av_upload: avscan.UploadHold | None = None  # a request body held for its virus scan
 
     # -- connecting -----------------------------------------------------------------------
     def start(self) -> None:
+        if self.av_upload is None:
+            self.av_upload = avscan.hold_upload(self)
+            if self.av_upload is not None:
+                return  # the origin is contacted after the verdict (UploadHold.release)
         pool = self.conn.factory.pool
         key = (self.ctx.target.scheme, self.ctx.target.host, self.ctx.target.port)
         idle = None if self.upgrade else pool.take_idle(key)
@@ -74,6 +80,8 @@ class Exchange:
             return
         self.upstream = upstream
         upstream.start_request(self, self.request_bytes, self.ctx.method)
+        if self.av_upload is not None and self.av_upload.attached(upstream):
+            return
         for data in self._held:
             upstream.send_body(data)
         self._held = []
@@ -86,6 +94,9 @@ class Exchange:
 
     # -- request body ---------------------------------------------------------------------
     def body_data(self, data: bytes) -> None:
+        if self.av_upload is not None and self.av_upload.holding:
+            self.av_upload.data(data)
+            return
         if self._chunked_out:
             data = http1.encode_chunk(data)
         self._send(data)
@@ -100,6 +111,10 @@ class Exchange:
             self.upstream.send_body(data)
 
     def body_end(self) -> None:
+        if self.av_upload is not None and self.av_upload.holding:
+            self._body_done = True
+            self.av_upload.done()
+            return
         self._body_done = True
         if self._chunked_out:
             self._send(http1.LAST_CHUNK)
@@ -135,6 +150,10 @@ class Exchange:
                                    "the origin used a transfer coding an HTTP/1.0 client cannot take"))
             return
         ctx.status = head.status
+        if self.av is None:
+            self.av = avscan.hold_download(self, head, framing)
+            if self.av is not None:
+                return  # the head goes out with the body, after the verdict
         # The framing headers are the proxy's to set: the origin's Content-Length must not
         # travel beside ours (two lengths are exactly what request smugglers look for).
         # (A response without a body, to HEAD or a 304, keeps the origin's validated length.)
@@ -165,6 +184,9 @@ class Exchange:
         if self.upgrade:
             self.conn.write(data)
             return
+        if self.av is not None and self.av.holding:
+            self.av.data(data)
+            return
         self._sent_body += len(data)
         if self._max_download is not None and self._sent_body > self._max_download:
             self.ctx.detail = f"download cut off: larger than {self._max_download} bytes"
@@ -180,6 +202,9 @@ class Exchange:
 
     def upstream_done(self) -> None:
         if self._finished:
+            return
+        if self.av is not None and self.av.holding:
+            self.av.done()
             return
         if self._response_started:
             self.conn.transport.unregisterProducer()

@@ -23,7 +23,7 @@ from safesquid_tw.identity.errors import DirectoryUnavailable, NegotiateError
 from safesquid_tw.identity.negotiate import negotiate_token
 from safesquid_tw.policy.forwarding import rewrite as rewrite_forwarded
 from safesquid_tw.policy.model import MISS, RequestFacts
-from safesquid_tw.proxy import http1
+from safesquid_tw.proxy import avscan, http1
 from safesquid_tw.proxy.answers import SelfAnswers
 from safesquid_tw.proxy.context import HeaderView, RequestContext, basic_credentials
 from safesquid_tw.proxy.errors import ProxyFailure
@@ -521,6 +521,7 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
             and not body
         )
         scan_body = body and compiled.dlp.scans_bodies
+        av_upload = body and avscan.holds_uploads(ctx)  # held for a virus scan before the origin
         expect = head.get(b"expect")
         if expect is not None and expect.lower() != b"100-continue":
             self._respond_error(ctx, 417, "only the 100-continue expectation is supported", "http_request_error")
@@ -539,7 +540,7 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
                 pass
         elif max_forwards is not None:
             headers.append((b"Max-Forwards", max_forwards))
-        if expect is not None and not scan_body:
+        if expect is not None and not scan_body and not av_upload:
             headers.append((b"Expect", b"100-continue"))
         forwarding = compiled.forwarding
         headers = rewrite_forwarded(headers, forwarding.mode, self.peer_ip, self.client_ip)
@@ -568,6 +569,8 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
                     self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             else:
                 exchange.start()
+                if av_upload and expect is not None and ctx.version == b"HTTP/1.1" and self.state == "body":
+                    self.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # the body is held here, not at the origin
         else:
             self.state = "waiting"
             exchange.start()

@@ -14,6 +14,7 @@ from twisted.python.threadpool import ThreadPool
 from safesquid_tw.accesslog.record import AccessRecord
 from safesquid_tw.config import Limits
 from safesquid_tw.proxy.counters import ProxyCounters
+from safesquid_tw.icap.scanner import Scanner
 from safesquid_tw.proxy.errors import ProxyFailure, error_response, proxy_status_value
 from safesquid_tw.proxy.context import RequestContext
 from safesquid_tw.proxy.frontdoor import ClientConnection
@@ -84,6 +85,7 @@ class ProxyFactory(protocol.Factory):
         self.first_byte_timeouts = 0  # no first request byte within --first-byte-timeout
         self.per_client: dict[str, int] = {}  # open connections per client address
         self._limit_logged = float("-inf")
+        self.antivirus = Scanner(reactor)  # ICAP services of the policy's antivirus section
 
     def buildProtocol(self, addr):
         if len(self.connections) >= self.limits.max_connections or self.draining:
@@ -278,6 +280,7 @@ class ProxyService(Service):
         for conn in list(factory.connections):
             conn.transport.abortConnection()
         factory.pool.close_idle()
+        factory.antivirus.stop()
         self.resolver.stop()
         factory.auth_pool.stop()
 

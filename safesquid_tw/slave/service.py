@@ -101,6 +101,9 @@ def build_proxy_node(config: NodeConfig, reactor) -> MultiService:
         resolver=resolver,
         negotiate=_negotiate_acceptor(config),
     )
+    # The anti-virus scanner follows every policy version (its services, self-tests, limits).
+    store.add_observer(lambda policy: reactor.callFromThread(factory.antivirus.configure, policy.compiled.antivirus))
+    base.state.antivirus = factory.antivirus.health
     proxy = ProxyService(reactor, config.listen_endpoints, factory, resolver, stop_grace=config.stop_grace,
                          proxy_protocol_from=config.proxy_protocol_from)
     from safesquid_tw.proxy.intercept.wiring import install_interception, open_ca_store

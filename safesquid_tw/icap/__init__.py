@@ -1,0 +1,1 @@
+"""An ICAP (RFC 3507) client for content scanning services."""
