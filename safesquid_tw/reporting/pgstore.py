@@ -1,0 +1,628 @@
+"""The report store in PostgreSQL: the same interface as the embedded SQLite store.
+
+Ingest keeps the SQLite store's promises: a record is named by (node, segment, seq) and stored
+once however often it is shipped; a batch is stored all or nothing; `ingest` returns only once
+the batch is committed (synchronous_commit: durable), so the master acknowledges only then and a
+slave re-ships after any failure, the database being down included.
+
+How a batch travels: the JSON is parsed and checked in the calling worker thread, outside any
+lock, into ready-made COPY text and roll-up increments. One writer connection, behind a lock,
+commits: batches that arrive while a commit is in flight are taken along by the next one (group
+commit), each in its own savepoint; the names already stored are looked up with one indexed query
+per batch (pruned to the partitions of the batch's times), the new rows go in with COPY, and the
+roll-up increments of the whole group are merged and upserted with one statement per table.
+
+Reads go through a small connection pool (psycopg-pool), to `read_url` when given (a replica).
+`reader()` returns an object with the `execute(sql, params)` of a sqlite3 connection, so that the
+roll-up queries of `reporting.aggregate` run unchanged here: it rewrites `?` and `?N` to psycopg
+placeholders and returns whole numbers for SQL sums.
+
+Every method blocks on the network: call it in a worker thread. When the database is unreachable
+the methods raise `StoreUnavailable` (quickly: a failed connection is not retried for a few
+seconds), which the portal turns into a "report store unavailable" page.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import threading
+import time
+from decimal import Decimal
+from typing import Any, Callable, Iterable
+
+import psycopg
+from psycopg.adapt import Loader
+from psycopg_pool import ConnectionPool
+
+from safesquid_tw.reporting import pgschema
+from safesquid_tw.reporting.rows import MalformedRecord, record_row
+from safesquid_tw.reporting.store import IngestResult, _rollups
+
+RETRY_CONNECT_AFTER = 2.0  # seconds a failed connection is remembered before trying again
+CONNECT_TIMEOUT = 5
+_INT32 = 2**31
+_INT64 = 2**63
+
+_COPY_COLUMNS = (
+    'node, segment, seq, time, client, "user", method, url, host, host_rev, status, bytes_in,'
+    " bytes_out, duration_ms, action, rule, category, application, policy_version, dlp, detail,"
+    " transfer, tls"
+)
+_SELECT = (
+    'node, segment, seq, extract(epoch FROM time)::double precision, client, "user", method, url,'
+    " host, status, bytes_in, bytes_out, duration_ms, action, rule, category, application,"
+    " policy_version, dlp, detail"
+)
+_COLUMNS = (
+    "node", "segment", "seq", "time", "client", "user", "method", "url", "host", "status",
+    "bytes_in", "bytes_out", "duration_ms", "action", "rule", "category", "application",
+    "policy_version", "dlp", "detail",
+)  # fmt: skip
+_FILTERS = frozenset(
+    {"start", "end", "node", "user", "client", "domain", "rule", "status", "action", "category"}
+)
+# COPY text format: backslash, tab, newline and carriage return are escaped; PostgreSQL text
+# cannot hold NUL at all, so it is dropped rather than failing the whole batch.
+_JSON_NUL = "\\u0000"  # jsonb refuses it too
+_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r", "\x00": ""})
+
+
+class StoreUnavailable(RuntimeError):
+    """The report database cannot be reached (or answered with a connection-level error)."""
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return "\\N"
+    return str(value).translate(_ESCAPES)
+
+
+class _Clock:
+    """'YYYY-MM-DD HH:MM:SS' of the last second formatted: records of a batch share seconds."""
+
+    def __init__(self) -> None:
+        self.second = -1
+        self.prefix = ""
+
+    def format(self, epoch: float) -> str:
+        second = int(epoch // 1)
+        if second != self.second:
+            self.second = second
+            self.prefix = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(second))
+        micros = round((epoch - second) * 1_000_000)
+        if micros >= 1_000_000:  # rounding reached the next second
+            return self.format(second + 1.0)
+        return f"{self.prefix}.{micros:06d}+00"
+
+
+class _Batch:
+    __slots__ = ("key", "times", "days", "lines", "seqs", "rows", "quarantine", "result", "error")
+
+    def __init__(self, key: tuple[str, int, int, int]) -> None:
+        self.key = key
+        self.times = (0.0, 0.0)
+        self.days: set[int] = set()
+        self.lines: list[str] = []  # COPY lines, one per row of `rows`
+        self.seqs: list[int] = []
+        self.rows: list[tuple[Any, ...]] = []  # (node, segment, seq, *record_row) for roll-ups
+        self.quarantine: list[tuple[Any, ...]] = []
+        self.result: IngestResult | None = None
+        self.error: BaseException | None = None
+
+
+def _optional_text(obj: dict[str, Any], key: str) -> str | None:
+    value = obj.get(key)
+    return value if isinstance(value, str) else None
+
+
+def _prepare(node: str, segment: int, first_seq: int, records: list[bytes], received: float) -> _Batch:
+    batch = _Batch((node, segment, first_seq, first_seq + len(records) - 1))
+    clock = _Clock()
+    loads = json.loads
+    prefix = f"{_text(node)}\t{segment}\t"
+    lines, rows, seqs = batch.lines, batch.rows, batch.seqs
+    low, high = float("inf"), float("-inf")
+    for seq, raw in enumerate(records, first_seq):
+        try:
+            obj = loads(raw)
+            row = record_row(obj)
+            (when, _minute, client, user, method, url, host, host_rev, status, bytes_in, bytes_out,
+             duration, action, rule, category, application, version, dlp, detail) = row[:19]
+            if status is not None and not -_INT32 <= status < _INT32:
+                raise MalformedRecord(f"'status' out of range: {status!r}")
+            if bytes_in >= _INT64 or bytes_out >= _INT64:
+                raise MalformedRecord("byte counts out of range")
+            if not -62135596800.0 <= when < 253402300800.0:  # years 1 to 9999
+                raise MalformedRecord(f"'ts' out of range: {when!r}")
+        except MalformedRecord as e:
+            batch.quarantine.append((node, segment, seq, received, str(e), bytes(raw)))
+            continue
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            batch.quarantine.append((node, segment, seq, received, f"not JSON: {e}", bytes(raw)))
+            continue
+        if when < low:
+            low = when
+        if when > high:
+            high = when
+        lines.append(
+            f"{prefix}{seq}\t{clock.format(when)}\t{_text(client)}\t{_text(user)}\t{_text(method)}\t"
+            f"{_text(url)}\t{_text(host)}\t{_text(host_rev)}\t{_text(status)}\t{bytes_in}\t{bytes_out}\t"
+            f"{_text(duration)}\t{_text(action)}\t{_text(rule)}\t{_text(category)}\t{_text(application)}\t"
+            f"{_text(version)}\t{_text(dlp.replace(_JSON_NUL, '') if dlp else None)}\t{_text(detail)}\t"
+            f"{_text(_optional_text(obj, 'transfer'))}\t{_text(_optional_text(obj, 'tls'))}\n"
+        )
+        seqs.append(seq)
+        rows.append((node, segment, seq, *row))
+    if rows:
+        batch.times = (low, high)
+        first_day, last_day = pgschema.day_of(low), pgschema.day_of(high)
+        batch.days = set(range(first_day, last_day + 1)) if last_day - first_day < 3 else {
+            pgschema.day_of(r[3]) for r in rows}
+    return batch
+
+
+class _WholeNumbers(Loader):
+    """numeric -> int when whole (sums of bigint columns), else float: like SQLite's sum()."""
+
+    def load(self, data: Any) -> Any:
+        value = Decimal(bytes(data).decode())
+        return int(value) if value == value.to_integral_value() else float(value)
+
+
+def _configure(conn: psycopg.Connection) -> None:
+    conn.adapters.register_loader("numeric", _WholeNumbers)
+
+
+_PLACEHOLDER = re.compile(r"\?(\d*)")
+
+
+def _translate(sql: str, params: Iterable[Any]) -> tuple[str, list[Any]]:
+    """sqlite3 placeholders (`?`, `?N`) -> psycopg's `%s`, with the parameters in order."""
+    params = list(params)
+    ordered: list[Any] = []
+    position = 0
+
+    def replace(match: re.Match[str]) -> str:
+        nonlocal position
+        if match.group(1):
+            ordered.append(params[int(match.group(1)) - 1])
+        else:
+            ordered.append(params[position])
+            position += 1
+        return "%s"
+
+    return _PLACEHOLDER.sub(replace, sql.replace("%", "%%")), ordered
+
+
+class _Rows:
+    def __init__(self, rows: list[tuple[Any, ...]], rowcount: int) -> None:
+        self._rows = rows
+        self.rowcount = rowcount
+
+    def fetchone(self) -> tuple[Any, ...] | None:
+        return self._rows[0] if self._rows else None
+
+    def fetchall(self) -> list[tuple[Any, ...]]:
+        return list(self._rows)
+
+    def __iter__(self):
+        return iter(self._rows)
+
+
+class _Reader:
+    """A sqlite3-like `execute` over the read pool (for `reporting.aggregate`)."""
+
+    def __init__(self, store: "PostgresReportStore") -> None:
+        self._store = store
+
+    def execute(self, sql: str, params: Iterable[Any] = ()) -> _Rows:
+        sql, ordered = _translate(sql, params)
+        with self._store._read() as conn:
+            cur = conn.execute(sql, ordered)
+            rows = cur.fetchall() if cur.description is not None else []
+            return _Rows(rows, cur.rowcount)
+
+
+class PostgresReportStore:
+    """Access records of every node, their roll-ups, quarantined records and drop counters."""
+
+    backend = "postgresql"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        read_url: str | None = None,
+        password: str | None = None,
+        wall_clock: Callable[[], float] = time.time,
+        pool_size: int = 4,
+    ) -> None:
+        self.url = url
+        self.read_url = read_url or url
+        self._kwargs: dict[str, Any] = {"connect_timeout": CONNECT_TIMEOUT, "application_name": "safesquid-tw"}
+        if password is not None:
+            self._kwargs["password"] = password
+        self._wall_clock = wall_clock
+        self._write_lock = threading.Lock()
+        self._queue_lock = threading.Lock()
+        self._queue: list[_Batch] = []
+        self._writer: psycopg.Connection | None = None
+        self._failed_at = 0.0
+        self._days: set[int] = set()
+        with self._write_lock:
+            conn = self._connection()  # fails here, at start, if the database is unusable
+            pgschema.migrate(conn)
+            self._days = pgschema.partitioned_days(conn)
+            self._ensure_days(conn, self._days_ahead())
+        self._pool = ConnectionPool(
+            self.read_url,
+            min_size=1,
+            max_size=pool_size,
+            kwargs={**self._kwargs, "autocommit": True},
+            configure=_configure,
+            check=ConnectionPool.check_connection,
+            timeout=CONNECT_TIMEOUT,
+            reconnect_timeout=0,
+            open=False,
+            name="report-reads",
+        )
+        self._pool.open(wait=False)
+
+    def close(self) -> None:
+        self._pool.close()
+        with self._write_lock:
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+
+    # -- connections ----------------------------------------------------------------------------
+
+    def _connection(self) -> psycopg.Connection:
+        """The writer connection (under the write lock), reconnected after a failure."""
+        if self._writer is not None and not self._writer.closed:
+            return self._writer
+        if time.monotonic() - self._failed_at < RETRY_CONNECT_AFTER:
+            raise StoreUnavailable("the report database was unreachable moments ago")
+        try:
+            conn = psycopg.connect(self.url, autocommit=True, **self._kwargs)
+        except psycopg.OperationalError as e:
+            self._failed_at = time.monotonic()
+            raise StoreUnavailable(f"cannot reach the report database: {_first_line(e)}") from None
+        _configure(conn)
+        self._writer = conn
+        return conn
+
+    def _broken(self, error: BaseException) -> BaseException:
+        """After an error: drop a dead writer connection; name unavailability as such."""
+        if self._writer is not None and (self._writer.closed or self._writer.broken):
+            self._writer.close()
+            self._writer = None
+            self._failed_at = time.monotonic()
+        if isinstance(error, psycopg.OperationalError):
+            return StoreUnavailable(f"the report database failed: {_first_line(error)}")
+        return error
+
+    def _read(self):
+        store = self
+
+        class _Lease:
+            def __enter__(self_inner) -> psycopg.Connection:
+                try:
+                    self_inner.cm = store._pool.connection()
+                    return self_inner.cm.__enter__()
+                except (psycopg.OperationalError, psycopg_pool_errors()) as e:
+                    raise StoreUnavailable(f"cannot reach the report database: {_first_line(e)}") from None
+
+            def __exit__(self_inner, *exc: Any) -> None:
+                self_inner.cm.__exit__(*exc)
+                if exc[0] is not None and issubclass(exc[0], psycopg.OperationalError):
+                    raise StoreUnavailable(f"the report database failed: {_first_line(exc[1])}") from None
+
+        return _Lease()
+
+    def reader(self) -> _Reader:
+        """A sqlite3-like handle for read-only queries (roll-ups, counts)."""
+        return _Reader(self)
+
+    def available(self) -> bool:
+        try:
+            self.reader().execute("SELECT 1")
+            return True
+        except StoreUnavailable:
+            return False
+
+    # -- writing --------------------------------------------------------------------------------
+
+    def ingest(self, node: str, segment: int, first_seq: int, records: list[bytes]) -> IngestResult:
+        """Store a batch (record i is (node, segment, first_seq + i)) all or nothing, durably.
+
+        Blocks on the network: call it in a worker thread. Concurrent calls share commits.
+        """
+        batch = _prepare(node, segment, first_seq, records, self._wall_clock())
+        with self._queue_lock:
+            self._queue.append(batch)
+        with self._write_lock:
+            if batch.result is None and batch.error is None:  # nobody took it along: lead
+                with self._queue_lock:
+                    group, self._queue = self._queue, []
+                self._commit(group, leader=batch)
+        if batch.error is not None:
+            raise batch.error
+        assert batch.result is not None
+        return batch.result
+
+    def ingest_many(
+        self, batches: Iterable[tuple[str, int, int, list[bytes]]]
+    ) -> list[IngestResult | Exception]:
+        """Several (node, segment, first_seq, records) batches in one commit; each is stored
+        all or nothing, and its place in the answer holds its result or its error."""
+        prepared = [_prepare(*batch, self._wall_clock()) for batch in batches]
+        with self._write_lock:
+            self._commit(prepared, leader=None)
+        return [b.error if b.error is not None else b.result for b in prepared]  # type: ignore[misc]
+
+    def _days_ahead(self) -> set[int]:
+        today = pgschema.day_of(self._wall_clock())
+        return {today - 1, today, today + 1, today + 2}
+
+    def _ensure_days(self, conn: psycopg.Connection, days: set[int]) -> None:
+        missing = pgschema.wanted_days(days, self._wall_clock()) - self._days
+        for day in sorted(missing):
+            with conn.transaction():
+                pgschema.create_day(conn, day)
+            self._days.add(day)
+
+    def _commit(self, group: list[_Batch], leader: _Batch | None) -> None:
+        try:
+            conn = self._connection()
+            days: set[int] = set()
+            for batch in group:
+                days |= batch.days
+            if not days <= self._days:
+                self._ensure_days(conn, days)
+            stored: list[list[tuple[Any, ...]]] = []
+            with conn.transaction():
+                for batch in group:
+                    try:
+                        with conn.transaction():
+                            batch.result, rows = self._store(conn, batch)
+                        stored.append(rows)
+                    except psycopg.OperationalError:
+                        raise
+                    except Exception as e:
+                        batch.error = e
+                self._bump(conn, stored)
+        except BaseException as e:
+            error = self._broken(e)
+            for batch in group:
+                batch.result = None
+                batch.error = error if batch is leader else copy.copy(error)
+            if leader is None:
+                raise error from None
+
+    def _store(self, conn: psycopg.Connection, batch: _Batch) -> tuple[IngestResult, list[tuple[Any, ...]]]:
+        """Insert what is new of a batch; return its counts and the rows to count in roll-ups."""
+        if not batch.rows and not batch.quarantine:
+            return IngestResult(0, 0, 0), []
+        node, segment, first, last = batch.key
+        low, high = batch.times
+        if batch.rows:
+            existing_sql = (
+                "SELECT seq FROM requests WHERE node = %(n)s AND segment = %(s)s AND seq BETWEEN %(f)s AND %(l)s"
+                " AND time >= to_timestamp(%(lo)s) - interval '1 second' AND time <= to_timestamp(%(hi)s) + interval '1 second'"
+                " UNION ALL SELECT seq FROM quarantine WHERE node = %(n)s AND segment = %(s)s AND seq BETWEEN %(f)s AND %(l)s"
+            )
+        else:
+            existing_sql = (
+                "SELECT seq FROM quarantine WHERE node = %(n)s AND segment = %(s)s AND seq BETWEEN %(f)s AND %(l)s"
+            )
+        params = {"n": node, "s": segment, "f": first, "l": last, "lo": low, "hi": high}
+        existing = {seq for (seq,) in conn.execute(existing_sql, params)}
+        lines, rows, quarantine = batch.lines, batch.rows, batch.quarantine
+        if existing:  # a re-shipped batch: keep only the records never seen
+            keep = [i for i, seq in enumerate(batch.seqs) if seq not in existing]
+            lines = [lines[i] for i in keep]
+            rows = [rows[i] for i in keep]
+            quarantine = [q for q in quarantine if q[2] not in existing]
+        if lines:
+            with conn.cursor().copy(f"COPY requests ({_COPY_COLUMNS}) FROM STDIN") as cp:
+                cp.write("".join(lines).encode("utf-8", "replace"))
+        if quarantine:
+            with conn.cursor().copy(
+                "COPY quarantine (node, segment, seq, received, reason, raw) FROM STDIN"
+            ) as cp:
+                for entry in quarantine:
+                    cp.write_row(entry)
+        return IngestResult(len(lines), len(existing), len(quarantine)), rows
+
+    def _bump(self, conn: psycopg.Connection, stored: list[list[tuple[Any, ...]]]) -> None:
+        """Add the roll-up increments of every stored batch: one statement per table."""
+        rows = [row for batch_rows in stored for row in batch_rows]
+        if not rows:
+            return
+        minutes, hours, tops = _rollups(rows)
+        for table, increments in (("rollup_minute", minutes), ("rollup_hour", hours)):
+            columns = list(zip(*increments))
+            conn.execute(
+                f"INSERT INTO {table} (bucket, node, requests, blocked, bytes_in, bytes_out)"
+                " SELECT * FROM unnest(%s::bigint[], %s::text[], %s::bigint[], %s::bigint[],"
+                " %s::bigint[], %s::bigint[]) ON CONFLICT (bucket, node) DO UPDATE SET"
+                f" requests = {table}.requests + excluded.requests,"
+                f" blocked = {table}.blocked + excluded.blocked,"
+                f" bytes_in = {table}.bytes_in + excluded.bytes_in,"
+                f" bytes_out = {table}.bytes_out + excluded.bytes_out",
+                [list(c) for c in columns],
+            )
+        if tops:
+            columns = list(zip(*tops))
+            keys = [_clean(key) for key in columns[3]]
+            conn.execute(
+                "INSERT INTO rollup_top (dimension, bucket, node, key, requests, blocked, bytes)"
+                " SELECT dimension, bucket, node, key, sum(requests), sum(blocked), sum(bytes) FROM"
+                " unnest(%s::text[], %s::bigint[], %s::text[], %s::text[], %s::bigint[], %s::bigint[],"
+                " %s::bigint[]) AS t(dimension, bucket, node, key, requests, blocked, bytes)"
+                " GROUP BY dimension, bucket, node, key"
+                " ON CONFLICT (dimension, bucket, node, key) DO UPDATE SET"
+                " requests = rollup_top.requests + excluded.requests,"
+                " blocked = rollup_top.blocked + excluded.blocked, bytes = rollup_top.bytes + excluded.bytes",
+                [list(columns[0]), list(columns[1]), list(columns[2]), keys, list(columns[4]),
+                 list(columns[5]), list(columns[6])],
+            )
+
+    def record_dropped(self, node: str, total_dropped: int) -> None:
+        """A node's running total of records its spool dropped at its size cap (the larger of
+        the stored and reported totals wins: a late message cannot lower it)."""
+        self._write(
+            "INSERT INTO node_drops (node, total_dropped, reported) VALUES (%s, %s, %s)"
+            " ON CONFLICT (node) DO UPDATE SET reported = excluded.reported,"
+            " total_dropped = greatest(node_drops.total_dropped, excluded.total_dropped)",
+            (node, int(total_dropped), self._wall_clock()),
+        )
+
+    def _write(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> int:
+        with self._write_lock:
+            try:
+                return self._connection().execute(sql, params).rowcount
+            except Exception as e:
+                raise self._broken(e) from None
+
+    def prune(self, older_than: float, batch: int = 0) -> int:
+        """Drop the day partitions that end by `older_than`, delete older records of the day it
+        falls in, roll-up buckets that end by then and quarantined records received before
+        then; create the partitions of the coming days. Returns the records removed.
+        (`batch` is accepted for the SQLite store's signature: a partition goes at once.)"""
+        cutoff_day = pgschema.day_of(older_than)
+        with self._write_lock:
+            try:
+                conn = self._connection()
+                self._ensure_days(conn, self._days_ahead())
+                removed = 0
+                for day in sorted(d for d in pgschema.partitioned_days(conn) if d < cutoff_day):
+                    name = pgschema.partition_name(day)
+                    with conn.transaction():
+                        removed += conn.execute(f"SELECT count(*) FROM {name}").fetchone()[0]
+                        conn.execute(f"DROP TABLE {name}")
+                    self._days.discard(day)
+                with conn.transaction():
+                    removed += conn.execute(
+                        "DELETE FROM requests WHERE time < to_timestamp(%s)", (older_than,)
+                    ).rowcount
+                    conn.execute("DELETE FROM quarantine WHERE received < %s", (older_than,))
+                    for table, span in (("rollup_minute", 60), ("rollup_hour", 3600), ("rollup_top", 3600)):
+                        conn.execute(f"DELETE FROM {table} WHERE bucket <= %s", (older_than - span,))
+                return removed
+            except Exception as e:
+                raise self._broken(e) from None
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def _query(self, sql: str, params: list[Any] | tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with self._read() as conn:
+            return conn.execute(sql, params).fetchall()
+
+    def count(self, **filters: Any) -> int:
+        """Records matching the filters of `search` (all optional)."""
+        where, params = _where(filters)
+        return self._query(f"SELECT count(*) FROM requests{where}", params)[0][0]
+
+    def search(
+        self,
+        *,
+        start: float,
+        end: float,
+        node: str | None = None,
+        user: str | None = None,
+        client: str | None = None,
+        domain: str | None = None,
+        rule: str | None = None,
+        status: int | None = None,
+        action: str | None = None,
+        category: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> list[dict[str, Any]]:
+        """Records with start <= time < end matching every filter given, newest first.
+
+        `domain` matches that host and its subdomains; the others match exactly.
+        """
+        filters = {
+            "start": start, "end": end, "node": node, "user": user, "client": client,
+            "domain": domain, "rule": rule, "status": status, "action": action, "category": category,
+        }  # fmt: skip
+        where, params = _where(filters)
+        rows = self._query(
+            f"SELECT {_SELECT} FROM requests{where} ORDER BY time DESC, node, segment DESC, seq DESC"
+            " LIMIT %s OFFSET %s",
+            [*params, int(limit), int(offset)],
+        )
+        found = []
+        for row in rows:
+            record = dict(zip(_COLUMNS, row))
+            record["dlp"] = record["dlp"] or []
+            version = record["policy_version"]
+            if version is not None and version.lstrip("-").isdigit():
+                record["policy_version"] = int(version)
+            found.append(record)
+        return found
+
+    def quarantined(self, *, node: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        """Records that could not be stored, newest first, with the reason and the raw bytes."""
+        sql = "SELECT node, segment, seq, received, reason, raw FROM quarantine"
+        params: list[Any] = []
+        if node is not None:
+            sql, params = sql + " WHERE node = %s", [node]
+        rows = self._query(sql + " ORDER BY received DESC LIMIT %s", [*params, limit])
+        keys = ("node", "segment", "seq", "received", "reason", "raw")
+        return [dict(zip(keys, row)) for row in rows]
+
+    def dropped_totals(self) -> dict[str, int]:
+        """Per node, the records its spool dropped at the cap (as last reported)."""
+        return dict(self._query("SELECT node, total_dropped FROM node_drops ORDER BY node"))
+
+
+def _clean(value: Any) -> Any:
+    return value.replace("\x00", "") if isinstance(value, str) else value
+
+
+def _first_line(error: BaseException | None) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def psycopg_pool_errors() -> type[BaseException]:
+    from psycopg_pool import PoolTimeout
+
+    return PoolTimeout
+
+
+def _where(filters: dict[str, Any]) -> tuple[str, list[Any]]:
+    unknown = set(filters) - _FILTERS
+    if unknown:
+        raise TypeError(f"unknown record filters: {', '.join(sorted(unknown))}")
+    clauses: list[str] = []
+    params: list[Any] = []
+    start, end = filters.get("start"), filters.get("end")
+    if start is not None:
+        clauses.append("time >= to_timestamp(%s)")
+        params.append(float(start))
+    if end is not None:
+        clauses.append("time < to_timestamp(%s)")
+        params.append(float(end))
+    for key in ("node", "client", "rule", "status", "action", "category"):
+        if filters.get(key) is not None:
+            clauses.append(f"{key} = %s")
+            params.append(filters[key])
+    if filters.get("user") is not None:
+        clauses.append('"user" = %s')
+        params.append(filters["user"])
+    domain = filters.get("domain")
+    if domain is not None:
+        reversed_domain = domain.lower().rstrip(".")[::-1]
+        # host_rev is collated "C": [d, d + "/") is one index range holding d and d + "." + ...
+        clauses.append("host_rev >= %s AND host_rev < %s AND (host_rev = %s OR substr(host_rev, %s, 1) = '.')")
+        params += [reversed_domain, reversed_domain + "/", reversed_domain, len(reversed_domain) + 1]
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
+
+
+__all__ = ["PostgresReportStore", "StoreUnavailable"]
