@@ -54,6 +54,9 @@ class NodeConfig:
     spool_cap_bytes: int = 512 * 1024 * 1024
     report_retention_days: float = 90.0  # the report store keeps records this long
     limits: Limits = attrs.field(factory=Limits)
+    report_store: str = "sqlite"  # or postgresql://user@host:port/dbname (master, standalone)
+    report_read_url: str | None = None  # a read replica for report pages and searches
+    report_store_password_file: str | None = None
 
     @property
     def serves_proxy(self) -> bool:

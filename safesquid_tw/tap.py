@@ -74,6 +74,11 @@ class Options(usage.Options):
          _number("report-retention-days", float)],
         ["spool-cap-bytes", None, 512 * 1024 * 1024, "most bytes of unshipped access records kept on disk",
          _number("spool-cap-bytes", int)],
+        ["report-store", None, "sqlite",
+         "where the reports live (master, standalone): sqlite (embedded) or postgresql://USER@HOST:PORT/DB"],
+        ["report-read-url", None, None, "postgresql:// URL of a read replica for report pages and searches"],
+        ["report-store-password-file", None, None,
+         "file whose first line is the report database's password (else PGPASSFILE / ~/.pgpass)"],
     ] + [
         [name, None, getattr(Limits(), name.replace("-", "_")), doc, _number(name, kind)]
         for name, doc, kind in _LIMIT_OPTIONS
@@ -135,6 +140,7 @@ def options_to_config(opts: usage.Options) -> NodeConfig:
             raise usage.UsageError(f"--{name} must be a positive number")
     if opts["stop-grace"] < 0:
         raise usage.UsageError("--stop-grace must be zero or more seconds")
+    _check_report_store(opts)
     if key_file:
         from safesquid_tw.config import read_activation_key
 
@@ -161,6 +167,9 @@ def options_to_config(opts: usage.Options) -> NodeConfig:
         report_retention_days=opts["report-retention-days"],
         spool_cap_bytes=opts["spool-cap-bytes"],
         limits=limits,
+        report_store=opts["report-store"],
+        report_read_url=opts["report-read-url"],
+        report_store_password_file=opts["report-store-password-file"],
     )
     if opts["node-name"]:
         fields["node_name"] = opts["node-name"]
@@ -174,6 +183,26 @@ def options_to_config(opts: usage.Options) -> NodeConfig:
         except (OSError, PolicyError) as e:
             raise usage.UsageError(f"--policy {config.policy_file}: {e}")
     return config
+
+
+def _check_report_store(opts: usage.Options) -> None:
+    from safesquid_tw.reporting.backend import ReportStoreError, check_url
+
+    try:
+        check_url("report-store", opts["report-store"])
+        if opts["report-read-url"]:
+            if opts["report-store"] == "sqlite":
+                raise ReportStoreError("--report-read-url needs --report-store=postgresql://...")
+            check_url("report-read-url", opts["report-read-url"])
+    except ReportStoreError as e:
+        raise usage.UsageError(str(e))
+    password_file = opts["report-store-password-file"]
+    if password_file:
+        try:
+            with open(password_file, encoding="utf-8"):
+                pass
+        except OSError as e:
+            raise usage.UsageError(f"--report-store-password-file: {e}")
 
 
 def _with_saved_startup_params(config: NodeConfig) -> NodeConfig:

@@ -18,7 +18,6 @@ from safesquid_tw.cluster.master_side import ControlPlane, ControlRoot
 from safesquid_tw.config import NodeConfig, read_activation_key
 from safesquid_tw.master.registry import SlaveRegistry
 from safesquid_tw.node import NodeBase
-from safesquid_tw.reporting.store import ReportStore
 from safesquid_tw.resources import sample_policy_path
 
 log = Logger()
@@ -35,7 +34,7 @@ def build_master(config: NodeConfig, reactor) -> MultiService:
         base.policy_file_service(str(sample_policy_path()), only_if_empty=True).setServiceParent(top)
 
     registry = SlaveRegistry()
-    reports = ReportStore(root / "reports.sqlite3")
+    reports = base.report_store()
     plane = ControlPlane(
         reactor=reactor,
         key=ClusterKey.from_activation_key(read_activation_key(config.activation_key_file)),

@@ -37,6 +37,7 @@ from psycopg.adapt import Loader
 from psycopg_pool import ConnectionPool
 
 from safesquid_tw.reporting import pgschema
+from safesquid_tw.reporting.backend import StoreUnavailable
 from safesquid_tw.reporting.rows import MalformedRecord, record_row
 from safesquid_tw.reporting.store import IngestResult, _rollups
 
@@ -67,10 +68,6 @@ _FILTERS = frozenset(
 # cannot hold NUL at all, so it is dropped rather than failing the whole batch.
 _JSON_NUL = "\\u0000"  # jsonb refuses it too
 _ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r", "\x00": ""})
-
-
-class StoreUnavailable(RuntimeError):
-    """The report database cannot be reached (or answered with a connection-level error)."""
 
 
 def _text(value: Any) -> str:
@@ -251,11 +248,12 @@ class PostgresReportStore:
         self._writer: psycopg.Connection | None = None
         self._failed_at = 0.0
         self._days: set[int] = set()
+        self._ready = False  # schema checked and upgraded on this run
         with self._write_lock:
-            conn = self._connection()  # fails here, at start, if the database is unusable
-            pgschema.migrate(conn)
-            self._days = pgschema.partitioned_days(conn)
-            self._ensure_days(conn, self._days_ahead())
+            try:
+                self._connection()  # SchemaTooNew stops the master here, at start
+            except StoreUnavailable:
+                pass  # down at start: ingest waits (slaves keep spooling) until it answers
         self._pool = ConnectionPool(
             self.read_url,
             min_size=1,
@@ -291,7 +289,16 @@ class PostgresReportStore:
             self._failed_at = time.monotonic()
             raise StoreUnavailable(f"cannot reach the report database: {_first_line(e)}") from None
         _configure(conn)
+        if not self._ready:
+            try:
+                pgschema.migrate(conn)
+                self._days = pgschema.partitioned_days(conn)
+            except BaseException:
+                conn.close()
+                raise
+            self._ready = True
         self._writer = conn
+        self._ensure_days(conn, self._days_ahead())
         return conn
 
     def _broken(self, error: BaseException) -> BaseException:
