@@ -179,15 +179,13 @@ def _translate(sql: str, params: Iterable[Any]) -> tuple[str, list[Any]]:
     """sqlite3 placeholders (`?`, `?N`) -> psycopg's `%s`, with the parameters in order."""
     params = list(params)
     ordered: list[Any] = []
-    position = 0
+    largest = 0  # as in SQLite, a bare ? is numbered one more than the largest number so far
 
     def replace(match: re.Match[str]) -> str:
-        nonlocal position
-        if match.group(1):
-            ordered.append(params[int(match.group(1)) - 1])
-        else:
-            ordered.append(params[position])
-            position += 1
+        nonlocal largest
+        number = int(match.group(1)) if match.group(1) else largest + 1
+        largest = max(largest, number)
+        ordered.append(params[number - 1])
         return "%s"
 
     return _PLACEHOLDER.sub(replace, sql.replace("%", "%%")), ordered
@@ -235,10 +233,11 @@ class PostgresReportStore:
         password: str | None = None,
         wall_clock: Callable[[], float] = time.time,
         pool_size: int = 4,
+        connect_timeout: int = CONNECT_TIMEOUT,
     ) -> None:
         self.url = url
         self.read_url = read_url or url
-        self._kwargs: dict[str, Any] = {"connect_timeout": CONNECT_TIMEOUT, "application_name": "safesquid-tw"}
+        self._kwargs: dict[str, Any] = {"connect_timeout": connect_timeout, "application_name": "safesquid-tw"}
         if password is not None:
             self._kwargs["password"] = password
         self._wall_clock = wall_clock
@@ -252,7 +251,7 @@ class PostgresReportStore:
         with self._write_lock:
             try:
                 self._connection()  # SchemaTooNew stops the master here, at start
-            except StoreUnavailable:
+            except (StoreUnavailable, psycopg.OperationalError):
                 pass  # down at start: ingest waits (slaves keep spooling) until it answers
         self._pool = ConnectionPool(
             self.read_url,
@@ -261,7 +260,7 @@ class PostgresReportStore:
             kwargs={**self._kwargs, "autocommit": True},
             configure=_configure,
             check=ConnectionPool.check_connection,
-            timeout=CONNECT_TIMEOUT,
+            timeout=connect_timeout,
             reconnect_timeout=0,
             open=False,
             name="report-reads",
