@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from twisted.application.service import MultiService
 from twisted.logger import Logger
+from twisted.spread import pb
 
 from safesquid_tw import __version__
 from safesquid_tw.cluster.jellysafety import ClusterServerFactory
@@ -21,6 +22,23 @@ from safesquid_tw.node import NodeBase
 from safesquid_tw.resources import sample_policy_path
 
 log = Logger()
+
+
+class ReportStoreUnavailable(pb.Error):
+    """Sent to a slave whose batch could not be stored now (pb.Error: without a traceback); the
+    slave keeps the batch in its spool and ships it again."""
+
+
+def _answering_unavailable(ingest):
+    from safesquid_tw.reporting.backend import StoreUnavailable
+
+    def guarded(node, segment, first_seq, records):
+        try:
+            return ingest(node, segment, first_seq, records)
+        except StoreUnavailable as e:
+            raise ReportStoreUnavailable(str(e)) from None
+
+    return guarded
 
 
 def build_master(config: NodeConfig, reactor) -> MultiService:
@@ -41,7 +59,7 @@ def build_master(config: NodeConfig, reactor) -> MultiService:
         version=NodeVersion(__version__),
         store=store,
         registry=registry,
-        ingest=reports.ingest,
+        ingest=_answering_unavailable(reports.ingest),
         record_dropped=reports.record_dropped,
         keepalive=config.keepalive,
     )
