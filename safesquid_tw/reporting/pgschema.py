@@ -72,9 +72,8 @@ CREATE TABLE rollup_top (
 CREATE TABLE node_drops (
     node text PRIMARY KEY, total_dropped bigint NOT NULL, reported double precision NOT NULL
 );
-CREATE TABLE migrated_segments (
-    source text NOT NULL, node text NOT NULL, segment bigint NOT NULL, last_seq bigint NOT NULL,
-    PRIMARY KEY (source, node, segment)
+CREATE TABLE migration_progress (
+    source text PRIMARY KEY, last_id bigint NOT NULL, copied bigint NOT NULL, updated timestamptz NOT NULL
 );
 -- A client address that is not an IP address reads as NULL instead of failing the whole query.
 CREATE FUNCTION safesquid_inet(value text) RETURNS inet LANGUAGE plpgsql IMMUTABLE AS $$
