@@ -39,17 +39,74 @@ from psycopg_pool import ConnectionPool
 from safesquid_tw.reporting import pgschema
 from safesquid_tw.reporting.backend import StoreUnavailable
 from safesquid_tw.reporting.rows import MalformedRecord, record_row
-from safesquid_tw.reporting.store import IngestResult, _rollups
+from safesquid_tw.reporting.store import BLOCKED_ACTIONS, IngestResult
 
 RETRY_CONNECT_AFTER = 2.0  # seconds a failed connection is remembered before trying again
 CONNECT_TIMEOUT = 5
 _INT32 = 2**31
 _INT64 = 2**63
 
-_COPY_COLUMNS = (
-    'node, segment, seq, time, client, "user", method, url, host, host_rev, status, bytes_in,'
-    " bytes_out, duration_ms, action, rule, category, application, policy_version, dlp, detail,"
+_RECORD_COLUMNS = (
+    'node, segment, seq, {time}, client, "user", method, url, host, host_rev, status, bytes_in,'
+    " bytes_out, duration_ms, action, rule, category, application, policy_version, {dlp}, detail,"
     " transfer, tls"
+)
+_STAGE_COLUMNS = _RECORD_COLUMNS.format(time="ts", dlp="dlp")
+# Rows are staged (COPY) in a temporary table, emptied at every commit.
+_CREATE_STAGE = (
+    "CREATE TEMP TABLE IF NOT EXISTS stage (node text, segment bigint, seq bigint, ts double precision,"
+    ' client text, "user" text, method text, url text, host text, host_rev text, status integer,'
+    " bytes_in bigint, bytes_out bigint, duration_ms double precision, action text, rule text,"
+    " category text, application text, policy_version text, dlp text, detail text, transfer text,"
+    " tls text) ON COMMIT DELETE ROWS"
+)
+_BLOCKED_SQL = "(" + ", ".join(f"'{action}'" for action in sorted(BLOCKED_ACTIONS)) + ")"
+
+
+def _bump(table: str, columns: tuple[str, ...]) -> str:
+    return f"ON CONFLICT ({', '.join(columns)}) DO UPDATE SET " + ", ".join(
+        f"{c} = {table}.{c} + excluded.{c}" for c in ("requests", "blocked", "bytes_in", "bytes_out")
+        if table != "rollup_top" or c in ("requests", "blocked")
+    ) + (", bytes = rollup_top.bytes + excluded.bytes" if table == "rollup_top" else "")
+
+
+# Exactly once and the roll-ups in one statement, all in the server: the rows of the stage whose
+# names are new go in (the unique key (node, segment, seq, time) skips the others), and only the
+# rows inserted are counted into the minute, hour and top roll-ups (as the SQLite store does).
+_INSERT_AND_COUNT = f"""
+WITH ins AS (
+    INSERT INTO requests ({_RECORD_COLUMNS.format(time="time", dlp="dlp")})
+    SELECT {_RECORD_COLUMNS.format(time="to_timestamp(ts)", dlp="dlp::jsonb")} FROM stage
+    ON CONFLICT DO NOTHING
+    RETURNING node, segment, time, host, "user", category, application, rule, action, bytes_in, bytes_out
+), counted AS (
+    SELECT node, segment, (floor(extract(epoch FROM time) / 60) * 60)::bigint AS minute, host, "user",
+           category, application, rule, (action IN {_BLOCKED_SQL})::int AS blocked, bytes_in, bytes_out
+    FROM ins
+), minutes AS (
+    INSERT INTO rollup_minute (bucket, node, requests, blocked, bytes_in, bytes_out)
+    SELECT minute, node, count(*), sum(blocked), sum(bytes_in), sum(bytes_out) FROM counted
+    GROUP BY minute, node
+    {_bump("rollup_minute", ("bucket", "node"))}
+), hours AS (
+    INSERT INTO rollup_hour (bucket, node, requests, blocked, bytes_in, bytes_out)
+    SELECT minute - minute % 3600, node, count(*), sum(blocked), sum(bytes_in), sum(bytes_out) FROM counted
+    GROUP BY 1, node
+    {_bump("rollup_hour", ("bucket", "node"))}
+), tops AS (
+    INSERT INTO rollup_top (dimension, bucket, node, key, requests, blocked, bytes)
+    SELECT d.dimension, minute - minute % 3600, node, d.key, count(*), sum(blocked), sum(bytes_in + bytes_out)
+    FROM counted CROSS JOIN LATERAL (VALUES ('domain', host), ('user', "user"), ('category', category),
+        ('application', application), ('rule', rule)) AS d(dimension, key)
+    WHERE d.key IS NOT NULL
+    GROUP BY 1, 2, 3, 4
+    {_bump("rollup_top", ("dimension", "bucket", "node", "key"))}
+)
+SELECT node, segment, count(*) FROM ins GROUP BY node, segment
+"""
+_INSERT_QUARANTINE = (
+    "INSERT INTO quarantine (node, segment, seq, received, reason, raw) VALUES (%s, %s, %s, %s, %s, %s)"
+    " ON CONFLICT DO NOTHING"
 )
 _SELECT = (
     'node, segment, seq, extract(epoch FROM time)::double precision, client, "user", method, url,'
@@ -76,51 +133,30 @@ def _text(value: Any) -> str:
     return str(value).translate(_ESCAPES)
 
 
-class _Clock:
-    """'YYYY-MM-DD HH:MM:SS' of the last second formatted: records of a batch share seconds."""
-
-    def __init__(self) -> None:
-        self.second = -1
-        self.prefix = ""
-
-    def format(self, epoch: float) -> str:
-        second = int(epoch // 1)
-        if second != self.second:
-            self.second = second
-            self.prefix = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(second))
-        micros = round((epoch - second) * 1_000_000)
-        if micros >= 1_000_000:  # rounding reached the next second
-            return self.format(second + 1.0)
-        return f"{self.prefix}.{micros:06d}+00"
-
-
 class _Batch:
-    __slots__ = ("key", "times", "days", "lines", "seqs", "rows", "quarantine", "result", "error")
+    __slots__ = ("key", "days", "rows", "quarantine", "result", "error")
 
     def __init__(self, key: tuple[str, int, int, int]) -> None:
-        self.key = key
-        self.times = (0.0, 0.0)
+        self.key = key  # node, segment, first seq, last seq
         self.days: set[int] = set()
-        self.lines: list[str] = []  # COPY lines, one per row of `rows`
-        self.seqs: list[int] = []
-        self.rows: list[tuple[Any, ...]] = []  # (node, segment, seq, *record_row) for roll-ups
+        self.rows: list[tuple[Any, ...]] = []  # stage rows, in _STAGE_COLUMNS order
         self.quarantine: list[tuple[Any, ...]] = []
         self.result: IngestResult | None = None
         self.error: BaseException | None = None
 
 
-def _optional_text(obj: dict[str, Any], key: str) -> str | None:
-    value = obj.get(key)
-    return value if isinstance(value, str) else None
+def _clean_text(value: Any) -> Any:
+    """PostgreSQL text holds neither NUL nor lone surrogates (which JSON can carry)."""
+    if isinstance(value, str):
+        return value.replace("\x00", "").encode("utf-8", "replace").decode("utf-8")
+    return value
 
 
 def _prepare(node: str, segment: int, first_seq: int, records: list[bytes], received: float) -> _Batch:
     batch = _Batch((node, segment, first_seq, first_seq + len(records) - 1))
-    clock = _Clock()
     loads = json.loads
-    prefix = f"{_text(node)}\t{segment}\t"
-    lines, rows, seqs = batch.lines, batch.rows, batch.seqs
-    low, high = float("inf"), float("-inf")
+    rows, days = batch.rows, batch.days
+    last_day = None
     for seq, raw in enumerate(records, first_seq):
         try:
             obj = loads(raw)
@@ -139,24 +175,20 @@ def _prepare(node: str, segment: int, first_seq: int, records: list[bytes], rece
         except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
             batch.quarantine.append((node, segment, seq, received, f"not JSON: {e}", bytes(raw)))
             continue
-        if when < low:
-            low = when
-        if when > high:
-            high = when
-        lines.append(
-            f"{prefix}{seq}\t{clock.format(when)}\t{_text(client)}\t{_text(user)}\t{_text(method)}\t"
-            f"{_text(url)}\t{_text(host)}\t{_text(host_rev)}\t{_text(status)}\t{bytes_in}\t{bytes_out}\t"
-            f"{_text(duration)}\t{_text(action)}\t{_text(rule)}\t{_text(category)}\t{_text(application)}\t"
-            f"{_text(version)}\t{_text(dlp.replace(_JSON_NUL, '') if dlp else None)}\t{_text(detail)}\t"
-            f"{_text(_optional_text(obj, 'transfer'))}\t{_text(_optional_text(obj, 'tls'))}\n"
-        )
-        seqs.append(seq)
-        rows.append((node, segment, seq, *row))
-    if rows:
-        batch.times = (low, high)
-        first_day, last_day = pgschema.day_of(low), pgschema.day_of(high)
-        batch.days = set(range(first_day, last_day + 1)) if last_day - first_day < 3 else {
-            pgschema.day_of(r[3]) for r in rows}
+        transfer, tls = obj.get("transfer"), obj.get("tls")
+        stage = (node, segment, seq, when, client, user, method, url, host, host_rev, status, bytes_in,
+                 bytes_out, duration, action, rule, category, application,
+                 None if version is None else str(version), dlp, detail,
+                 transfer if isinstance(transfer, str) else None, tls if isinstance(tls, str) else None)
+        if b"\\u" in raw:  # escaped characters: maybe a NUL or a lone surrogate
+            stage = tuple(_clean_text(v) for v in stage)
+            if stage[19] is not None:
+                stage = (*stage[:19], stage[19].replace(_JSON_NUL, ""), *stage[20:])
+        rows.append(stage)
+        day = int(when // 86400)
+        if day != last_day:
+            days.add(day)
+            last_day = day
     return batch
 
 
@@ -296,6 +328,7 @@ class PostgresReportStore:
                 conn.close()
                 raise
             self._ready = True
+        conn.execute(_CREATE_STAGE)
         self._writer = conn
         self._ensure_days(conn, self._days_ahead())
         return conn
@@ -388,18 +421,32 @@ class PostgresReportStore:
                 days |= batch.days
             if not days <= self._days:
                 self._ensure_days(conn, days)
-            stored: list[list[tuple[Any, ...]]] = []
-            with conn.transaction():
-                for batch in group:
-                    try:
-                        with conn.transaction():
-                            batch.result, rows = self._store(conn, batch)
-                        stored.append(rows)
-                    except psycopg.OperationalError:
+            # One statement per (node, segment) and commit: its counts are told apart by them.
+            rounds: list[list[_Batch]] = []
+            for batch in group:
+                for members in rounds:
+                    if all(m.key[:2] != batch.key[:2] for m in members):
+                        members.append(batch)
+                        break
+                else:
+                    rounds.append([batch])
+            for members in rounds:
+                try:
+                    with conn.transaction():
+                        self._store(conn, members)
+                except psycopg.OperationalError:
+                    raise
+                except Exception:
+                    if len(members) == 1:
                         raise
-                    except Exception as e:
-                        batch.error = e
-                self._bump(conn, stored)
+                    for batch in members:  # find the failing batch: store the others alone
+                        try:
+                            with conn.transaction():
+                                self._store(conn, [batch])
+                        except psycopg.OperationalError:
+                            raise
+                        except Exception as e:
+                            batch.result, batch.error = None, e
         except BaseException as e:
             error = self._broken(e)
             for batch in group:
@@ -408,74 +455,23 @@ class PostgresReportStore:
             if leader is None:
                 raise error from None
 
-    def _store(self, conn: psycopg.Connection, batch: _Batch) -> tuple[IngestResult, list[tuple[Any, ...]]]:
-        """Insert what is new of a batch; return its counts and the rows to count in roll-ups."""
-        if not batch.rows and not batch.quarantine:
-            return IngestResult(0, 0, 0), []
-        node, segment, first, last = batch.key
-        low, high = batch.times
-        if batch.rows:
-            existing_sql = (
-                "SELECT seq FROM requests WHERE node = %(n)s AND segment = %(s)s AND seq BETWEEN %(f)s AND %(l)s"
-                " AND time >= to_timestamp(%(lo)s) - interval '1 second' AND time <= to_timestamp(%(hi)s) + interval '1 second'"
-                " UNION ALL SELECT seq FROM quarantine WHERE node = %(n)s AND segment = %(s)s AND seq BETWEEN %(f)s AND %(l)s"
-            )
-        else:
-            existing_sql = (
-                "SELECT seq FROM quarantine WHERE node = %(n)s AND segment = %(s)s AND seq BETWEEN %(f)s AND %(l)s"
-            )
-        params = {"n": node, "s": segment, "f": first, "l": last, "lo": low, "hi": high}
-        existing = {seq for (seq,) in conn.execute(existing_sql, params)}
-        lines, rows, quarantine = batch.lines, batch.rows, batch.quarantine
-        if existing:  # a re-shipped batch: keep only the records never seen
-            keep = [i for i, seq in enumerate(batch.seqs) if seq not in existing]
-            lines = [lines[i] for i in keep]
-            rows = [rows[i] for i in keep]
-            quarantine = [q for q in quarantine if q[2] not in existing]
-        if lines:
-            with conn.cursor().copy(f"COPY requests ({_COPY_COLUMNS}) FROM STDIN") as cp:
-                cp.write("".join(lines).encode("utf-8", "replace"))
-        if quarantine:
-            with conn.cursor().copy(
-                "COPY quarantine (node, segment, seq, received, reason, raw) FROM STDIN"
-            ) as cp:
-                for entry in quarantine:
-                    cp.write_row(entry)
-        return IngestResult(len(lines), len(existing), len(quarantine)), rows
-
-    def _bump(self, conn: psycopg.Connection, stored: list[list[tuple[Any, ...]]]) -> None:
-        """Add the roll-up increments of every stored batch: one statement per table."""
-        rows = [row for batch_rows in stored for row in batch_rows]
-        if not rows:
-            return
-        minutes, hours, tops = _rollups(rows)
-        for table, increments in (("rollup_minute", minutes), ("rollup_hour", hours)):
-            columns = list(zip(*increments))
-            conn.execute(
-                f"INSERT INTO {table} (bucket, node, requests, blocked, bytes_in, bytes_out)"
-                " SELECT * FROM unnest(%s::bigint[], %s::text[], %s::bigint[], %s::bigint[],"
-                " %s::bigint[], %s::bigint[]) ON CONFLICT (bucket, node) DO UPDATE SET"
-                f" requests = {table}.requests + excluded.requests,"
-                f" blocked = {table}.blocked + excluded.blocked,"
-                f" bytes_in = {table}.bytes_in + excluded.bytes_in,"
-                f" bytes_out = {table}.bytes_out + excluded.bytes_out",
-                [list(c) for c in columns],
-            )
-        if tops:
-            columns = list(zip(*tops))
-            keys = [_clean(key) for key in columns[3]]
-            conn.execute(
-                "INSERT INTO rollup_top (dimension, bucket, node, key, requests, blocked, bytes)"
-                " SELECT dimension, bucket, node, key, sum(requests), sum(blocked), sum(bytes) FROM"
-                " unnest(%s::text[], %s::bigint[], %s::text[], %s::text[], %s::bigint[], %s::bigint[],"
-                " %s::bigint[]) AS t(dimension, bucket, node, key, requests, blocked, bytes)"
-                " GROUP BY dimension, bucket, node, key"
-                " ON CONFLICT (dimension, bucket, node, key) DO UPDATE SET"
-                " requests = rollup_top.requests + excluded.requests,"
-                " blocked = rollup_top.blocked + excluded.blocked, bytes = rollup_top.bytes + excluded.bytes",
-                [list(columns[0]), list(columns[1]), list(columns[2]), keys, list(columns[4]),
-                 list(columns[5]), list(columns[6])],
-            )
+    def _store(self, conn: psycopg.Connection, batches: list[_Batch]) -> None:
+        """Stage the rows of `batches` (distinct (node, segment) each), then in one statement
+        insert those never stored and count them into the roll-ups; quarantine the others."""
+        inserted: dict[tuple[str, int], int] = {}
+        if any(batch.rows for batch in batches):
+            with conn.cursor().copy(f"COPY stage ({_STAGE_COLUMNS}) FROM STDIN") as cp:
+                for batch in batches:
+                    for row in batch.rows:
+                        cp.write_row(row)
+            inserted = {(node, segment): n for node, segment, n in conn.execute(_INSERT_AND_COUNT)}
+        for batch in batches:
+            quarantined = 0
+            for entry in batch.quarantine:
+                quarantined += conn.execute(_INSERT_QUARANTINE, entry).rowcount
+            stored = inserted.get(batch.key[:2], 0)
+            total = len(batch.rows) + len(batch.quarantine)
+            batch.result = IngestResult(stored, total - stored - quarantined, quarantined)
 
     def record_dropped(self, node: str, total_dropped: int) -> None:
         """A node's running total of records its spool dropped at its size cap (the larger of
