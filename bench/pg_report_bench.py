@@ -23,6 +23,7 @@ the CPU per record less so.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import threading
@@ -63,6 +64,22 @@ def rounds(args: argparse.Namespace, now: float):
                                 generators[node].batch(node, start, step, size)))
             work[node] = batches
         yield work
+
+
+def postgres_cpu() -> float:
+    """CPU seconds used so far by every PostgreSQL process on this machine that is still running
+    (the server's backends, WAL writer, checkpointer); 0 where /proc cannot tell."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        name = text[text.find("(") + 1 : text.rfind(")")]
+        if name.startswith("postgres"):
+            fields = text[text.rfind(")") + 2 :].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def ingest_round(store: Any, work: dict[str, list]) -> tuple[float, float]:
@@ -135,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
         if not args.skip_sqlite:
             stores["sqlite"] = ReportStore(Path(tmp.name) / "reports.sqlite3")
         stores["postgresql"] = PostgresReportStore(args.pg_url)
-        spent = {name: [0.0, 0.0] for name in stores}
+        spent = {name: [0.0, 0.0, 0.0] for name in stores}
         done = 0
         print(f"{args.records:,} records, {args.nodes} nodes, {args.days} days, batches of {args.batch}")
         for work in rounds(args, now):
@@ -143,17 +160,21 @@ def main(argv: list[str] | None = None) -> None:
             done += count
             line = [f"{done:>11,}"]
             for name, store in stores.items():
+                server_before = postgres_cpu()
                 elapsed, cpu = ingest_round(store, work)
                 spent[name][0] += elapsed
                 spent[name][1] += cpu
+                if name == "postgresql":
+                    spent[name][2] += postgres_cpu() - server_before
                 line.append(f"{name} {count / elapsed:>8,.0f}/s")
             print("  ".join(line), flush=True)
         print()
-        for name, (elapsed, cpu) in spent.items():
+        for name, (elapsed, cpu, server) in spent.items():
             rate = done / elapsed
             print(f"ingest {name:<10} {rate:>9,.0f} records/s  (x{rate / TODAY_RATE:.2f} today's {TODAY_RATE:,}/s,"
-                  f" x{rate / TARGET_RATE:.2f} the target {TARGET_RATE:,}/s);"
-                  f" this process {cpu / done * 1e6:.1f} µs CPU per record")
+                  f" x{rate / TARGET_RATE:.2f} the target {TARGET_RATE:,}/s)")
+            print(f"       CPU per record: master {cpu / done * 1e6:.1f} µs"
+                  + (f", PostgreSQL server {server / done * 1e6:.1f} µs" if name == "postgresql" else ""))
         print()
         timings = {name: queries(store, now, args.days) for name, store in stores.items()}
         names = list(stores)

@@ -29,6 +29,7 @@ import json
 import re
 import threading
 import time
+import zlib
 from decimal import Decimal
 from typing import Any, Callable, Iterable
 
@@ -133,8 +134,19 @@ def _text(value: Any) -> str:
     return str(value).translate(_ESCAPES)
 
 
+class _Writer:
+    """One writer connection with its lock and the queue of batches waiting for its next commit."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.queue_lock = threading.Lock()
+        self.queue: list[_Batch] = []
+        self.conn: psycopg.Connection | None = None
+        self.failed_at = 0.0
+
+
 class _Batch:
-    __slots__ = ("key", "days", "rows", "quarantine", "result", "error")
+    __slots__ = ("key", "days", "rows", "quarantine", "result", "error", "writer")
 
     def __init__(self, key: tuple[str, int, int, int]) -> None:
         self.key = key  # node, segment, first seq, last seq
@@ -143,6 +155,7 @@ class _Batch:
         self.quarantine: list[tuple[Any, ...]] = []
         self.result: IngestResult | None = None
         self.error: BaseException | None = None
+        self.writer = 0
 
 
 def _clean_text(value: Any) -> Any:
@@ -266,6 +279,7 @@ class PostgresReportStore:
         wall_clock: Callable[[], float] = time.time,
         pool_size: int = 4,
         connect_timeout: int = CONNECT_TIMEOUT,
+        writers: int = 2,
     ) -> None:
         self.url = url
         self.read_url = read_url or url
@@ -273,11 +287,12 @@ class PostgresReportStore:
         if password is not None:
             self._kwargs["password"] = password
         self._wall_clock = wall_clock
-        self._write_lock = threading.Lock()
-        self._queue_lock = threading.Lock()
-        self._queue: list[_Batch] = []
-        self._writer: psycopg.Connection | None = None
-        self._failed_at = 0.0
+        # Each writer has its own connection (its own server process and core); a node's
+        # batches always go to the same writer, so writers never wait on each other's roll-up
+        # rows, nor race on a record's name.
+        self._writers = [_Writer() for _ in range(max(1, writers))]
+        self._days_lock = threading.Lock()
+        self._schema_lock = threading.Lock()
         self._days: set[int] = set()
         self._ready = False  # schema checked and upgraded on this run
         with self._write_lock:
@@ -301,44 +316,58 @@ class PostgresReportStore:
 
     def close(self) -> None:
         self._pool.close()
-        with self._write_lock:
-            if self._writer is not None:
-                self._writer.close()
-                self._writer = None
+        for writer in self._writers:
+            with writer.lock:
+                if writer.conn is not None:
+                    writer.conn.close()
+                    writer.conn = None
+
+    # The first writer's lock, queue and connection, for maintenance (prune, migration, tests).
+    @property
+    def _write_lock(self) -> threading.Lock:
+        return self._writers[0].lock
+
+    @property
+    def _queue(self) -> list[_Batch]:
+        return self._writers[0].queue
 
     # -- connections ----------------------------------------------------------------------------
 
-    def _connection(self) -> psycopg.Connection:
-        """The writer connection (under the write lock), reconnected after a failure."""
-        if self._writer is not None and not self._writer.closed:
-            return self._writer
-        if time.monotonic() - self._failed_at < RETRY_CONNECT_AFTER:
+    def _connection(self, writer: "_Writer | None" = None) -> psycopg.Connection:
+        """A writer's connection (call under its lock), reconnected after a failure."""
+        writer = writer or self._writers[0]
+        if writer.conn is not None and not writer.conn.closed:
+            return writer.conn
+        if time.monotonic() - writer.failed_at < RETRY_CONNECT_AFTER:
             raise StoreUnavailable("the report database was unreachable moments ago")
         try:
             conn = psycopg.connect(self.url, autocommit=True, **self._kwargs)
         except psycopg.OperationalError as e:
-            self._failed_at = time.monotonic()
+            writer.failed_at = time.monotonic()
             raise StoreUnavailable(f"cannot reach the report database: {_first_line(e)}") from None
         _configure(conn)
-        if not self._ready:
-            try:
-                pgschema.migrate(conn)
-                self._days = pgschema.partitioned_days(conn)
-            except BaseException:
-                conn.close()
-                raise
-            self._ready = True
-        conn.execute(_CREATE_STAGE)
-        self._writer = conn
-        self._ensure_days(conn, self._days_ahead())
+        try:
+            with self._schema_lock:
+                if not self._ready:
+                    pgschema.migrate(conn)
+                    with self._days_lock:
+                        self._days = pgschema.partitioned_days(conn)
+                    self._ready = True
+            conn.execute(_CREATE_STAGE)
+            self._ensure_days(conn, self._days_ahead())
+        except BaseException:
+            conn.close()
+            raise
+        writer.conn = conn
         return conn
 
-    def _broken(self, error: BaseException) -> BaseException:
+    def _broken(self, error: BaseException, writer: "_Writer | None" = None) -> BaseException:
         """After an error: drop a dead writer connection; name unavailability as such."""
-        if self._writer is not None and (self._writer.closed or self._writer.broken):
-            self._writer.close()
-            self._writer = None
-            self._failed_at = time.monotonic()
+        writer = writer or self._writers[0]
+        if writer.conn is not None and (writer.conn.closed or writer.conn.broken):
+            writer.conn.close()
+            writer.conn = None
+            writer.failed_at = time.monotonic()
         if isinstance(error, psycopg.OperationalError):
             return StoreUnavailable(f"the report database failed: {_first_line(error)}")
         return error
@@ -380,12 +409,14 @@ class PostgresReportStore:
         Blocks on the network: call it in a worker thread. Concurrent calls share commits.
         """
         batch = _prepare(node, segment, first_seq, records, self._wall_clock())
-        with self._queue_lock:
-            self._queue.append(batch)
-        with self._write_lock:
+        batch.writer = self._writer_of(node)
+        writer = self._writers[batch.writer]
+        with writer.queue_lock:
+            writer.queue.append(batch)
+        with writer.lock:
             if batch.result is None and batch.error is None:  # nobody took it along: lead
-                with self._queue_lock:
-                    group, self._queue = self._queue, []
+                with writer.queue_lock:
+                    group, writer.queue = writer.queue, []
                 self._commit(group, leader=batch)
         if batch.error is not None:
             raise batch.error
@@ -398,24 +429,35 @@ class PostgresReportStore:
         """Several (node, segment, first_seq, records) batches in one commit; each is stored
         all or nothing, and its place in the answer holds its result or its error."""
         prepared = [_prepare(*batch, self._wall_clock()) for batch in batches]
-        with self._write_lock:
-            self._commit(prepared, leader=None)
+        for index, writer in enumerate(self._writers):
+            group = [b for b in prepared if self._writer_of(b.key[0]) == index]
+            for batch in group:
+                batch.writer = index
+            if group:
+                with writer.lock:
+                    self._commit(group, leader=None)
         return [b.error if b.error is not None else b.result for b in prepared]  # type: ignore[misc]
 
     def _days_ahead(self) -> set[int]:
         today = pgschema.day_of(self._wall_clock())
         return {today - 1, today, today + 1, today + 2}
 
+    def _writer_of(self, node: str) -> int:
+        return zlib.crc32(node.encode("utf-8", "replace")) % len(self._writers)
+
     def _ensure_days(self, conn: psycopg.Connection, days: set[int]) -> None:
-        missing = pgschema.wanted_days(days, self._wall_clock()) - self._days
-        for day in sorted(missing):
-            with conn.transaction():
-                pgschema.create_day(conn, day)
-            self._days.add(day)
+        with self._days_lock:
+            missing = pgschema.wanted_days(days, self._wall_clock()) - self._days
+            for day in sorted(missing):
+                with conn.transaction():
+                    pgschema.create_day(conn, day)
+                self._days.add(day)
 
     def _commit(self, group: list[_Batch], leader: _Batch | None) -> None:
+        writer = self._writers[group[0].writer]
+        members: list[_Batch] = []
         try:
-            conn = self._connection()
+            conn = self._connection(writer)
             days: set[int] = set()
             for batch in group:
                 days |= batch.days
@@ -436,9 +478,12 @@ class PostgresReportStore:
                         self._store(conn, members)
                 except psycopg.OperationalError:
                     raise
-                except Exception:
+                except Exception as e:
+                    for batch in members:
+                        batch.result = None  # rolled back
                     if len(members) == 1:
-                        raise
+                        members[0].error = e
+                        continue
                     for batch in members:  # find the failing batch: store the others alone
                         try:
                             with conn.transaction():
@@ -448,8 +493,11 @@ class PostgresReportStore:
                         except Exception as e:
                             batch.result, batch.error = None, e
         except BaseException as e:
-            error = self._broken(e)
-            for batch in group:
+            # The connection failed: what was not committed before is unknown or lost; every
+            # batch without a result fails (its slave ships it again; names make that safe).
+            error = self._broken(e, writer)
+            failed = [batch for batch in group if batch.result is None or batch in members]
+            for batch in failed:
                 batch.result = None
                 batch.error = error if batch is leader else copy.copy(error)
             if leader is None:

@@ -199,7 +199,9 @@ def test_batches_from_many_threads_are_all_stored_once(store: ReportStore) -> No
     }
 
 
-def test_batches_waiting_for_a_commit_share_the_next_one(store: ReportStore) -> None:
+def test_batches_waiting_for_a_commit_share_the_next_one(open_store) -> None:
+    # (PostgreSQL: one writer connection, so that the three nodes share it.)
+    store = open_store(writers=1) if open_store.backend == "postgresql" else open_store()
     commits = []
     real_commit = store._commit
 
