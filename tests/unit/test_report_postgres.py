@@ -187,3 +187,19 @@ def test_password_file_is_used(postgres_server, tmp_path):
         assert store.available()
     finally:
         store.close()
+
+
+def test_reads_go_to_the_read_url(postgres_server):
+    primary, replica = postgres_server.new_database(), postgres_server.new_database()
+    PostgresReportStore(replica).close()  # an empty copy of the schema stands in for a replica
+    store = PostgresReportStore(primary, read_url=replica, wall_clock=lambda: T0)
+    try:
+        store.ingest("n1", 1, 0, [rec(0)])
+        assert store.count() == 0 and aggregate.totals(store, T0, T0 + 60).requests == 0
+    finally:
+        store.close()
+    direct = PostgresReportStore(primary)
+    try:
+        assert direct.count() == 1
+    finally:
+        direct.close()
