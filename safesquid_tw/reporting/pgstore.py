@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 import threading
 import time
@@ -573,8 +574,26 @@ class PostgresReportStore:
             return conn.execute(sql, params).fetchall()
 
     def count(self, **filters: Any) -> int:
-        """Records matching the filters of `search` (all optional)."""
+        """Records matching the filters of `search` (all optional).
+
+        A long period filtered by node at most (the search page's page count) is counted from
+        the minute roll-ups for its whole minutes and from the records only at its two ends:
+        the same number, without reading millions of rows."""
         where, params = _where(filters)
+        given = {key for key, value in filters.items() if value is not None}
+        if {"start", "end"} <= given <= {"start", "end", "node"}:
+            start, end = float(filters["start"]), float(filters["end"])
+            first, last = math.ceil(start / 60) * 60, math.floor(end / 60) * 60
+            if last - first >= 3600:
+                node = filters.get("node")
+                node_clause, node_params = (" AND node = %s", [node]) if node is not None else ("", [])
+                return self._query(
+                    "SELECT (SELECT coalesce(sum(requests), 0) FROM rollup_minute WHERE bucket >= %s AND bucket < %s"
+                    f"{node_clause}) + (SELECT count(*) FROM requests WHERE ((time >= to_timestamp(%s) AND"
+                    " time < to_timestamp(%s)) OR (time >= to_timestamp(%s) AND time < to_timestamp(%s)))"
+                    f"{node_clause})",
+                    [first, last, *node_params, start, first, last, end, *node_params],
+                )[0][0]
         return self._query(f"SELECT count(*) FROM requests{where}", params)[0][0]
 
     def search(

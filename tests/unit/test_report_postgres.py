@@ -203,3 +203,21 @@ def test_reads_go_to_the_read_url(postgres_server):
         assert direct.count() == 1
     finally:
         direct.close()
+
+
+def test_a_long_period_is_counted_from_the_rollups_and_its_ends(pg_url):
+    store = PostgresReportStore(pg_url, wall_clock=lambda: T0)
+    try:
+        store.ingest("n1", 1, 0, [rec(i * 97) for i in range(200)])
+        store.ingest("n2", 1, 0, [rec(i * 131) for i in range(100)])
+        for start, end, node in [(T0 + 13.5, T0 + 15_000.25, None), (T0 - 60, T0 + 20_000, "n2"),
+                                 (T0 + 59.9, T0 + 7260.1, "n1")]:
+            expected = len(store.search(start=start, end=end, node=node, limit=10_000))
+            assert store.count(start=start, end=end, node=node) == expected
+        with store._write_lock:  # the roll-ups really answer: skew them and see
+            store._connection().execute(
+                "UPDATE rollup_minute SET requests = requests + 1000 WHERE (bucket, node) ="
+                " (SELECT bucket, node FROM rollup_minute WHERE bucket >= %s ORDER BY bucket LIMIT 1)", (T0 + 600,))
+        assert store.count(start=T0, end=T0 + 7200) == len(store.search(start=T0, end=T0 + 7200, limit=10_000)) + 1000
+    finally:
+        store.close()
