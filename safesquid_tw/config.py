@@ -73,6 +73,9 @@ class NodeConfig:
     def listen_endpoints(self) -> tuple[str, ...]:
         """Every proxy listener, `listen` first."""
         return (self.listen, *self.more_listen)
+    report_store: str = "sqlite"  # or postgresql://user@host:port/dbname (master, standalone)
+    report_read_url: str | None = None  # a read replica for report pages and searches
+    report_store_password_file: str | None = None
 
     @property
     def serves_proxy(self) -> bool:

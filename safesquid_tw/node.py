@@ -495,6 +495,17 @@ class NodeBase:
         site.resource.putChild(b"metrics", resource)
         health_site.resource.putChild(b"metrics", resource)
         self.metrics.register(PortalCollector(services))
+    def report_store(self):
+        """The report store `--report-store` names (the embedded SQLite file by default)."""
+        from safesquid_tw.reporting.backend import masked, open_report_store
+
+        config = self.config
+        if config.report_store != "sqlite":
+            log.info("report store: {url}", url=masked(config.report_store))
+        return open_report_store(
+            config.report_store, self.root, read_url=config.report_read_url,
+            password_file=config.report_store_password_file,
+        )
 
     def report_retention(self, reports) -> None:
         """Old records leave the report store in the background: hourly, in small batches (so

@@ -90,6 +90,11 @@ class Options(usage.Options):
          _number("spool-memory-bytes", int)],
         ["upstream-ca-file", None, None,
          "PEM bundle of CA certificates trusted for origin servers, beside the system trust store"],
+        ["report-store", None, "sqlite",
+         "where the reports live (master, standalone): sqlite (embedded) or postgresql://USER@HOST:PORT/DB"],
+        ["report-read-url", None, None, "postgresql:// URL of a read replica for report pages and searches"],
+        ["report-store-password-file", None, None,
+         "file whose first line is the report database's password (else PGPASSFILE / ~/.pgpass)"],
     ] + [
         [name, None, getattr(Limits(), name.replace("-", "_")), doc, _number(name, kind)]
         for name, doc, kind in _LIMIT_OPTIONS
@@ -210,6 +215,7 @@ def options_to_config(opts: usage.Options) -> NodeConfig:
             raise usage.UsageError(f"--{name} must be a positive number")
     if opts["stop-grace"] < 0:
         raise usage.UsageError("--stop-grace must be zero or more seconds")
+    _check_report_store(opts)
     if key_file:
         from safesquid_tw.cluster.keyfile import MIN_KEY_LENGTH, check_key_length
         from safesquid_tw.config import read_activation_key
@@ -248,6 +254,9 @@ def options_to_config(opts: usage.Options) -> NodeConfig:
         spool_fsync_interval=opts["spool-fsync-interval"],
         spool_memory_bytes=opts["spool-memory-bytes"],
         metrics_token_file=opts["metrics-token-file"],
+        report_store=opts["report-store"],
+        report_read_url=opts["report-read-url"],
+        report_store_password_file=opts["report-store-password-file"],
     )
     if opts["metrics-token-file"]:
         from safesquid_tw.metrics.resource import read_token_file
@@ -286,6 +295,24 @@ def _check_kerberos(opts: usage.Options, role: str) -> None:
     service, slash, host = principal.partition("/")
     if not slash or not service or not host:
         raise usage.UsageError(f"--service-principal: {principal!r} is not SERVICE/host (e.g. HTTP/proxy.example.com)")
+def _check_report_store(opts: usage.Options) -> None:
+    from safesquid_tw.reporting.backend import ReportStoreError, check_url
+
+    try:
+        check_url("report-store", opts["report-store"])
+        if opts["report-read-url"]:
+            if opts["report-store"] == "sqlite":
+                raise ReportStoreError("--report-read-url needs --report-store=postgresql://...")
+            check_url("report-read-url", opts["report-read-url"])
+    except ReportStoreError as e:
+        raise usage.UsageError(str(e))
+    password_file = opts["report-store-password-file"]
+    if password_file:
+        try:
+            with open(password_file, encoding="utf-8"):
+                pass
+        except OSError as e:
+            raise usage.UsageError(f"--report-store-password-file: {e}")
 
 
 def _with_saved_startup_params(config: NodeConfig) -> NodeConfig:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from twisted.application.service import MultiService
 from twisted.logger import Logger
+from twisted.spread import pb
 
 from safesquid_tw import __version__
 from safesquid_tw.cluster.guard import ControlGuard, GuardedServerFactory
@@ -20,10 +21,26 @@ from safesquid_tw.master.registry import SlaveRegistry
 from safesquid_tw.metrics.collectors import ClusterCollector
 from safesquid_tw.node import NodeBase
 from safesquid_tw.reporting.recordcheck import QuarantineFile, quarantining
-from safesquid_tw.reporting.store import ReportStore
 from safesquid_tw.resources import sample_policy_path
 
 log = Logger()
+
+
+class ReportStoreUnavailable(pb.Error):
+    """Sent to a slave whose batch could not be stored now (pb.Error: without a traceback); the
+    slave keeps the batch in its spool and ships it again."""
+
+
+def _answering_unavailable(ingest):
+    from safesquid_tw.reporting.backend import StoreUnavailable
+
+    def guarded(node, segment, first_seq, records):
+        try:
+            return ingest(node, segment, first_seq, records)
+        except StoreUnavailable as e:
+            raise ReportStoreUnavailable(str(e)) from None
+
+    return guarded
 
 
 def build_master(config: NodeConfig, reactor) -> MultiService:
@@ -43,7 +60,7 @@ def build_master(config: NodeConfig, reactor) -> MultiService:
 
     top.ca_store = open_ca_store(root, config.node_name, create=True)
     registry = SlaveRegistry()
-    reports = ReportStore(root / "reports.sqlite3")
+    reports = base.report_store()
     quarantine = QuarantineFile(root / "quarantine.jsonl")
     guard = ControlGuard(reactor)
     plane = ControlPlane(
@@ -52,7 +69,7 @@ def build_master(config: NodeConfig, reactor) -> MultiService:
         version=NodeVersion(__version__),
         store=store,
         registry=registry,
-        ingest=quarantining(reports.ingest, reports, quarantine),
+        ingest=_answering_unavailable(quarantining(reports.ingest, reports, quarantine)),
         record_dropped=reports.record_dropped,
         keepalive=config.keepalive,
         guard=guard,

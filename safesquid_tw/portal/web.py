@@ -30,6 +30,7 @@ from safesquid_tw.portal.responses import HTML, JSON, error_response, respond
 from safesquid_tw.portal.services import PortalServices
 from safesquid_tw.portal.sessions import COOKIE_NAME, Session
 from safesquid_tw.portal.worklimit import Busy
+from safesquid_tw.reporting.backend import StoreUnavailable
 
 log = Logger()
 
@@ -293,6 +294,11 @@ class PortalApp(Resource):
         return write_reply(request, call, reply)
 
 
+STORE_UNAVAILABLE = Error(503, "Report store unavailable",
+                          "The report database cannot be reached just now. Nothing is lost: the nodes keep "
+                          "their records and send them once it is back. Try again in a minute.")
+
+
 def run_handler(request: IRequest, handler: Handler, call: Call,
                 writer: Callable[[IRequest, Call, Reply], bytes]) -> int:
     gone: list[bool] = []
@@ -306,6 +312,13 @@ def run_handler(request: IRequest, handler: Handler, call: Call,
         request.finish()
 
     def failed(reason: Failure) -> None:
+        if reason.check(StoreUnavailable):  # the report database is down: say so, not "500"
+            log.warn("portal page {uri}: {why}", uri=request.uri, why=reason.getErrorMessage())
+            if not (gone or request.finished):
+                request.setHeader(b"Retry-After", b"30")
+                request.write(writer(request, call, STORE_UNAVAILABLE))
+                request.finish()
+            return
         log.failure("portal page {uri} failed", failure=reason, uri=request.uri)
         if gone or request.finished:
             return

@@ -139,14 +139,11 @@ def quarantining(ingest, reports, quarantine: QuarantineFile):
     def wrapped(node: str, segment: int, first_seq: int, records: list[bytes]):
         result = ingest(node, segment, first_seq, records)
         if result.quarantined:
+            # The store's own quarantine (either backend) holds them; the newest rows are this batch's.
             last = first_seq + len(records) - 1
-            rows = reports.reader().execute(
-                "SELECT node, segment, seq, received, reason, raw FROM quarantine"
-                " WHERE node = ? AND segment = ? AND seq BETWEEN ? AND ? ORDER BY seq",
-                (node, segment, first_seq, last),
-            )
-            keys = ("node", "segment", "seq", "received", "reason", "raw")
-            quarantine.add([dict(zip(keys, row)) for row in rows])
+            recent = reports.quarantined(node=node, limit=len(records) + 1000)
+            rows = [row for row in recent if row["segment"] == segment and first_seq <= row["seq"] <= last]
+            quarantine.add(sorted(rows, key=lambda row: row["seq"]))
         return result
 
     return wrapped

@@ -33,6 +33,7 @@ import attrs
 
 from safesquid_tw.reporting.recordcheck import check_record
 from safesquid_tw.reporting.rows import MalformedRecord, host_of, record_row
+from safesquid_tw.reporting.sqliteview import create_view
 
 # Actions that mean the gateway refused the request (policy or DLP); every other action counts
 # as allowed in the roll-ups ("allow", "tunnel", "auth", "error", ...).
@@ -282,6 +283,7 @@ class ReportStore:
         with self._write_lock:
             self._writer.executescript(_SCHEMA)
             _add_missing_columns(self._writer)
+            create_view(self._writer)  # access_records: the stable view for administrators' SQL
             self._writer.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []

@@ -25,7 +25,6 @@ from safesquid_tw.node import NodeBase
 from safesquid_tw.proxy.resolver import Resolver
 from safesquid_tw.proxy.service import ProxyFactory, ProxyService
 from safesquid_tw.reporting.recordcheck import QuarantineFile, quarantining
-from safesquid_tw.reporting.store import ReportStore
 from safesquid_tw.resources import sample_policy_path
 
 log = Logger()
@@ -122,7 +121,7 @@ def build_proxy_node(config: NodeConfig, reactor) -> MultiService:
     if config.role == "standalone":
         base.cached_policy_service().setServiceParent(top)
         base.policy_file_service(config.policy_file or str(sample_policy_path())).setServiceParent(top)
-        reports = ReportStore(root / "reports.sqlite3")
+        reports = base.report_store()
         quarantine = QuarantineFile(root / "quarantine.jsonl")
         ingest = quarantining(reports.ingest, reports, quarantine)
         top.quarantine = quarantine

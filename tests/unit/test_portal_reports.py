@@ -24,9 +24,20 @@ def record(ts, **fields):
     return json.dumps(base).encode()
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def reports(request, tmp_path):
+    if request.param == "sqlite":
+        store = ReportStore(tmp_path / "reports.sqlite3")
+    else:
+        from safesquid_tw.reporting.pgstore import PostgresReportStore
+
+        store = PostgresReportStore(request.getfixturevalue("postgres_server").new_database(), wall_clock=lambda: NOW)
+    yield store
+    store.close()
+
+
 @pytest.fixture
-def portal(tmp_path):
-    reports = ReportStore(tmp_path / "reports.sqlite3")
+def portal(tmp_path, reports):
     batch = [record(NOW - 1800 + i * 10, url=f"http://site{i % 5}.test/x", user=f"user{i % 3}",
                     category="news" if i % 2 else None, application="chat" if i % 3 == 0 else None)
              for i in range(120)]
@@ -174,3 +185,20 @@ def test_share_bar_and_human_bytes():
     svg = share_bar([("allowed", "#0f0", 3), ("blocked", "#f00", 1)])
     assert "75.0 %" in svg and "25.0 %" in svg
     assert human_bytes(1536) == "1.5 KiB" and human_bytes(12) == "12 B"
+
+
+def test_report_pages_say_the_store_is_unavailable_while_its_database_is_down(tmp_path):
+    from pgserver import free_port
+
+    from safesquid_tw.reporting.pgstore import PostgresReportStore
+
+    down = PostgresReportStore(f"postgresql://postgres@127.0.0.1:{free_port()}/reports", connect_timeout=1)
+    try:
+        admin = Portal(tmp_path, reports=down, wall_start=NOW).admin()
+        for path in ("/reports", "/reports/requests", "/reports/export.csv?table=requests"):
+            page = admin.get(path)
+            assert page.code == 503, path
+            assert "Report store unavailable" in page.text
+            assert page.header("Retry-After") == "30"
+    finally:
+        down.close()

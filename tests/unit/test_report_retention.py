@@ -4,6 +4,7 @@ import json
 import time
 import types
 
+import pytest
 import pytest_twisted
 from twisted.application.service import MultiService
 from twisted.internet import defer, reactor, task
@@ -19,9 +20,18 @@ def record(ts: float, url: str) -> bytes:
                        "action": "allow"}).encode()
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path):
+    if request.param == "sqlite":
+        yield ReportStore(tmp_path / "reports.sqlite3")
+    else:
+        from safesquid_tw.reporting.pgstore import PostgresReportStore
+
+        yield PostgresReportStore(request.getfixturevalue("postgres_server").new_database())
+
+
 @pytest_twisted.inlineCallbacks
-def test_records_past_the_retention_go_and_newer_ones_stay(tmp_path):
-    store = ReportStore(tmp_path / "reports.sqlite3")
+def test_records_past_the_retention_go_and_newer_ones_stay(store):
     now = time.time()
     store.ingest("n1", 1, 0, [record(now - 10 * 86400, "http://old.test/"), record(now - 3600, "http://new.test/")])
     clock = task.Clock()
@@ -35,3 +45,28 @@ def test_records_past_the_retention_go_and_newer_ones_stay(tmp_path):
     assert [r["url"] for r in store.search(start=0, end=now + 1)] == ["http://new.test/"]
     yield defer.maybeDeferred(base.top.stopService)
     store.close()
+
+
+def test_retention_drops_whole_day_partitions_in_postgresql(postgres_server):
+    from safesquid_tw.reporting import pgschema
+    from safesquid_tw.reporting.pgstore import PostgresReportStore
+
+    now = time.time()
+    store = PostgresReportStore(postgres_server.new_database())
+    try:
+        days_ago = [20, 12, 9, 1]
+        for i, age in enumerate(days_ago):
+            store.ingest("n1", 1, i * 10, [record(now - age * 86400 + j, f"http://d{age}.test/") for j in range(10)])
+        with store._write_lock:
+            days = pgschema.partitioned_days(store._connection())
+        today = pgschema.day_of(now)
+        assert {today - age for age in days_ago} <= days
+        assert {today + 1, today + 2} <= days  # created ahead of the records
+        assert store.prune(now - 10 * 86400) == 20
+        with store._write_lock:
+            left = pgschema.partitioned_days(store._connection())
+        assert today - 20 not in left and today - 12 not in left and today - 9 in left
+        assert sorted({r["url"] for r in store.search(start=0, end=now + 1, limit=100)}) == [
+            "http://d1.test/", "http://d9.test/"]
+    finally:
+        store.close()

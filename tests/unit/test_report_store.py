@@ -42,11 +42,59 @@ def rec(i: int = 0, **fields: Any) -> bytes:
     return json.dumps({k: v for k, v in base.items() if v is not ...}).encode()
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def open_store(request, tmp_path: Path):
+    """Opens the store of the backend under test (every call opens the same one again)."""
+    opened: list[Any] = []
+    if request.param == "sqlite":
+        def opener(**kwargs: Any):
+            opened.append(ReportStore(tmp_path / "reports.db", **kwargs))
+            return opened[-1]
+    else:
+        from safesquid_tw.reporting.pgstore import PostgresReportStore
+
+        url = request.getfixturevalue("postgres_server").new_database()
+
+        def opener(**kwargs: Any):
+            opened.append(PostgresReportStore(url, **kwargs))
+            return opened[-1]
+    opener.backend = request.param  # type: ignore[attr-defined]
+    yield opener
+    for s in opened:
+        s.close()
+
+
 @pytest.fixture
-def store(tmp_path: Path):
-    s = ReportStore(tmp_path / "reports.db", wall_clock=lambda: T0 + 10_000)
-    yield s
-    s.close()
+def store(open_store):
+    return open_store(wall_clock=lambda: T0 + 10_000)
+
+
+def fail_on_boom(store: Any) -> type[Exception]:
+    """Make inserting a record whose URL ends in /boom fail inside the database; return the
+    error type the store raises then."""
+    if isinstance(store, ReportStore):
+        store._writer.execute(
+            "CREATE TRIGGER fail_on_boom BEFORE INSERT ON requests WHEN NEW.url LIKE '%/boom'"
+            " BEGIN SELECT RAISE(ABORT, 'boom'); END"
+        )
+        return sqlite3.IntegrityError
+    import psycopg
+
+    with store._write_lock:
+        store._connection().execute(
+            "CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+            " IF NEW.url LIKE '%/boom' THEN RAISE EXCEPTION 'boom'; END IF; RETURN NEW; END $$;"
+            " CREATE TRIGGER fail_on_boom BEFORE INSERT ON requests FOR EACH ROW EXECUTE FUNCTION boom()"
+        )
+    return psycopg.errors.RaiseException
+
+
+def stop_boom(store: Any) -> None:
+    if isinstance(store, ReportStore):
+        store._writer.execute("DROP TRIGGER fail_on_boom")
+    else:
+        with store._write_lock:
+            store._connection().execute("DROP TRIGGER fail_on_boom ON requests")
 
 
 def raw_count(store: ReportStore, sql: str = "SELECT count(*) FROM requests") -> int:
@@ -58,6 +106,10 @@ def rollup_total(store: ReportStore, table: str = "rollup_minute") -> int:
 
 
 def test_commits_are_durable_when_acknowledged(store: ReportStore) -> None:
+    if not isinstance(store, ReportStore):
+        with store._write_lock:
+            assert store._connection().execute("SHOW synchronous_commit").fetchone()[0] == "on"
+        return
     assert store._writer.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert store._writer.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
 
@@ -100,26 +152,20 @@ def test_same_sequence_numbers_in_other_segments_or_nodes_are_distinct(store: Re
 
 
 def test_a_failure_mid_batch_leaves_nothing(store: ReportStore) -> None:
-    store._writer.execute(
-        "CREATE TRIGGER fail_on_boom BEFORE INSERT ON requests WHEN NEW.url LIKE '%/boom'"
-        " BEGIN SELECT RAISE(ABORT, 'boom'); END"
-    )
+    error = fail_on_boom(store)
     batch = [rec(0), rec(1), rec(2, url="http://x.test/boom"), rec(3), b"not json"]
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(error):
         store.ingest("n1", 1, 0, batch)
     assert store.count() == 0
     assert rollup_total(store) == 0
     assert raw_count(store, "SELECT count(*) FROM rollup_top") == 0
     assert store.quarantined() == []
-    store._writer.execute("DROP TRIGGER fail_on_boom")
+    stop_boom(store)
     assert store.ingest("n1", 1, 0, batch) == IngestResult(4, 0, 1)  # the retry stores it all
 
 
 def test_a_failing_batch_in_a_shared_commit_leaves_the_others_stored(store: ReportStore) -> None:
-    store._writer.execute(
-        "CREATE TRIGGER fail_on_boom BEFORE INSERT ON requests WHEN NEW.url LIKE '%/boom'"
-        " BEGIN SELECT RAISE(ABORT, 'boom'); END"
-    )
+    error = fail_on_boom(store)
     results = store.ingest_many(
         [
             ("n1", 1, 0, [rec(0), rec(1)]),
@@ -128,7 +174,7 @@ def test_a_failing_batch_in_a_shared_commit_leaves_the_others_stored(store: Repo
         ]
     )
     assert results[0] == IngestResult(2, 0, 0)
-    assert isinstance(results[1], sqlite3.IntegrityError)
+    assert isinstance(results[1], error)
     assert results[2] == IngestResult(1, 0, 0)
     assert store.count() == 3 and store.count(node="n2") == 0
     assert rollup_total(store) == 3
@@ -153,7 +199,9 @@ def test_batches_from_many_threads_are_all_stored_once(store: ReportStore) -> No
     }
 
 
-def test_batches_waiting_for_a_commit_share_the_next_one(store: ReportStore) -> None:
+def test_batches_waiting_for_a_commit_share_the_next_one(open_store) -> None:
+    # (PostgreSQL: one writer connection, so that the three nodes share it.)
+    store = open_store(writers=1) if open_store.backend == "postgresql" else open_store()
     commits = []
     real_commit = store._commit
 
@@ -416,13 +464,10 @@ def test_dashboard_of_the_last_day(store: ReportStore) -> None:
     assert [e.key for e in board.tops["domain"].entries] == ["www.example.com"]
 
 
-def test_records_survive_reopening_the_store(tmp_path: Path) -> None:
-    first = ReportStore(tmp_path / "r.db")
+def test_records_survive_reopening_the_store(open_store) -> None:
+    first = open_store()
     first.ingest("n1", 1, 0, [rec(0), rec(1)])
     first.close()
-    second = ReportStore(tmp_path / "r.db")
-    try:
-        assert second.count() == 2
-        assert second.ingest("n1", 1, 0, [rec(0), rec(1)]).duplicates == 2
-    finally:
-        second.close()
+    second = open_store()
+    assert second.count() == 2
+    assert second.ingest("n1", 1, 0, [rec(0), rec(1)]).duplicates == 2

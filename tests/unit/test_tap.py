@@ -196,3 +196,26 @@ def test_a_master_without_a_key_file_gets_one_in_its_state_dir(tmp_path):
     assert (tmp_path / "state" / "activation.key").stat().st_mode & 0o777 == 0o600
     assert len(read_activation_key(config.activation_key_file)) >= 16
     assert not ensure_master_key(config.activation_key_file)  # never replaced
+def test_report_store_options(files, tmp_path):
+    password_file = tmp_path / "pw"
+    password_file.write_text("s3cret\n")
+    config = parse(["--role=master", f"--activation-key-file={files['key']}",
+                    "--report-store=postgresql://reports@db.test:5432/reports?sslmode=verify-full",
+                    "--report-read-url=postgresql://reports@replica.test/reports",
+                    f"--report-store-password-file={password_file}"])
+    assert config.report_store == "postgresql://reports@db.test:5432/reports?sslmode=verify-full"
+    assert config.report_read_url == "postgresql://reports@replica.test/reports"
+    assert config.report_store_password_file == str(password_file)
+    assert parse([]).report_store == "sqlite"
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--report-store=postgresql://u:pw@db.test/r"], "carries a password"),
+    (["--report-store=mysql://db.test/r"], "neither sqlite nor"),
+    (["--report-read-url=postgresql://db.test/r"], "needs --report-store=postgresql"),
+    (["--report-store=postgresql://db.test/r", "--report-store-password-file=/nonexistent/pw"], "password-file"),
+])
+def test_report_store_options_refused(argv, message):
+    with pytest.raises(usage.UsageError, match=message) as caught:
+        parse(argv)
+    assert "pw@" not in str(caught.value)

@@ -1,0 +1,198 @@
+"""The report store in SQLite and in PostgreSQL, side by side, on the same records.
+
+Records shaped like real traffic (20 nodes, 2,000 clients, 1,500 users, 50,000 hosts with a
+Pareto popularity, 7 days, oldest first) go through the master's real ingest path: `ingest`
+called by one thread per node, batches of 500 (a slave's shipment), durable commits (SQLite
+synchronous=FULL; PostgreSQL fsync=on, synchronous_commit=on), roll-ups counted at ingest.
+Records are generated in rounds outside the timed part; each round goes to both stores.
+
+Then, on the full stores: the last-day dashboard (totals, per node, timeline, every top 10), a
+top-10 of domains over the whole week, searches (50 newest of a day: unfiltered with its count,
+by user, by client, by domain), and the retention of the oldest day.
+
+    python bench/pg_report_bench.py --records 1000000
+    python bench/pg_report_bench.py --records 5000000 --pg-url postgresql://reports@127.0.0.1:5432/bench
+
+Without --pg-url a PostgreSQL server is started from the distribution's binaries in a temporary
+directory (run as root: initdb runs as the postgres user). Printed: records/s and CPU seconds of
+this process per record for each store, and the ratio of PostgreSQL's rate to the target of
+60,000 records/s (2x today's master). On a shared machine the rates move with the other load;
+the CPU per record less so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]
+
+from ingest_bench import Generator  # noqa: E402
+
+from safesquid_tw.reporting import aggregate  # noqa: E402
+from safesquid_tw.reporting.pgstore import PostgresReportStore  # noqa: E402
+from safesquid_tw.reporting.store import ReportStore  # noqa: E402
+
+TARGET_RATE = 60_000
+TODAY_RATE = 29_700  # today's master (SQLite), as measured when the target was set
+DAY = 86400
+
+
+def rounds(args: argparse.Namespace, now: float):
+    """Rounds of {node: [(segment, first_seq, records)]}, covering `days` days oldest first."""
+    nodes = [f"node{i + 1:02d}" for i in range(args.nodes)]
+    generators = {node: Generator(i, args.hosts, args.users, args.clients, now) for i, node in enumerate(nodes)}
+    per_node = args.records // len(nodes)
+    step = args.days * DAY / per_node
+    chunk = max(args.batch, args.chunk // len(nodes) // args.batch * args.batch)
+    for offset in range(0, per_node, chunk):
+        count = min(chunk, per_node - offset)
+        work = {}
+        for node in nodes:
+            batches = []
+            for first in range(offset, offset + count, args.batch):
+                size = min(args.batch, offset + count - first)
+                start = now - args.days * DAY + first * step
+                batches.append((first // (args.batch * 20), first % (args.batch * 20),
+                                generators[node].batch(node, start, step, size)))
+            work[node] = batches
+        yield work
+
+
+def postgres_cpu() -> float:
+    """CPU seconds used so far by every PostgreSQL process on this machine that is still running
+    (the server's backends, WAL writer, checkpointer); 0 where /proc cannot tell."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        name = text[text.find("(") + 1 : text.rfind(")")]
+        if name.startswith("postgres"):
+            fields = text[text.rfind(")") + 2 :].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def ingest_round(store: Any, work: dict[str, list]) -> tuple[float, float]:
+    def ship(node: str) -> None:
+        for segment, first_seq, records in work[node]:
+            store.ingest(node, segment, first_seq, records)
+
+    threads = [threading.Thread(target=ship, args=(node,)) for node in work]
+    began, began_cpu = time.perf_counter(), time.process_time()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - began, time.process_time() - began_cpu
+
+
+def best_of(runs: int, fn: Callable[[], object]) -> float:
+    times = []
+    for _ in range(runs):
+        began = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - began)
+    return min(times)
+
+
+def queries(store: Any, now: float, days: int) -> dict[str, float]:
+    day_ago = now - DAY
+    return {
+        "dashboard, last day": best_of(3, lambda: aggregate.dashboard(store, now)),
+        "dashboard, whole week": best_of(3, lambda: aggregate.dashboard(store, now, hours=days * 24)),
+        "top 10 domains, week": best_of(3, lambda: aggregate.top(store, "domain", now - days * DAY, now)),
+        "search: newest 50 of a day": best_of(3, lambda: store.search(start=day_ago, end=now)),
+        "count of a day (page count)": best_of(3, lambda: store.count(start=day_ago, end=now)),
+        "search by user, a day": best_of(3, lambda: store.search(start=day_ago, end=now, user="user7")),
+        "search by client, a day": best_of(3, lambda: store.search(start=day_ago, end=now, client="10.0.0.42")),
+        "search by domain, a day": best_of(3, lambda: store.search(start=day_ago, end=now, domain="site42.example")),
+        "search by user, count, a day": best_of(3, lambda: store.count(start=day_ago, end=now, user="user7")),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--records", type=int, default=1_000_000)
+    parser.add_argument("--nodes", type=int, default=20)
+    parser.add_argument("--days", type=int, default=7)
+    parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--chunk", type=int, default=200_000, help="records generated per timed round")
+    parser.add_argument("--hosts", type=int, default=50_000)
+    parser.add_argument("--users", type=int, default=1_500)
+    parser.add_argument("--clients", type=int, default=2_000)
+    parser.add_argument("--pg-url", help="an empty PostgreSQL database (default: start a temporary server)")
+    parser.add_argument("--sqlite-dir", help="directory for the SQLite file (default: a temporary one)")
+    parser.add_argument("--skip-sqlite", action="store_true")
+    args = parser.parse_args(argv)
+
+    now = time.time()
+    server = None
+    tmp = tempfile.TemporaryDirectory(prefix="pg-report-bench-", dir=args.sqlite_dir)
+    stores: dict[str, Any] = {}
+    try:
+        if args.pg_url is None:
+            from pgserver import PostgresServer, why_not_available
+
+            reason = why_not_available()
+            if reason:
+                parser.error(reason)
+            server = PostgresServer(fsync=True)
+            server.start()
+            args.pg_url = server.new_database("bench")
+        if not args.skip_sqlite:
+            stores["sqlite"] = ReportStore(Path(tmp.name) / "reports.sqlite3")
+        stores["postgresql"] = PostgresReportStore(args.pg_url)
+        spent = {name: [0.0, 0.0, 0.0] for name in stores}
+        done = 0
+        print(f"{args.records:,} records, {args.nodes} nodes, {args.days} days, batches of {args.batch}")
+        for work in rounds(args, now):
+            count = sum(len(r) for batches in work.values() for _s, _f, r in batches)
+            done += count
+            line = [f"{done:>11,}"]
+            for name, store in stores.items():
+                server_before = postgres_cpu()
+                elapsed, cpu = ingest_round(store, work)
+                spent[name][0] += elapsed
+                spent[name][1] += cpu
+                if name == "postgresql":
+                    spent[name][2] += postgres_cpu() - server_before
+                line.append(f"{name} {count / elapsed:>8,.0f}/s")
+            print("  ".join(line), flush=True)
+        print()
+        for name, (elapsed, cpu, server) in spent.items():
+            rate = done / elapsed
+            print(f"ingest {name:<10} {rate:>9,.0f} records/s  (x{rate / TODAY_RATE:.2f} today's {TODAY_RATE:,}/s,"
+                  f" x{rate / TARGET_RATE:.2f} the target {TARGET_RATE:,}/s)")
+            print(f"       CPU per record: master {cpu / done * 1e6:.1f} µs"
+                  + (f", PostgreSQL server {server / done * 1e6:.1f} µs" if name == "postgresql" else ""))
+        print()
+        timings = {name: queries(store, now, args.days) for name, store in stores.items()}
+        names = list(stores)
+        print(f"{'at ' + format(done, ',') + ' records':<34}" + "".join(f"{n:>14}" for n in names))
+        for query in timings[names[0]]:
+            print(f"{query:<34}" + "".join(f"{timings[n][query] * 1000:>11.1f} ms" for n in names))
+        cutoff = now - (args.days - 1) * DAY  # the oldest day
+        for name, store in stores.items():
+            began = time.perf_counter()
+            removed = store.prune(cutoff)
+            print(f"retention of the oldest day, {name}: {time.perf_counter() - began:.2f} s ({removed:,} records)")
+    finally:
+        for store in stores.values():
+            store.close()
+        if server is not None:
+            server.destroy()
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""The PostgreSQL report store's schema: versioned migrations and day partitions.
+
+`migrate(conn)` brings a database to `SCHEMA_VERSION` inside one transaction: an empty database
+gets every step, an older schema the steps it lacks (a newer master upgrades in place), and a
+schema newer than this code is refused with `SchemaTooNew` (an older master must not write into
+tables whose meaning it does not know).
+
+Records live in `requests`, range-partitioned by day on `time` (UTC days). Partitions are created
+ahead of the records (`ensure_days`); a record whose day is far from now (a clock off by years)
+lands in the default partition rather than creating one table per stray day. Retention drops
+whole day partitions. The unique key of a partitioned table must include the partition column,
+so exactly-once is keyed on (node, segment, seq, time): a record's name and its time never
+change between shipments of the same record, so this is the record's name.
+
+The view `access_records` is the stable interface for administrators' own SQL and Grafana: its
+columns are the access record's keys, with `time` as timestamptz, `client` as inet, `dlp` as
+text[], plus `host`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Iterable
+
+SCHEMA_VERSION = 1
+DAY = 86400
+# Days kept as real partitions around now; anything further goes to the default partition.
+PAST_DAYS_PARTITIONED = 800
+FUTURE_DAYS_PARTITIONED = 7
+
+
+class SchemaTooNew(RuntimeError):
+    """The database was written by a newer version of the gateway."""
+
+
+_V1 = """
+CREATE TABLE requests (
+    node text NOT NULL, segment bigint NOT NULL, seq bigint NOT NULL,
+    time timestamptz NOT NULL, client text, "user" text, method text, url text,
+    host text, host_rev text COLLATE "C", status integer, bytes_in bigint NOT NULL, bytes_out bigint NOT NULL,
+    duration_ms double precision, action text, rule text, category text, application text,
+    policy_version text, dlp jsonb, detail text, transfer text, tls text,
+    UNIQUE (node, segment, seq, time)
+) PARTITION BY RANGE (time);
+CREATE TABLE requests_other PARTITION OF requests DEFAULT;
+CREATE INDEX requests_time ON requests (time);
+CREATE INDEX requests_user ON requests ("user", time) WHERE "user" IS NOT NULL;
+CREATE INDEX requests_client ON requests (client, time);
+CREATE INDEX requests_host ON requests (host_rev, time) WHERE host_rev IS NOT NULL;
+CREATE INDEX requests_rule ON requests (rule, time) WHERE rule IS NOT NULL;
+CREATE TABLE quarantine (
+    node text NOT NULL, segment bigint NOT NULL, seq bigint NOT NULL,
+    received double precision NOT NULL, reason text NOT NULL, raw bytea NOT NULL,
+    PRIMARY KEY (node, segment, seq)
+);
+CREATE INDEX quarantine_received ON quarantine (received);
+CREATE TABLE rollup_minute (
+    bucket bigint NOT NULL, node text NOT NULL, requests bigint NOT NULL,
+    blocked bigint NOT NULL, bytes_in bigint NOT NULL, bytes_out bigint NOT NULL,
+    PRIMARY KEY (bucket, node)
+);
+CREATE TABLE rollup_hour (
+    bucket bigint NOT NULL, node text NOT NULL, requests bigint NOT NULL,
+    blocked bigint NOT NULL, bytes_in bigint NOT NULL, bytes_out bigint NOT NULL,
+    PRIMARY KEY (bucket, node)
+);
+CREATE TABLE rollup_top (
+    dimension text NOT NULL, bucket bigint NOT NULL, node text NOT NULL, key text COLLATE "C" NOT NULL,
+    requests bigint NOT NULL, blocked bigint NOT NULL, bytes bigint NOT NULL,
+    PRIMARY KEY (dimension, bucket, node, key)
+);
+CREATE TABLE node_drops (
+    node text PRIMARY KEY, total_dropped bigint NOT NULL, reported double precision NOT NULL
+);
+CREATE TABLE migration_progress (
+    source text PRIMARY KEY, last_id bigint NOT NULL, copied bigint NOT NULL, updated timestamptz NOT NULL
+);
+-- A client address that is not an IP address reads as NULL instead of failing the whole query.
+CREATE FUNCTION safesquid_inet(value text) RETURNS inet LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    RETURN value::inet;
+EXCEPTION WHEN others THEN
+    RETURN NULL;
+END $$;
+CREATE VIEW access_records AS
+SELECT time, extract(epoch FROM time)::double precision AS ts, node, safesquid_inet(client) AS client,
+       "user", method, url, host, status, bytes_in, bytes_out, duration_ms, action, rule, category,
+       application, policy_version,
+       coalesce(ARRAY(SELECT jsonb_array_elements_text(dlp)), '{}'::text[]) AS dlp,
+       detail, transfer, tls, segment, seq
+FROM requests;
+"""
+
+# Step n brings version n - 1 to version n. Append, never edit a released step.
+MIGRATIONS: tuple[str, ...] = (_V1,)
+
+
+def migrate(conn) -> int:
+    """Bring the schema to SCHEMA_VERSION (one transaction, serialised by an advisory lock);
+    return the version found before. Raises SchemaTooNew for a newer schema."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(7140014)")
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)")
+        row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
+        found = row[0] or 0
+        if found > SCHEMA_VERSION:
+            raise SchemaTooNew(
+                f"the report store's schema is version {found}, newer than this gateway's"
+                f" {SCHEMA_VERSION}: upgrade this master (it will not write into a newer schema)"
+            )
+        for version in range(found + 1, SCHEMA_VERSION + 1):
+            conn.execute(MIGRATIONS[version - 1])
+            conn.execute("DELETE FROM schema_version")
+            conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
+    return found
+
+
+def day_of(epoch: float) -> int:
+    """The UTC day number (days since 1970-01-01) of an epoch time."""
+    return int(epoch // DAY)
+
+
+def partition_name(day: int) -> str:
+    return "requests_" + (dt.date(1970, 1, 1) + dt.timedelta(days=day)).strftime("%Y%m%d")
+
+
+def partitioned_days(conn) -> set[int]:
+    """Day numbers that have their own partition."""
+    rows = conn.execute(
+        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+        " JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = 'requests'"
+    ).fetchall()
+    days = set()
+    for (name,) in rows:
+        suffix = name.removeprefix("requests_")
+        if suffix.isdigit() and len(suffix) == 8:
+            date = dt.date(int(suffix[:4]), int(suffix[4:6]), int(suffix[6:]))
+            days.add((date - dt.date(1970, 1, 1)).days)
+    return days
+
+
+def wanted_days(days: Iterable[int], now: float) -> set[int]:
+    """Those of `days` near enough to now to deserve their own partition."""
+    today = day_of(now)
+    return {d for d in days if today - PAST_DAYS_PARTITIONED <= d <= today + FUTURE_DAYS_PARTITIONED}
+
+
+def create_day(conn, day: int) -> None:
+    """Create the partition of `day` (rows of that day already in the default partition move
+    into it). Call inside a transaction."""
+    start = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(days=day)
+    end = start + dt.timedelta(days=1)
+    name = partition_name(day)
+    moved = conn.execute(
+        "SELECT count(*) FROM requests_other WHERE time >= %s AND time < %s", (start, end)
+    ).fetchone()[0]
+    if moved:
+        conn.execute(
+            "CREATE TEMP TABLE moving ON COMMIT DROP AS"
+            " SELECT * FROM requests_other WHERE time >= %s AND time < %s", (start, end)
+        )
+        conn.execute("DELETE FROM requests_other WHERE time >= %s AND time < %s", (start, end))
+    conn.execute(
+        f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF requests"
+        f" FOR VALUES FROM ('{start.isoformat()}') TO ('{end.isoformat()}')"
+    )
+    if moved:
+        conn.execute("INSERT INTO requests SELECT * FROM moving")
+        conn.execute("DROP TABLE moving")
+
+
+def drop_days_before(conn, day: int) -> list[int]:
+    """Drop every day partition whose whole day is before `day`; return the days dropped."""
+    days = sorted(d for d in partitioned_days(conn) if d < day)
+    for d in days:
+        conn.execute(f"DROP TABLE IF EXISTS {partition_name(d)}")
+    return days
+
+
+__all__ = [
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "SchemaTooNew",
+    "create_day",
+    "day_of",
+    "drop_days_before",
+    "migrate",
+    "partition_name",
+    "partitioned_days",
+    "wanted_days",
+]

@@ -1,0 +1,698 @@
+"""The report store in PostgreSQL: the same interface as the embedded SQLite store.
+
+Ingest keeps the SQLite store's promises: a record is named by (node, segment, seq) and stored
+once however often it is shipped; a batch is stored all or nothing; `ingest` returns only once
+the batch is committed (synchronous_commit: durable), so the master acknowledges only then and a
+slave re-ships after any failure, the database being down included.
+
+How a batch travels: the JSON is parsed and checked in the calling worker thread, outside any
+lock, into ready-made COPY text and roll-up increments. One writer connection, behind a lock,
+commits: batches that arrive while a commit is in flight are taken along by the next one (group
+commit), each in its own savepoint; the names already stored are looked up with one indexed query
+per batch (pruned to the partitions of the batch's times), the new rows go in with COPY, and the
+roll-up increments of the whole group are merged and upserted with one statement per table.
+
+Reads go through a small connection pool (psycopg-pool), to `read_url` when given (a replica).
+`reader()` returns an object with the `execute(sql, params)` of a sqlite3 connection, so that the
+roll-up queries of `reporting.aggregate` run unchanged here: it rewrites `?` and `?N` to psycopg
+placeholders and returns whole numbers for SQL sums.
+
+Every method blocks on the network: call it in a worker thread. When the database is unreachable
+the methods raise `StoreUnavailable` (quickly: a failed connection is not retried for a few
+seconds), which the portal turns into a "report store unavailable" page.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+import threading
+import time
+import zlib
+from decimal import Decimal
+from typing import Any, Callable, Iterable
+
+import psycopg
+from psycopg.adapt import Loader
+from psycopg_pool import ConnectionPool
+
+from safesquid_tw.reporting import pgschema
+from safesquid_tw.reporting.backend import StoreUnavailable
+from safesquid_tw.reporting.recordcheck import check_record
+from safesquid_tw.reporting.rows import MalformedRecord, record_row
+from safesquid_tw.reporting.store import BLOCKED_ACTIONS, IngestResult
+
+RETRY_CONNECT_AFTER = 2.0  # seconds a failed connection is remembered before trying again
+CONNECT_TIMEOUT = 5
+_INT32 = 2**31
+_INT64 = 2**63
+
+_RECORD_COLUMNS = (
+    'node, segment, seq, {time}, client, "user", method, url, host, host_rev, status, bytes_in,'
+    " bytes_out, duration_ms, action, rule, category, application, policy_version, {dlp}, detail,"
+    " transfer, tls"
+)
+_STAGE_COLUMNS = _RECORD_COLUMNS.format(time="ts", dlp="dlp")
+# Rows are staged (COPY) in a temporary table, emptied at every commit.
+_CREATE_STAGE = (
+    "CREATE TEMP TABLE IF NOT EXISTS stage (node text, segment bigint, seq bigint, ts double precision,"
+    ' client text, "user" text, method text, url text, host text, host_rev text, status integer,'
+    " bytes_in bigint, bytes_out bigint, duration_ms double precision, action text, rule text,"
+    " category text, application text, policy_version text, dlp text, detail text, transfer text,"
+    " tls text) ON COMMIT DELETE ROWS"
+)
+_BLOCKED_SQL = "(" + ", ".join(f"'{action}'" for action in sorted(BLOCKED_ACTIONS)) + ")"
+
+
+def _bump(table: str, columns: tuple[str, ...]) -> str:
+    return f"ON CONFLICT ({', '.join(columns)}) DO UPDATE SET " + ", ".join(
+        f"{c} = {table}.{c} + excluded.{c}" for c in ("requests", "blocked", "bytes_in", "bytes_out")
+        if table != "rollup_top" or c in ("requests", "blocked")
+    ) + (", bytes = rollup_top.bytes + excluded.bytes" if table == "rollup_top" else "")
+
+
+# Exactly once and the roll-ups in one statement, all in the server: the rows of the stage whose
+# names are new go in (the unique key (node, segment, seq, time) skips the others), and only the
+# rows inserted are counted into the minute, hour and top roll-ups (as the SQLite store does).
+_INSERT_AND_COUNT = f"""
+WITH ins AS (
+    INSERT INTO requests ({_RECORD_COLUMNS.format(time="time", dlp="dlp")})
+    SELECT {_RECORD_COLUMNS.format(time="to_timestamp(ts)", dlp="dlp::jsonb")} FROM stage
+    ON CONFLICT DO NOTHING
+    RETURNING node, segment, time, host, "user", category, application, rule, action, bytes_in, bytes_out
+), counted AS (
+    SELECT node, segment, (floor(extract(epoch FROM time) / 60) * 60)::bigint AS minute, host, "user",
+           category, application, rule, (action IN {_BLOCKED_SQL})::int AS blocked, bytes_in, bytes_out
+    FROM ins
+), minutes AS (
+    INSERT INTO rollup_minute (bucket, node, requests, blocked, bytes_in, bytes_out)
+    SELECT minute, node, count(*), sum(blocked), sum(bytes_in), sum(bytes_out) FROM counted
+    GROUP BY minute, node
+    {_bump("rollup_minute", ("bucket", "node"))}
+), hours AS (
+    INSERT INTO rollup_hour (bucket, node, requests, blocked, bytes_in, bytes_out)
+    SELECT minute - minute % 3600, node, count(*), sum(blocked), sum(bytes_in), sum(bytes_out) FROM counted
+    GROUP BY 1, node
+    {_bump("rollup_hour", ("bucket", "node"))}
+), tops AS (
+    INSERT INTO rollup_top (dimension, bucket, node, key, requests, blocked, bytes)
+    SELECT d.dimension, minute - minute % 3600, node, d.key, count(*), sum(blocked), sum(bytes_in + bytes_out)
+    FROM counted CROSS JOIN LATERAL (VALUES ('domain', host), ('user', "user"), ('category', category),
+        ('application', application), ('rule', rule)) AS d(dimension, key)
+    WHERE d.key IS NOT NULL
+    GROUP BY 1, 2, 3, 4
+    {_bump("rollup_top", ("dimension", "bucket", "node", "key"))}
+)
+SELECT node, segment, count(*) FROM ins GROUP BY node, segment
+"""
+_INSERT_QUARANTINE = (
+    "INSERT INTO quarantine (node, segment, seq, received, reason, raw) VALUES (%s, %s, %s, %s, %s, %s)"
+    " ON CONFLICT DO NOTHING"
+)
+_SELECT = (
+    'node, segment, seq, extract(epoch FROM time)::double precision, client, "user", method, url,'
+    " host, status, bytes_in, bytes_out, duration_ms, action, rule, category, application,"
+    " policy_version, dlp, detail"
+)
+_COLUMNS = (
+    "node", "segment", "seq", "time", "client", "user", "method", "url", "host", "status",
+    "bytes_in", "bytes_out", "duration_ms", "action", "rule", "category", "application",
+    "policy_version", "dlp", "detail",
+)  # fmt: skip
+_FILTERS = frozenset(
+    {"start", "end", "node", "user", "client", "domain", "rule", "status", "action", "category"}
+)
+# COPY text format: backslash, tab, newline and carriage return are escaped; PostgreSQL text
+# cannot hold NUL at all, so it is dropped rather than failing the whole batch.
+_JSON_NUL = "\\u0000"  # jsonb refuses it too
+_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r", "\x00": ""})
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return "\\N"
+    return str(value).translate(_ESCAPES)
+
+
+class _Writer:
+    """One writer connection with its lock and the queue of batches waiting for its next commit."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.queue_lock = threading.Lock()
+        self.queue: list[_Batch] = []
+        self.conn: psycopg.Connection | None = None
+        self.failed_at = 0.0
+
+
+class _Batch:
+    __slots__ = ("key", "days", "rows", "quarantine", "result", "error", "writer")
+
+    def __init__(self, key: tuple[str, int, int, int]) -> None:
+        self.key = key  # node, segment, first seq, last seq
+        self.days: set[int] = set()
+        self.rows: list[tuple[Any, ...]] = []  # stage rows, in _STAGE_COLUMNS order
+        self.quarantine: list[tuple[Any, ...]] = []
+        self.result: IngestResult | None = None
+        self.error: BaseException | None = None
+        self.writer = 0
+
+
+def _clean_text(value: Any) -> Any:
+    """PostgreSQL text holds neither NUL nor lone surrogates (which JSON can carry)."""
+    if isinstance(value, str):
+        return value.replace("\x00", "").encode("utf-8", "replace").decode("utf-8")
+    return value
+
+
+def _prepare(node: str, segment: int, first_seq: int, records: list[bytes], received: float) -> _Batch:
+    batch = _Batch((node, segment, first_seq, first_seq + len(records) - 1))
+    loads = json.loads
+    rows, days = batch.rows, batch.days
+    last_day = None
+    for seq, raw in enumerate(records, first_seq):
+        try:
+            obj = loads(raw)
+            row = record_row(check_record(obj))
+            (when, _minute, client, user, method, url, host, host_rev, status, bytes_in, bytes_out,
+             duration, action, rule, category, application, version, dlp, detail) = row[:19]
+            if status is not None and not -_INT32 <= status < _INT32:
+                raise MalformedRecord(f"'status' out of range: {status!r}")
+            if bytes_in >= _INT64 or bytes_out >= _INT64:
+                raise MalformedRecord("byte counts out of range")
+            if not -62135596800.0 <= when < 253402300800.0:  # years 1 to 9999
+                raise MalformedRecord(f"'ts' out of range: {when!r}")
+        except MalformedRecord as e:
+            batch.quarantine.append((node, segment, seq, received, str(e), bytes(raw)))
+            continue
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            batch.quarantine.append((node, segment, seq, received, f"not JSON: {e}", bytes(raw)))
+            continue
+        transfer, tls = obj.get("transfer"), obj.get("tls")
+        stage = (node, segment, seq, when, client, user, method, url, host, host_rev, status, bytes_in,
+                 bytes_out, duration, action, rule, category, application,
+                 None if version is None else str(version), dlp, detail,
+                 transfer if isinstance(transfer, str) else None, tls if isinstance(tls, str) else None)
+        if b"\\u" in raw:  # escaped characters: maybe a NUL or a lone surrogate
+            stage = tuple(_clean_text(v) for v in stage)
+            if stage[19] is not None:
+                stage = (*stage[:19], stage[19].replace(_JSON_NUL, ""), *stage[20:])
+        rows.append(stage)
+        day = int(when // 86400)
+        if day != last_day:
+            days.add(day)
+            last_day = day
+    return batch
+
+
+class _WholeNumbers(Loader):
+    """numeric -> int when whole (sums of bigint columns), else float: like SQLite's sum()."""
+
+    def load(self, data: Any) -> Any:
+        value = Decimal(bytes(data).decode())
+        return int(value) if value == value.to_integral_value() else float(value)
+
+
+def _configure(conn: psycopg.Connection) -> None:
+    conn.adapters.register_loader("numeric", _WholeNumbers)
+
+
+_PLACEHOLDER = re.compile(r"\?(\d*)")
+
+
+def _translate(sql: str, params: Iterable[Any]) -> tuple[str, list[Any]]:
+    """sqlite3 placeholders (`?`, `?N`) -> psycopg's `%s`, with the parameters in order."""
+    params = list(params)
+    ordered: list[Any] = []
+    largest = 0  # as in SQLite, a bare ? is numbered one more than the largest number so far
+
+    def replace(match: re.Match[str]) -> str:
+        nonlocal largest
+        number = int(match.group(1)) if match.group(1) else largest + 1
+        largest = max(largest, number)
+        ordered.append(params[number - 1])
+        return "%s"
+
+    return _PLACEHOLDER.sub(replace, sql.replace("%", "%%")), ordered
+
+
+class _Rows:
+    def __init__(self, rows: list[tuple[Any, ...]], rowcount: int) -> None:
+        self._rows = rows
+        self.rowcount = rowcount
+
+    def fetchone(self) -> tuple[Any, ...] | None:
+        return self._rows[0] if self._rows else None
+
+    def fetchall(self) -> list[tuple[Any, ...]]:
+        return list(self._rows)
+
+    def __iter__(self):
+        return iter(self._rows)
+
+
+class _Reader:
+    """A sqlite3-like `execute` over the read pool (for `reporting.aggregate`)."""
+
+    def __init__(self, store: "PostgresReportStore") -> None:
+        self._store = store
+
+    def execute(self, sql: str, params: Iterable[Any] = ()) -> _Rows:
+        sql, ordered = _translate(sql, params)
+        with self._store._read() as conn:
+            cur = conn.execute(sql, ordered)
+            rows = cur.fetchall() if cur.description is not None else []
+            return _Rows(rows, cur.rowcount)
+
+
+class PostgresReportStore:
+    """Access records of every node, their roll-ups, quarantined records and drop counters."""
+
+    backend = "postgresql"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        read_url: str | None = None,
+        password: str | None = None,
+        wall_clock: Callable[[], float] = time.time,
+        pool_size: int = 4,
+        connect_timeout: int = CONNECT_TIMEOUT,
+        writers: int = 2,
+    ) -> None:
+        self.url = url
+        self.read_url = read_url or url
+        self._kwargs: dict[str, Any] = {"connect_timeout": connect_timeout, "application_name": "safesquid-tw"}
+        if password is not None:
+            self._kwargs["password"] = password
+        self._wall_clock = wall_clock
+        # Each writer has its own connection (its own server process and core); a node's
+        # batches always go to the same writer, so writers never wait on each other's roll-up
+        # rows, nor race on a record's name.
+        self._writers = [_Writer() for _ in range(max(1, writers))]
+        self._days_lock = threading.Lock()
+        self._schema_lock = threading.Lock()
+        self._days: set[int] = set()
+        self._ready = False  # schema checked and upgraded on this run
+        with self._write_lock:
+            try:
+                self._connection()  # SchemaTooNew stops the master here, at start
+            except (StoreUnavailable, psycopg.OperationalError):
+                pass  # down at start: ingest waits (slaves keep spooling) until it answers
+        self._pool = ConnectionPool(
+            self.read_url,
+            min_size=1,
+            max_size=pool_size,
+            kwargs={**self._kwargs, "autocommit": True},
+            configure=_configure,
+            check=ConnectionPool.check_connection,
+            timeout=connect_timeout,
+            reconnect_timeout=0,
+            open=False,
+            name="report-reads",
+        )
+        self._pool.open(wait=False)
+
+    def close(self) -> None:
+        self._pool.close()
+        for writer in self._writers:
+            with writer.lock:
+                if writer.conn is not None:
+                    writer.conn.close()
+                    writer.conn = None
+
+    # The first writer's lock, queue and connection, for maintenance (prune, migration, tests).
+    @property
+    def _write_lock(self) -> threading.Lock:
+        return self._writers[0].lock
+
+    @property
+    def _queue(self) -> list[_Batch]:
+        return self._writers[0].queue
+
+    # -- connections ----------------------------------------------------------------------------
+
+    def _connection(self, writer: "_Writer | None" = None) -> psycopg.Connection:
+        """A writer's connection (call under its lock), reconnected after a failure."""
+        writer = writer or self._writers[0]
+        if writer.conn is not None and not writer.conn.closed:
+            return writer.conn
+        if time.monotonic() - writer.failed_at < RETRY_CONNECT_AFTER:
+            raise StoreUnavailable("the report database was unreachable moments ago")
+        try:
+            conn = psycopg.connect(self.url, autocommit=True, **self._kwargs)
+        except psycopg.OperationalError as e:
+            writer.failed_at = time.monotonic()
+            raise StoreUnavailable(f"cannot reach the report database: {_first_line(e)}") from None
+        _configure(conn)
+        try:
+            with self._schema_lock:
+                if not self._ready:
+                    pgschema.migrate(conn)
+                    with self._days_lock:
+                        self._days = pgschema.partitioned_days(conn)
+                    self._ready = True
+            conn.execute(_CREATE_STAGE)
+            self._ensure_days(conn, self._days_ahead())
+        except BaseException:
+            conn.close()
+            raise
+        writer.conn = conn
+        return conn
+
+    def _broken(self, error: BaseException, writer: "_Writer | None" = None) -> BaseException:
+        """After an error: drop a dead writer connection; name unavailability as such."""
+        writer = writer or self._writers[0]
+        if writer.conn is not None and (writer.conn.closed or writer.conn.broken):
+            writer.conn.close()
+            writer.conn = None
+            writer.failed_at = time.monotonic()
+        if isinstance(error, psycopg.OperationalError):
+            return StoreUnavailable(f"the report database failed: {_first_line(error)}")
+        return error
+
+    def _read(self):
+        store = self
+
+        class _Lease:
+            def __enter__(self_inner) -> psycopg.Connection:
+                try:
+                    self_inner.cm = store._pool.connection()
+                    return self_inner.cm.__enter__()
+                except (psycopg.OperationalError, psycopg_pool_errors()) as e:
+                    raise StoreUnavailable(f"cannot reach the report database: {_first_line(e)}") from None
+
+            def __exit__(self_inner, *exc: Any) -> None:
+                self_inner.cm.__exit__(*exc)
+                if exc[0] is not None and issubclass(exc[0], psycopg.OperationalError):
+                    raise StoreUnavailable(f"the report database failed: {_first_line(exc[1])}") from None
+
+        return _Lease()
+
+    def reader(self) -> _Reader:
+        """A sqlite3-like handle for read-only queries (roll-ups, counts)."""
+        return _Reader(self)
+
+    def available(self) -> bool:
+        try:
+            self.reader().execute("SELECT 1")
+            return True
+        except StoreUnavailable:
+            return False
+
+    # -- writing --------------------------------------------------------------------------------
+
+    def ingest(self, node: str, segment: int, first_seq: int, records: list[bytes]) -> IngestResult:
+        """Store a batch (record i is (node, segment, first_seq + i)) all or nothing, durably.
+
+        Blocks on the network: call it in a worker thread. Concurrent calls share commits.
+        """
+        batch = _prepare(node, segment, first_seq, records, self._wall_clock())
+        batch.writer = self._writer_of(node)
+        writer = self._writers[batch.writer]
+        with writer.queue_lock:
+            writer.queue.append(batch)
+        with writer.lock:
+            if batch.result is None and batch.error is None:  # nobody took it along: lead
+                with writer.queue_lock:
+                    group, writer.queue = writer.queue, []
+                self._commit(group, leader=batch)
+        if batch.error is not None:
+            raise batch.error
+        assert batch.result is not None
+        return batch.result
+
+    def ingest_many(
+        self, batches: Iterable[tuple[str, int, int, list[bytes]]]
+    ) -> list[IngestResult | Exception]:
+        """Several (node, segment, first_seq, records) batches in one commit; each is stored
+        all or nothing, and its place in the answer holds its result or its error."""
+        prepared = [_prepare(*batch, self._wall_clock()) for batch in batches]
+        for index, writer in enumerate(self._writers):
+            group = [b for b in prepared if self._writer_of(b.key[0]) == index]
+            for batch in group:
+                batch.writer = index
+            if group:
+                with writer.lock:
+                    self._commit(group, leader=None)
+        return [b.error if b.error is not None else b.result for b in prepared]  # type: ignore[misc]
+
+    def _days_ahead(self) -> set[int]:
+        today = pgschema.day_of(self._wall_clock())
+        return {today - 1, today, today + 1, today + 2}
+
+    def _writer_of(self, node: str) -> int:
+        return zlib.crc32(node.encode("utf-8", "replace")) % len(self._writers)
+
+    def _ensure_days(self, conn: psycopg.Connection, days: set[int]) -> None:
+        with self._days_lock:
+            missing = pgschema.wanted_days(days, self._wall_clock()) - self._days
+            for day in sorted(missing):
+                with conn.transaction():
+                    pgschema.create_day(conn, day)
+                self._days.add(day)
+
+    def _commit(self, group: list[_Batch], leader: _Batch | None) -> None:
+        writer = self._writers[group[0].writer]
+        members: list[_Batch] = []
+        try:
+            conn = self._connection(writer)
+            days: set[int] = set()
+            for batch in group:
+                days |= batch.days
+            if not days <= self._days:
+                self._ensure_days(conn, days)
+            # One statement per (node, segment) and commit: its counts are told apart by them.
+            rounds: list[list[_Batch]] = []
+            for batch in group:
+                for members in rounds:
+                    if all(m.key[:2] != batch.key[:2] for m in members):
+                        members.append(batch)
+                        break
+                else:
+                    rounds.append([batch])
+            for members in rounds:
+                try:
+                    with conn.transaction():
+                        self._store(conn, members)
+                except psycopg.OperationalError:
+                    raise
+                except Exception as e:
+                    for batch in members:
+                        batch.result = None  # rolled back
+                    if len(members) == 1:
+                        members[0].error = e
+                        continue
+                    for batch in members:  # find the failing batch: store the others alone
+                        try:
+                            with conn.transaction():
+                                self._store(conn, [batch])
+                        except psycopg.OperationalError:
+                            raise
+                        except Exception as e:
+                            batch.result, batch.error = None, e
+        except BaseException as e:
+            # The connection failed: what was not committed before is unknown or lost; every
+            # batch without a result fails (its slave ships it again; names make that safe).
+            error = self._broken(e, writer)
+            failed = [batch for batch in group if batch.result is None or batch in members]
+            for batch in failed:
+                batch.result = None
+                batch.error = error if batch is leader else copy.copy(error)
+            if leader is None:
+                raise error from None
+
+    def _store(self, conn: psycopg.Connection, batches: list[_Batch]) -> None:
+        """Stage the rows of `batches` (distinct (node, segment) each), then in one statement
+        insert those never stored and count them into the roll-ups; quarantine the others."""
+        inserted: dict[tuple[str, int], int] = {}
+        if any(batch.rows for batch in batches):
+            with conn.cursor().copy(f"COPY stage ({_STAGE_COLUMNS}) FROM STDIN") as cp:
+                for batch in batches:
+                    for row in batch.rows:
+                        cp.write_row(row)
+            inserted = {(node, segment): n for node, segment, n in conn.execute(_INSERT_AND_COUNT)}
+        for batch in batches:
+            quarantined = 0
+            for entry in batch.quarantine:
+                quarantined += conn.execute(_INSERT_QUARANTINE, entry).rowcount
+            stored = inserted.get(batch.key[:2], 0)
+            total = len(batch.rows) + len(batch.quarantine)
+            batch.result = IngestResult(stored, total - stored - quarantined, quarantined)
+
+    def record_dropped(self, node: str, total_dropped: int) -> None:
+        """A node's running total of records its spool dropped at its size cap (the larger of
+        the stored and reported totals wins: a late message cannot lower it)."""
+        self._write(
+            "INSERT INTO node_drops (node, total_dropped, reported) VALUES (%s, %s, %s)"
+            " ON CONFLICT (node) DO UPDATE SET reported = excluded.reported,"
+            " total_dropped = greatest(node_drops.total_dropped, excluded.total_dropped)",
+            (node, int(total_dropped), self._wall_clock()),
+        )
+
+    def _write(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> int:
+        with self._write_lock:
+            try:
+                return self._connection().execute(sql, params).rowcount
+            except Exception as e:
+                raise self._broken(e) from None
+
+    def prune(self, older_than: float, batch: int = 0) -> int:
+        """Drop the day partitions that end by `older_than`, delete older records of the day it
+        falls in, roll-up buckets that end by then and quarantined records received before
+        then; create the partitions of the coming days. Returns the records removed.
+        (`batch` is accepted for the SQLite store's signature: a partition goes at once.)"""
+        cutoff_day = pgschema.day_of(older_than)
+        with self._write_lock:
+            try:
+                conn = self._connection()
+                self._ensure_days(conn, self._days_ahead())
+                removed = 0
+                for day in sorted(d for d in pgschema.partitioned_days(conn) if d < cutoff_day):
+                    name = pgschema.partition_name(day)
+                    with conn.transaction():
+                        removed += conn.execute(f"SELECT count(*) FROM {name}").fetchone()[0]
+                        conn.execute(f"DROP TABLE {name}")
+                    self._days.discard(day)
+                with conn.transaction():
+                    removed += conn.execute(
+                        "DELETE FROM requests WHERE time < to_timestamp(%s)", (older_than,)
+                    ).rowcount
+                    conn.execute("DELETE FROM quarantine WHERE received < %s", (older_than,))
+                    for table, span in (("rollup_minute", 60), ("rollup_hour", 3600), ("rollup_top", 3600)):
+                        conn.execute(f"DELETE FROM {table} WHERE bucket <= %s", (older_than - span,))
+                return removed
+            except Exception as e:
+                raise self._broken(e) from None
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def _query(self, sql: str, params: list[Any] | tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with self._read() as conn:
+            return conn.execute(sql, params).fetchall()
+
+    def count(self, **filters: Any) -> int:
+        """Records matching the filters of `search` (all optional).
+
+        A long period filtered by node at most (the search page's page count) is counted from
+        the minute roll-ups for its whole minutes and from the records only at its two ends:
+        the same number, without reading millions of rows."""
+        where, params = _where(filters)
+        given = {key for key, value in filters.items() if value is not None}
+        if {"start", "end"} <= given <= {"start", "end", "node"}:
+            start, end = float(filters["start"]), float(filters["end"])
+            first, last = math.ceil(start / 60) * 60, math.floor(end / 60) * 60
+            if last - first >= 3600:
+                node = filters.get("node")
+                node_clause, node_params = (" AND node = %s", [node]) if node is not None else ("", [])
+                return self._query(
+                    "SELECT (SELECT coalesce(sum(requests), 0) FROM rollup_minute WHERE bucket >= %s AND bucket < %s"
+                    f"{node_clause}) + (SELECT count(*) FROM requests WHERE ((time >= to_timestamp(%s) AND"
+                    " time < to_timestamp(%s)) OR (time >= to_timestamp(%s) AND time < to_timestamp(%s)))"
+                    f"{node_clause})",
+                    [first, last, *node_params, start, first, last, end, *node_params],
+                )[0][0]
+        return self._query(f"SELECT count(*) FROM requests{where}", params)[0][0]
+
+    def search(
+        self,
+        *,
+        start: float,
+        end: float,
+        node: str | None = None,
+        user: str | None = None,
+        client: str | None = None,
+        domain: str | None = None,
+        rule: str | None = None,
+        status: int | None = None,
+        action: str | None = None,
+        category: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> list[dict[str, Any]]:
+        """Records with start <= time < end matching every filter given, newest first.
+
+        `domain` matches that host and its subdomains; the others match exactly.
+        """
+        filters = {
+            "start": start, "end": end, "node": node, "user": user, "client": client,
+            "domain": domain, "rule": rule, "status": status, "action": action, "category": category,
+        }  # fmt: skip
+        where, params = _where(filters)
+        rows = self._query(
+            f"SELECT {_SELECT} FROM requests{where} ORDER BY time DESC, node, segment DESC, seq DESC"
+            " LIMIT %s OFFSET %s",
+            [*params, int(limit), int(offset)],
+        )
+        found = []
+        for row in rows:
+            record = dict(zip(_COLUMNS, row))
+            record["dlp"] = record["dlp"] or []
+            version = record["policy_version"]
+            if version is not None and version.lstrip("-").isdigit():
+                record["policy_version"] = int(version)
+            found.append(record)
+        return found
+
+    def quarantined(self, *, node: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        """Records that could not be stored, newest first, with the reason and the raw bytes."""
+        sql = "SELECT node, segment, seq, received, reason, raw FROM quarantine"
+        params: list[Any] = []
+        if node is not None:
+            sql, params = sql + " WHERE node = %s", [node]
+        rows = self._query(sql + " ORDER BY received DESC LIMIT %s", [*params, limit])
+        keys = ("node", "segment", "seq", "received", "reason", "raw")
+        return [dict(zip(keys, row)) for row in rows]
+
+    def dropped_totals(self) -> dict[str, int]:
+        """Per node, the records its spool dropped at the cap (as last reported)."""
+        return dict(self._query("SELECT node, total_dropped FROM node_drops ORDER BY node"))
+
+
+def _clean(value: Any) -> Any:
+    return value.replace("\x00", "") if isinstance(value, str) else value
+
+
+def _first_line(error: BaseException | None) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def psycopg_pool_errors() -> type[BaseException]:
+    from psycopg_pool import PoolTimeout
+
+    return PoolTimeout
+
+
+def _where(filters: dict[str, Any]) -> tuple[str, list[Any]]:
+    unknown = set(filters) - _FILTERS
+    if unknown:
+        raise TypeError(f"unknown record filters: {', '.join(sorted(unknown))}")
+    clauses: list[str] = []
+    params: list[Any] = []
+    start, end = filters.get("start"), filters.get("end")
+    if start is not None:
+        clauses.append("time >= to_timestamp(%s)")
+        params.append(float(start))
+    if end is not None:
+        clauses.append("time < to_timestamp(%s)")
+        params.append(float(end))
+    for key in ("node", "client", "rule", "status", "action", "category"):
+        if filters.get(key) is not None:
+            clauses.append(f"{key} = %s")
+            params.append(filters[key])
+    if filters.get("user") is not None:
+        clauses.append('"user" = %s')
+        params.append(filters["user"])
+    domain = filters.get("domain")
+    if domain is not None:
+        reversed_domain = domain.lower().rstrip(".")[::-1]
+        # host_rev is collated "C": [d, d + "/") is one index range holding d and d + "." + ...
+        clauses.append("host_rev >= %s AND host_rev < %s AND (host_rev = %s OR substr(host_rev, %s, 1) = '.')")
+        params += [reversed_domain, reversed_domain + "/", reversed_domain, len(reversed_domain) + 1]
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
+
+
+__all__ = ["PostgresReportStore", "StoreUnavailable"]
