@@ -48,4 +48,32 @@ def directory_watch(reactor, pool: ThreadPool, current_policy: Callable[[], Any]
     return Periodic(INTERVAL, check, clock=reactor, name="directory check", now=True)
 
 
-__all__ = ["directory_health", "directory_summary", "directory_watch"]
+
+
+class DirectoryCollector:
+    """The user directory in /metrics: reachable, look-ups and failures, remembered users."""
+
+    def __init__(self, current_policy: Callable[[], Any]) -> None:
+        self.current_policy = current_policy
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        state = _state(self.current_policy)
+        if state is None:
+            return
+        stats = state.stats()
+        reachable = stats["reachable"]
+        if reachable is not None:
+            yield GaugeMetricFamily("safesquid_directory_reachable", "1 when the user directory answered the last "
+                                    "look-up or check, 0 when it did not (absent until the first)",
+                                    value=1.0 if reachable else 0.0)
+        yield CounterMetricFamily("safesquid_directory_lookups", "Binds and searches sent to the user directory",
+                                  value=stats["lookups"])
+        yield CounterMetricFamily("safesquid_directory_failures", "Directory look-ups that found no server answering",
+                                  value=stats["failures"])
+        yield GaugeMetricFamily("safesquid_directory_cached_verdicts", "Directory verdicts remembered now",
+                                value=stats["cached_users"])
+
+
+__all__ = ["DirectoryCollector", "directory_health", "directory_summary", "directory_watch"]

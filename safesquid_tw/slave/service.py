@@ -19,7 +19,7 @@ from safesquid_tw.accesslog.spool import Spool
 from safesquid_tw.accesslog.writer import AccessLogWriter
 from safesquid_tw.cluster.shipper import LogShipper
 from safesquid_tw.config import NodeConfig, read_activation_key
-from safesquid_tw.identity.watch import directory_health, directory_summary, directory_watch
+from safesquid_tw.identity.watch import DirectoryCollector, directory_health, directory_summary, directory_watch
 from safesquid_tw.metrics.collectors import MasterLinkCollector, ProxyCollector, SpoolCollector
 from safesquid_tw.node import NodeBase
 from safesquid_tw.proxy.resolver import Resolver
@@ -140,6 +140,7 @@ def build_proxy_node(config: NodeConfig, reactor) -> MultiService:
     top.proxy_factory = factory
     base.metrics.register(ProxyCollector(factory))
     base.metrics.register(SpoolCollector(spool))
+    base.metrics.register(DirectoryCollector(factory.current_policy))
     return base.finish()
 
 

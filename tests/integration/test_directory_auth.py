@@ -256,3 +256,18 @@ def test_a_slave_authenticates_directory_users_and_the_master_sees_the_directory
     assert "directory-admin-password" not in json.dumps(view)
     status, policy = cluster.api("GET", "/api/v1/policy")
     assert status == 200 and "directory-admin-password" not in json.dumps(policy)
+
+
+def test_metrics_show_the_directory(directory_node, origins):
+    import http.client
+
+    assert_passed(proxy_request(directory_node, "GET", origins.url("/dir/metrics"),
+                                headers=as_user("alice", "alice-password")))
+    conn = http.client.HTTPConnection(*directory_node.portal, timeout=5)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    assert "safesquid_directory_reachable 1.0" in text
+    assert "safesquid_directory_lookups_total" in text
