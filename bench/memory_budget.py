@@ -277,9 +277,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--silent", type=int, default=10000, help="silent sockets (default 10000)")
     parser.add_argument("--heads", type=int, default=1000, help="clients holding a maximum-size head (default 1000)")
-    parser.add_argument("--head-bytes", type=int, default=65536, help="size of those heads (the node's --max-header-bytes)")
+    parser.add_argument("--head-bytes", type=int, default=65536,
+                        help="size of those heads (the node's --max-header-bytes)")
     parser.add_argument("--flood-clients", type=int, default=20, help="clients asking the 1xx-flooding origin")
-    parser.add_argument("--per-source", type=int, default=200, help="sockets per loopback source (under the per-client limit)")
+    parser.add_argument("--per-source", type=int, default=200,
+                        help="sockets per loopback source (under the per-client limit)")
     parser.add_argument("--phase-seconds", type=float, default=8.0, help="length of each phase")
     parser.add_argument("--first-byte-timeout", type=float, default=10.0, help="the node's --first-byte-timeout")
     parser.add_argument("--rss-bound-mb", type=float, default=512.0, help="the node's RSS must stay under this")
