@@ -15,6 +15,9 @@ Starts a local origin, a 1xx-flooding origin and a standalone node (default limi
     `--silent` sockets connect and never send a byte, spread over loopback sources so the
     per-client limit (256 by default) admits them; the first-byte deadline (10 s by default)
     closes them.
+``one-src``
+    The same number of silent sockets from a single address: all but `--max-connections-per-client`
+    (256) are closed at once.
 ``heads``
     `--heads` clients each send a request head just under the largest allowed size (64 KiB
     by default) without its final empty line, and hold it.
@@ -173,6 +176,8 @@ async def phase_1xx(proxy, clients: int, seconds: float) -> str:
                     key = "502" if b"HTTP/1.1 502" in chunk else "200"
                     outcomes[key] = outcomes.get(key, 0) + 1
                     break
+            else:
+                outcomes["still streaming 1xx"] = outcomes.get("still streaming 1xx", 0) + 1
         except (OSError, asyncio.TimeoutError):
             outcomes["no final answer in time"] = outcomes.get("no final answer in time", 0) + 1
         finally:
@@ -186,7 +191,7 @@ async def phase_1xx(proxy, clients: int, seconds: float) -> str:
     return f"{clients} clients; {received[0] / 1e6:.1f} MB of 1xx reached them; final answers {summary}"
 
 
-async def phase_silent(proxy, count: int, per_source: int, seconds: float) -> str:
+async def phase_silent(proxy, count: int, per_source: int, seconds: float, first: int = 10) -> str:
     opened: list[socket.socket] = []
     failures = 0
     gate = asyncio.Semaphore(200)
@@ -199,7 +204,7 @@ async def phase_silent(proxy, count: int, per_source: int, seconds: float) -> st
             except (OSError, asyncio.TimeoutError):
                 failures += 1
 
-    addresses = sources(count, per_source)
+    addresses = sources(count, per_source, first)
     await asyncio.gather(*(one(addresses[i % len(addresses)]) for i in range(count)))
     await asyncio.sleep(seconds)  # from the last socket's connect
     still_open = 0
@@ -268,6 +273,9 @@ async def main_async(args, node, origin) -> list[PhaseResult]:
         await run_phase("silent", node, probe_request,
                         phase_silent(proxy, args.silent, args.per_source,
                                      max(args.phase_seconds, args.first_byte_timeout + 2))),
+        # The same flood from one address: the per-client limit closes all but 256 at once.
+        await run_phase("one-src", node, probe_request,
+                        phase_silent(proxy, args.silent, args.silent, 2.0, first=9)),
         await run_phase("heads", node, probe_request,
                         phase_heads(proxy, args.heads, args.per_source, args.head_bytes, args.phase_seconds)),
     ]
@@ -277,9 +285,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--silent", type=int, default=10000, help="silent sockets (default 10000)")
     parser.add_argument("--heads", type=int, default=1000, help="clients holding a maximum-size head (default 1000)")
-    parser.add_argument("--head-bytes", type=int, default=65536, help="size of those heads (the node's --max-header-bytes)")
+    parser.add_argument("--head-bytes", type=int, default=65536,
+                        help="size of those heads (the node's --max-header-bytes)")
     parser.add_argument("--flood-clients", type=int, default=20, help="clients asking the 1xx-flooding origin")
-    parser.add_argument("--per-source", type=int, default=200, help="sockets per loopback source (under the per-client limit)")
+    parser.add_argument("--per-source", type=int, default=200,
+                        help="sockets per loopback source (under the per-client limit)")
     parser.add_argument("--phase-seconds", type=float, default=8.0, help="length of each phase")
     parser.add_argument("--first-byte-timeout", type=float, default=10.0, help="the node's --first-byte-timeout")
     parser.add_argument("--rss-bound-mb", type=float, default=512.0, help="the node's RSS must stay under this")

@@ -108,8 +108,13 @@ class Options(usage.Options):
         self["listen"] = []
 
     def opt_listen(self, endpoint: str) -> None:
-        """endpoint of the forward proxy (standalone and slave; default tcp:8080); may be given more than once; haproxy:tcp:3128 reads a PROXY protocol header (v1 or v2) from a balancer first"""  # noqa: E501 - usage prints it as written
         self["listen"].append(endpoint)
+
+    # usage prints an option's docstring as written: one line, built here.
+    opt_listen.__doc__ = (
+        "endpoint of the forward proxy (standalone and slave; default tcp:8080); may be given more than once; "
+        "haproxy:tcp:3128 reads a PROXY protocol header (v1 or v2) from a balancer first"
+    )
 
     def postOptions(self) -> None:
         self.config = options_to_config(self)

@@ -216,8 +216,8 @@ class ProxyService(Service):
 
     name = "proxy"
 
-    def __init__(self, reactor, endpoint: str | tuple[str, ...], factory: ProxyFactory, resolver: Resolver, *,
-                 stop_grace: float = 0.0, proxy_protocol_from: str | None = None) -> None:
+    def __init__(self, reactor, endpoint: str | tuple[str, ...], factory: ProxyFactory, resolver: Resolver,
+                 *, stop_grace: float = 0.0, proxy_protocol_from: str | None = None) -> None:
         self.stop_grace = stop_grace
         self.reactor = reactor
         self.endpoints = (endpoint,) if isinstance(endpoint, str) else tuple(endpoint)
