@@ -76,11 +76,12 @@ class Tunnel:
         if self._origin_ended or upstream is None:
             self._close(None)
             return
+        # The client's reads have ended: nothing is left for the origin's buffer to hold back.
+        # (Reads are not resumed: the reactor would only find the same end again.)
         try:
             upstream.transport.unregisterProducer()
         except Exception:
             pass
-        self.conn.gate.resume_all()
         upstream.transport.loseWriteConnection()
 
     def upstream_eof(self) -> None:
@@ -96,8 +97,6 @@ class Tunnel:
             transport.unregisterProducer()
         except Exception:
             pass
-        if self.upstream is not None and self.upstream.gate is not None:
-            self.upstream.gate.resume_all()
         transport.loseWriteConnection()
 
     # -- the origin side (ResponseSink in switched mode) ----------------------------------

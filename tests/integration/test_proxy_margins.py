@@ -271,6 +271,7 @@ def test_interim_flood_is_502_and_memory_stays_flat(node, scripted, origins):
         _data, ending = read_to_end(conn)
     assert (interim, status) == (10, 502) and ending == "eof"
     after = node.rss_bytes()
+    print(f"node RSS before the 1xx flood {before / MIB:.1f} MiB, after {after / MIB:.1f} MiB")
     assert after - before < 40 * MIB, f"RSS grew from {before >> 20} to {after >> 20} MiB"
     harness.assert_passed(proxy_request(node, "GET", origins.url("/still-served")))
 

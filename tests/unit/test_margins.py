@@ -120,6 +120,15 @@ def test_a_failed_connect_closes_and_never_reads_what_followed(reason, status):
     assert [r.method for r in rig.records] == ["CONNECT"]
 
 
+def test_a_connect_answered_with_407_closes_too():
+    rig = Rig()
+    policy = policy_from_document(dict(POLICY, authentication={"enabled": True, "realm": "corp", "exempt_networks": []}), 4)
+    rig.factory.current_policy = lambda: policy
+    rig.send(b"CONNECT 10.0.0.1:443 HTTP/1.1\r\nHost: 10.0.0.1:443\r\n\r\n\x16\x03\x01 tls hello" + SMUGGLED)
+    assert statuses(rig.written) == [407]
+    assert rig.client_transport.disconnecting and not rig.reactor.tcpClients
+
+
 # -- tunnels keep half-close -------------------------------------------------------------------
 
 def open_connect_tunnel(rig: Rig):
