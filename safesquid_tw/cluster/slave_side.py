@@ -103,6 +103,9 @@ class _LoggingEndpoint:
         self._last = None
 
 
+RETRY_CAP = 3.0
+
+
 class ClusterClient(MultiService):
     def __init__(
         self,
@@ -154,7 +157,9 @@ class ClusterClient(MultiService):
         )
         self._endpoint = endpoint
         self.factory = SlaveClientFactory()
-        self.retry_delays = backoffPolicy(initialDelay=0.5, maxDelay=max(2.0, keepalive * 3), factor=2.0)
+        # Capped at 3 s plus up to 1 s of jitter: after a master restart every slave is back
+        # within 5 s, and a fleet's reconnections spread over that second.
+        self.retry_delays = backoffPolicy(initialDelay=0.5, maxDelay=RETRY_CAP, factor=2.0)
         self._running: defer.Deferred | None = None
         self._stopping = False
         self._sleep: defer.Deferred | None = None

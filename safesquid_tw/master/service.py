@@ -38,7 +38,12 @@ def build_master(config: NodeConfig, reactor) -> MultiService:
     else:
         base.policy_file_service(str(sample_policy_path()), only_if_empty=True).setServiceParent(top)
 
-    registry = SlaveRegistry()
+    registry = SlaveRegistry(path=str(root / "nodes.json"))
+    if registry.problem:
+        log.error("cluster view: {problem}", problem=registry.problem)
+    elif registry.records:
+        log.info("cluster view: {n} known node(s), shown as not connected until they return",
+                 n=len(registry.records))
     reports = ReportStore(root / "reports.sqlite3")
     quarantine = QuarantineFile(root / "quarantine.jsonl")
     guard = ControlGuard(reactor)
