@@ -76,6 +76,7 @@ def build_proxy_node(config: NodeConfig, reactor) -> MultiService:
     )
     access_log.add_line_sink(spool_writer.append)
     access_log.setServiceParent(top)
+    base.reloads.add("reopen access.log", access_log.reopen)
     shipper = LogShipper(reactor, spool)
     shipper.writer = spool_writer
     shipper.setServiceParent(top)
@@ -191,3 +192,4 @@ def _slave_parts(base: NodeBase, factory: ProxyFactory, shipper: LogShipper) -> 
     client.setServiceParent(base.top)
     base.top.cluster_client = client
     state.health_parts["master"] = client.master_health
+    base.reloads.add("ask the master for its policy version", client.recheck)
