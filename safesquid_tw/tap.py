@@ -161,7 +161,7 @@ def options_to_config(opts: usage.Options) -> NodeConfig:
     if opts["stop-grace"] < 0:
         raise usage.UsageError("--stop-grace must be zero or more seconds")
     if key_file:
-        from safesquid_tw.cluster.keyfile import MIN_KEY_LENGTH, check_key_length
+        from safesquid_tw.cluster.keyfile import check_key_length
         from safesquid_tw.config import read_activation_key
         import os
 

@@ -6,7 +6,6 @@ and the master's /health stays fast."""
 
 from __future__ import annotations
 
-import os
 import socket
 import ssl
 import time

@@ -8,7 +8,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import threading
-import time
 import uuid
 from collections import Counter
 from pathlib import Path
