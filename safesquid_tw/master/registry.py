@@ -58,7 +58,7 @@ class SlaveRecord:
         if current_version is not None and self.connected and self.policy_version != current_version:
             out.append(f"runs policy version {self.policy_version}, not {current_version}")
         if self.dropped_records:
-            out.append(f"{self.dropped_records} access records dropped while the master was away")
+            out.append(f"{self.dropped_records} access records dropped (spool cap or memory bound reached)")
         if self.spool_problem:
             out.append(self.spool_problem)
         if self.draining:
