@@ -77,7 +77,7 @@ class Batch:
 class SpoolProblem:
     """Something the spool had to repair or give up; logged, and kept for the status pages."""
 
-    kind: str  # "torn-tail", "corrupt-segment", "corrupt-state", "dropped"
+    kind: str  # "torn-tail", "corrupt-segment", "corrupt-state", "dropped", "unwritable"
     segment: int | None
     detail: str
 
@@ -522,8 +522,14 @@ class Spool:
                     self._remember_sealed(segment, _Sealed(path, int(parts[1]), path.stat().st_size))
         self._next_segment = max(self._persisted_next, highest + 1)
         # Reserve ids now (at start, before any traffic), so the first segments need no fsync.
-        self._persisted_next = self._next_segment + ID_RESERVE
-        self._save_state()
+        # If the directory cannot be written now, the first segment tries again (and the node's
+        # writer holds records in memory meanwhile).
+        reserved, self._persisted_next = self._persisted_next, self._next_segment + ID_RESERVE
+        try:
+            self._save_state()
+        except OSError as e:
+            self._persisted_next = reserved
+            self._report("unwritable", None, f"cannot write the spool state: {e}")
 
     def _recover_set_aside(self, segment: int, tmp_path: Path) -> None:
         # An interrupted `_set_aside`: the clean copy was synced before the damaged file moved.
