@@ -105,7 +105,7 @@ class _LoggingEndpoint:
         self._last = None
 
 
-RETRY_CAP = 3.0
+RETRY_CAP = 2.5
 
 
 class ClusterClient(MultiService):
@@ -159,7 +159,7 @@ class ClusterClient(MultiService):
         )
         self._endpoint = endpoint
         self.factory = SlaveClientFactory()
-        # Capped at 3 s plus up to 1 s of jitter: after a master restart every slave is back
+        # Capped at 2.5 s plus up to 1 s of jitter: after a master restart every slave is back
         # within 5 s, and a fleet's reconnections spread over that second.
         self.retry_delays = backoffPolicy(initialDelay=0.5, maxDelay=RETRY_CAP, factor=2.0)
         self._running: defer.Deferred | None = None
