@@ -71,6 +71,11 @@ class EventLogObserver:
             except OSError:
                 self.dropped += 1
 
+    def reopen(self) -> None:
+        """Close the file; the next event opens `path` again (after an outside rotation)."""
+        with self._lock:
+            self._file.close()
+
     def close(self) -> None:
         with self._lock:
             self._closed = True

@@ -225,9 +225,10 @@ class ListeningFile(Service):
 
     name = "listening-file"
 
-    def __init__(self, path: Path, waits: dict[str, defer.Deferred]) -> None:
+    def __init__(self, path: Path, waits: dict[str, defer.Deferred], on_ready=None) -> None:
         self.path = path
         self.waits = waits
+        self.on_ready = on_ready  # called once every socket is bound (never after "cannot listen")
 
     def startService(self) -> None:
         super().startService()
@@ -242,6 +243,8 @@ class ListeningFile(Service):
             host = port.getHost()
             info[name] = f"[{host.host}]:{host.port}" if ":" in host.host else f"{host.host}:{host.port}"
         atomic_write(str(self.path), json.dumps(info).encode() + b"\n", mode=0o644)
+        if self.on_ready is not None:
+            self.on_ready()
 
     def _failed(self, reason) -> None:
         # gatherResults wraps the listener's error: name the one that failed, in one line.
@@ -312,6 +315,10 @@ class NodeStateService(Service):
     def startService(self) -> None:
         super().startService()
         self.state.started = time.time()
+
+    def announce(self) -> None:
+        """Said once the node's sockets are bound (see ListeningFile), so never after a
+        "cannot listen"."""
         log.info(
             "safesquid-tw {version} started: role {role}, node {node}",
             version=__version__, role=self.config.role, node=self.config.node_name,
@@ -351,6 +358,7 @@ class NodeBase:
     history: PolicyHistory
     waits: dict = attrs.field(factory=dict)
     metrics: NodeMetrics = attrs.field(factory=NodeMetrics)
+    reloads: object = None  # reload.ReloadService: what SIGHUP reloads on this node
 
     @classmethod
     def create(cls, config: NodeConfig, reactor) -> "NodeBase":
@@ -376,7 +384,9 @@ class NodeBase:
             log.error("policy history: {problem}", problem=problem)
         top.node_state = state
         top.policy_store = store
-        node = cls(config, reactor, top, root, state, store, history)
+        from safesquid_tw.reload import ReloadService
+
+        node = cls(config, reactor, top, root, state, store, history, reloads=ReloadService(reactor))
         # Other parts register their collectors on `top.metrics` (safesquid_tw/metrics).
         top.metrics = node.metrics
         node.metrics.register(NodeCollector(state, __version__))
@@ -468,7 +478,9 @@ class NodeBase:
         site.timeOut = PORTAL_IDLE_TIMEOUT
         if not slave:
             _bootstrap_api_token(site.portal_services.tokens, self.root)
-        identity = load_or_create_master_identity(self.root)
+        identity = load_or_create_master_identity(
+            self.root, label="master" if config.role == "master" else "portal"
+        )
         health_site = make_health_only_site(self.state, reactor=self.reactor, ca_store=getattr(self.top, "ca_store", None))
         health_site.timeOut = PORTAL_IDLE_TIMEOUT
         self._mount_metrics(site, health_site)
@@ -528,9 +540,18 @@ class NodeBase:
         Periodic(3600.0, prune, clock=self.reactor, name="report retention", now=True).setServiceParent(self.top)
 
     def finish(self) -> MultiService:
-        ListeningFile(self.root / "run" / "listening.json", self.waits).setServiceParent(self.top)
+        from safesquid_tw.reload import ReloadService
+
+        reloads = self.reloads
+        eventlog = self.top.getServiceNamed("eventlog")
+        reloads.steps.insert(0, ("reopen extended.log", lambda: eventlog.observer and eventlog.observer.reopen()))
+        reloads.setServiceParent(self.top)  # after PolicyFileService: its SIGHUP handler is chained to
+        node_state = NodeStateService(self.state, self.config)
+        ListeningFile(self.root / "run" / "listening.json", self.waits, on_ready=node_state.announce).setServiceParent(
+            self.top
+        )
         # Last child: stopped first, so /health says 503 before anything else winds down.
-        NodeStateService(self.state, self.config).setServiceParent(self.top)
+        node_state.setServiceParent(self.top)
         return self.top
 
 

@@ -222,7 +222,7 @@ def options_to_config(opts: usage.Options) -> NodeConfig:
         raise usage.UsageError("--stop-grace must be zero or more seconds")
     _check_report_store(opts)
     if key_file:
-        from safesquid_tw.cluster.keyfile import MIN_KEY_LENGTH, check_key_length
+        from safesquid_tw.cluster.keyfile import check_key_length
         from safesquid_tw.config import read_activation_key
         import os
 

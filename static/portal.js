@@ -83,6 +83,8 @@ function renderCluster(table, view) {
     var actions = cell(row, "", "actions");
     if (n.connected) {
       ["reload", "drain", "resume"].forEach(function (task) { taskForm(actions, csrf, n.name, task); });
+    } else {
+      taskForm(actions, csrf, n.name, "remove");
     }
     body.appendChild(row);
   });

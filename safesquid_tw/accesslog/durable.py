@@ -62,6 +62,7 @@ class SpoolWriter(Service):
         self.failing_since: float | None = None
         self.dropped_in_memory = 0  # records refused because the memory bound was reached
         self.sync_failures = 0
+        self._last_sync_error: str | None = None
         self._dropping = False
         self._turn = None  # the pending callLater(0) or retry call
         self._syncer = Periodic(fsync_interval, self.sync, clock=reactor, name="spool fsync")
@@ -137,14 +138,21 @@ class SpoolWriter(Service):
     def sync(self) -> defer.Deferred:
         """fsync (and the cap) in a worker thread; failures are counted and logged, not raised."""
         d = threads.deferToThread(self.spool.sync)
-        d.addErrback(self._sync_failed)
+        d.addCallbacks(self._synced, self._sync_failed)
         return d
 
     def _sync_failed(self, reason) -> None:
         self.sync_failures += 1
-        if reason.check(OSError) and not self.writable:
-            return  # already told: the spool cannot be written
-        log.error("access record spool: fsync failed: {why}", why=reason.getErrorMessage())
+        why = reason.getErrorMessage()
+        if (reason.check(OSError) and not self.writable) or why == self._last_sync_error:
+            return  # already told: once per distinct problem, not once a second
+        self._last_sync_error = why
+        log.error("access record spool: fsync failed: {why}", why=why)
+
+    def _synced(self, _ignored) -> None:
+        if self._last_sync_error is not None:
+            log.info("access record spool: fsync works again")
+            self._last_sync_error = None
 
     # -- what /health, the cluster view and /metrics show ----------------------------------------
 

@@ -77,7 +77,7 @@ class Batch:
 class SpoolProblem:
     """Something the spool had to repair or give up; logged, and kept for the status pages."""
 
-    kind: str  # "torn-tail", "corrupt-segment", "corrupt-state", "dropped"
+    kind: str  # "torn-tail", "corrupt-segment", "corrupt-state", "dropped", "unwritable"
     segment: int | None
     detail: str
 
@@ -126,7 +126,7 @@ class Spool:
         self._pending: list[_Pending] = []
         self._pending_bytes = 0  # encoded bytes appended and not yet written: the memory backlog
         self._fd_dirty = False  # the open segment has writes not yet fsynced
-        self._unsynced: list[Path] = []  # sealed files closed before their data was fsynced
+        self._unsynced: set[int] = set()  # segments closed before their data was fsynced
         self._dir_dirty = False  # directory entries (create, rename, unlink) not yet fsynced
         self._state_dirty = False  # counters changed in memory, state file not yet rewritten
         self._oldest_buffered_at: float | None = None
@@ -270,7 +270,9 @@ class Spool:
         with self._disk_lock:
             fd = os.dup(self._open_fd) if self._open_fd is not None and self._fd_dirty else None
             self._fd_dirty = False
-            paths, self._unsynced = self._unsynced, []
+            segments, self._unsynced = self._unsynced, set()
+            with self._lock:
+                paths = [self._sealed[s].path if s in self._sealed else self._open_path(s) for s in segments]
             dir_dirty, self._dir_dirty = self._dir_dirty, False
             reserve = self._next_segment + ID_RESERVE // 2 > self._persisted_next
         try:
@@ -279,7 +281,7 @@ class Spool:
             for path in paths:
                 try:
                     sync_fd = os.open(path, os.O_RDONLY)
-                except FileNotFoundError:  # shipped and deleted already
+                except FileNotFoundError:  # shipped and deleted already, or renamed meanwhile
                     continue
                 try:
                     os.fsync(sync_fd)
@@ -290,7 +292,7 @@ class Spool:
         except BaseException:
             with self._disk_lock:
                 self._fd_dirty = self._fd_dirty or fd is not None
-                self._unsynced[:0] = paths
+                self._unsynced |= segments
                 self._dir_dirty = self._dir_dirty or dir_dirty
             raise
         finally:
@@ -421,16 +423,17 @@ class Spool:
             self._fd_dirty = True
             pending.lines = []  # written: a retry after a failed seal must not write them twice
         if pending.seal_count is not None:
-            unsynced = self._fd_dirty
+            if self._fd_dirty:
+                # Closed before its fsync: `sync()` opens it again by name (sealed or not yet).
+                self._unsynced.add(pending.segment)
             self._close_open_fd()
             if pending.seal_count == 0:
                 path.unlink(missing_ok=True)
+                self._unsynced.discard(pending.segment)
                 return
             sealed_path = self._sealed_path(pending.segment, pending.seal_count)
             os.replace(path, sealed_path)
             self._dir_dirty = True
-            if unsynced:
-                self._unsynced.append(sealed_path)
             with self._lock:
                 self._remember_sealed(
                     pending.segment, _Sealed(sealed_path, pending.seal_count, self._open_on_disk)
@@ -442,7 +445,7 @@ class Spool:
         if self._open_fd is not None:
             os.close(self._open_fd)
             self._open_fd = None
-            self._fd_dirty = False  # the caller keeps the path in `_unsynced` if it was dirty
+            self._fd_dirty = False  # the caller keeps the segment in `_unsynced` if it was dirty
 
     def _enforce_cap(self) -> None:
         while True:
@@ -519,8 +522,14 @@ class Spool:
                     self._remember_sealed(segment, _Sealed(path, int(parts[1]), path.stat().st_size))
         self._next_segment = max(self._persisted_next, highest + 1)
         # Reserve ids now (at start, before any traffic), so the first segments need no fsync.
-        self._persisted_next = self._next_segment + ID_RESERVE
-        self._save_state()
+        # If the directory cannot be written now, the first segment tries again (and the node's
+        # writer holds records in memory meanwhile).
+        reserved, self._persisted_next = self._persisted_next, self._next_segment + ID_RESERVE
+        try:
+            self._save_state()
+        except OSError as e:
+            self._persisted_next = reserved
+            self._report("unwritable", None, f"cannot write the spool state: {e}")
 
     def _recover_set_aside(self, segment: int, tmp_path: Path) -> None:
         # An interrupted `_set_aside`: the clean copy was synced before the damaged file moved.

@@ -117,6 +117,11 @@ class AccessLogWriter(Service):
             self._failing = False
         self.written += len(lines)
 
+    def reopen(self) -> None:
+        """Write what is pending and close the file; the next write opens `path` again."""
+        self.flush()
+        self._file.close()
+
     def startService(self) -> None:
         super().startService()
         self._stopped = False

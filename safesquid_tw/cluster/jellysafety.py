@@ -157,6 +157,7 @@ class ClusterServerFactory(pb.PBServerFactory):
     """`pb.PBServerFactory` with `ClusterBroker`, the restricted options and no tracebacks sent."""
 
     protocol = ClusterBroker
+    noisy = False  # no "Starting factory" lines
 
     def __init__(self, root: object, security: ClusterSecurityOptions | None = None) -> None:
         super().__init__(root, unsafeTracebacks=False, security=security or cluster_security())
@@ -166,6 +167,7 @@ class ClusterClientFactory(pb.PBClientFactory):
     """`pb.PBClientFactory` with `ClusterBroker`, the restricted options and no tracebacks sent."""
 
     protocol = ClusterBroker
+    noisy = False  # no "Starting factory"/"Stopping factory" lines at every reconnection
 
     def __init__(self, security: ClusterSecurityOptions | None = None) -> None:
         super().__init__(unsafeTracebacks=False, security=security or cluster_security())

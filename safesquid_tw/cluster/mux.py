@@ -40,7 +40,7 @@ from safesquid_tw.cluster.wire import ALPN_CONTROL_PLANE
 _log = Logger()
 
 TLS_HANDSHAKE_RECORD = 0x16
-DEFAULT_HANDSHAKE_TIMEOUT = 15.0
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0  # also the control plane's whole budget to prove the key (guard.py)
 # A Host header is copied into the redirect hint only if it looks like host[:port].
 _HOST_HEADER = re.compile(rb"\r\nhost:[ \t]*([A-Za-z0-9.\-:\[\]]{1,255})[ \t]*\r\n", re.IGNORECASE)
 

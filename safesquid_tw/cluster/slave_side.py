@@ -99,6 +99,8 @@ class _LoggingEndpoint:
         return d
 
     def _failed(self, reason):
+        if reason.check(defer.CancelledError):
+            return reason  # the node is stopping: nothing to tell
         message = reason.getErrorMessage()
         if message != self._last:
             log.warn("cannot reach the master at {master}: {why}; retrying with back-off",
@@ -108,6 +110,9 @@ class _LoggingEndpoint:
 
     def reached(self) -> None:
         self._last = None
+
+
+RETRY_CAP = 2.5
 
 
 class ClusterClient(MultiService):
@@ -161,10 +166,13 @@ class ClusterClient(MultiService):
         )
         self._endpoint = endpoint
         self.factory = SlaveClientFactory()
-        self.retry_delays = backoffPolicy(initialDelay=0.5, maxDelay=max(2.0, keepalive * 3), factor=2.0)
+        # Capped at 2.5 s plus up to 1 s of jitter: after a master restart every slave is back
+        # within 5 s, and a fleet's reconnections spread over that second.
+        self.retry_delays = backoffPolicy(initialDelay=0.5, maxDelay=RETRY_CAP, factor=2.0)
         self._running: defer.Deferred | None = None
         self._stopping = False
         self._sleep: defer.Deferred | None = None
+        self._connecting: defer.Deferred | None = None
         self._broker = None
         # Further things fetched whenever the policy is compared (connect, poll, reload task):
         # callables taking the reason, e.g. cluster.ca_sync.SlaveCASync.sync_soon.
@@ -187,6 +195,8 @@ class ClusterClient(MultiService):
         self._stopping = True
         if self._sleep is not None and not self._sleep.called:
             self._sleep.cancel()
+        if self._connecting is not None and not self._connecting.called:
+            self._connecting.cancel()  # a stop during a connection attempt must not wait for it
         if self._broker is not None and self._broker.transport is not None:
             self._broker.transport.loseConnection()
         return self._running
@@ -195,11 +205,15 @@ class ClusterClient(MultiService):
         failures = 0
         while not self._stopping:
             try:
-                broker = await self._endpoint.connect(self.factory)
+                self._connecting = self._endpoint.connect(self.factory)
+                broker = await self._connecting
             except Exception:
                 failures += 1  # _LoggingEndpoint said why, once per outage
             else:
                 self._broker = broker
+                if self._stopping:  # stopped while connecting
+                    _drop(broker)
+                    return
                 lost: defer.Deferred = defer.Deferred()
                 broker.notifyOnDisconnect(lambda: lost.called or lost.callback(None))
                 try:
@@ -208,6 +222,8 @@ class ClusterClient(MultiService):
                     failures += 1
                 else:
                     failures = 0
+                if self._stopping:  # stopped while logging in: nobody else closes this one
+                    _drop(broker)
                 await lost
                 self._broker = None
             if self._stopping:
@@ -350,6 +366,14 @@ class ClusterClient(MultiService):
         self._call("report_status", status).addErrback(lambda f: None)
 
     # -- policy ---------------------------------------------------------------------------
+    def recheck(self) -> None:
+        """SIGHUP: compare policy versions with the master now (or as soon as it is back)."""
+        if self.avatar is None:
+            log.info("not connected to the master at {master}: the policy is checked when it answers",
+                     master=self.master)
+            return
+        self.sync_soon("SIGHUP")
+
     def sync_soon(self, why: str) -> None:
         for sync in self.extra_syncs:
             sync(why)

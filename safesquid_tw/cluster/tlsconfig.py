@@ -171,6 +171,7 @@ def load_or_create_master_identity(
     hostname: str | None = None,
     now: datetime.datetime | None = None,
     discover: Callable[[], Iterable[str]] = local_addresses,
+    label: str = "master",
 ) -> MasterIdentity:
     """The master's key and certificate, made on first start; the certificate is reissued with
     the same key when it expires within 30 days or lacks an address or name it should carry.
@@ -208,7 +209,7 @@ def load_or_create_master_identity(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
         atomic_write(key_path, pem, mode=0o600)
-        _log.info("made the master's key {path}", path=str(key_path))
+        _log.info("made the {label}'s key {path}", label=label, path=str(key_path))
 
     cert = None
     why = "there is none"
@@ -225,10 +226,11 @@ def load_or_create_master_identity(
     if why is not None:
         cert = _issue(key, hostname, dns, ips, now)
         atomic_write(cert_path, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
-        _log.info("issued the master's certificate {path} ({why})", path=str(cert_path), why=why)
+        _log.info("issued the {label}'s certificate {path} ({why})", label=label, path=str(cert_path), why=why)
     assert cert is not None
     identity = MasterIdentity(key, cert, key_path, cert_path)
-    _log.info("master identity: {fp}", fp=format_fingerprint(identity.fingerprint))
+    # `label` is "portal" on nodes that are not masters: they have no master key to speak of.
+    _log.info("{label} identity: {fp}", label=label, fp=format_fingerprint(identity.fingerprint))
     return identity
 
 

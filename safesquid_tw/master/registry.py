@@ -7,6 +7,7 @@ tasks are sent.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, Callable, Protocol
 
@@ -61,7 +62,7 @@ class SlaveRecord:
         if current_version is not None and self.connected and self.policy_version != current_version:
             out.append(f"runs policy version {self.policy_version}, not {current_version}")
         if self.dropped_records:
-            out.append(f"{self.dropped_records} access records dropped while the master was away")
+            out.append(f"{self.dropped_records} access records dropped (spool cap or memory bound reached)")
         if self.spool_problem:
             out.append(self.spool_problem)
         if self.draining:
@@ -77,11 +78,67 @@ class SlaveRecord:
         return data
 
 
+# What is remembered of a node across master restarts (`<state-dir>/nodes.json`).
+_REMEMBERED = ("name", "address", "product_version", "last_seen", "disconnected_at", "policy_version",
+               "policy_digest", "policy_source", "dropped_records")
+NODES_FORMAT = "safesquid-nodes/1"
+
+
 class SlaveRegistry:
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    """The cluster view. With `path`, the nodes are remembered across master restarts: a node
+    known before is listed as not connected until it returns, or until an administrator
+    removes it (`forget`)."""
+
+    def __init__(self, clock: Callable[[], float] = time.time, path: str | None = None) -> None:
         self._clock = clock
         self.records: dict[str, SlaveRecord] = {}
         self.sessions: dict[str, SlaveSession] = {}
+        self.path = path
+        self.problem: str | None = None  # why the node list could not be read or written
+        if path is not None:
+            self._load()
+
+    def _load(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                document = json.loads(f.read())
+            if document.get("format") != NODES_FORMAT:
+                raise ValueError(f"unknown format {document.get('format')!r}")
+            for entry in document["nodes"]:
+                fields = {k: entry[k] for k in _REMEMBERED if k in entry}
+                rec = SlaveRecord(**fields)
+                rec.connected = False
+                rec.disconnected_at = rec.disconnected_at or rec.last_seen
+                self.records[rec.name] = rec
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            self.problem = f"{self.path} unreadable ({e}); the node list starts empty"
+
+    def save(self) -> None:
+        """Write the node list (small, rare: at connect, disconnect and removal)."""
+        if self.path is None:
+            return
+        from safesquid_tw.util.atomic import atomic_write
+
+        nodes = [{k: getattr(rec, k) for k in _REMEMBERED} for rec in self.records.values()]
+        try:
+            atomic_write(self.path, json.dumps({"format": NODES_FORMAT, "nodes": nodes}).encode(), mode=0o600)
+            self.problem = None
+        except OSError as e:
+            self.problem = f"cannot write {self.path}: {e}"
+
+    def forget(self, name: str) -> SlaveRecord:
+        """Remove a departed or renamed node from the view (KeyError: unknown; ValueError:
+        connected, it would come back at once)."""
+        rec = self.records.get(name)
+        if rec is None:
+            raise KeyError(f"no node named {name!r}")
+        if name in self.sessions:
+            raise ValueError(f"node {name!r} is connected; only a node that is gone can be removed")
+        del self.records[name]
+        self.save()
+        return rec
 
     def record(self, name: str) -> SlaveRecord:
         rec = self.records.get(name)
@@ -99,6 +156,7 @@ class SlaveRegistry:
         rec.last_seen = now
         rec.disconnected_at = None
         self.sessions[name] = session
+        self.save()
         return rec
 
     def detach(self, name: str, session: SlaveSession) -> None:
@@ -108,6 +166,7 @@ class SlaveRegistry:
         rec = self.record(name)
         rec.connected = False
         rec.disconnected_at = self._clock()
+        self.save()
 
     def seen(self, name: str) -> None:
         rec = self.records.get(name)

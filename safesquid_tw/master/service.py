@@ -59,7 +59,12 @@ def build_master(config: NodeConfig, reactor) -> MultiService:
     from safesquid_tw.proxy.intercept.wiring import open_ca_store
 
     top.ca_store = open_ca_store(root, config.node_name, create=True)
-    registry = SlaveRegistry()
+    registry = SlaveRegistry(path=str(root / "nodes.json"))
+    if registry.problem:
+        log.error("cluster view: {problem}", problem=registry.problem)
+    elif registry.records:
+        log.info("cluster view: {n} known node(s), shown as not connected until they return",
+                 n=len(registry.records))
     reports = base.report_store()
     quarantine = QuarantineFile(root / "quarantine.jsonl")
     guard = ControlGuard(reactor)

@@ -23,7 +23,7 @@ from safesquid_tw.policy.errors import PolicyError
 from safesquid_tw.policy.shadowing import shadowed_rules
 from safesquid_tw.portal import backup as B
 from safesquid_tw.portal import reportdata as R
-from safesquid_tw.portal.pages_cluster import cluster_view, run_task
+from safesquid_tw.portal.pages_cluster import cluster_view, remove_node, run_task
 from safesquid_tw.portal.pages_history import KeysWouldChange, make_backup, restore
 from safesquid_tw.portal.positions import parse_position, place_in_document
 from safesquid_tw.portal.responses import JSON, respond
@@ -284,6 +284,17 @@ async def post_task(call: ApiCall) -> Reply:
     return Json({"node": node, "task": task, "ok": ok, "outcome": outcome}, code=200 if ok else 502)
 
 
+async def delete_node(call: ApiCall) -> Reply:
+    ctx = call.services.ctx
+    if ctx.registry is None:
+        return _fail(409, "only a master has a cluster view")
+    node = call.params["node"]
+    if node not in ctx.registry.records:
+        return _fail(404, f"no node named {node!r}")
+    outcome, ok = remove_node(call.services, node, actor=call.actor, address=call.address)
+    return Json({"node": node, "removed": ok, "outcome": outcome}, code=200 if ok else 409)
+
+
 # -- reports -------------------------------------------------------------------------------------
 
 
@@ -386,6 +397,7 @@ ROUTES: list[Route] = [
     route("GET", "/api/v1/backup", get_backup),
     route("POST", "/api/v1/restore", post_restore),
     *tls_admin.API_ROUTES,
+    route("DELETE", "/api/v1/cluster/{node}", delete_node),
 ]
 
 

@@ -44,6 +44,10 @@ async def send_task(call: Call) -> Reply:
     if ctx.registry is None:
         return Error(409, "No cluster", "Only a master sends tasks to nodes.")
     node, task = call.form.get("node"), call.form.get("task")
+    if task == "remove":
+        outcome, ok = remove_node(call.services, node, actor=call.account, address=call.address)
+        call.session.flash("ok" if ok else "error", f"remove {node}: {outcome}")
+        return Redirect("/cluster")
     outcome, ok = await run_task(call.services, node, task, actor=call.account, address=call.address)
     call.session.flash("ok" if ok else "error", f"{task} on {node}: {outcome}")
     return Redirect("/cluster")
@@ -64,6 +68,17 @@ async def run_task(services: Any, node: str, task: str, *, actor: str, address: 
     except Exception as e:  # the node refused or the connection dropped
         outcome, ok = f"failed: {e}", False
     services.audit.record("task", actor=actor, address=address, node=node, task=task, ok=ok, outcome=outcome)
+    return outcome, ok
+
+
+def remove_node(services: Any, node: str, *, actor: str, address: str | None) -> tuple[str, bool]:
+    """Forget a departed or renamed node (audited): (what happened, whether it worked)."""
+    try:
+        services.ctx.registry.forget(node)
+        outcome, ok = "removed from the cluster view", True
+    except (KeyError, ValueError) as e:
+        outcome, ok = str(e.args[0]) if e.args else str(e), False
+    services.audit.record("remove_node", actor=actor, address=address, node=node, ok=ok, outcome=outcome)
     return outcome, ok
 
 
@@ -140,4 +155,4 @@ ROUTES: list[Route] = [
     route("POST", "/node/join", join_cluster),
 ]
 
-__all__ = ["ROUTES", "cluster_view", "run_task"]
+__all__ = ["ROUTES", "cluster_view", "remove_node", "run_task"]

@@ -80,6 +80,7 @@ def build_proxy_node(config: NodeConfig, reactor) -> MultiService:
     )
     access_log.add_line_sink(spool_writer.append)
     access_log.setServiceParent(top)
+    base.reloads.add("reopen access.log", access_log.reopen)
     shipper = LogShipper(reactor, spool)
     shipper.writer = spool_writer
     shipper.setServiceParent(top)
@@ -218,7 +219,7 @@ def _slave_parts(base: NodeBase, factory: ProxyFactory, shipper: LogShipper) -> 
     from safesquid_tw.cluster.ca_sync import SlaveCASync
 
     SlaveCASync(client, base.top.ca_store)
-
+    base.reloads.add("ask the master for its policy version", client.recheck)
 
 
 def _negotiate_acceptor(config):

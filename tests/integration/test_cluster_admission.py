@@ -19,7 +19,7 @@ from safesquid_tw import __version__
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 ALPN_CONTROL_PLANE = "safesquid-cluster/1"
-# The portal port gives a connection 15 s to reach its protocol; a little slack on top.
+# The portal port gives a connection 10 s to reach its protocol; a little slack on top.
 HANGING_LIMIT_S = 17.0
 
 
@@ -178,7 +178,7 @@ def test_garbage_on_the_control_port_harms_no_slave(cluster, origins):
         return socket.create_connection(addr, timeout=5, source_address=(junk_source, 0))
 
     # Half a TLS handshake, and binary garbage with no line end, both left hanging: the port's
-    # handshake deadline (15 s) must end them, checked at the end of the test.
+    # handshake deadline (10 s) must end them, checked at the end of the test.
     half = connect()
     hello = _client_hello()
     half.sendall(hello[: len(hello) // 2])

@@ -8,7 +8,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import threading
-import time
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -128,3 +127,44 @@ def test_unwritable_spool_holds_records_in_memory_then_catches_up(cluster, origi
     assert health["spool"]["writable"] is True and health["spool"]["dropped_records"] == dropped
     cluster.wait_view(slave.name, lambda e: e["dropped_records"] == dropped and
                       not any("spool not writable" in w for w in e["warnings"]), 10, "drops counted, problem gone")
+
+
+def test_sigkill_under_load_loses_nothing_on_a_standalone_node(tmp_path, origins):
+    import sqlite3
+
+    policy = tmp_path / "policy.json"
+    harness.write_json_atomically(policy, harness.make_policy())
+    node = ClusterNode(tmp_path, "solo", "standalone", "127.0.0.9", ["--policy", str(policy)])
+    node.start()
+    marker = f"/solo-{uuid.uuid4().hex[:12]}/"
+    loads = [Load(node, lambda i, k=k: origins.url(f"{marker}c{k}/{i}")) for k in range(4)]
+    try:
+        for load in loads:
+            load.start()
+        harness.wait_until(lambda: sum(len(x.answered) for x in loads) >= 600, 60, "600 answered requests")
+        node.kill()
+    finally:
+        for load in loads:
+            load.halt.set()
+        for load in loads:
+            load.join(15)
+    answered = {url for load in loads for url in load.answered}
+    in_flight = {url for load in loads for url in load.failed}
+    node.restart()
+
+    def stored():
+        conn = sqlite3.connect(f"file:{node.state_dir / 'reports.sqlite3'}?mode=ro", uri=True, timeout=5)
+        try:
+            rows = conn.execute("SELECT url FROM requests WHERE instr(url, ?) > 0", (marker,)).fetchall()
+        finally:
+            conn.close()
+        return rows if len(rows) >= len(answered) else None
+
+    try:
+        rows = harness.wait_until(stored, 40, "every answered request in the node's own report store", interval=0.25)
+        by_url = Counter(url for (url,) in rows)
+        assert not answered - set(by_url)
+        assert max(by_url.values()) == 1
+        assert set(by_url) - answered <= in_flight
+    finally:
+        node.stop()

@@ -104,3 +104,34 @@ def test_slave_restart_button(slave):
 def test_no_startup_page_without_startup_parameters(tmp_path):
     portal = Portal(tmp_path)
     assert portal.admin().get("/node/startup").code == 404
+
+
+def test_nodes_are_remembered_across_restarts_and_can_be_removed(tmp_path):
+    path = str(tmp_path / "nodes.json")
+    first = SlaveRegistry(clock=lambda: 1_800_000_000.0, path=path)
+    first.attach("n1", FakeSession(), address="10.0.0.5", product_version="1")
+    first.attach("n2", FakeSession(), address="10.0.0.6", product_version="1")
+    first.records["n1"].policy_version = 3
+    first.detach("n2", first.sessions["n2"])
+    # The master restarts: every node is listed, none connected, until it returns.
+    registry = SlaveRegistry(clock=lambda: 1_800_000_100.0, path=path)
+    assert sorted(registry.records) == ["n1", "n2"]
+    assert not any(rec.connected for rec in registry.records.values())
+    assert registry.records["n1"].address == "10.0.0.5"
+    assert "not connected" in registry.records["n1"].warnings(3)
+    registry.attach("n1", FakeSession(), address="10.0.0.5", product_version="1")
+
+    portal = Portal(tmp_path, role="master", registry=registry)
+    admin = portal.admin()
+    page = admin.get("/cluster").text
+    assert page.count('name="task" value="remove"') == 1  # only the node that is gone
+    admin.post("/cluster/task", {"node": "n1", "task": "remove"})
+    assert "n1" in registry.records  # connected: not removed
+    token = portal.api_token()
+    headers = {"Authorization": f"Bearer {token}"}
+    response = portal.client().request("DELETE", "/api/v1/cluster/n2", headers=headers)
+    assert response.code == 200 and response.json()["removed"] is True
+    assert sorted(SlaveRegistry(path=path).records) == ["n1"]
+    assert portal.client().request("DELETE", "/api/v1/cluster/n2", headers=headers).code == 404
+    assert portal.client().request("DELETE", "/api/v1/cluster/n1", headers=headers).code == 409
+    assert [e["node"] for e in portal.audit() if e["event"] == "remove_node"] == ["n1", "n2", "n1"]

@@ -66,3 +66,23 @@ def test_a_bad_record_is_quarantined_alone_and_the_batch_is_stored(tmp_path: Pat
     # The report queries sum what was stored without overflowing.
     assert len(store.search(start=T0 - 60, end=T0 + 60, limit=10)) == 3
     store.close()
+
+
+def test_report_pages_answer_with_extreme_but_accepted_values_and_hostile_ones_set_aside(tmp_path: Path):
+    from portalkit import Portal
+
+    now = T0 + 600
+    store = ReportStore(tmp_path / "reports.sqlite3")
+    # Many transfers at the largest accepted size in one minute and hour, and values that would
+    # overflow the roll-ups or bloat every page: the former stored, the latter set aside.
+    big = [rec(i, bytes_in=MAX_BYTES, bytes_out=MAX_BYTES, duration_ms=1e9) for i in range(400)]
+    hostile = [rec(0, bytes_out=2**62), rec(0, bytes_in=2**63), rec(0, status=2**40), rec(0, ts=1e300),
+               rec(0, user="x" * 100_000), rec(0, duration_ms=float("1e308"))]
+    result = store.ingest("n1", 1, 0, big + hostile)
+    assert result == IngestResult(400, 0, len(hostile))
+    portal = Portal(tmp_path, reports=store, wall_start=now)
+    admin = portal.admin()
+    for path in ("/reports", "/reports?period=day", "/reports/requests?period=day", "/reports/export.csv?table=requests&period=day"):
+        page = admin.get(path)
+        assert page.code == 200, (path, page.code)
+    store.close()

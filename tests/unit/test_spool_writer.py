@@ -125,3 +125,33 @@ def test_shipper_seals_through_the_writer(tmp_path):
         clock.advance(0.5)
     assert len(spool.sealed_segments()) == 1
     assert spool.backlog_records == 5
+
+
+def test_a_segment_sealed_before_its_fsync_is_fsynced_by_name_even_after_a_failed_rename(tmp_path, monkeypatch):
+    clock = Clock()
+    spool, writer = make(tmp_path, clock)
+    writer.append(record(1))
+    clock.advance(0)
+    real_replace = os.replace
+    failures = []
+
+    def failing_replace(src, dst):
+        if str(dst).endswith(".seg") and not failures:
+            failures.append(dst)
+            raise OSError(errno.EIO, "Input/output error")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(spool_module.os, "replace", failing_replace)
+    spool.request_seal()
+    writer.write_now()
+    assert not writer.writable and failures
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(spool_module.os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
+                                                             real_fsync(fd)))
+    clock.advance(1.0)  # the retry performs the seal; the group commit fsyncs the file by name
+    clock.advance(1.0)
+    assert writer.writable and len(spool.sealed_segments()) == 1
+    [segment] = spool.sealed_segments()
+    assert any(f"{segment:020d}." in path for path in synced), synced  # its data (same inode either name)
+    assert str(spool.directory) in synced  # and the rename
