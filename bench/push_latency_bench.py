@@ -19,6 +19,7 @@ new version (min/median/max over the pushes), with the master's own figure of it
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import socket
 import statistics
@@ -113,6 +114,13 @@ class PacedClient(threading.Thread):
         sock.close()
 
 
+def thread_cpu_seconds(pid: int, tid: int) -> float:
+    """CPU seconds (user + system) one thread of a process has used, from /proc."""
+    with open(f"/proc/{pid}/task/{tid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
@@ -158,13 +166,18 @@ def main(argv: list[str] | None = None) -> int:
         client.start()
         time.sleep(1.0)  # warm the connection pool
         phases: list[tuple[str, float, float]] = []
+        pid = slaves[0].pid
+        reactor_cpu = {"quiet": 0.0, "pushes": 0.0}
+        phase_time = {"quiet": 0.0, "pushes": 0.0}
         pushes: list[float] = []
         version = 1
         for _round in range(args.rounds):
-            start = time.monotonic()
+            start, cpu = time.monotonic(), thread_cpu_seconds(pid, pid)
             time.sleep(args.phase)
             phases.append(("quiet", start, time.monotonic()))
-            start = time.monotonic()
+            reactor_cpu["quiet"] += thread_cpu_seconds(pid, pid) - cpu
+            phase_time["quiet"] += time.monotonic() - start
+            start, cpu = time.monotonic(), thread_cpu_seconds(pid, pid)
             while time.monotonic() - start < args.phase:
                 document = dict(base, comment=f"bench push {version + 1}")
                 sent = time.monotonic()
@@ -179,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
                     return 1
                 pushes.append(reached - sent)
             phases.append(("pushes", start, time.monotonic()))
+            reactor_cpu["pushes"] += thread_cpu_seconds(pid, pid) - cpu
+            phase_time["pushes"] += time.monotonic() - start
         client.stopping.set()
         client.join(15)
         by_kind: dict[str, list[float]] = {"quiet": [], "pushes": []}
@@ -191,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             print(f"  {kind:7s} n={len(values):5d}  p50={percentile(values, .5) * 1e3:7.2f}  "
                   f"p99={percentile(values, .99) * 1e3:7.2f}  max={max(values) * 1e3:7.2f}")
+        print("  slave1's reactor thread CPU: quiet %.0f%%, pushes %.0f%% of a core (its policy worker thread "
+              "is not counted)" % tuple(100 * reactor_cpu[k] / phase_time[k] for k in ("quiet", "pushes")))
         p99_quiet = percentile(by_kind["quiet"], .99)
         p99_push = percentile(by_kind["pushes"], .99)
         print(f"  p99 ratio pushes/quiet = {p99_push / p99_quiet:.2f} (target <= 2.0); client errors: {client.errors}")
