@@ -34,6 +34,7 @@ from safesquid_tw.util.atomic import atomic_write
 log = Logger()
 
 PORTAL_IDLE_TIMEOUT = 15.0
+POLICY_SWITCH_INTERVAL = 0.0005  # seconds: the GIL's switch interval while a policy is prepared
 
 
 def prepare_state_dir(path: str) -> Path:
@@ -368,7 +369,7 @@ class NodeBase:
         state = NodeState(role=config.role, node=config.node_name)
         store = PolicyStore(root)
         pool = policy_thread_pool()
-        store.applier = PolicyApplier(thread_runner(reactor, pool))
+        store.applier = PolicyApplier(thread_runner(reactor, pool), switch_interval=POLICY_SWITCH_INTERVAL)
         PolicyPoolService(pool).setServiceParent(top)
 
         def on_policy(policy) -> None:

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import attrs
 from twisted.internet import defer
 
+from safesquid_tw.policy.canonical_io import record_bytes
 from safesquid_tw.policy.codec import canonical_bytes, parse_json
 from safesquid_tw.policy.compiled import Policy
 from safesquid_tw.policy.errors import PolicyError
@@ -91,7 +92,9 @@ class PolicyHistory:
 
         def work():
             prepared = self.store.prepare_document(doc, source=source)
-            info = self._write_file(prepared.policy, by=by, comment=comment, source=source) if prepared.changed else None
+            info = None
+            if prepared.changed:
+                info = self._write_file(prepared.policy, by=by, comment=comment, source=source, data=prepared.data)
             return prepared, info
 
         def commit(outcome):
@@ -118,14 +121,17 @@ class PolicyHistory:
         self._infos[policy.version] = info
         return info
 
-    def _write_file(self, policy: Policy, *, by: str, comment: str, source: str) -> VersionInfo:
-        """Write one version's file (any thread); the caller records the info."""
+    def _write_file(self, policy: Policy, *, by: str, comment: str, source: str,
+                    data: bytes | None = None) -> VersionInfo:
+        """Write one version's file (any thread); the caller records the info. `data`: the
+        document's canonical bytes when they are made already."""
         info = VersionInfo(
             version=policy.version, digest=policy.digest, applied_by=by, applied_at=self._clock(),
             comment=comment, source=source,
         )
-        record = dict(info.as_json(), policy=policy.document)
-        atomic_write(self._path(policy.version), canonical_bytes(record), mode=0o600)
+        if data is None:
+            data = canonical_bytes(policy.document)
+        atomic_write(self._path(policy.version), record_bytes(info.as_json(), "policy", data), mode=0o600)
         return info
 
     def versions(self) -> list[VersionInfo]:

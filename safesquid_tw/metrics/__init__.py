@@ -7,6 +7,11 @@ Other parts of the node add their numbers by registering a collector on the node
     metrics: NodeMetrics = top.metrics        # the node's MultiService carries it
     metrics.register(MyCollector(my_counters))
 
+A part that keeps a `stats()` dict of numbers needs no class of its own:
+
+    from safesquid_tw.metrics.collectors import StatsCollector
+    metrics.register(StatsCollector("icap", scanner))   # safesquid_icap_<key> per entry
+
 A collector is any object with `collect()` yielding prometheus_client metric families (see
 `safesquid_tw.metrics.collectors` for examples). It runs at scrape time on the reactor thread,
 so it may read plain attributes of the node without locks, and must be quick: no disk, no

@@ -202,7 +202,44 @@ class PortalCollector:
                                   value=getattr(throttle, "failed_total", 0))
 
 
+class StatsCollector:
+    """Any part that keeps its numbers in a `stats()` dict becomes metrics with one line:
+
+        metrics.register(StatsCollector("icap", scanner, help={"scans_total": "Files scanned"}))
+
+    Each numeric entry `key` becomes `safesquid_<prefix>_<key>`: a counter when the key ends in
+    `_total`, a gauge otherwise (booleans are 0/1). A dict of numbers becomes one family with a
+    `label` label (`label` names it: e.g. `{"clean": 5, "infected": 1}` with label="result").
+    Non-numeric entries are skipped, so `stats()` can serve /health as well.
+    """
+
+    def __init__(self, prefix: str, source: Any, *, help: dict[str, str] | None = None,
+                 labels: dict[str, str] | None = None) -> None:
+        self.prefix = prefix
+        self.source = source
+        self.help = help or {}
+        self.labels = labels or {}
+
+    def collect(self) -> Iterator[Metric]:
+        for key, value in sorted(self.source.stats().items()):
+            name = f"safesquid_{self.prefix}_{key}"
+            text = self.help.get(key, f"{self.prefix} {key.replace('_', ' ')}")
+            counter = key.endswith("_total")
+            family_type = CounterMetricFamily if counter else GaugeMetricFamily
+            family_name = name[: -len("_total")] if counter else name
+            if isinstance(value, bool):
+                yield family_type(family_name, text, value=1.0 if value else 0.0)
+            elif isinstance(value, (int, float)):
+                yield family_type(family_name, text, value=float(value))
+            elif isinstance(value, dict) and all(isinstance(v, (int, float)) for v in value.values()):
+                family = family_type(family_name, text, labels=[self.labels.get(key, "label")])
+                for label, number in sorted(value.items()):
+                    family.add_metric([str(label)], float(number))
+                yield family
+
+
 __all__ = [
+    "StatsCollector",
     "ClusterCollector",
     "MasterLinkCollector",
     "NodeCollector",

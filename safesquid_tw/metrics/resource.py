@@ -14,7 +14,7 @@ import hmac
 from pathlib import Path
 from typing import Any
 
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client import exposition
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 
@@ -25,7 +25,8 @@ from safesquid_tw.portal.responses import error_response, method_not_allowed, no
 ALLOWED = (b"GET", b"HEAD")
 # The classic text format (0.0.4): what every Prometheus release reads, Debian's 2.x included;
 # our metric names need none of the 1.0.0 format's escaping.
-CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4.encode("ascii")
+CONTENT_TYPE = getattr(exposition, "CONTENT_TYPE_PLAIN_0_0_4",
+                       "text/plain; version=0.0.4; charset=utf-8").encode("ascii")
 
 
 def read_token_file(path: str) -> bytes:

@@ -20,7 +20,8 @@ from twisted.logger import Logger
 from twisted.internet import defer
 
 from safesquid_tw.policy.applier import PolicyApplier, PolicySuperseded
-from safesquid_tw.policy.codec import canonical_bytes, digest, parse_json, policy_from_document
+from safesquid_tw.policy.canonical_io import canonical_bytes_in_pieces, digest_of_bytes, record_bytes
+from safesquid_tw.policy.codec import canonical_bytes, digest, parse_json
 from safesquid_tw.policy.compiled import Policy, compile_policy
 from safesquid_tw.policy.errors import PolicyError
 from safesquid_tw.policy.fields import expect_int, expect_object, expect_str
@@ -147,23 +148,29 @@ class PolicyStore:
         if callable(doc):  # the document is read in the worker too (a policy file)
             doc = doc()
         canonical = validate_document(doc)
-        new_digest = digest(canonical)
+        # Serialised once, in pieces (the GIL changes hands between them): digest, cache file,
+        # history file and the master's publication all use these bytes.
+        data = canonical_bytes_in_pieces(canonical)
+        new_digest = digest_of_bytes(data)
         current = self.current
         if current is not None and current.digest == new_digest:
             return Prepared(current, source, changed=False, base=current)
         version = current.version + 1 if current is not None else 1
         policy = Policy(version=version, digest=new_digest, document=canonical, compiled=compile_policy(canonical))
-        data = self._write_cache(policy, source)
+        self._write_cache(policy, source, data)
         return Prepared(policy, source, changed=True, base=current, data=data, numbered_here=True)
 
     def prepare_blob(self, blob: bytes, version: int, *, source: str = "master") -> "Prepared":
         """Worker thread: parse, validate and compile a version numbered elsewhere (a slave taking
         its master's), and write the cache. Raises PolicyError or OSError; nothing changes then."""
-        policy = policy_from_document(parse_json(blob), version)
+        canonical = validate_document(parse_json(blob))
+        data = canonical_bytes_in_pieces(canonical)
+        new_digest = digest_of_bytes(data)
         current = self.current
-        if current is not None and current.version == policy.version and current.digest == policy.digest:
+        if current is not None and current.version == version and current.digest == new_digest:
             return Prepared(current, source, changed=False, base=current)
-        data = self._write_cache(policy, source)
+        policy = Policy(version=version, digest=new_digest, document=canonical, compiled=compile_policy(canonical))
+        self._write_cache(policy, source, data)
         return Prepared(policy, source, changed=True, base=current, data=data)
 
     def commit_prepared(self, prepared: "Prepared") -> Policy:
@@ -197,16 +204,15 @@ class PolicyStore:
         self.current_bytes = self._write_cache(policy, source)
         self._swap(policy, source)
 
-    def _write_cache(self, policy: Policy, source: str) -> bytes:
+    def _write_cache(self, policy: Policy, source: str, data: bytes | None = None) -> bytes:
+        """Write the cache file; `data`: the document's canonical bytes when made already.
+        Returns them."""
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        record: dict[str, Any] = {
-            "version": policy.version,
-            "digest": policy.digest,
-            "source": source,
-            "policy": policy.document,
-        }
-        atomic_write(self.cache_path, canonical_bytes(record), mode=0o600)
-        return canonical_bytes(policy.document)
+        if data is None:
+            data = canonical_bytes(policy.document)
+        fields: dict[str, Any] = {"version": policy.version, "digest": policy.digest, "source": source}
+        atomic_write(self.cache_path, record_bytes(fields, "policy", data), mode=0o600)
+        return data
 
     def _swap(self, policy: Policy, source: str) -> None:
         self.current = policy

@@ -36,7 +36,6 @@ from safesquid_tw.config import NodeConfig
 from safesquid_tw.master.registry import SlaveRegistry
 from safesquid_tw.nodestate import NodeState
 from safesquid_tw.policy.errors import PolicyError
-from safesquid_tw.policy import store as policy_store_module
 from safesquid_tw.policy.store import PolicyStore
 from safesquid_tw.portal.health import HealthResource
 from safesquid_tw.reporting.store import ReportStore
@@ -257,10 +256,10 @@ def test_a_slave_that_refuses_a_version_keeps_its_own_and_the_master_shows_why(m
     slave = Slave(tmp_path, clock, "slave1")
     link = slave.connect(master)
 
-    def refuse(document, version):
+    def refuse(blob, version, source="master"):
         raise PolicyError("access.rules[0]", "this release does not know that field")
 
-    monkeypatch.setattr(policy_store_module, "policy_from_document", refuse)
+    monkeypatch.setattr(slave.store, "prepare_blob", refuse)
     master.apply(policy("refused.invalid"))
     link.flush()
     assert slave.version == 1

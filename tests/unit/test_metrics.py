@@ -164,3 +164,20 @@ def test_token_files_must_hold_a_real_token(tmp_path):
         read_token_file(str(path))
     path.write_text(TOKEN.decode() + "\nignored\n")
     assert read_token_file(str(path)) == TOKEN
+
+
+def test_a_stats_dict_becomes_metrics_with_one_line():
+    from safesquid_tw.metrics.collectors import StatsCollector
+
+    class Scanner:
+        def stats(self):
+            return {"scans_total": 5, "connected": True, "queue": 2, "results_total": {"clean": 4, "infected": 1},
+                    "last_error": "timeout"}
+
+    metrics = NodeMetrics()
+    metrics.register(StatsCollector("icap", Scanner(), labels={"results_total": "result"}))
+    v = values(metrics)
+    assert v[("safesquid_icap_scans_total", ())] == 5
+    assert v[("safesquid_icap_connected", ())] == 1 and v[("safesquid_icap_queue", ())] == 2
+    assert v[("safesquid_icap_results_total", (("result", "infected"),))] == 1
+    assert not any(name.startswith("safesquid_icap_last_error") for name, _ in v)

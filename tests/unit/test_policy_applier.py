@@ -174,3 +174,23 @@ def test_garbage_collection_pauses_while_jobs_run_and_resumes_after_the_last_one
         assert gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_the_pieces_make_the_canonical_bytes_exactly():
+    import sys
+    from pathlib import Path
+
+    from safesquid_tw.policy.canonical_io import canonical_bytes_in_pieces, digest_of_bytes, record_bytes
+    from safesquid_tw.policy.codec import digest
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    from big_policy import build_policy
+
+    samples = [build_policy(50, 3000), _doc("x"), {}, {"a": [], "b": {"c": [1.5, None, True, "é\u2028"]}},
+               {"list": list(range(1234)), "nested": [{"z": 1, "a": [2] * 600}] * 3}]
+    for document in samples:
+        data = canonical_bytes_in_pieces(document)
+        assert data == canonical_bytes(document)
+        assert digest_of_bytes(data) == digest(document)
+        fields = {"version": 3, "digest": "sha256:x", "source": "file é"}
+        assert record_bytes(fields, "policy", data) == canonical_bytes(dict(fields, policy=document))
