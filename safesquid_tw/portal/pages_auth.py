@@ -10,8 +10,8 @@ from typing import Any
 from safesquid_tw.portal.accounts import AccountError
 from safesquid_tw.portal.sessions import new_secret
 from safesquid_tw.portal.tokens import TokenError
-from safesquid_tw.portal.worklimit import Busy
 from safesquid_tw.portal.web import Call, Error, Page, Redirect, Reply, Route, route, safe_next, set_session_cookie
+from safesquid_tw.portal.worklimit import Busy
 
 LOGIN_COOKIE = b"safesquid_login"
 
