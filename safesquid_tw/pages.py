@@ -88,6 +88,16 @@ def format_bytes(count: float | int | None) -> str:
     return f"{value:.1f} TiB"
 
 
+def format_offset(seconds: float | None) -> str:
+    """`+1.2 s`, `-0.3 s`, `0.0 s` (never `-0.0 s`); `-` when unknown."""
+    if seconds is None:
+        return "-"
+    rounded = round(float(seconds), 1)
+    if rounded == 0:
+        return "0.0 s"
+    return f"{rounded:+.1f} s"
+
+
 def shorten(text: str, limit: int = _MAX_URL_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
@@ -106,6 +116,7 @@ def _environment() -> jinja2.Environment:
     env.filters["utc"] = format_utc
     env.filters["article"] = with_article
     env.filters["bytes"] = format_bytes
+    env.filters["seconds_offset"] = format_offset
     return env
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import attrs
@@ -325,6 +326,8 @@ def _with_saved_startup_params(config: NodeConfig) -> NodeConfig:
     command line: the portal is where an administrator changed them last."""
     if config.role not in ("slave", "standalone"):
         return config
+    if config.role == "standalone" and not os.path.isfile(os.path.join(config.state_dir, "startup.json")):
+        return config  # written only by "join a cluster"; a bad state dir is reported at start
     from safesquid_tw.portal.startup import StartupParamError, read_startup_file
 
     try:

@@ -16,7 +16,7 @@ UPLOAD_BODY = 64 * 1024 * 1024
 # Form fields an administrator's page may send (the largest policy form has a few dozen).
 MAX_FORM_FIELDS = 2000
 
-UPLOAD_TYPES = (b"multipart/form-data", b"application/json")
+UPLOAD_TYPES = (b"multipart/form-data", b"application/json", b"application/gzip", b"application/octet-stream")
 
 
 def media_type(content_type: bytes | None) -> bytes:

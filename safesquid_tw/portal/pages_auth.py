@@ -10,8 +10,8 @@ from typing import Any
 from safesquid_tw.portal.accounts import AccountError
 from safesquid_tw.portal.sessions import new_secret
 from safesquid_tw.portal.tokens import TokenError
-from safesquid_tw.portal.worklimit import Busy
 from safesquid_tw.portal.web import Call, Error, Page, Redirect, Reply, Route, route, safe_next, set_session_cookie
+from safesquid_tw.portal.worklimit import Busy
 
 LOGIN_COOKIE = b"safesquid_login"
 
@@ -46,18 +46,19 @@ async def login(call: Call) -> Reply:
     if wait > 0:
         seconds = math.ceil(wait)
         call.request.setHeader(b"Retry-After", b"%d" % seconds)
-        services.audit.record("login", actor=name, address=address, outcome="refused", wait_s=seconds)
+        services.refusals.refused(name, address, "throttled", wait_s=seconds)
         return _login_page(call, name=name, code=429,
                            error=f"Too many failed logins: wait {seconds} s before trying again.")
     if not services.throttle.begin(name, address):
         call.request.setHeader(b"Retry-After", b"1")
-        services.audit.record("login", actor=name, address=address, outcome="refused", wait_s=1)
+        services.refusals.refused(name, address, "another attempt in flight")
         return _login_page(call, name=name, code=429,
                            error="Another login for this account or from your address is being checked: "
                            "wait a second before trying again.")
     try:
         ok = bool(name) and bool(password) and await services.passwords.run(services.accounts.verify, name, password)
     except Busy:
+        services.refusals.refused(name, address, "password checks busy")
         call.request.setHeader(b"Retry-After", b"2")
         return _login_page(call, name=name, code=503,
                            error="The portal is checking many logins right now: try again in a few seconds.")
@@ -65,14 +66,15 @@ async def login(call: Call) -> Reply:
         services.throttle.end(name, address)
     if not ok:
         wait = services.throttle.failed(name, address)
-        services.audit.record("login", actor=name, address=address, outcome="failed")
+        # In a worker thread: the audit line is fsynced, and a login flood must not stall the reactor.
+        await services.in_thread(services.audit.record, "login", actor=name, address=address, outcome="failed")
         return _login_page(call, name=name, code=401,
                            error=f"Wrong name or password. The next try is possible in {math.ceil(wait)} s.")
     services.throttle.succeeded(name, address)
     session = services.sessions.create(name, address)
     set_session_cookie(call.request, session.id)
     call.request.responseHeaders.addRawHeader(b"Set-Cookie", LOGIN_COOKIE + b"=; Path=/login; Max-Age=0")
-    services.audit.record("login", actor=name, address=address, outcome="ok")
+    await services.in_thread(services.audit.record, "login", actor=name, address=address, outcome="ok")
     return Redirect(safe_next(form.get("next", "/")))
 
 

@@ -20,6 +20,7 @@ from safesquid_tw.portal.diffview import classify, counts, document_diff
 from safesquid_tw.portal.drafts import Draft
 from safesquid_tw.portal.positions import parse_position, place_in_document, position_choices
 from safesquid_tw.portal.web import Call, Error, Page, Redirect, Reply, Route, route
+from safesquid_tw.portal.worklimit import Busy
 
 READ_ONLY = Error(409, "Read-only", "This node's policy is managed by its master; change it there.")
 
@@ -186,7 +187,10 @@ async def save_item(call: Call) -> Reply:
     if any(f.kind == "password" for f in lf.fields):
         password = form.get("password")
         if password:
-            fragment["password_hash"] = await call.services.in_thread(hash_password, password)
+            try:  # argon2id: with the portal's other password work, a few at a time
+                fragment["password_hash"] = await call.services.passwords.run(hash_password, password)
+            except Busy:
+                errors["password"] = "the portal is busy checking passwords: try again in a few seconds"
         elif index is not None and "password_hash" in items[index]:
             fragment["password_hash"] = items[index]["password_hash"]
         else:

@@ -15,10 +15,11 @@ from safesquid_tw.portal.allowlist import PortalAllowList
 from safesquid_tw.portal.audit import AuditLog
 from safesquid_tw.portal.context import PortalContext
 from safesquid_tw.portal.drafts import DraftStore
+from safesquid_tw.portal.refusals import RefusedLogins
 from safesquid_tw.portal.sessions import SessionStore
 from safesquid_tw.portal.throttle import LoginThrottle
 from safesquid_tw.portal.tokens import TokenStore
-from safesquid_tw.portal.worklimit import WorkLimiter
+from safesquid_tw.portal.worklimit import WorkLimiter, niced_pool
 
 log = Logger()
 
@@ -40,6 +41,7 @@ class PortalServices:
     allow: PortalAllowList
     # Heavy work in worker threads, a few at a time (worklimit.py); built in create().
     passwords: WorkLimiter | None = None
+    refusals: RefusedLogins | None = None
     heavy: WorkLimiter | None = None
     # One edit at a time per account, so two browser tabs cannot lose each other's draft edits.
     draft_locks: dict[str, defer.DeferredLock] = attrs.field(factory=dict)
@@ -65,9 +67,14 @@ class PortalServices:
             drafts=DraftStore(ctx.state_dir, clock=wall),
             allow=PortalAllowList(ctx.store),
         )
-        # argon2id costs 64 MiB and tens of milliseconds per check: two at a time node-wide,
-        # a short queue, and "busy" past it, however many logins arrive at once.
-        services.passwords = WorkLimiter(ctx.run_in_thread, concurrency=PASSWORD_CHECKS, max_waiting=PASSWORD_QUEUE)
+        # argon2id costs 64 MiB and tens of milliseconds per check: two at a time node-wide, in
+        # low-priority threads of their own, a short queue, and "busy" past it, however many
+        # logins arrive at once.
+        # Own threads at a lower priority for hashing, unless the context runs work itself (tests).
+        hashing = ctx.run_in_thread if ctx.in_thread is not None else niced_pool(
+            ctx.reactor, "portal-passwords", PASSWORD_CHECKS)
+        services.passwords = WorkLimiter(hashing, concurrency=PASSWORD_CHECKS, max_waiting=PASSWORD_QUEUE)
+        services.refusals = RefusedLogins(services.audit, ctx.reactor, ctx.run_in_thread)
         services.heavy = WorkLimiter(ctx.run_in_thread, concurrency=HEAVY_JOBS, max_waiting=HEAVY_QUEUE)
         return services
 

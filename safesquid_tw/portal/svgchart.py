@@ -14,7 +14,8 @@ from markupsafe import Markup, escape
 
 WIDTH = 760
 HEIGHT = 220
-_LEFT, _RIGHT, _TOP, _BOTTOM = 64, 12, 12, 28
+# Room for the widest value label ("1023.5 MiB" at 11 px) and the legend above the plot.
+_LEFT, _RIGHT, _TOP, _BOTTOM = 78, 12, 22, 28
 _AXIS = "#5f6b7a"
 _GRID = "#d9dee5"
 
@@ -99,14 +100,21 @@ def stacked_bars(
     for j in range(labels):
         i = round(j * (count - 1) / max(labels - 1, 1))
         x = _LEFT + i * slot + slot / 2
-        parts.append(f'<text x="{x:.1f}" y="{height - 8}" text-anchor="middle" font-size="11" '
+        # The first and last labels are anchored at their ends so they stay inside the chart.
+        anchor = "start" if labels > 1 and j == 0 else "end" if labels > 1 and j == labels - 1 else "middle"
+        if anchor == "start":
+            x = max(x - slot / 2, 0)
+        elif anchor == "end":
+            x = min(x + slot / 2, width)
+        parts.append(f'<text x="{x:.1f}" y="{height - 8}" text-anchor="{anchor}" font-size="11" '
                      f'fill="{_AXIS}">{escape(time_label(starts[i], span))}</text>')
     parts.append(f'<line x1="{_LEFT}" y1="{_TOP + plot_h}" x2="{width - _RIGHT}" y2="{_TOP + plot_h}" '
                  f'stroke="{_AXIS}"/>')
     legend_x = _LEFT
     for name, colour, _values in series:
-        parts.append(f'<rect x="{legend_x}" y="0" width="10" height="10" fill="{colour}"/>')
-        parts.append(f'<text x="{legend_x + 14}" y="9" font-size="11" fill="{_AXIS}">{escape(name)}</text>')
+        # Below the top edge by the font's ascent: the legend's letters stay inside the chart.
+        parts.append(f'<rect x="{legend_x}" y="3" width="10" height="10" fill="{colour}"/>')
+        parts.append(f'<text x="{legend_x + 14}" y="12" font-size="11" fill="{_AXIS}">{escape(name)}</text>')
         legend_x += 14 + 8 * len(name) + 16
     parts.append("</svg>")
     return Markup("".join(parts))

@@ -232,6 +232,10 @@ class PortalApp(Resource):
                                   detail="The portal is not open to your network address.", node=node)
         chosen, params, matched = find_route(self.routes, request_segments(request), request.method)
         if not matched:
+            session = services.sessions.get(session_cookie(request))
+            if session is not None:  # an administrator keeps the portal's navigation
+                call = Call(request, services, session, Form({}), {})
+                return write_reply(request, call, Error(404, "Not found", "There is no page at this address."))
             return error_response(request, status=404, title="Not found",
                                   detail="There is no page at this address.", node=node)
         if chosen is None:
@@ -423,6 +427,10 @@ def write_reply(request: IRequest, call: Call, reply: Reply) -> bytes:
             request.setHeader(name, value)
         return respond(request, json_bytes(reply.value), code=reply.code, content_type=JSON)
     if isinstance(reply, Error):
+        if call.session is not None:
+            context = base_context(call)
+            context.update(status=reply.code, title=reply.title, detail=reply.detail)
+            return respond(request, render_template("portal/error_page.html", **context), code=reply.code)
         return error_response(request, status=reply.code, title=reply.title, detail=reply.detail, node=node)
     raise TypeError(f"not a reply: {reply!r}")
 

@@ -9,9 +9,12 @@ bounded amount of memory (64 MiB each) and leaves threads for everything else.
 
 from __future__ import annotations
 
+import os
+import threading
 from typing import Any, Callable
 
-from twisted.internet import defer
+from twisted.internet import defer, threads
+from twisted.python.threadpool import ThreadPool
 
 
 class Busy(Exception):
@@ -54,4 +57,32 @@ class WorkLimiter:
         return self._semaphore.acquire().addCallback(start)
 
 
-__all__ = ["Busy", "WorkLimiter"]
+def niced_pool(reactor: Any, name: str, size: int, niceness: int = 10) -> Callable[..., defer.Deferred]:
+    """A `run_in_thread` over a pool of its own whose threads run at a lower CPU priority.
+
+    Password hashing is CPU-bound by design: on a small machine two argon2 checks would take
+    every core from the reactor thread, which serves the proxy. Threads of this pool lower their
+    own priority (Linux schedules threads one by one) before their first job, and the pool is
+    apart from the reactor's, which name look-ups use."""
+    pool = ThreadPool(minthreads=0, maxthreads=size, name=name)
+    lowered = threading.local()
+
+    def lower_then(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if not getattr(lowered, "done", False):
+            lowered.done = True
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+            except (OSError, AttributeError):
+                pass  # not permitted or not Linux: the pool still bounds the work
+        return fn(*args, **kwargs)
+
+    reactor.callWhenRunning(pool.start)
+    reactor.addSystemEventTrigger("during", "shutdown", pool.stop)
+
+    def run(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred:
+        return threads.deferToThreadPool(reactor, pool, lower_then, fn, *args, **kwargs)
+
+    return run
+
+
+__all__ = ["Busy", "WorkLimiter", "niced_pool"]

@@ -62,6 +62,18 @@ class Sampler:
                 f"over {len(lat)} requests")
 
 
+def quiet_latency(node: harness.Node, url: str, count: int = 20) -> str:
+    """A proxy request's latency with no flood, on the same loaded machine, for comparison."""
+    times = []
+    for _ in range(count):
+        started = time.monotonic()
+        harness.proxy_request(node, "GET", url, timeout=30)
+        times.append(time.monotonic() - started)
+        time.sleep(0.05)
+    times.sort()
+    return f"without a flood: median {times[len(times) // 2] * 1000:.0f} ms, max {times[-1] * 1000:.0f} ms"
+
+
 def _recv_head(sock: socket.socket, timeout: float = 10.0) -> bytes:
     sock.settimeout(timeout)
     data = b""
@@ -119,6 +131,7 @@ def test_a_64_mib_login_body_is_refused_from_the_head_and_memory_stays_flat(node
             for t in pushers:
                 t.join(60)
     print(f"\n64 MiB login bodies, 4 rounds of 16 at once: {sampler.summary(baseline)}; "
+          f"{quiet_latency(node, origins.url('/quiet'))}; "
           f"bytes the clients got out before the close: max {max(s for _, s in results) / MiB:.1f} MiB")
     assert len(results) == 64
     assert all(answer.startswith(b"HTTP/1.1 413 ") or not answer for answer, _ in results)
@@ -178,7 +191,8 @@ def test_200_parallel_wrong_passwords_from_one_address_are_checked_one_at_a_time
     codes, sampler, baseline = _flood_logins(node, origins, ["admin"] * 200, [None] * 200)
     checked = codes.count(401)
     print(f"\n200 parallel wrong passwords, one account and address: {checked} checked, "
-          f"{codes.count(429)} throttled before hashing; {sampler.summary(baseline)}")
+          f"{codes.count(429)} throttled before hashing; {sampler.summary(baseline)}; "
+          f"{quiet_latency(node, origins.url('/quiet'))}")
     assert len(codes) == 200 and 0 not in codes, codes
     assert set(codes) <= {401, 429}
     assert checked <= 3  # one in flight at a time, then the growing delay refuses the rest
@@ -191,7 +205,8 @@ def test_200_parallel_logins_from_200_addresses_are_capped_node_wide(node, origi
     sources = [f"127.0.{1 + i // 250}.{1 + i % 250}" for i in range(200)]
     codes, sampler, baseline = _flood_logins(node, origins, names, sources)
     print(f"\n200 parallel wrong passwords, 200 accounts and addresses: {codes.count(401)} checked, "
-          f"{codes.count(503)} told busy before hashing, {codes.count(429)} throttled; {sampler.summary(baseline)}")
+          f"{codes.count(503)} told busy before hashing, {codes.count(429)} throttled; {sampler.summary(baseline)}; "
+          f"{quiet_latency(node, origins.url('/quiet'))}")
     assert len(codes) == 200 and 0 not in codes, codes
     assert set(codes) <= {401, 429, 503}
     assert codes.count(503) > 0  # the queue of password checks is bounded

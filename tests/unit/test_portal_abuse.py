@@ -189,3 +189,17 @@ def test_a_login_flood_from_one_address_hashes_once(tmp_path):
     for stub in stubs:
         stub.flush()
     assert sorted(set(answers)) == [401, 429]
+
+
+def test_refused_logins_cost_two_audit_lines_per_window_and_lose_no_count(tmp_path):
+    portal = Portal(tmp_path)
+    refusals = portal.services.refusals
+    before = len(portal.audit())
+    for i in range(300):
+        refusals.refused("admin", f"192.0.2.{i % 3}", "another attempt in flight")
+    assert len(portal.audit()) == before + 1  # the first one, at once
+    portal.advance(refusals.window)
+    lines = portal.audit()[before:]
+    assert len(lines) == 2
+    assert sum(lines[1]["repeated"].values()) + lines[1]["repeated_elsewhere"] == 299
+    assert lines[1]["outcome"] == "refused" and lines[1]["accounts"] == ["admin"]

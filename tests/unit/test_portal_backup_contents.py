@@ -94,3 +94,18 @@ def test_the_report_store_goes_in_by_a_switch(tmp_path):
     assert done.code == 303, done.text
     assert fresh.audit()[-1]["report_records"] == 2
     assert [r["action"] for r in fresh_reports.search(start=0, end=NOW + 1)] == ["error", "allow"]
+
+
+def test_the_api_restores_an_archive_with_the_report_store(tmp_path):
+    reports = ReportStore(tmp_path / "reports.sqlite3")
+    reports.ingest("n1", 1, 1, [record(NOW - 60)])
+    archive = Portal(tmp_path / "old", reports=reports, wall_start=NOW).admin().get("/backup/download?reports=on").body
+    from safesquid_tw.portal.bodylimits import UPLOAD_BODY, body_limit
+
+    assert body_limit(b"/api/v1/restore", b"application/gzip", authenticated=True) == UPLOAD_BODY
+    fresh = Portal(tmp_path / "new", reports=ReportStore(tmp_path / "fresh.sqlite3"), wall_start=NOW)
+    token = fresh.api_token()
+    answer = fresh.client().request("POST", "/api/v1/restore", data=archive,
+                                    headers={"Authorization": f"Bearer {token}", "Content-Type": "application/gzip"})
+    assert answer.code == 200, answer.text
+    assert answer.json()["report_records_restored"] == 1
