@@ -282,3 +282,14 @@ def test_connect_to_an_ip_with_a_bypassed_sni_is_spliced(node, origins):
     finally:
         node.reload(_policy(origins))
         harness.wait_until(lambda: not _issuer_is_origin(node, origins), 10, "inspection to resume")
+
+
+def test_curl_verifies_the_minted_leaf_and_gets_http11_by_alpn(node, origins):
+    import subprocess
+
+    result = subprocess.run(
+        ["curl", "-sS", "-v", "--cacert", str(node.ca_file), "-x", f"http://{node.proxy[0]}:{node.proxy[1]}",
+         f"https://localhost:{origins.good.port}/curl?q=1"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout)["path"] == "/curl?q=1"
+    assert "ALPN: server accepted http/1.1" in result.stderr
