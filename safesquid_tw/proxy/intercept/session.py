@@ -196,7 +196,10 @@ class Interceptor:
 
     def _bump_or_splice(self, conn, ctx, host: str, identity, *, answered: bool, extra_name: str | None = None) -> bool:
         compiled = ctx.policy.compiled
-        bump, why = compiled.tls_inspection.inspect(host, compiled.categories_of(host), conn.client_ip)
+        rules = compiled.tls_inspection
+        bump, why = rules.inspect(host, compiled.categories_of(host), conn.client_ip)
+        if bump and rules.auto_bypass_pinned and self.pinned.auto_bypassed(host, rules.auto_bypass_pinned):
+            bump, why = False, "auto-bypassed: clients reject the inspection certificate for this host"
         if not bump:
             ctx.tls = "bypassed"
             self.spliced += 1
