@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from safesquid_tw.policy.errors import PolicyError
-from safesquid_tw.policy.tlsinspection import TlsInspectionRules
+from safesquid_tw.policy.tlsinspection import DEFAULTS, TlsInspectionRules
 from safesquid_tw.policy.validate import validate_document
 
 
@@ -96,3 +96,27 @@ def test_auto_bypass_after_repeated_rejections():
     now[0] += 2
     assert not pinned.auto_bypassed("app.example", 3)
     assert pinned.top()[0].rejections == 5 and "recent" not in pinned.top()[0].to_json()
+
+
+def test_no_ca_means_tunnels_are_refused_not_carried_blind():
+    from safesquid_tw.proxy.intercept.session import Interceptor
+
+    class Conn:
+        answered = None
+
+        def _respond_error(self, ctx, status, detail, error_type):
+            self.answered = (status, error_type)
+
+    class Leaves:
+        ca = None
+
+    class Ctx:
+        tls = None
+
+        class policy:
+            class compiled:
+                tls_inspection = TlsInspectionRules({**DEFAULTS, "enabled": True})
+
+    conn = Conn()
+    assert Interceptor(None, Leaves(), None).take(conn, Ctx(), None) is True
+    assert conn.answered == (503, "destination_unavailable")

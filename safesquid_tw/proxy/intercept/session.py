@@ -176,9 +176,15 @@ class Interceptor:
     def take(self, conn: "ClientConnection", ctx: "RequestContext", identity) -> bool:
         """An allowed CONNECT: True when inspection took it over, False to splice it as before."""
         rules = ctx.policy.compiled.tls_inspection
-        if not rules.enabled or not self.ready:
+        if not rules.enabled:
             ctx.tls = "bypassed"
             return False
+        if not self.ready:
+            # The policy wants inspection and there is no CA to do it with (a slave that has not
+            # reached its master yet): refuse rather than let the tunnel through uninspected.
+            conn._respond_error(ctx, 503, "TLS inspection is on, but this node has no inspection CA yet",
+                                "destination_unavailable")
+            return True
         host = ctx.target.host
         if is_ip(host):
             # Which site is behind an address only the ClientHello says: answer, then peek.
