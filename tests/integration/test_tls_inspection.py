@@ -293,3 +293,19 @@ def test_curl_verifies_the_minted_leaf_and_gets_http11_by_alpn(node, origins):
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout)["path"] == "/curl?q=1"
     assert "ALPN: server accepted http/1.1" in result.stderr
+
+
+def test_allow_invalid_upstream_domains_tolerates_and_logs(node, origins):
+    try:
+        node.reload(_policy(origins, allow_invalid_upstream_domains=["localhost"]))
+
+        def tolerated():
+            status, _h, body, _der = get(node, origins.self_signed, "/tolerated")
+            return status == 200 and json.loads(body)["server"] == "self-signed"
+
+        harness.wait_until(tolerated, 10, "the self-signed origin to be tolerated")
+        node.wait_for_extended(lambda text: "tolerated an invalid certificate from localhost" in text
+                               and "self-signed certificate" in text)
+    finally:
+        node.reload(_policy(origins))
+        harness.wait_until(lambda: get(node, origins.self_signed, "/again")[0] == 502, 10, "tolerance to end")
