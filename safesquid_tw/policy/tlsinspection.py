@@ -8,7 +8,7 @@ client's address.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 from safesquid_tw.policy.errors import PolicyError
 from safesquid_tw.policy.fields import (

@@ -4,7 +4,6 @@ verifies origins against --upstream-ca-file, and applies the whole policy to dec
 from __future__ import annotations
 
 import json
-import socket
 import ssl
 import urllib.request
 
