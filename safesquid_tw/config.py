@@ -53,8 +53,8 @@ class NodeConfig:
     stop_grace: float = 5.0  # at SIGTERM: /health says 503 while traffic is still served, this long
     spool_cap_bytes: int = 512 * 1024 * 1024
     report_retention_days: float = 90.0  # the report store keeps records this long
-    upstream_ca_file: str | None = None  # PEM bundle trusted for origins beside the system store
     limits: Limits = attrs.field(factory=Limits)
+    upstream_ca_file: str | None = None  # PEM bundle trusted for origins beside the system store
 
     @property
     def serves_proxy(self) -> bool:

@@ -175,8 +175,8 @@ def options_to_config(opts: usage.Options) -> NodeConfig:
         stop_grace=opts["stop-grace"],
         report_retention_days=opts["report-retention-days"],
         spool_cap_bytes=opts["spool-cap-bytes"],
-        upstream_ca_file=_check_ca_file(opts["upstream-ca-file"]),
         limits=limits,
+        upstream_ca_file=_check_ca_file(opts["upstream-ca-file"]),
     )
     if opts["node-name"]:
         fields["node_name"] = opts["node-name"]
