@@ -12,7 +12,7 @@ On a shared machine rates are noisy, so the figures that count are the proxy's o
 client runs in separate processes and is not counted.
 
     python bench/tls_bench.py [--tunnels 300] [--keepalive-tunnels 40] [--clients 4]
-        [--mitmdump /tmp/mitm-venv/bin/mitmdump] [--skip squid,mitmproxy]
+        [--mitmdump PATH] [--skip squid,mitmproxy]
 
 Squid runs twice: peeking at step 1 then bumping (what a policy on the SNI needs), and bumping
 at step 1. mitmproxy belongs in its own virtualenv (pip install mitmproxy), never the project's.
@@ -309,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tunnels", type=int, default=300)
     parser.add_argument("--keepalive-tunnels", type=int, default=40)
     parser.add_argument("--clients", type=int, default=4)
-    parser.add_argument("--mitmdump", default="/tmp/mitm-venv/bin/mitmdump")
+    parser.add_argument("--mitmdump", default=os.environ.get("MITMDUMP") or shutil.which("mitmdump") or "mitmdump",
+                        help="mitmdump of a separate virtualenv (default: $MITMDUMP, else the PATH)")
     parser.add_argument("--skip", default="", help="comma-separated: safesquid, squid, mitmproxy")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
@@ -344,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         if "squid" not in skip and shutil.which("squid"):
             makers.append(lambda: start_squid(workdir, workdir / "ca.pem", workdir / "ca.key", workdir / "origin-ca.pem", peek=True))
             makers.append(lambda: start_squid(workdir, workdir / "ca.pem", workdir / "ca.key", workdir / "origin-ca.pem", peek=False))
-        if "mitmproxy" not in skip and os.access(args.mitmdump, os.X_OK):
+        if "mitmproxy" not in skip and shutil.which(args.mitmdump):
             makers.append(lambda: start_mitmproxy(workdir, args.mitmdump, workdir / "origin-ca.pem"))
         for make in makers:
             proxy = make()

@@ -8,7 +8,7 @@ client's address.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 from safesquid_tw.policy.errors import PolicyError
 from safesquid_tw.policy.fields import (
@@ -16,6 +16,7 @@ from safesquid_tw.policy.fields import (
     check_network,
     check_unique_list,
     expect_bool,
+    expect_int,
     expect_list,
     expect_object,
     expect_str,
@@ -30,7 +31,9 @@ DEFAULTS: dict[str, Any] = {
     "bypass_categories": [],
     "bypass_clients": [],
     "allow_invalid_upstream_domains": [],
+    "auto_bypass_pinned": 0,
 }
+MAX_AUTO_BYPASS = 1000
 _FIELDS = {key: False for key in DEFAULTS}
 
 
@@ -57,6 +60,8 @@ def validate_tls_inspection(value: object, categories: set[str]) -> dict[str, An
         "bypass_clients": check_unique_list(expect_list(section.get("bypass_clients", []), client_path),
                                             client_path, check_network),
         "allow_invalid_upstream_domains": domains("allow_invalid_upstream_domains"),
+        "auto_bypass_pinned": expect_int(section.get("auto_bypass_pinned", 0), f"{SECTION}.auto_bypass_pinned",
+                                         minimum=0, maximum=MAX_AUTO_BYPASS),
     }
 
 
@@ -95,6 +100,8 @@ class TlsInspectionRules:
         self._bypass_clients = NetworkSet(section["bypass_clients"])
         self._allow_invalid = _DomainSet(section["allow_invalid_upstream_domains"])
         self.bypass_domain_list: tuple[str, ...] = tuple(section["bypass_domains"])
+        # Splice a host for a while after this many rejections of its leaf (0: never).
+        self.auto_bypass_pinned: int = section.get("auto_bypass_pinned", 0)
 
     def inspect(self, host: str, categories: tuple[str, ...], client_ip: str) -> tuple[bool, str | None]:
         """(True, None) to bump; (False, reason) to splice."""

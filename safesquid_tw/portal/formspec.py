@@ -242,6 +242,9 @@ SECTIONS: tuple[Section, ...] = (
             Field("bypass_clients", "Bypassed client networks", "lines", NETWORKS_HELP),
             Field("allow_invalid_upstream_domains", "Origins whose certificate errors are tolerated", "lines",
                   "example.com or *.example.com, one per line; each use is logged"),
+            Field("auto_bypass_pinned", "Auto-bypass after this many rejections", "int",
+                  "A host whose clients reject the certificate this often within 10 minutes is spliced for "
+                  "an hour (per node); 0: never"),
         ), defaults=TLS_INSPECTION_DEFAULTS),),
     ),
     Section(

@@ -99,7 +99,7 @@ class UpstreamConnection(protocol.Protocol):
         self._stop_handshake_timer()
         factory = getattr(self, "factory", None)
         tls = self.pool.tls
-        problem = tls.check(self.transport, self.key[1], self.peer) if tls is not None else None
+        problem, self.tls_tolerated = tls.check(self.transport, self.key[1], self.peer) if tls is not None else (None, False)
         if problem is not None:
             self._tls_problem = problem
             self.transport.abortConnection()
@@ -445,6 +445,11 @@ class UpstreamPool:
         idle = self._idle.get(key)
         while idle:
             conn = idle.pop()
+            if getattr(conn, "tls_tolerated", False) and not self.tls.tolerated(key[1]):
+                # Its certificate was accepted only because the policy tolerated it; not any more.
+                conn._state = "closed"
+                conn.transport.loseConnection()
+                continue
             if conn._state == "idle" and conn.transport is not None and conn.transport.connected:
                 if conn.unread_bytes_waiting():
                     conn._state = "closed"

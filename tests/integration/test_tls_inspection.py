@@ -4,7 +4,6 @@ verifies origins against --upstream-ca-file, and applies the whole policy to dec
 from __future__ import annotations
 
 import json
-import socket
 import ssl
 import urllib.request
 
@@ -282,3 +281,56 @@ def test_connect_to_an_ip_with_a_bypassed_sni_is_spliced(node, origins):
     finally:
         node.reload(_policy(origins))
         harness.wait_until(lambda: not _issuer_is_origin(node, origins), 10, "inspection to resume")
+
+
+def test_curl_verifies_the_minted_leaf_and_gets_http11_by_alpn(node, origins):
+    import subprocess
+
+    result = subprocess.run(
+        ["curl", "-sS", "-v", "--cacert", str(node.ca_file), "-x", f"http://{node.proxy[0]}:{node.proxy[1]}",
+         f"https://localhost:{origins.good.port}/curl?q=1"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout)["path"] == "/curl?q=1"
+    assert "ALPN: server accepted http/1.1" in result.stderr
+
+
+def test_allow_invalid_upstream_domains_tolerates_and_logs(node, origins):
+    try:
+        node.reload(_policy(origins, allow_invalid_upstream_domains=["localhost"]))
+
+        def tolerated():
+            status, _h, body, _der = get(node, origins.self_signed, "/tolerated")
+            return status == 200 and json.loads(body)["server"] == "self-signed"
+
+        harness.wait_until(tolerated, 10, "the self-signed origin to be tolerated")
+        node.wait_for_extended(lambda text: "tolerated an invalid certificate from localhost" in text
+                               and "self-signed certificate" in text)
+    finally:
+        node.reload(_policy(origins))
+        harness.wait_until(lambda: get(node, origins.self_signed, "/again")[0] == 502, 10, "tolerance to end")
+
+
+def test_a_burst_of_new_hosts_is_minted_off_the_reactor(node, origins):
+    """60 tunnels at once, each to a host never seen (CONNECT to an IP, a new SNI each): every
+    client gets a leaf for its own name, and the proxy answers a plain request meanwhile."""
+    import concurrent.futures
+
+    from cryptography import x509
+
+    port = origins.good.port
+
+    def handshake(i: int) -> list[str]:
+        sock = connect_tunnel(node.proxy, f"127.0.0.1:{port}")
+        ctx = ssl.create_default_context(cafile=str(node.ca_file))
+        name = f"burst{i}.example"
+        with ctx.wrap_socket(sock, server_hostname=name) as tls:
+            leaf = x509.load_der_x509_certificate(tls.getpeercert(binary_form=True))
+        return leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        futures = [pool.submit(handshake, i) for i in range(60)]
+        # The reactor stays free: a request the proxy answers itself goes through meanwhile.
+        blocked = harness.proxy_request(node, "GET", f"https://localhost:{port}/secret/x")
+        results = [f.result(timeout=60) for f in futures]
+    assert blocked.status == 403
+    assert results == [[f"burst{i}.example"] for i in range(60)]

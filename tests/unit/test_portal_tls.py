@@ -31,7 +31,7 @@ def test_tls_section_is_edited_like_the_others(portal, admin):
     assert page.code == 200 and "bypass_domains" in page.text
     response = admin.post("/policy/tls/settings/tls_inspection", {
         "enabled": "on", "bypass_domains": "*.bank.test\nhealth.test", "bypass_clients": "10.1.0.0/16",
-        "allow_invalid_upstream_domains": "", "bypass_categories": []})
+        "allow_invalid_upstream_domains": "", "bypass_categories": [], "auto_bypass_pinned": "0"})
     assert response.code == 303, response.text[:500]
     admin.post("/policy/apply", {"comment": "inspect"})
     section = portal.store.current.document["tls_inspection"]

@@ -11,8 +11,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
-from twisted.internet import task
-from twisted.python.threadpool import ThreadPool
 
 from safesquid_tw.proxy.intercept.ca import CAError, CAStore, create_ca, parse_ca
 from safesquid_tw.proxy.intercept.mint import LeafCache, mint_leaf

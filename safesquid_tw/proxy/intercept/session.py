@@ -176,9 +176,15 @@ class Interceptor:
     def take(self, conn: "ClientConnection", ctx: "RequestContext", identity) -> bool:
         """An allowed CONNECT: True when inspection took it over, False to splice it as before."""
         rules = ctx.policy.compiled.tls_inspection
-        if not rules.enabled or not self.ready:
+        if not rules.enabled:
             ctx.tls = "bypassed"
             return False
+        if not self.ready:
+            # The policy wants inspection and there is no CA to do it with (a slave that has not
+            # reached its master yet): refuse rather than let the tunnel through uninspected.
+            conn._respond_error(ctx, 503, "TLS inspection is on, but this node has no inspection CA yet",
+                                "destination_unavailable")
+            return True
         host = ctx.target.host
         if is_ip(host):
             # Which site is behind an address only the ClientHello says: answer, then peek.
@@ -196,7 +202,10 @@ class Interceptor:
 
     def _bump_or_splice(self, conn, ctx, host: str, identity, *, answered: bool, extra_name: str | None = None) -> bool:
         compiled = ctx.policy.compiled
-        bump, why = compiled.tls_inspection.inspect(host, compiled.categories_of(host), conn.client_ip)
+        rules = compiled.tls_inspection
+        bump, why = rules.inspect(host, compiled.categories_of(host), conn.client_ip)
+        if bump and rules.auto_bypass_pinned and self.pinned.auto_bypassed(host, rules.auto_bypass_pinned):
+            bump, why = False, "auto-bypassed: clients reject the inspection certificate for this host"
         if not bump:
             ctx.tls = "bypassed"
             self.spliced += 1

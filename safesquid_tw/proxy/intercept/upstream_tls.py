@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from OpenSSL import SSL, crypto
+from OpenSSL import SSL
 from service_identity import VerificationError
 from service_identity.pyopenssl import verify_hostname, verify_ip_address
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
@@ -101,8 +101,9 @@ class UpstreamTLS:
             creator = self._creators[host] = _OriginCreator(self._ctx, host)
         return creator
 
-    def check(self, transport, host: str, peer: str) -> ProxyFailure | None:
-        """After the handshake: None when the origin may be used, else why not."""
+    def check(self, transport, host: str, peer: str) -> tuple[ProxyFailure | None, bool]:
+        """After the handshake: (None, False) when the certificate is good, (None, True) when it is
+        not but the policy tolerates it for this host, (why not, False) otherwise."""
         handle = transport.getHandle()
         tls_protocol = handle.get_app_data()
         problems = getattr(tls_protocol, "safesquid_verify_problems", [])
@@ -119,11 +120,11 @@ class UpstreamTLS:
             except VerificationError:
                 detail = f"certificate does not name {host}{_names_of(handle)}"
         if detail is None:
-            return None
+            return None, False
         if self.tolerated(host):
             log.warn("tolerated an invalid certificate from {host} ({peer}): {detail}", host=host, peer=peer, detail=detail)
-            return None
-        return ProxyFailure(502, "tls_certificate_error", f"{host}: {detail}", extra=_details(detail))
+            return None, True
+        return ProxyFailure(502, "tls_certificate_error", f"{host}: {detail}", extra=_details(detail)), False
 
     @staticmethod
     def handshake_failure(reason, host: str, peer: str) -> ProxyFailure:
