@@ -45,6 +45,11 @@ def _without_framing(headers) -> list[tuple[bytes, bytes]]:
     return [(n, v) for n, v in headers if n.lower() not in _FRAMING_FIELDS]
 
 
+def _clean_fields(headers) -> list[tuple[bytes, bytes]]:
+    """A scanner's header fields, minus any that could not be written back safely (folded lines)."""
+    return [(n, v) for n, v in headers if not any(c in n + v for c in (b"\r", b"\n", b"\0"))]
+
+
 def _request_head_for_scan(request_bytes: bytes, size: int | None) -> bytes:
     """The upstream request head as the scanner sees it: the body is decoded (ICAP chunking is
     the only framing), so the head declares its decoded length and no transfer coding."""
@@ -237,8 +242,11 @@ class DownloadHold(_Hold):
         ctx = exchange.ctx
         head = verdict.http_head
         body = verdict.body or b""
-        status = head.status or 200
-        headers = _without_framing(strip_hop_by_hop(list(head.headers)))
+        status = head.status
+        if status is None or not 200 <= status <= 599 or status in (204, 304):
+            self._verdict(Verdict("unscanned", reason=f"the scanner's replacement has status {status}"))
+            return
+        headers = _clean_fields(_without_framing(strip_hop_by_hop(list(head.headers))))
         headers = exchange.conn.factory.add_via(headers, b"HTTP/1.1")
         headers.append((b"Content-Length", b"%d" % len(body)))
         if close:
@@ -411,7 +419,7 @@ class UploadHold(_Hold):
         if len(parts) != 3:
             self._verdict(Verdict("unscanned", reason="the scanner's modified request is malformed"))
             return
-        headers = _without_framing(list(head.headers))
+        headers = _clean_fields(_without_framing(list(head.headers)))
         headers.append((b"Content-Length", b"%d" % len(body)))
         exchange.request_bytes = http1.serialize_request_head(parts[0], parts[1], headers)
         exchange._chunked_out = False
