@@ -87,6 +87,8 @@ class ScriptedIcap(protocol.Protocol):
                     if len(self.buf) < end + 4:
                         return False
                     del self.buf[: end + 4]
+                    if self.preview and b"ieof" not in line and not self.continued and self.body.startswith(b"IGNORED"):
+                        break  # a verdict from the preview alone: the rest is never asked for
                     if self.preview and b"ieof" not in line and not self.continued:
                         self.continued = True
                         if f.mode == "hang":
@@ -123,6 +125,8 @@ class ScriptedIcap(protocol.Protocol):
             self.transport.write(b"ICAP/1.0 200 OK\r\n" + istag + b"X-Infection-Found: Type=0; Resolution=2; Threat=Test.Virus;\r\n"
                                  b"Encapsulated: res-hdr=0, res-body=%d\r\n\r\n" % len(res) + res
                                  + codec.encode_chunk(b"<p>virus</p>") + codec.LAST_CHUNK)
+        elif body.startswith(b"IGNORED"):
+            self.transport.write(b"ICAP/1.0 204 No Content\r\n" + istag + b"\r\n")
         elif b"modify-me" in body:
             res = b"HTTP/1.1 200 OK\r\nX-Modified: yes\r\n\r\n"
             self.transport.write(b"ICAP/1.0 200 OK\r\n" + istag + b"Encapsulated: res-hdr=0, res-body=%d\r\n\r\n" % len(res)
@@ -335,6 +339,23 @@ async def test_without_a_preview_a_large_body_streams_whole(icap_server):
     big_clean = bytes(range(256)) * 1000
     assert (await scanner.scan(r, b"REQMOD", REQ, None, held(big_clean))).outcome == "clean"
     assert server.bodies[-1] == big_clean
+    scanner.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_verdict_after_the_preview_keeps_the_connection(icap_server):
+    server, url = icap_server(preview=8)
+    scanner = Scanner(reactor)
+    r = rules(url, verdict_cache_seconds=0)
+    await ready(scanner, r)
+    connections = server.connections
+    for _ in range(3):
+        verdict = await scanner.scan(r, b"RESPMOD", REQ, RES, held(b"IGNORED and a long rest never sent"))
+        assert verdict.outcome == "clean"
+        assert server.bodies[-1] == b"IGNORED "  # only the preview went out
+    follow = await scanner.scan(r, b"RESPMOD", REQ, RES, held(b"x" * 20 + EICAR))
+    assert follow.outcome == "infected"
+    assert server.connections == connections  # one kept-alive connection carried them all
     scanner.stop()
 
 
