@@ -338,6 +338,7 @@ class UploadHold(_Hold):
     def __init__(self, exchange, rules) -> None:
         super().__init__(exchange, rules)
         self.released = False
+        self.refusing = False
         self.pump: _Pump | None = None
 
     def _refuse(self, write) -> None:
@@ -359,19 +360,26 @@ class UploadHold(_Hold):
             ctx, rule=RULE, reason=f"uploads larger than {limit} bytes cannot be scanned for viruses", close=True))
 
     def data(self, data: bytes) -> None:
-        if self.gone:
+        if self.gone or self.refusing:
             return
         self.body.append(data)
         if not self.released and self.body.size > self.rules.max_scan_bytes:
             if self.rules.oversize_action == "block":
-                self.block_oversize()
+                # The front door is in the middle of handing over body pieces: answer on the
+                # next turn, dropping whatever else arrives meanwhile.
+                self.refusing = True
+                self.exchange.conn.factory.reactor.callLater(0, self._block_later)
             else:
                 self.exchange.ctx.detail = f"antivirus: not scanned (larger than {self.rules.max_scan_bytes} bytes)"
                 self.release()
 
+    def _block_later(self) -> None:
+        if not self.gone and self.exchange.conn.state != "closing":
+            self.block_oversize()
+
     def done(self) -> None:
         self.done_receiving = True
-        if self.released:
+        if self.released or self.refusing or self.gone:
             return
         exchange = self.exchange
         request_head = _request_head_for_scan(exchange.request_bytes, self.body.size)

@@ -236,6 +236,13 @@ def test_oversize_objects(node_factory, origin):
     upload = proxy_request(block, "POST", origin.url("/bigb-upload"), body=b"u" * (limit + 1))
     assert upload.status == 403
     assert not [s for s in origin.seen if s[1] == "/bigb-upload"]
+    # Chunked: the limit is passed in the middle of a batch of small chunks.
+    chunks = b"".join(b"40\r\n" + b"c" * 64 + b"\r\n" for _ in range(limit // 64 + 20)) + b"0\r\n\r\n"
+    upload = proxy_request(block, "POST", origin.url("/bigb-upload-chunked"), body=chunks,
+                           headers=[("Transfer-Encoding", "chunked")])
+    assert upload.status == 403 and "antivirus" in upload.text
+    assert not [s for s in origin.seen if s[1] == "/bigb-upload-chunked"]
+    assert get(block, origin.url("/bigb-after?size=10")).status in (200, 503)  # the node still answers
 
 
 def test_skip_mime_types(node_factory, origin):
