@@ -9,7 +9,7 @@ an origin serving 100 KiB and 5 MiB objects, and three standalone nodes:
 - ``cached``: scanning with the cache on, warmed once (every download is a cache hit).
 
 For each size and mode it prints requests/s (sequential, one client, and 4 concurrent clients),
-the mean latency per object and what scanning adds to it, and the node's CPU seconds per request
+the median latency per object and what scanning adds to it, and the node's CPU seconds per request
 (read from /proc: steadier than rates on a busy machine). Then the node's peak RSS while 50
 clients download 5 MiB objects at once, with scanning off and on.
 
@@ -87,17 +87,29 @@ def fetch(node, url: str, expect: int, timeout: float = 120.0) -> float:
     return time.monotonic() - started
 
 
-def measure(node, url: str, size: int, requests: int) -> dict:
-    fetch(node, url, size)  # connection set-up, OPTIONS, cache warm-up
-    cpu0 = read_cpu_seconds(node.pid)
-    times = [fetch(node, url, size) for _ in range(requests)]
-    cpu = read_cpu_seconds(node.pid) - cpu0
-    started = time.monotonic()
-    with ThreadPoolExecutor(4) as pool:
-        list(pool.map(lambda _: fetch(node, url, size), range(requests)))
-    concurrent_rate = requests / (time.monotonic() - started)
-    mean = sum(times) / len(times)
-    return {"latency_ms": mean * 1000, "rate_seq": 1 / mean, "rate_4": concurrent_rate, "cpu_ms": cpu / requests * 1000}
+def measure(nodes: dict, url: str, size: int, requests: int) -> dict:
+    """Sequential requests, interleaved across the modes (a busy machine's drift hits all alike),
+    then 4 concurrent clients per mode."""
+    for node in nodes.values():
+        fetch(node, url, size)  # connection set-up, OPTIONS, cache warm-up
+    times: dict[str, list[float]] = {name: [] for name in nodes}
+    cpu: dict[str, float] = {name: 0.0 for name in nodes}
+    for _ in range(requests):
+        for name, node in nodes.items():
+            cpu0 = read_cpu_seconds(node.pid)
+            times[name].append(fetch(node, url, size))
+            cpu[name] += read_cpu_seconds(node.pid) - cpu0
+    out = {}
+    for name, node in nodes.items():
+        started = time.monotonic()
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda _: fetch(node, url, size), range(requests)))
+        concurrent_rate = requests / (time.monotonic() - started)
+        ordered = sorted(times[name])
+        median = ordered[len(ordered) // 2]
+        out[name] = {"latency_ms": median * 1000, "rate_seq": 1 / (sum(ordered) / len(ordered)),
+                     "rate_4": concurrent_rate, "cpu_ms": cpu[name] / requests * 1000}
+    return out
 
 
 def memory_under_load(node, url: str, clients: int = 50) -> dict:
@@ -142,10 +154,10 @@ def main(argv: list[str]) -> int:
         time.sleep(1.0)  # the scanning nodes' first EICAR self-test
         results = {}
         for size, requests in ((SMALL, args.small_requests), (LARGE, args.large_requests)):
-            for name, node in nodes.items():
-                results[(size, name)] = measure(node, f"{base}/{size}", size, requests)
+            for name, figures in measure(nodes, f"{base}/{size}", size, requests).items():
+                results[(size, name)] = figures
         print("Anti-virus bench (figures taken on a shared, loaded machine: compare within this run only)")
-        print(f"{'object':>8} {'mode':>7} {'req/s seq':>10} {'req/s x4':>9} {'ms/object':>10} {'added ms':>9} {'node CPU ms/req':>16}")
+        print(f"{'object':>8} {'mode':>7} {'req/s seq':>10} {'req/s x4':>9} {'median ms':>10} {'added ms':>9} {'node CPU ms/req':>16}")
         for size in (SMALL, LARGE):
             off = results[(size, "off")]["latency_ms"]
             for name in nodes:

@@ -121,9 +121,11 @@ class IcapConnection(protocol.Protocol):
         txn, self.txn = self.txn, None
         self.served += 1
         connection = (response.get("Connection") or "").lower()
-        if self.sending or txn.expects_continue or "close" in connection or not self.parser.idle:
-            # The server answered before it had the whole request: the rest of the message is
-            # still in flight or never sent, so this connection cannot carry another one.
+        if self.sending or "close" in connection or not self.parser.idle:
+            # The server answered while the body was still going out: the rest of the message
+            # is in flight, so this connection cannot carry another one. (A final answer to a
+            # preview, before any 100 Continue, leaves the connection clean: the preview ended
+            # with its own last chunk and the rest is simply never sent, RFC 3507 4.5.)
             self.reusable = False
             if self.sender is not None:
                 self.sender.stopProducing()

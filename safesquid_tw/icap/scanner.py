@@ -49,6 +49,11 @@ class _Failed(Exception):
     pass
 
 
+def _printable(text: str, limit: int = 200) -> str:
+    """A scanner's threat name as the block page and the record show it: one short line."""
+    return "".join(c if c.isprintable() else " " for c in text)[:limit].strip() or "unnamed threat"
+
+
 class ServiceState:
     """One ICAP service as this node sees it: its pool, health and counters."""
 
@@ -202,7 +207,14 @@ class Scanner:
     def scan(self, rules, method: bytes, http_request_head: bytes, http_response_head: bytes | None,
              body: HeldBody, extension: str = "") -> defer.Deferred:
         """A Deferred Verdict for the held body (never fails: errors become "unscanned")."""
-        self.configure(rules)
+        if self.rules is None:
+            self.configure(rules)
+        else:
+            # A request still under an older policy version may name a service the current one
+            # dropped: it is added (and self-tested), never used to reconfigure the scanner.
+            for url in rules.services:
+                if url not in self.services:
+                    self.self_test(self.services.setdefault(url, ServiceState(self.reactor, url)))
         return defer.ensureDeferred(self._scan(rules, method, http_request_head, http_response_head, body, extension))
 
     async def _scan(self, rules, method, http_request_head, http_response_head, body, extension) -> Verdict:
@@ -299,7 +311,7 @@ class Scanner:
             raise _Failed(f"answered {response.status} {response.reason}")
         threat = response.threat()
         if threat:
-            return Verdict("infected", threat=threat, service=url)
+            return Verdict("infected", threat=_printable(threat), service=url)
         replacement = response.http_response
         if replacement is not None and replacement.status == 403:
             return Verdict("infected", threat="blocked by the scanner", service=url)

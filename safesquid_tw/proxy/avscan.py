@@ -45,6 +45,11 @@ def _without_framing(headers) -> list[tuple[bytes, bytes]]:
     return [(n, v) for n, v in headers if n.lower() not in _FRAMING_FIELDS]
 
 
+def _clean_fields(headers) -> list[tuple[bytes, bytes]]:
+    """A scanner's header fields, minus any that could not be written back safely (folded lines)."""
+    return [(n, v) for n, v in headers if not any(c in n + v for c in (b"\r", b"\n", b"\0"))]
+
+
 def _request_head_for_scan(request_bytes: bytes, size: int | None) -> bytes:
     """The upstream request head as the scanner sees it: the body is decoded (ICAP chunking is
     the only framing), so the head declares its decoded length and no transfer coding."""
@@ -237,8 +242,11 @@ class DownloadHold(_Hold):
         ctx = exchange.ctx
         head = verdict.http_head
         body = verdict.body or b""
-        status = head.status or 200
-        headers = _without_framing(strip_hop_by_hop(list(head.headers)))
+        status = head.status
+        if status is None or not 200 <= status <= 599 or status in (204, 304):
+            self._verdict(Verdict("unscanned", reason=f"the scanner's replacement has status {status}"))
+            return
+        headers = _clean_fields(_without_framing(strip_hop_by_hop(list(head.headers))))
         headers = exchange.conn.factory.add_via(headers, b"HTTP/1.1")
         headers.append((b"Content-Length", b"%d" % len(body)))
         if close:
@@ -330,6 +338,7 @@ class UploadHold(_Hold):
     def __init__(self, exchange, rules) -> None:
         super().__init__(exchange, rules)
         self.released = False
+        self.refusing = False
         self.pump: _Pump | None = None
 
     def _refuse(self, write) -> None:
@@ -351,19 +360,26 @@ class UploadHold(_Hold):
             ctx, rule=RULE, reason=f"uploads larger than {limit} bytes cannot be scanned for viruses", close=True))
 
     def data(self, data: bytes) -> None:
-        if self.gone:
+        if self.gone or self.refusing:
             return
         self.body.append(data)
         if not self.released and self.body.size > self.rules.max_scan_bytes:
             if self.rules.oversize_action == "block":
-                self.block_oversize()
+                # The front door is in the middle of handing over body pieces: answer on the
+                # next turn, dropping whatever else arrives meanwhile.
+                self.refusing = True
+                self.exchange.conn.factory.reactor.callLater(0, self._block_later)
             else:
                 self.exchange.ctx.detail = f"antivirus: not scanned (larger than {self.rules.max_scan_bytes} bytes)"
                 self.release()
 
+    def _block_later(self) -> None:
+        if not self.gone and self.exchange.conn.state != "closing":
+            self.block_oversize()
+
     def done(self) -> None:
         self.done_receiving = True
-        if self.released:
+        if self.released or self.refusing or self.gone:
             return
         exchange = self.exchange
         request_head = _request_head_for_scan(exchange.request_bytes, self.body.size)
@@ -411,7 +427,7 @@ class UploadHold(_Hold):
         if len(parts) != 3:
             self._verdict(Verdict("unscanned", reason="the scanner's modified request is malformed"))
             return
-        headers = _without_framing(list(head.headers))
+        headers = _clean_fields(_without_framing(list(head.headers)))
         headers.append((b"Content-Length", b"%d" % len(body)))
         exchange.request_bytes = http1.serialize_request_head(parts[0], parts[1], headers)
         exchange._chunked_out = False

@@ -217,6 +217,17 @@ def test_oversize_objects(node_factory, origin):
         response = get(allow, origin.url(f"/big-{framing}?size={limit * 4}&framing={framing}&seed=b"))
         assert response.status == 200 and response.body == clean_bytes(limit * 4, "b")
         assert "not scanned" in record_for(allow, f"/big-{framing}")["detail"]
+    uploads = node_factory.start(policy=av_policy(f"icap://127.0.0.1:{harness.closed_port()}/x",
+                                                  max_scan_bytes=limit, scan_downloads=False), name="big-up")
+    big = clean_bytes(limit * 40, "big-upload")
+    expected = b"stored %d %s" % (len(big), hashlib.sha256(big).hexdigest().encode())
+    upload = proxy_request(uploads, "POST", origin.url("/big-upload-length"), body=big)
+    assert upload.status == 200 and upload.body == expected
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(big[i:i + 3000]), big[i:i + 3000]) for i in range(0, len(big), 3000))
+    upload = proxy_request(uploads, "POST", origin.url("/big-upload-chunked"), body=chunked + b"0\r\n\r\n",
+                           headers=[("Transfer-Encoding", "chunked")])
+    assert upload.status == 200 and upload.body == expected  # held part first, then the rest, in order
+    assert "not scanned" in record_for(uploads, "/big-upload-chunked")["detail"]
     block = node_factory.start(policy=av_policy(f"icap://127.0.0.1:{harness.closed_port()}/x",
                                                 max_scan_bytes=limit, oversize_action="block"), name="big-block")
     for framing in ("length", "chunked"):
@@ -225,6 +236,13 @@ def test_oversize_objects(node_factory, origin):
     upload = proxy_request(block, "POST", origin.url("/bigb-upload"), body=b"u" * (limit + 1))
     assert upload.status == 403
     assert not [s for s in origin.seen if s[1] == "/bigb-upload"]
+    # Chunked: the limit is passed in the middle of a batch of small chunks.
+    chunks = b"".join(b"40\r\n" + b"c" * 64 + b"\r\n" for _ in range(limit // 64 + 20)) + b"0\r\n\r\n"
+    upload = proxy_request(block, "POST", origin.url("/bigb-upload-chunked"), body=chunks,
+                           headers=[("Transfer-Encoding", "chunked")])
+    assert upload.status == 403 and "antivirus" in upload.text
+    assert not [s for s in origin.seen if s[1] == "/bigb-upload-chunked"]
+    assert get(block, origin.url("/bigb-after?size=10")).status in (200, 503)  # the node still answers
 
 
 def test_skip_mime_types(node_factory, origin):

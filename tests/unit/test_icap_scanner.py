@@ -58,10 +58,11 @@ class ScriptedIcap(protocol.Protocol):
             self.answered += 1
             if self.head.startswith(b"OPTIONS"):
                 f.options_asked += 1
+                preview = b"Preview: %d\r\n" % f.preview if f.preview is not None else b""
                 self.transport.write(
-                    b"ICAP/1.0 200 OK\r\nMethods: RESPMOD, REQMOD\r\nISTag: \"%s\"\r\nPreview: %d\r\n"
+                    b"ICAP/1.0 200 OK\r\nMethods: RESPMOD, REQMOD\r\nISTag: \"%s\"\r\n%s"
                     b"Allow: 204\r\nMax-Connections: %d\r\nOptions-TTL: 3600\r\nEncapsulated: null-body=0\r\n\r\n"
-                    % (f.istag, f.preview, f.max_connections))
+                    % (f.istag, preview, f.max_connections))
                 self._reset()
                 return True
             encapsulated = [h for h in self.head.split(b"\r\n") if h.startswith(b"Encapsulated:")][0]
@@ -86,6 +87,8 @@ class ScriptedIcap(protocol.Protocol):
                     if len(self.buf) < end + 4:
                         return False
                     del self.buf[: end + 4]
+                    if self.preview and b"ieof" not in line and not self.continued and self.body.startswith(b"IGNORED"):
+                        break  # a verdict from the preview alone: the rest is never asked for
                     if self.preview and b"ieof" not in line and not self.continued:
                         self.continued = True
                         if f.mode == "hang":
@@ -122,6 +125,8 @@ class ScriptedIcap(protocol.Protocol):
             self.transport.write(b"ICAP/1.0 200 OK\r\n" + istag + b"X-Infection-Found: Type=0; Resolution=2; Threat=Test.Virus;\r\n"
                                  b"Encapsulated: res-hdr=0, res-body=%d\r\n\r\n" % len(res) + res
                                  + codec.encode_chunk(b"<p>virus</p>") + codec.LAST_CHUNK)
+        elif body.startswith(b"IGNORED"):
+            self.transport.write(b"ICAP/1.0 204 No Content\r\n" + istag + b"\r\n")
         elif b"modify-me" in body:
             res = b"HTTP/1.1 200 OK\r\nX-Modified: yes\r\n\r\n"
             self.transport.write(b"ICAP/1.0 200 OK\r\n" + istag + b"Encapsulated: res-hdr=0, res-body=%d\r\n\r\n" % len(res)
@@ -319,6 +324,39 @@ def test_options_go_stale_after_their_ttl():
     assert not pool.options_stale() and pool.max_connections == 5
     clock.advance(60)
     assert pool.options_stale()
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_a_preview_a_large_body_streams_whole(icap_server):
+    server, url = icap_server(preview=None)
+    scanner = Scanner(reactor)
+    r = rules(url)
+    await ready(scanner, r)
+    assert scanner.services[url].state == "ok"
+    data = bytes(range(256)) * 1000 + EICAR  # 256 KB from a temporary file, the virus at the end
+    verdict = await scanner.scan(r, b"RESPMOD", REQ, RES, held(data))
+    assert verdict.outcome == "infected" and server.bodies[-1] == data
+    big_clean = bytes(range(256)) * 1000
+    assert (await scanner.scan(r, b"REQMOD", REQ, None, held(big_clean))).outcome == "clean"
+    assert server.bodies[-1] == big_clean
+    scanner.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_verdict_after_the_preview_keeps_the_connection(icap_server):
+    server, url = icap_server(preview=8)
+    scanner = Scanner(reactor)
+    r = rules(url, verdict_cache_seconds=0)
+    await ready(scanner, r)
+    connections = server.connections
+    for _ in range(3):
+        verdict = await scanner.scan(r, b"RESPMOD", REQ, RES, held(b"IGNORED and a long rest never sent"))
+        assert verdict.outcome == "clean"
+        assert server.bodies[-1] == b"IGNORED "  # only the preview went out
+    follow = await scanner.scan(r, b"RESPMOD", REQ, RES, held(b"x" * 20 + EICAR))
+    assert follow.outcome == "infected"
+    assert server.connections == connections  # one kept-alive connection carried them all
+    scanner.stop()
 
 
 def test_held_body_spills_to_a_file_and_reads_back():
