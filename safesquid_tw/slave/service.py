@@ -21,6 +21,7 @@ from safesquid_tw.cluster.shipper import LogShipper
 from safesquid_tw.config import NodeConfig, read_activation_key
 from safesquid_tw.identity.watch import DirectoryCollector, directory_health, directory_summary, directory_watch
 from safesquid_tw.metrics.collectors import MasterLinkCollector, ProxyCollector, SpoolCollector
+from safesquid_tw.metrics.parts import AntivirusCollector, EdgeCollector, TlsInspectionCollector
 from safesquid_tw.node import NodeBase
 from safesquid_tw.proxy.resolver import Resolver
 from safesquid_tw.proxy.service import ProxyFactory, ProxyService
@@ -142,6 +143,9 @@ def build_proxy_node(config: NodeConfig, reactor) -> MultiService:
     base.metrics.register(ProxyCollector(factory))
     base.metrics.register(SpoolCollector(spool))
     base.metrics.register(DirectoryCollector(factory.current_policy))
+    base.metrics.register(EdgeCollector(factory))
+    base.metrics.register(TlsInspectionCollector(factory))
+    base.metrics.register(AntivirusCollector(factory.antivirus))
     return base.finish()
 
 

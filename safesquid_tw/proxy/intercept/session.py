@@ -105,6 +105,7 @@ class TlsSession:
         ctx.tls = "inspected"
         if self.identity is not None:
             ctx.user = self.identity.user
+            ctx.groups = self.identity.groups
         self.requests += 1
         if not self.connect_recorded:
             self._record_connect(conn, None)
