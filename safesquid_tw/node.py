@@ -408,14 +408,15 @@ class NodeBase:
         return policy is not None
 
     def policy_file_service(self, path: str, *, only_if_empty: bool = False) -> "PolicyFileService":
-        def apply(doc, source):
-            replaced = versions_the_file_replaces(self.history, source)
+        def comment_for(replaced) -> str:
             comment = f"loaded from {path}"
             if replaced:
                 # A file reload (SIGHUP) over versions applied in the portal or the API: say so
                 # in the history entry and the log; a rollback brings them back.
                 comment += replaced_comment(replaced)
-            policy = self.history.apply(doc, by="policy file", comment=comment, source=source)
+            return comment
+
+        def in_force(policy, replaced):
             if replaced and policy.version != replaced[0].version:
                 log.warn(
                     "policy file {path} replaced version(s) {versions} applied in the portal or API since the "
@@ -426,6 +427,11 @@ class NodeBase:
             self.state.policy_source = "file"
             return policy
 
+        def apply(doc, source):
+            replaced = versions_the_file_replaces(self.history, source)
+            policy = self.history.apply(doc, by="policy file", comment=comment_for(replaced), source=source)
+            return in_force(policy, replaced)
+
         source = f"file {path}"
 
         def loaded_before(file_digest: str) -> int | None:
@@ -435,13 +441,9 @@ class NodeBase:
             return None
 
         def apply_async(doc, source):
-            d = self.history.apply_async(doc, by="policy file", comment=f"loaded from {path}", source=source)
-
-            def in_force(policy):
-                self.state.policy_source = "file"
-                return policy
-
-            return d.addCallback(in_force)
+            replaced = versions_the_file_replaces(self.history, source)
+            d = self.history.apply_async(doc, by="policy file", comment=comment_for(replaced), source=source)
+            return d.addCallback(in_force, replaced)
 
         return PolicyFileService(
             self.reactor, apply, self.store, path, only_if_empty=only_if_empty, loaded_before=loaded_before,
