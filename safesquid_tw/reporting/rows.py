@@ -79,8 +79,9 @@ def _integer(obj: dict[str, Any], key: str, default: int | None) -> int | None:
 
 def record_row(obj: Any) -> tuple[Any, ...]:
     """(time, minute, client, user, method, url, host, host_rev, status, bytes_in, bytes_out,
-    duration_ms, action, rule, category, application, policy_version, dlp, detail, transfer, tls) of a parsed
-    JSON record; MalformedRecord names the first field that cannot be stored."""
+    duration_ms, action, rule, category, application, policy_version, dlp, detail, transfer, tls, groups) of a
+    parsed JSON record (`dlp` and `groups` as JSON text, None when empty); MalformedRecord names the first
+    field that cannot be stored."""
     if not isinstance(obj, dict):
         raise MalformedRecord(f"not a JSON object but {type(obj).__name__}")
     when = _epoch(obj)
@@ -115,10 +116,14 @@ def record_row(obj: Any) -> tuple[Any, ...]:
     tls = get("tls")
     if tls is not None and not isinstance(tls, str):
         raise MalformedRecord(f"'tls' must be a string, not {tls!r}")
+    groups = get("groups")
+    if groups is not None and (not isinstance(groups, list) or not all(isinstance(g, str) for g in groups)):
+        raise MalformedRecord(f"'groups' must be a list of strings, not {groups!r}")
     return (
         when, int(when // 60), client, user, method, url, host, host[::-1] if host else None,
         _integer(obj, "status", None), bytes_in, bytes_out, duration, action, rule, category,
         application, version, json.dumps(dlp) if dlp else None, detail, transfer, tls,
+        json.dumps(groups) if groups else None,
     )  # fmt: skip
 
 

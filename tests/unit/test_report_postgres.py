@@ -81,13 +81,15 @@ def test_access_records_view_in_sqlite(tmp_path):
             "SELECT time, ts, client, dlp, host, transfer, tls FROM access_records").fetchone()
     finally:
         store.close()
-    assert row == ("2027-01-15T08:00:00.000Z", T0, "10.0.0.7", '["ssn"]', "www.example.com", None, None)
+    assert row == ("2027-01-15T08:00:00.000Z", T0, "10.0.0.7", '["ssn"]', "www.example.com", "complete", None)
 
 
 def test_records_far_from_now_go_to_the_default_partition(pg_url):
     store = PostgresReportStore(pg_url, wall_clock=lambda: T0)
     try:
-        assert store.ingest("n1", 1, 0, [rec(0), rec(-40 * 365 * 86400), rec(0, ts=1.0)]).inserted == 3
+        # Both within the store's accepted years, but beyond the partitions kept around now.
+        far_past, far_future = -(pgschema.PAST_DAYS_PARTITIONED + 30) * 86400, (pgschema.FUTURE_DAYS_PARTITIONED + 30) * 86400
+        assert store.ingest("n1", 1, 0, [rec(0), rec(far_past), rec(far_future)]).inserted == 3
         assert store.count() == 3
         with store._write_lock:
             assert store._connection().execute("SELECT count(*) FROM requests_other").fetchone()[0] == 2
