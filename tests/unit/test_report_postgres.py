@@ -107,6 +107,10 @@ def test_text_the_database_cannot_hold_is_cleaned_not_fatal(pg_url):
         [stored] = store.search(start=T0, end=T0 + 60)
         assert stored["user"] == "ab\tc\\d\ne"
         assert "out of range" in store.quarantined()[0]["reason"]
+        odd_groups = ['a"b', "c\\d", "e,f}", "NULL", "", "\u0000x", "\ud800y", "g h"]
+        assert store.ingest("n1", 2, 0, [rec(2, groups=odd_groups)]).inserted == 1
+        [stored] = store.search(start=T0 + 2, end=T0 + 3)
+        assert stored["groups"] == ['a"b', "c\\d", "e,f}", "NULL", "", "x", "?y", "g h"]
     finally:
         store.close()
 
