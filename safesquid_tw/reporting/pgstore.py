@@ -169,6 +169,20 @@ class _Batch:
         self.writer = 0
 
 
+# text[] literals of the group lists seen lately, by their JSON text (a user's groups repeat).
+_ARRAY_LITERALS: dict[str, str] = {}
+
+
+def _array_literal(key: str, names: list[str]) -> str:
+    """`{"a","b \\"c\\""}`: the text[] input form of `names`, which COPY hands to the column."""
+    if len(_ARRAY_LITERALS) >= 4096:
+        _ARRAY_LITERALS.clear()
+    literal = _ARRAY_LITERALS[key] = (
+        "{" + ",".join('"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"' for name in names) + "}"
+    )
+    return literal
+
+
 def _clean_text(value: Any) -> Any:
     """PostgreSQL text holds neither NUL nor lone surrogates (which JSON can carry)."""
     if isinstance(value, str):
@@ -200,17 +214,15 @@ def _prepare(node: str, segment: int, first_seq: int, records: list[bytes], rece
         except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
             batch.quarantine.append((node, segment, seq, received, f"not JSON: {e}", bytes(raw)))
             continue
-        # groups: record_row checked the list (JSON text for SQLite); COPY takes it as text[].
-        group_list = obj["groups"] if groups is not None else None
+        if groups is not None:  # record_row checked the list and made its JSON text
+            groups = _ARRAY_LITERALS.get(groups) or _array_literal(groups, obj["groups"])
         stage = (node, segment, seq, when, client, user, method, url, host, host_rev, status, bytes_in,
                  bytes_out, duration, action, rule, category, application,
-                 None if version is None else str(version), dlp, detail, transfer, tls, group_list)
+                 None if version is None else str(version), dlp, detail, transfer, tls, groups)
         if b"\\u" in raw:  # escaped characters: maybe a NUL or a lone surrogate
             stage = tuple(_clean_text(v) for v in stage)
             if stage[19] is not None:
                 stage = (*stage[:19], stage[19].replace(_JSON_NUL, ""), *stage[20:])
-            if group_list is not None:
-                stage = (*stage[:23], [_clean_text(g) for g in group_list])
         rows.append(stage)
         day = int(when // 86400)
         if day != last_day:

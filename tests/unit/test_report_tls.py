@@ -71,3 +71,28 @@ def test_portal_search_checks_the_tls_value():
     assert filters == {"tls": "inspected"}
     with pytest.raises(ReportQueryError):
         parse_search({"tls": "decrypted"})
+
+
+@pytest.mark.parametrize("groups, stored", [(["staff", "it"], ["staff", "it"]), ([], []), (None, [])])
+def test_groups_are_kept(tmp_path, groups, stored):
+    store = ReportStore(tmp_path / "r.sqlite3")
+    try:
+        obj = {**json.loads(rec(0, None)), "groups": groups}
+        assert store.ingest("n1", 1, 0, [json.dumps(obj).encode()] * 1).inserted == 1
+        assert store.search(start=T0 - 1, end=T0 + 1)[0]["groups"] == stored
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("groups", ["staff", [1], ["a", None], {"a": 1}, ["x" * 9000, "y" * 9000], ["g"] * 300])
+def test_groups_that_cannot_be_stored_are_quarantined(tmp_path, groups):
+    store = ReportStore(tmp_path / "r.sqlite3")
+    try:
+        # A valid list first, so that the remembered JSON of valid lists is exercised too.
+        good = json.dumps({**json.loads(rec(0, None)), "groups": ["a", "None"]}).encode()
+        bad = json.dumps({**json.loads(rec(1, None)), "groups": groups}).encode()
+        result = store.ingest("n1", 1, 0, [good, bad])
+        assert (result.inserted, result.quarantined) == (1, 1)
+        assert "'groups'" in store.quarantined()[0]["reason"]
+    finally:
+        store.close()
