@@ -35,6 +35,8 @@ DAY = 86400
 _ACTIONS = ["allow"] * 85 + ["deny"] * 8 + ["tunnel"] * 5 + ["auth", "error"]
 _METHODS = ["GET"] * 80 + ["POST"] * 12 + ["CONNECT"] * 8
 _STATUSES = [200] * 70 + [304, 301, 302, 404, 403, 500, 502] * 4
+_GROUPS = [[]] * 2 + [["staff"], ["staff", "sales"], ["it", "admins"]]
+_TLS = ["inspected", "bypassed"]
 
 
 class Generator:
@@ -77,6 +79,10 @@ class Generator:
                 "policy_version": 7,
                 "dlp": [],
                 "detail": None,
+                # The keys every record carries since policy groups, transfers and TLS inspection.
+                "groups": _GROUPS[rng.randrange(len(_GROUPS))],
+                "transfer": "client_aborted" if rng.random() < 0.01 else "complete",
+                "tls": _TLS[rng.randrange(len(_TLS))] if method == "CONNECT" else None,
             }
             records.append(json.dumps(record, separators=(",", ":")).encode("ascii"))
         return records

@@ -26,7 +26,8 @@ from typing import Any, Iterator, TextIO
 from safesquid_tw.reporting.backend import ReportStoreError, check_url, masked, read_password_file
 
 CHUNK = 10_000
-# Columns of the SQLite `requests` table turned back into the access record's keys.
+# Columns of the SQLite `requests` table turned back into the access record's keys (`dlp` and
+# `groups`, JSON text there, are decoded apart; a store older than a column has none to copy).
 _RECORD_KEYS = ("client", "user", "method", "url", "status", "bytes_in", "bytes_out", "duration_ms",
                 "action", "rule", "category", "application", "policy_version", "detail", "transfer", "tls")
 
@@ -68,6 +69,7 @@ def _record(row: dict[str, Any]) -> bytes:
         if row.get(key) is not None:
             record[key] = row[key]
     record["dlp"] = json.loads(row["dlp"]) if row.get("dlp") else []
+    record["groups"] = json.loads(row["groups"]) if row.get("groups") else []
     return json.dumps(record).encode()
 
 

@@ -13,8 +13,9 @@ so exactly-once is keyed on (node, segment, seq, time): a record's name and its 
 change between shipments of the same record, so this is the record's name.
 
 The view `access_records` is the stable interface for administrators' own SQL and Grafana: its
-columns are the access record's keys, with `time` as timestamptz, `client` as inet, `dlp` as
-text[], plus `host`.
+columns are the access record's keys, with `time` as timestamptz, `client` as inet, `dlp` and
+`groups` as text[], plus `host` (and `ts`, `segment`, `seq`), in the order of
+`sqliteview.ACCESS_RECORD_COLUMNS`; a later version adds columns at its end only.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Iterable
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DAY = 86400
 # Days kept as real partitions around now; anything further goes to the default partition.
 PAST_DAYS_PARTITIONED = 800
@@ -91,8 +92,33 @@ SELECT time, extract(epoch FROM time)::double precision AS ts, node, safesquid_i
 FROM requests;
 """
 
+# Version 2: every key of the access record is kept. `groups` (the user's policy groups) as text[]
+# (NULL when none); `transfer` and `tls` exist since version 1 (IF NOT EXISTS keeps the step safe);
+# the minute and hour roll-ups count errors (action "error": 502/504 answers) and client-aborted
+# transfers apart. Counts of records stored before this version stay 0 there, as in SQLite: a
+# recount would read every record while the master waits to start. The view gains `groups` at its
+# end (CREATE OR REPLACE: views that administrators built on it stay valid), and `transfer` reads
+# "complete" for records stored before a slave sent the key.
+_V2 = """
+ALTER TABLE requests ADD COLUMN IF NOT EXISTS transfer text;
+ALTER TABLE requests ADD COLUMN IF NOT EXISTS tls text;
+ALTER TABLE requests ADD COLUMN IF NOT EXISTS groups text[];
+ALTER TABLE rollup_minute ADD COLUMN IF NOT EXISTS errors bigint NOT NULL DEFAULT 0,
+    ADD COLUMN IF NOT EXISTS aborted bigint NOT NULL DEFAULT 0;
+ALTER TABLE rollup_hour ADD COLUMN IF NOT EXISTS errors bigint NOT NULL DEFAULT 0,
+    ADD COLUMN IF NOT EXISTS aborted bigint NOT NULL DEFAULT 0;
+CREATE OR REPLACE VIEW access_records AS
+SELECT time, extract(epoch FROM time)::double precision AS ts, node, safesquid_inet(client) AS client,
+       "user", method, url, host, status, bytes_in, bytes_out, duration_ms, action, rule, category,
+       application, policy_version,
+       coalesce(ARRAY(SELECT jsonb_array_elements_text(dlp)), '{}'::text[]) AS dlp,
+       detail, coalesce(transfer, 'complete') AS transfer, tls, segment, seq,
+       coalesce(groups, '{}'::text[]) AS groups
+FROM requests;
+"""
+
 # Step n brings version n - 1 to version n. Append, never edit a released step.
-MIGRATIONS: tuple[str, ...] = (_V1,)
+MIGRATIONS: tuple[str, ...] = (_V1, _V2)
 
 
 def migrate(conn) -> int:

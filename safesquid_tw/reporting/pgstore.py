@@ -42,7 +42,7 @@ from safesquid_tw.reporting import pgschema
 from safesquid_tw.reporting.backend import StoreUnavailable
 from safesquid_tw.reporting.recordcheck import check_record
 from safesquid_tw.reporting.rows import MalformedRecord, record_row
-from safesquid_tw.reporting.store import BLOCKED_ACTIONS, IngestResult
+from safesquid_tw.reporting.store import BLOCKED_ACTIONS, CLIENT_ABORTED, ERROR_ACTIONS, IngestResult
 
 RETRY_CONNECT_AFTER = 2.0  # seconds a failed connection is remembered before trying again
 CONNECT_TIMEOUT = 5
@@ -52,7 +52,7 @@ _INT64 = 2**63
 _RECORD_COLUMNS = (
     'node, segment, seq, {time}, client, "user", method, url, host, host_rev, status, bytes_in,'
     " bytes_out, duration_ms, action, rule, category, application, policy_version, {dlp}, detail,"
-    " transfer, tls"
+    " transfer, tls, groups"
 )
 _STAGE_COLUMNS = _RECORD_COLUMNS.format(time="ts", dlp="dlp")
 # Rows are staged (COPY) in a temporary table, emptied at every commit.
@@ -61,39 +61,48 @@ _CREATE_STAGE = (
     ' client text, "user" text, method text, url text, host text, host_rev text, status integer,'
     " bytes_in bigint, bytes_out bigint, duration_ms double precision, action text, rule text,"
     " category text, application text, policy_version text, dlp text, detail text, transfer text,"
-    " tls text) ON COMMIT DELETE ROWS"
+    " tls text, groups text[]) ON COMMIT DELETE ROWS"
 )
 _BLOCKED_SQL = "(" + ", ".join(f"'{action}'" for action in sorted(BLOCKED_ACTIONS)) + ")"
+_ERROR_SQL = "(" + ", ".join(f"'{action}'" for action in sorted(ERROR_ACTIONS)) + ")"
 
 
 def _bump(table: str, columns: tuple[str, ...]) -> str:
     return f"ON CONFLICT ({', '.join(columns)}) DO UPDATE SET " + ", ".join(
-        f"{c} = {table}.{c} + excluded.{c}" for c in ("requests", "blocked", "bytes_in", "bytes_out")
+        f"{c} = {table}.{c} + excluded.{c}"
+        for c in ("requests", "blocked", "bytes_in", "bytes_out", "errors", "aborted")
         if table != "rollup_top" or c in ("requests", "blocked")
     ) + (", bytes = rollup_top.bytes + excluded.bytes" if table == "rollup_top" else "")
 
 
 # Exactly once and the roll-ups in one statement, all in the server: the rows of the stage whose
 # names are new go in (the unique key (node, segment, seq, time) skips the others), and only the
-# rows inserted are counted into the minute, hour and top roll-ups (as the SQLite store does).
+# rows inserted are counted into the minute, hour and top roll-ups (as the SQLite store does:
+# errors are the actions of ERROR_ACTIONS, aborted the transfers CLIENT_ABORTED).
 _INSERT_AND_COUNT = f"""
 WITH ins AS (
     INSERT INTO requests ({_RECORD_COLUMNS.format(time="time", dlp="dlp")})
     SELECT {_RECORD_COLUMNS.format(time="to_timestamp(ts)", dlp="dlp::jsonb")} FROM stage
     ON CONFLICT DO NOTHING
-    RETURNING node, segment, time, host, "user", category, application, rule, action, bytes_in, bytes_out
+    RETURNING node, segment, time, host, "user", category, application, rule, action, bytes_in, bytes_out,
+              transfer
 ), counted AS (
     SELECT node, segment, (floor(extract(epoch FROM time) / 60) * 60)::bigint AS minute, host, "user",
-           category, application, rule, (action IN {_BLOCKED_SQL})::int AS blocked, bytes_in, bytes_out
+           category, application, rule, coalesce(action IN {_BLOCKED_SQL}, false)::int AS blocked,
+           bytes_in, bytes_out, coalesce(action IN {_ERROR_SQL}, false)::int AS errored,
+           coalesce(transfer = '{CLIENT_ABORTED}', false)::int AS aborted
     FROM ins
 ), minutes AS (
-    INSERT INTO rollup_minute (bucket, node, requests, blocked, bytes_in, bytes_out)
-    SELECT minute, node, count(*), sum(blocked), sum(bytes_in), sum(bytes_out) FROM counted
+    INSERT INTO rollup_minute (bucket, node, requests, blocked, bytes_in, bytes_out, errors, aborted)
+    SELECT minute, node, count(*), sum(blocked), sum(bytes_in), sum(bytes_out), sum(errored), sum(aborted)
+    FROM counted
     GROUP BY minute, node
     {_bump("rollup_minute", ("bucket", "node"))}
 ), hours AS (
-    INSERT INTO rollup_hour (bucket, node, requests, blocked, bytes_in, bytes_out)
-    SELECT minute - minute % 3600, node, count(*), sum(blocked), sum(bytes_in), sum(bytes_out) FROM counted
+    INSERT INTO rollup_hour (bucket, node, requests, blocked, bytes_in, bytes_out, errors, aborted)
+    SELECT minute - minute % 3600, node, count(*), sum(blocked), sum(bytes_in), sum(bytes_out), sum(errored),
+           sum(aborted)
+    FROM counted
     GROUP BY 1, node
     {_bump("rollup_hour", ("bucket", "node"))}
 ), tops AS (
@@ -114,15 +123,15 @@ _INSERT_QUARANTINE = (
 _SELECT = (
     'node, segment, seq, extract(epoch FROM time)::double precision, client, "user", method, url,'
     " host, status, bytes_in, bytes_out, duration_ms, action, rule, category, application,"
-    " policy_version, dlp, detail"
+    " policy_version, dlp, detail, transfer, tls, groups"
 )
 _COLUMNS = (
     "node", "segment", "seq", "time", "client", "user", "method", "url", "host", "status",
     "bytes_in", "bytes_out", "duration_ms", "action", "rule", "category", "application",
-    "policy_version", "dlp", "detail",
+    "policy_version", "dlp", "detail", "transfer", "tls", "groups",
 )  # fmt: skip
 _FILTERS = frozenset(
-    {"start", "end", "node", "user", "client", "domain", "rule", "status", "action", "category"}
+    {"start", "end", "node", "user", "client", "domain", "rule", "status", "action", "category", "transfer", "tls"}
 )
 # COPY text format: backslash, tab, newline and carriage return are escaped; PostgreSQL text
 # cannot hold NUL at all, so it is dropped rather than failing the whole batch.
@@ -160,6 +169,20 @@ class _Batch:
         self.writer = 0
 
 
+# text[] literals of the group lists seen lately, by their JSON text (a user's groups repeat).
+_ARRAY_LITERALS: dict[str, str] = {}
+
+
+def _array_literal(key: str, names: list[str]) -> str:
+    """`{"a","b \\"c\\""}`: the text[] input form of `names`, which COPY hands to the column."""
+    if len(_ARRAY_LITERALS) >= 4096:
+        _ARRAY_LITERALS.clear()
+    literal = _ARRAY_LITERALS[key] = (
+        "{" + ",".join('"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"' for name in names) + "}"
+    )
+    return literal
+
+
 def _clean_text(value: Any) -> Any:
     """PostgreSQL text holds neither NUL nor lone surrogates (which JSON can carry)."""
     if isinstance(value, str):
@@ -177,7 +200,8 @@ def _prepare(node: str, segment: int, first_seq: int, records: list[bytes], rece
             obj = loads(raw)
             row = record_row(check_record(obj))
             (when, _minute, client, user, method, url, host, host_rev, status, bytes_in, bytes_out,
-             duration, action, rule, category, application, version, dlp, detail) = row[:19]
+             duration, action, rule, category, application, version, dlp, detail, transfer, tls,
+             groups) = row
             if status is not None and not -_INT32 <= status < _INT32:
                 raise MalformedRecord(f"'status' out of range: {status!r}")
             if bytes_in >= _INT64 or bytes_out >= _INT64:
@@ -190,11 +214,11 @@ def _prepare(node: str, segment: int, first_seq: int, records: list[bytes], rece
         except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
             batch.quarantine.append((node, segment, seq, received, f"not JSON: {e}", bytes(raw)))
             continue
-        transfer, tls = obj.get("transfer"), obj.get("tls")
+        if groups is not None:  # record_row checked the list and made its JSON text
+            groups = _ARRAY_LITERALS.get(groups) or _array_literal(groups, obj["groups"])
         stage = (node, segment, seq, when, client, user, method, url, host, host_rev, status, bytes_in,
                  bytes_out, duration, action, rule, category, application,
-                 None if version is None else str(version), dlp, detail,
-                 transfer if isinstance(transfer, str) else None, tls if isinstance(tls, str) else None)
+                 None if version is None else str(version), dlp, detail, transfer, tls, groups)
         if b"\\u" in raw:  # escaped characters: maybe a NUL or a lone surrogate
             stage = tuple(_clean_text(v) for v in stage)
             if stage[19] is not None:
@@ -610,16 +634,20 @@ class PostgresReportStore:
         status: int | None = None,
         action: str | None = None,
         category: str | None = None,
+        transfer: str | None = None,
+        tls: str | None = None,
         limit: int = 50,
         offset: int = 0,
     ) -> list[dict[str, Any]]:
         """Records with start <= time < end matching every filter given, newest first.
 
-        `domain` matches that host and its subdomains; the others match exactly.
+        `domain` matches that host and its subdomains; `tls` "none" matches records without TLS;
+        the others match exactly.
         """
         filters = {
             "start": start, "end": end, "node": node, "user": user, "client": client,
             "domain": domain, "rule": rule, "status": status, "action": action, "category": category,
+            "transfer": transfer, "tls": tls,
         }  # fmt: skip
         where, params = _where(filters)
         rows = self._query(
@@ -631,6 +659,7 @@ class PostgresReportStore:
         for row in rows:
             record = dict(zip(_COLUMNS, row))
             record["dlp"] = record["dlp"] or []
+            record["groups"] = record["groups"] or []
             version = record["policy_version"]
             if version is not None and version.lstrip("-").isdigit():
                 record["policy_version"] = int(version)
@@ -686,6 +715,18 @@ def _where(filters: dict[str, Any]) -> tuple[str, list[Any]]:
     if filters.get("user") is not None:
         clauses.append('"user" = %s')
         params.append(filters["user"])
+    transfer = filters.get("transfer")
+    if transfer is not None:
+        # Records stored before the key existed have none: they were complete as far as anyone knew.
+        clauses.append("coalesce(transfer, 'complete') = %s")
+        params.append(transfer)
+    tls = filters.get("tls")
+    if tls is not None:
+        if tls == "none":
+            clauses.append("tls IS NULL")
+        else:
+            clauses.append("tls = %s")
+            params.append(tls)
     domain = filters.get("domain")
     if domain is not None:
         reversed_domain = domain.lower().rstrip(".")[::-1]

@@ -33,6 +33,7 @@ MAX_DURATION_MS = 30 * 86400 * 1000.0  # a month-long tunnel
 MIN_TIME, MAX_TIME = 946684800.0, 7258118400.0  # 2000-01-01 .. 2200-01-01 UTC
 MAX_POLICY_VERSION = (1 << 53) - 1
 MAX_DLP_ITEMS = 100
+MAX_GROUPS_ITEMS = 256
 # Longest accepted text per field (characters); anything else defaults to DEFAULT_TEXT.
 TEXT_LIMITS = {
     "url": 65536,
@@ -91,6 +92,12 @@ def check_record(obj: Any) -> Any:
             raise MalformedRecord(f"'dlp' has {len(dlp)} items (at most {MAX_DLP_ITEMS})")
         if len(json.dumps(dlp)) > TEXT_LIMITS["detail"]:
             raise MalformedRecord("'dlp' is too long")
+    groups = obj.get("groups")
+    if isinstance(groups, list) and groups:  # nearly every record has some: no json.dumps here
+        if len(groups) > MAX_GROUPS_ITEMS:
+            raise MalformedRecord(f"'groups' has {len(groups)} items (at most {MAX_GROUPS_ITEMS})")
+        if sum(len(name) for name in groups if isinstance(name, str)) > TEXT_LIMITS["detail"]:
+            raise MalformedRecord("'groups' is too long")
     detail = obj.get("detail")
     if detail is not None and not isinstance(detail, str) and len(json.dumps(detail)) > TEXT_LIMITS["detail"]:
         raise MalformedRecord("'detail' is too long")

@@ -19,6 +19,29 @@ from typing import Any
 _TEXT_KEYS = ("client", "user", "method", "url", "action", "rule", "category", "application")
 
 
+# JSON text of the group lists seen lately: a user's groups repeat on every record of theirs.
+_GROUPS_JSON: dict[tuple[Any, ...], str] = {}
+_GROUPS_JSON_MAX = 4096
+
+
+def _groups_json(groups: Any) -> str | None:
+    """The JSON text of a record's policy groups (None when there are none)."""
+    if groups is None or groups == []:
+        return None
+    try:
+        text = _GROUPS_JSON.get(tuple(groups))  # only checked lists are remembered
+    except TypeError:  # not a list of hashable values: refused below
+        text = None
+    if text is not None and isinstance(groups, list):
+        return text
+    if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
+        raise MalformedRecord(f"'groups' must be a list of strings, not {groups!r}")
+    if len(_GROUPS_JSON) >= _GROUPS_JSON_MAX:
+        _GROUPS_JSON.clear()
+    text = _GROUPS_JSON[tuple(groups)] = json.dumps(groups)
+    return text
+
+
 class MalformedRecord(ValueError):
     """A record that cannot be stored as a request; the message is the quarantine reason."""
 
@@ -79,8 +102,9 @@ def _integer(obj: dict[str, Any], key: str, default: int | None) -> int | None:
 
 def record_row(obj: Any) -> tuple[Any, ...]:
     """(time, minute, client, user, method, url, host, host_rev, status, bytes_in, bytes_out,
-    duration_ms, action, rule, category, application, policy_version, dlp, detail, transfer, tls) of a parsed
-    JSON record; MalformedRecord names the first field that cannot be stored."""
+    duration_ms, action, rule, category, application, policy_version, dlp, detail, transfer, tls, groups) of a
+    parsed JSON record (`dlp` and `groups` as JSON text, None when empty); MalformedRecord names the first
+    field that cannot be stored."""
     if not isinstance(obj, dict):
         raise MalformedRecord(f"not a JSON object but {type(obj).__name__}")
     when = _epoch(obj)
@@ -115,10 +139,12 @@ def record_row(obj: Any) -> tuple[Any, ...]:
     tls = get("tls")
     if tls is not None and not isinstance(tls, str):
         raise MalformedRecord(f"'tls' must be a string, not {tls!r}")
+    groups = _groups_json(get("groups"))
     return (
         when, int(when // 60), client, user, method, url, host, host[::-1] if host else None,
         _integer(obj, "status", None), bytes_in, bytes_out, duration, action, rule, category,
         application, version, json.dumps(dlp) if dlp else None, detail, transfer, tls,
+        groups,
     )  # fmt: skip
 
 

@@ -33,7 +33,7 @@ import attrs
 
 from safesquid_tw.reporting.recordcheck import check_record
 from safesquid_tw.reporting.rows import MalformedRecord, host_of, record_row
-from safesquid_tw.reporting.sqliteview import create_view
+from safesquid_tw.reporting.sqliteview import create_view, drop_view
 
 # Actions that mean the gateway refused the request (policy or DLP); every other action counts
 # as allowed in the roll-ups ("allow", "tunnel", "auth", "error", ...).
@@ -56,8 +56,8 @@ CREATE TABLE IF NOT EXISTS requests (
     dlp TEXT, detail TEXT,
     UNIQUE (node, segment, seq)
 );
--- (columns added after the first release, e.g. requests.transfer and requests.tls, are added by
--- ReportStore on open: see _ADDED_COLUMNS)
+-- (columns added after the first release, e.g. requests.transfer, requests.tls and
+-- requests.groups, are added by ReportStore on open: see _ADDED_COLUMNS)
 CREATE INDEX IF NOT EXISTS requests_time ON requests (time);
 CREATE INDEX IF NOT EXISTS requests_user ON requests (minute, user);
 CREATE INDEX IF NOT EXISTS requests_client ON requests (minute, client);
@@ -93,6 +93,7 @@ CREATE TABLE IF NOT EXISTS node_drops (
 _ADDED_COLUMNS = (
     ("requests", "transfer", "TEXT"),
     ("requests", "tls", "TEXT"),
+    ("requests", "groups", "TEXT"),  # JSON array of the user's policy groups; NULL when none
     ("rollup_minute", "errors", "INTEGER NOT NULL DEFAULT 0"),
     ("rollup_minute", "aborted", "INTEGER NOT NULL DEFAULT 0"),
     ("rollup_hour", "errors", "INTEGER NOT NULL DEFAULT 0"),
@@ -109,7 +110,7 @@ def _add_missing_columns(conn: sqlite3.Connection) -> None:
 # Positions in a row as inserted (node, segment, seq, then `record_row`), for the roll-ups.
 _ROW = ("node", "segment", "seq", "time", "minute", "client", "user", "method", "url", "host",
         "host_rev", "status", "bytes_in", "bytes_out", "duration_ms", "action", "rule", "category",
-        "application", "policy_version", "dlp", "detail", "transfer", "tls")  # fmt: skip
+        "application", "policy_version", "dlp", "detail", "transfer", "tls", "groups")  # fmt: skip
 _MINUTE, _ACTION = _ROW.index("minute"), _ROW.index("action")
 _TRANSFER = _ROW.index("transfer")
 _BYTES_IN, _BYTES_OUT = _ROW.index("bytes_in"), _ROW.index("bytes_out")
@@ -146,7 +147,7 @@ _BUMP_TOP = (
 _COLUMNS = (
     "node", "segment", "seq", "time", "client", "user", "method", "url", "host", "status",
     "bytes_in", "bytes_out", "duration_ms", "action", "rule", "category", "application",
-    "policy_version", "dlp", "detail", "transfer", "tls",
+    "policy_version", "dlp", "detail", "transfer", "tls", "groups",
 )  # fmt: skip
 _SELECT_COLUMNS = ", ".join(_COLUMNS)
 _FILTERS = frozenset(
@@ -281,9 +282,12 @@ class ReportStore:
         # is one fsync per batch of hundreds of records, which ingest can afford.
         self._writer.execute("PRAGMA synchronous = FULL")
         with self._write_lock:
+            # access_records, the stable view for administrators' SQL, is dropped before the
+            # tables change and made again after, from the columns they have by then.
+            drop_view(self._writer)
             self._writer.executescript(_SCHEMA)
             _add_missing_columns(self._writer)
-            create_view(self._writer)  # access_records: the stable view for administrators' SQL
+            create_view(self._writer)
             self._writer.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
@@ -451,6 +455,7 @@ class ReportStore:
         for row in rows:
             record = dict(zip(_COLUMNS, row))
             record["dlp"] = json.loads(record["dlp"]) if record["dlp"] else []
+            record["groups"] = json.loads(record["groups"]) if record["groups"] else []
             found.append(record)
         return found
 
@@ -501,12 +506,17 @@ def _where(filters: dict[str, Any]) -> tuple[str, list[Any]]:
         if filters.get(key) is not None:
             clauses.append(f"{key} = ?")
             params.append(filters[key])
-    for key in ("node", "status", "action", "category", "transfer"):
+    for key in ("node", "status", "action", "category"):
         if filters.get(key) is not None:
             # Unary + keeps these few-valued columns from steering the planner to an index that
             # does not narrow the time (the (node, segment, seq) one would scan a whole node).
             clauses.append(f"+{key} = ?")
             params.append(filters[key])
+    transfer = filters.get("transfer")
+    if transfer is not None:
+        # Records stored before the key existed have none: they were complete as far as anyone knew.
+        clauses.append("coalesce(transfer, 'complete') = ?")
+        params.append(transfer)
     tls = filters.get("tls")
     if tls is not None:
         if tls == "none":

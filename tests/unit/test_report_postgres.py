@@ -11,11 +11,13 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from safesquid_tw.accesslog.record import JSON_KEYS
 from safesquid_tw.reporting import aggregate, pgschema
 from safesquid_tw.reporting.backend import ReportStoreError, check_url, masked, open_report_store
 from safesquid_tw.reporting.migrate import main as migrate_main
 from safesquid_tw.reporting.migrate import migrate
 from safesquid_tw.reporting.pgstore import PostgresReportStore
+from safesquid_tw.reporting.sqliteview import ACCESS_RECORD_COLUMNS
 from safesquid_tw.reporting.store import ReportStore
 
 T0 = 1_800_000_000.0
@@ -81,13 +83,15 @@ def test_access_records_view_in_sqlite(tmp_path):
             "SELECT time, ts, client, dlp, host, transfer, tls FROM access_records").fetchone()
     finally:
         store.close()
-    assert row == ("2027-01-15T08:00:00.000Z", T0, "10.0.0.7", '["ssn"]', "www.example.com", None, None)
+    assert row == ("2027-01-15T08:00:00.000Z", T0, "10.0.0.7", '["ssn"]', "www.example.com", "complete", None)
 
 
 def test_records_far_from_now_go_to_the_default_partition(pg_url):
     store = PostgresReportStore(pg_url, wall_clock=lambda: T0)
     try:
-        assert store.ingest("n1", 1, 0, [rec(0), rec(-40 * 365 * 86400), rec(0, ts=1.0)]).inserted == 3
+        # Both within the store's accepted years, but beyond the partitions kept around now.
+        far_past, far_future = -(pgschema.PAST_DAYS_PARTITIONED + 30) * 86400, (pgschema.FUTURE_DAYS_PARTITIONED + 30) * 86400
+        assert store.ingest("n1", 1, 0, [rec(0), rec(far_past), rec(far_future)]).inserted == 3
         assert store.count() == 3
         with store._write_lock:
             assert store._connection().execute("SELECT count(*) FROM requests_other").fetchone()[0] == 2
@@ -103,6 +107,10 @@ def test_text_the_database_cannot_hold_is_cleaned_not_fatal(pg_url):
         [stored] = store.search(start=T0, end=T0 + 60)
         assert stored["user"] == "ab\tc\\d\ne"
         assert "out of range" in store.quarantined()[0]["reason"]
+        odd_groups = ['a"b', "c\\d", "e,f}", "NULL", "", "\u0000x", "\ud800y", "g h"]
+        assert store.ingest("n1", 2, 0, [rec(2, groups=odd_groups)]).inserted == 1
+        [stored] = store.search(start=T0 + 2, end=T0 + 3)
+        assert stored["groups"] == ['a"b', "c\\d", "e,f}", "NULL", "", "x", "?y", "g h"]
     finally:
         store.close()
 
@@ -114,7 +122,9 @@ def fill_sqlite(path: Path) -> ReportStore:
         for segment in (1, 2):
             records = [rec(rng.randrange(0, 7200), user=rng.choice(["a", "b", None]),
                            url=rng.choice(["http://a.test/", "b.test:443", "http://www.a.test/x"]),
-                           action=rng.choice(["allow", "deny"]), rule=rng.choice([None, "r1"]))
+                           action=rng.choice(["allow", "deny", "error"]), rule=rng.choice([None, "r1"]),
+                           transfer=rng.choice(["complete", "client_aborted"]),
+                           tls=rng.choice([None, "inspected", "bypassed"]), groups=rng.choice([[], ["g1", "g 2"]]))
                        for _ in range(120)]
             store.ingest(node, segment, 0, records[:70])
             store.ingest(node, segment, 50, records[50:])
@@ -139,6 +149,9 @@ def test_migration_copies_exactly_once_resumes_and_keeps_the_rollups(tmp_path, p
         assert pg.count() == lite.count() == 720
         start, end = T0, T0 + 7200
         assert aggregate.totals(pg, start, end) == aggregate.totals(lite, start, end)
+        assert aggregate.totals(pg, start, end).errors and aggregate.totals(pg, start, end).aborted
+        for step in (60, 3600):
+            assert aggregate.timeline(pg, start, end, step=step) == aggregate.timeline(lite, start, end, step=step)
         assert aggregate.per_node(pg, start, end) == aggregate.per_node(lite, start, end)
         for dimension in ("domain", "user", "rule"):
             assert aggregate.top(pg, dimension, start, end) == aggregate.top(lite, dimension, start, end)
@@ -146,6 +159,9 @@ def test_migration_copies_exactly_once_resumes_and_keeps_the_rollups(tmp_path, p
             return sorted(found, key=lambda r: (r["node"], r["segment"], r["seq"]))
 
         assert by_name(pg.search(start=start, end=end, limit=1000)) == by_name(lite.search(start=start, end=end, limit=1000))
+        assert any(r["groups"] == ["g1", "g 2"] for r in pg.search(start=start, end=end, limit=1000))
+        for filters in ({"tls": "none"}, {"tls": "inspected"}, {"transfer": "client_aborted"}):
+            assert pg.count(start=start, end=end, **filters) == lite.count(start=start, end=end, **filters) > 0
         assert [q["raw"] for q in pg.quarantined()] == [b"not json"]
         assert pg.dropped_totals() == {"n2": 17}
     finally:
@@ -221,3 +237,73 @@ def test_a_long_period_is_counted_from_the_rollups_and_its_ends(pg_url):
         assert store.count(start=T0, end=T0 + 7200) == len(store.search(start=T0, end=T0 + 7200, limit=10_000)) + 1000
     finally:
         store.close()
+
+
+def test_every_key_of_the_record_is_kept_and_the_views_agree(tmp_path, pg_url):
+    records = [rec(0, transfer="client_aborted", tls="inspected", groups=["staff", "it admins"]),
+               rec(1, action="error", status=502, tls="bypassed"), rec(2)]
+    pg = PostgresReportStore(pg_url, wall_clock=lambda: T0)
+    lite = ReportStore(tmp_path / "r.sqlite3")
+    try:
+        for store in (pg, lite):
+            store.ingest("n1", 1, 0, records)
+            window = {"start": T0 - 1, "end": T0 + 60}
+            found = sorted(store.search(**window), key=lambda r: r["seq"])
+            assert [r["groups"] for r in found] == [["staff", "it admins"], [], []]
+            assert [r["transfer"] for r in found] == ["client_aborted", "complete", "complete"]
+            assert [r["seq"] for r in store.search(**window, tls="none")] == [2]
+            assert [r["seq"] for r in store.search(**window, tls="bypassed")] == [1]
+            assert store.count(**window, transfer="client_aborted") == 1
+            assert store.count(**window, transfer="complete") == 2
+            totals = aggregate.totals(store, T0, T0 + 60)
+            assert (totals.requests, totals.errors, totals.aborted) == (3, 1, 1)
+            [bucket] = [b for b in aggregate.timeline(store, T0, T0 + 3600, step=3600) if b.totals.requests]
+            assert (bucket.totals.errors, bucket.totals.aborted) == (1, 1)
+        assert aggregate.per_node(pg, T0, T0 + 60) == aggregate.per_node(lite, T0, T0 + 60)
+        lite_view = lite.reader().execute("SELECT * FROM access_records ORDER BY seq")
+        lite_columns = [d[0] for d in lite_view.description]
+        lite_rows = lite_view.fetchall()
+    finally:
+        pg.close()
+        lite.close()
+    with psycopg.connect(pg_url) as conn:
+        cur = conn.execute("SELECT *, pg_typeof(groups)::text FROM access_records ORDER BY seq")
+        pg_columns = [d.name for d in cur.description][:-1]
+        pg_rows = cur.fetchall()
+    assert pg_columns == lite_columns == list(ACCESS_RECORD_COLUMNS)
+    keys = set(JSON_KEYS) | {"host", "segment", "seq"}
+    assert set(pg_columns) == keys
+    at = pg_columns.index
+    assert pg_rows[0][-1] == "text[]"
+    assert pg_rows[0][at("groups")] == ["staff", "it admins"] and pg_rows[2][at("groups")] == []
+    assert lite_rows[0][at("groups")] == '["staff", "it admins"]' and lite_rows[2][at("groups")] == "[]"
+    for name in ("transfer", "tls", "action", "status", "host", "node", "segment", "seq"):
+        assert [r[at(name)] for r in pg_rows] == [r[at(name)] for r in lite_rows], name
+
+
+def test_a_version_1_database_is_upgraded_in_place(pg_url):
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE schema_version (version integer NOT NULL)")
+        conn.execute(pgschema.MIGRATIONS[0])
+        conn.execute("INSERT INTO schema_version VALUES (1)")
+        conn.execute("INSERT INTO rollup_minute VALUES (%s, 'n1', 3, 1, 10, 20)", (int(T0),))
+        conn.execute(
+            "INSERT INTO requests (node, segment, seq, time, bytes_in, bytes_out, action)"
+            " VALUES ('n1', 1, 0, to_timestamp(%s), 1, 2, 'allow')", (T0,))
+        # An administrator's own view on the stable one must survive the upgrade.
+        conn.execute("CREATE VIEW my_hosts AS SELECT host, count(*) AS n FROM access_records GROUP BY host")
+    store = PostgresReportStore(pg_url, wall_clock=lambda: T0)
+    try:
+        totals = aggregate.totals(store, T0, T0 + 60)
+        assert (totals.requests, totals.errors, totals.aborted) == (3, 0, 0)
+        store.ingest("n1", 2, 0, [rec(5, transfer="client_aborted", groups=["g"])])
+        assert aggregate.totals(store, T0, T0 + 60).aborted == 1
+        [old] = store.search(start=T0, end=T0 + 1)
+        assert old["transfer"] is None and old["groups"] == []
+    finally:
+        store.close()
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(pgschema.SCHEMA_VERSION,)]
+        rows = conn.execute("SELECT transfer, groups FROM access_records ORDER BY seq, segment").fetchall()
+        assert rows == [("complete", []), ("client_aborted", ["g"])]
+        assert conn.execute("SELECT sum(n) FROM my_hosts").fetchone()[0] == 2

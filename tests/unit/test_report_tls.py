@@ -32,16 +32,38 @@ def test_filter_by_tls(tmp_path):
     assert store.count(**window) == 4
 
 
-def test_a_store_made_before_the_key_gains_the_column(tmp_path):
+@pytest.mark.parametrize("column", ["tls", "groups"])
+def test_a_store_made_before_the_key_gains_the_column_and_the_view(tmp_path, column):
     path = tmp_path / "old.sqlite3"
     ReportStore(path).close()
     conn = sqlite3.connect(path)
-    conn.execute("ALTER TABLE requests DROP COLUMN tls")
+    # An older release's store: no such column, and no view naming it (SQLite refuses to drop a
+    # column a view uses, so the view goes first).
+    conn.execute("DROP VIEW access_records")
+    conn.execute(f"ALTER TABLE requests DROP COLUMN {column}")
     conn.commit()
+    assert column not in {row[1] for row in conn.execute("PRAGMA table_info(requests)")}
     conn.close()
     store = ReportStore(path)
-    store.ingest("n1", 1, 0, [rec(0, "inspected")])
-    assert store.count(start=T0 - 1, end=T0 + 1, tls="inspected") == 1
+    try:
+        store.ingest("n1", 1, 0, [json.dumps({**json.loads(rec(0, "inspected")), "groups": ["staff"]}).encode()])
+        assert store.count(start=T0 - 1, end=T0 + 1, tls="inspected") == 1
+        assert store.search(start=T0 - 1, end=T0 + 1)[0]["groups"] == ["staff"]
+        row = store.reader().execute("SELECT tls, groups FROM access_records").fetchone()
+        assert row == ("inspected", '["staff"]')
+    finally:
+        store.close()
+
+
+def test_the_store_opens_again_with_its_view(tmp_path):
+    path = tmp_path / "r.sqlite3"
+    ReportStore(path).close()
+    store = ReportStore(path)  # the view is dropped and made again around the column checks
+    try:
+        names = [d[0] for d in store.reader().execute("SELECT * FROM access_records").description]
+    finally:
+        store.close()
+    assert names[-4:] == ["tls", "segment", "seq", "groups"]
 
 
 def test_portal_search_checks_the_tls_value():
@@ -49,3 +71,28 @@ def test_portal_search_checks_the_tls_value():
     assert filters == {"tls": "inspected"}
     with pytest.raises(ReportQueryError):
         parse_search({"tls": "decrypted"})
+
+
+@pytest.mark.parametrize("groups, stored", [(["staff", "it"], ["staff", "it"]), ([], []), (None, [])])
+def test_groups_are_kept(tmp_path, groups, stored):
+    store = ReportStore(tmp_path / "r.sqlite3")
+    try:
+        obj = {**json.loads(rec(0, None)), "groups": groups}
+        assert store.ingest("n1", 1, 0, [json.dumps(obj).encode()] * 1).inserted == 1
+        assert store.search(start=T0 - 1, end=T0 + 1)[0]["groups"] == stored
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("groups", ["staff", [1], ["a", None], {"a": 1}, ["x" * 9000, "y" * 9000], ["g"] * 300])
+def test_groups_that_cannot_be_stored_are_quarantined(tmp_path, groups):
+    store = ReportStore(tmp_path / "r.sqlite3")
+    try:
+        # A valid list first, so that the remembered JSON of valid lists is exercised too.
+        good = json.dumps({**json.loads(rec(0, None)), "groups": ["a", "None"]}).encode()
+        bad = json.dumps({**json.loads(rec(1, None)), "groups": groups}).encode()
+        result = store.ingest("n1", 1, 0, [good, bad])
+        assert (result.inserted, result.quarantined) == (1, 1)
+        assert "'groups'" in store.quarantined()[0]["reason"]
+    finally:
+        store.close()
