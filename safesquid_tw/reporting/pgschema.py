@@ -169,21 +169,12 @@ def create_day(conn, day: int) -> None:
         conn.execute("DROP TABLE moving")
 
 
-def drop_days_before(conn, day: int) -> list[int]:
-    """Drop every day partition whose whole day is before `day`; return the days dropped."""
-    days = sorted(d for d in partitioned_days(conn) if d < day)
-    for d in days:
-        conn.execute(f"DROP TABLE IF EXISTS {partition_name(d)}")
-    return days
-
-
 __all__ = [
     "MIGRATIONS",
     "SCHEMA_VERSION",
     "SchemaTooNew",
     "create_day",
     "day_of",
-    "drop_days_before",
     "migrate",
     "partition_name",
     "partitioned_days",

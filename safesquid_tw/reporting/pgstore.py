@@ -24,6 +24,7 @@ seconds), which the portal turns into a "report store unavailable" page.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -32,11 +33,11 @@ import threading
 import time
 import zlib
 from decimal import Decimal
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import psycopg
 from psycopg.adapt import Loader
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from safesquid_tw.reporting import pgschema
 from safesquid_tw.reporting.backend import StoreUnavailable
@@ -373,23 +374,14 @@ class PostgresReportStore:
             return StoreUnavailable(f"the report database failed: {_first_line(error)}")
         return error
 
-    def _read(self):
-        store = self
-
-        class _Lease:
-            def __enter__(self_inner) -> psycopg.Connection:
-                try:
-                    self_inner.cm = store._pool.connection()
-                    return self_inner.cm.__enter__()
-                except (psycopg.OperationalError, psycopg_pool_errors()) as e:
-                    raise StoreUnavailable(f"cannot reach the report database: {_first_line(e)}") from None
-
-            def __exit__(self_inner, *exc: Any) -> None:
-                self_inner.cm.__exit__(*exc)
-                if exc[0] is not None and issubclass(exc[0], psycopg.OperationalError):
-                    raise StoreUnavailable(f"the report database failed: {_first_line(exc[1])}") from None
-
-        return _Lease()
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[psycopg.Connection]:
+        """A connection of the read pool; an unreachable database is StoreUnavailable."""
+        try:
+            with self._pool.connection() as conn:
+                yield conn
+        except (psycopg.OperationalError, PoolTimeout) as e:
+            raise StoreUnavailable(f"cannot read the report database: {_first_line(e)}") from None
 
     def reader(self) -> _Reader:
         """A sqlite3-like handle for read-only queries (roll-ups, counts)."""
@@ -657,12 +649,6 @@ def _clean(value: Any) -> Any:
 
 def _first_line(error: BaseException | None) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
-
-def psycopg_pool_errors() -> type[BaseException]:
-    from psycopg_pool import PoolTimeout
-
-    return PoolTimeout
 
 
 def _where(filters: dict[str, Any]) -> tuple[str, list[Any]]:
