@@ -46,6 +46,13 @@ from safesquid_tw.reporting.store import BLOCKED_ACTIONS, IngestResult
 
 RETRY_CONNECT_AFTER = 2.0  # seconds a failed connection is remembered before trying again
 CONNECT_TIMEOUT = 5
+# A database that hangs must not hold worker threads for ever: statements give up after these
+# (the slave ships the batch again later; the page says the store is unavailable), and TCP
+# keepalives notice a server that vanished from the network.
+WRITE_TIMEOUT_MS = 60_000
+READ_TIMEOUT_MS = 30_000
+_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
+_UNAVAILABLE = (psycopg.OperationalError, psycopg.errors.QueryCanceled)
 _INT32 = 2**31
 _INT64 = 2**63
 
@@ -215,8 +222,9 @@ class _WholeNumbers(Loader):
         return int(value) if value == value.to_integral_value() else float(value)
 
 
-def _configure(conn: psycopg.Connection) -> None:
+def _configure(conn: psycopg.Connection, timeout_ms: int | None = None) -> None:
     conn.adapters.register_loader("numeric", _WholeNumbers)
+    conn.execute(f"SET statement_timeout = {int(timeout_ms or READ_TIMEOUT_MS)}")
 
 
 _PLACEHOLDER = re.compile(r"\?(\d*)")
@@ -285,7 +293,8 @@ class PostgresReportStore:
     ) -> None:
         self.url = url
         self.read_url = read_url or url
-        self._kwargs: dict[str, Any] = {"connect_timeout": connect_timeout, "application_name": "safesquid-tw"}
+        self._kwargs: dict[str, Any] = {
+            "connect_timeout": connect_timeout, "application_name": "safesquid-tw", **_KEEPALIVES}
         if password is not None:
             self._kwargs["password"] = password
         self._wall_clock = wall_clock
@@ -347,8 +356,8 @@ class PostgresReportStore:
         except psycopg.OperationalError as e:
             writer.failed_at = time.monotonic()
             raise StoreUnavailable(f"cannot reach the report database: {_first_line(e)}") from None
-        _configure(conn)
         try:
+            _configure(conn, WRITE_TIMEOUT_MS)
             with self._schema_lock:
                 if not self._ready:
                     pgschema.migrate(conn)
@@ -370,7 +379,7 @@ class PostgresReportStore:
             writer.conn.close()
             writer.conn = None
             writer.failed_at = time.monotonic()
-        if isinstance(error, psycopg.OperationalError):
+        if isinstance(error, _UNAVAILABLE):
             return StoreUnavailable(f"the report database failed: {_first_line(error)}")
         return error
 
@@ -380,7 +389,7 @@ class PostgresReportStore:
         try:
             with self._pool.connection() as conn:
                 yield conn
-        except (psycopg.OperationalError, PoolTimeout) as e:
+        except (*_UNAVAILABLE, PoolTimeout) as e:
             raise StoreUnavailable(f"cannot read the report database: {_first_line(e)}") from None
 
     def reader(self) -> _Reader:
@@ -469,7 +478,7 @@ class PostgresReportStore:
                 try:
                     with conn.transaction():
                         self._store(conn, members)
-                except psycopg.OperationalError:
+                except _UNAVAILABLE:
                     raise
                 except Exception as e:
                     for batch in members:
@@ -481,7 +490,7 @@ class PostgresReportStore:
                         try:
                             with conn.transaction():
                                 self._store(conn, [batch])
-                        except psycopg.OperationalError:
+                        except _UNAVAILABLE:
                             raise
                         except Exception as e:
                             batch.result, batch.error = None, e

@@ -221,3 +221,24 @@ def test_a_long_period_is_counted_from_the_rollups_and_its_ends(pg_url):
         assert store.count(start=T0, end=T0 + 7200) == len(store.search(start=T0, end=T0 + 7200, limit=10_000)) + 1000
     finally:
         store.close()
+
+
+def test_a_database_too_slow_is_unavailable_and_stores_nothing_meanwhile(pg_url, monkeypatch):
+    from safesquid_tw.reporting import pgstore
+    from safesquid_tw.reporting.backend import StoreUnavailable
+
+    monkeypatch.setattr(pgstore, "WRITE_TIMEOUT_MS", 300)
+    monkeypatch.setattr(pgstore, "READ_TIMEOUT_MS", 300)
+    store = PostgresReportStore(pg_url, wall_clock=lambda: T0)
+    try:
+        with psycopg.connect(pg_url) as blocker:  # holds the roll-ups until the block ends
+            blocker.execute("LOCK TABLE rollup_minute IN ACCESS EXCLUSIVE MODE")
+            with pytest.raises(StoreUnavailable):
+                store.ingest("n1", 1, 0, [rec(0)])
+            with pytest.raises(StoreUnavailable):
+                aggregate.totals(store, T0, T0 + 60)
+        assert store.count() == 0
+        assert store.ingest("n1", 1, 0, [rec(0)]).inserted == 1  # the slave's next try
+        assert aggregate.totals(store, T0, T0 + 60).requests == 1
+    finally:
+        store.close()
