@@ -242,3 +242,13 @@ def test_a_database_too_slow_is_unavailable_and_stores_nothing_meanwhile(pg_url,
         assert aggregate.totals(store, T0, T0 + 60).requests == 1
     finally:
         store.close()
+
+
+def test_both_stores_satisfy_the_interface(tmp_path, pg_url):
+    from safesquid_tw.reporting.backend import ReportStoreBackend
+
+    for store in (ReportStore(tmp_path / "r.db"), PostgresReportStore(pg_url)):
+        try:
+            assert isinstance(store, ReportStoreBackend)
+        finally:
+            store.close()
