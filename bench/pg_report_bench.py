@@ -171,12 +171,12 @@ def main(argv: list[str] | None = None) -> None:
                 line.append(f"{name} {count / elapsed:>8,.0f}/s")
             print("  ".join(line), flush=True)
         print()
-        for name, (elapsed, cpu, server) in spent.items():
+        for name, (elapsed, cpu, server_cpu) in spent.items():
             rate = done / elapsed
             print(f"ingest {name:<10} {rate:>9,.0f} records/s  (x{rate / TODAY_RATE:.2f} today's {TODAY_RATE:,}/s,"
                   f" x{rate / TARGET_RATE:.2f} the target {TARGET_RATE:,}/s)")
             print(f"       CPU per record: master {cpu / done * 1e6:.1f} µs"
-                  + (f", PostgreSQL server {server / done * 1e6:.1f} µs" if name == "postgresql" else ""))
+                  + (f", PostgreSQL server {server_cpu / done * 1e6:.1f} µs" if name == "postgresql" else ""))
         print()
         timings = {name: queries(store, now, args.days) for name, store in stores.items()}
         names = list(stores)

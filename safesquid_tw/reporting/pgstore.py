@@ -555,7 +555,7 @@ class PostgresReportStore:
                     name = pgschema.partition_name(day)
                     with conn.transaction():
                         removed += conn.execute(f"SELECT count(*) FROM {name}").fetchone()[0]
-                        conn.execute(f"DROP TABLE {name}")
+                        pgschema.drop_day(conn, day)
                     self._days.discard(day)
                 with conn.transaction():
                     removed += conn.execute(
