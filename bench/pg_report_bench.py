@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import tempfile
 import threading
@@ -135,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-sqlite", action="store_true")
     args = parser.parse_args(argv)
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stop the server and clean up
     now = time.time()
     server = None
     tmp = tempfile.TemporaryDirectory(prefix="pg-report-bench-", dir=args.sqlite_dir)

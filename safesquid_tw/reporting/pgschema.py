@@ -69,7 +69,8 @@ CREATE TABLE rollup_top (
     dimension text NOT NULL, bucket bigint NOT NULL, node text NOT NULL, key text COLLATE "C" NOT NULL,
     requests bigint NOT NULL, blocked bigint NOT NULL, bytes bigint NOT NULL,
     PRIMARY KEY (dimension, bucket, node, key)
-);
+) PARTITION BY RANGE (bucket);
+CREATE TABLE rollup_top_other PARTITION OF rollup_top DEFAULT;
 CREATE TABLE node_drops (
     node text PRIMARY KEY, total_dropped bigint NOT NULL, reported double precision NOT NULL
 );
@@ -146,8 +147,8 @@ def day_of(epoch: float) -> int:
     return int(epoch // DAY)
 
 
-def partition_name(day: int) -> str:
-    return "requests_" + (dt.date(1970, 1, 1) + dt.timedelta(days=day)).strftime("%Y%m%d")
+def partition_name(day: int, table: str = "requests") -> str:
+    return f"{table}_" + (dt.date(1970, 1, 1) + dt.timedelta(days=day)).strftime("%Y%m%d")
 
 
 def partitioned_days(conn) -> set[int]:
@@ -172,35 +173,33 @@ def wanted_days(days: Iterable[int], now: float) -> set[int]:
 
 
 def create_day(conn, day: int) -> None:
-    """Create the partition of `day` (rows of that day already in the default partition move
-    into it). Call inside a transaction."""
+    """Create the partitions of `day`, of the records and of the top roll-up (rows of that day
+    already in a default partition move into them). Call inside a transaction."""
     start = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(days=day)
     end = start + dt.timedelta(days=1)
-    name = partition_name(day)
-    moved = conn.execute(
-        "SELECT count(*) FROM requests_other WHERE time >= %s AND time < %s", (start, end)
-    ).fetchone()[0]
-    if moved:
-        conn.execute(
-            "CREATE TEMP TABLE moving ON COMMIT DROP AS"
-            " SELECT * FROM requests_other WHERE time >= %s AND time < %s", (start, end)
-        )
-        conn.execute("DELETE FROM requests_other WHERE time >= %s AND time < %s", (start, end))
-    conn.execute(
-        f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF requests"
-        f" FOR VALUES FROM ('{start.isoformat()}') TO ('{end.isoformat()}')"
-    )
-    if moved:
-        conn.execute("INSERT INTO requests SELECT * FROM moving")
-        conn.execute("DROP TABLE moving")
+    for table, column, low, high in (
+        ("requests", "time", start, end),
+        ("rollup_top", "bucket", day * DAY, (day + 1) * DAY),
+    ):
+        name = partition_name(day, table)
+        where = f"{column} >= %s AND {column} < %s"
+        moved = conn.execute(f"SELECT count(*) FROM {table}_other WHERE {where}", (low, high)).fetchone()[0]
+        if moved:
+            conn.execute(f"CREATE TEMP TABLE moving ON COMMIT DROP AS SELECT * FROM {table}_other WHERE {where}",
+                         (low, high))
+            conn.execute(f"DELETE FROM {table}_other WHERE {where}", (low, high))
+        bounds = (f"('{low.isoformat()}') TO ('{high.isoformat()}')" if table == "requests"
+                  else f"({low}) TO ({high})")
+        conn.execute(f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF {table} FOR VALUES FROM {bounds}")
+        if moved:
+            conn.execute(f"INSERT INTO {table} SELECT * FROM moving")
+            conn.execute("DROP TABLE moving")
 
 
-def drop_days_before(conn, day: int) -> list[int]:
-    """Drop every day partition whose whole day is before `day`; return the days dropped."""
-    days = sorted(d for d in partitioned_days(conn) if d < day)
-    for d in days:
-        conn.execute(f"DROP TABLE IF EXISTS {partition_name(d)}")
-    return days
+def drop_day(conn, day: int) -> None:
+    """Drop the partitions of `day` (call inside a transaction)."""
+    for table in ("requests", "rollup_top"):
+        conn.execute(f"DROP TABLE IF EXISTS {partition_name(day, table)}")
 
 
 __all__ = [
@@ -209,7 +208,7 @@ __all__ = [
     "SchemaTooNew",
     "create_day",
     "day_of",
-    "drop_days_before",
+    "drop_day",
     "migrate",
     "partition_name",
     "partitioned_days",

@@ -24,6 +24,7 @@ seconds), which the portal turns into a "report store unavailable" page.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -32,11 +33,11 @@ import threading
 import time
 import zlib
 from decimal import Decimal
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import psycopg
 from psycopg.adapt import Loader
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from safesquid_tw.reporting import pgschema
 from safesquid_tw.reporting.backend import StoreUnavailable
@@ -46,6 +47,13 @@ from safesquid_tw.reporting.store import BLOCKED_ACTIONS, CLIENT_ABORTED, ERROR_
 
 RETRY_CONNECT_AFTER = 2.0  # seconds a failed connection is remembered before trying again
 CONNECT_TIMEOUT = 5
+# A database that hangs must not hold worker threads for ever: statements give up after these
+# (the slave ships the batch again later; the page says the store is unavailable), and TCP
+# keepalives notice a server that vanished from the network.
+WRITE_TIMEOUT_MS = 60_000
+READ_TIMEOUT_MS = 30_000
+_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
+_UNAVAILABLE = (psycopg.OperationalError, psycopg.errors.QueryCanceled)
 _INT32 = 2**31
 _INT64 = 2**63
 
@@ -239,8 +247,9 @@ class _WholeNumbers(Loader):
         return int(value) if value == value.to_integral_value() else float(value)
 
 
-def _configure(conn: psycopg.Connection) -> None:
+def _configure(conn: psycopg.Connection, timeout_ms: int | None = None) -> None:
     conn.adapters.register_loader("numeric", _WholeNumbers)
+    conn.execute(f"SET statement_timeout = {int(timeout_ms or READ_TIMEOUT_MS)}")
 
 
 _PLACEHOLDER = re.compile(r"\?(\d*)")
@@ -309,7 +318,8 @@ class PostgresReportStore:
     ) -> None:
         self.url = url
         self.read_url = read_url or url
-        self._kwargs: dict[str, Any] = {"connect_timeout": connect_timeout, "application_name": "safesquid-tw"}
+        self._kwargs: dict[str, Any] = {
+            "connect_timeout": connect_timeout, "application_name": "safesquid-tw", **_KEEPALIVES}
         if password is not None:
             self._kwargs["password"] = password
         self._wall_clock = wall_clock
@@ -371,8 +381,8 @@ class PostgresReportStore:
         except psycopg.OperationalError as e:
             writer.failed_at = time.monotonic()
             raise StoreUnavailable(f"cannot reach the report database: {_first_line(e)}") from None
-        _configure(conn)
         try:
+            _configure(conn, WRITE_TIMEOUT_MS)
             with self._schema_lock:
                 if not self._ready:
                     pgschema.migrate(conn)
@@ -394,27 +404,18 @@ class PostgresReportStore:
             writer.conn.close()
             writer.conn = None
             writer.failed_at = time.monotonic()
-        if isinstance(error, psycopg.OperationalError):
+        if isinstance(error, _UNAVAILABLE):
             return StoreUnavailable(f"the report database failed: {_first_line(error)}")
         return error
 
-    def _read(self):
-        store = self
-
-        class _Lease:
-            def __enter__(self_inner) -> psycopg.Connection:
-                try:
-                    self_inner.cm = store._pool.connection()
-                    return self_inner.cm.__enter__()
-                except (psycopg.OperationalError, psycopg_pool_errors()) as e:
-                    raise StoreUnavailable(f"cannot reach the report database: {_first_line(e)}") from None
-
-            def __exit__(self_inner, *exc: Any) -> None:
-                self_inner.cm.__exit__(*exc)
-                if exc[0] is not None and issubclass(exc[0], psycopg.OperationalError):
-                    raise StoreUnavailable(f"the report database failed: {_first_line(exc[1])}") from None
-
-        return _Lease()
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[psycopg.Connection]:
+        """A connection of the read pool; an unreachable database is StoreUnavailable."""
+        try:
+            with self._pool.connection() as conn:
+                yield conn
+        except (*_UNAVAILABLE, PoolTimeout) as e:
+            raise StoreUnavailable(f"cannot read the report database: {_first_line(e)}") from None
 
     def reader(self) -> _Reader:
         """A sqlite3-like handle for read-only queries (roll-ups, counts)."""
@@ -502,7 +503,7 @@ class PostgresReportStore:
                 try:
                     with conn.transaction():
                         self._store(conn, members)
-                except psycopg.OperationalError:
+                except _UNAVAILABLE:
                     raise
                 except Exception as e:
                     for batch in members:
@@ -514,7 +515,7 @@ class PostgresReportStore:
                         try:
                             with conn.transaction():
                                 self._store(conn, [batch])
-                        except psycopg.OperationalError:
+                        except _UNAVAILABLE:
                             raise
                         except Exception as e:
                             batch.result, batch.error = None, e
@@ -579,7 +580,7 @@ class PostgresReportStore:
                     name = pgschema.partition_name(day)
                     with conn.transaction():
                         removed += conn.execute(f"SELECT count(*) FROM {name}").fetchone()[0]
-                        conn.execute(f"DROP TABLE {name}")
+                        pgschema.drop_day(conn, day)
                     self._days.discard(day)
                 with conn.transaction():
                     removed += conn.execute(
@@ -687,12 +688,6 @@ def _clean(value: Any) -> Any:
 
 def _first_line(error: BaseException | None) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
-
-def psycopg_pool_errors() -> type[BaseException]:
-    from psycopg_pool import PoolTimeout
-
-    return PoolTimeout
 
 
 def _where(filters: dict[str, Any]) -> tuple[str, list[Any]]:

@@ -307,3 +307,32 @@ def test_a_version_1_database_is_upgraded_in_place(pg_url):
         rows = conn.execute("SELECT transfer, groups FROM access_records ORDER BY seq, segment").fetchall()
         assert rows == [("complete", []), ("client_aborted", ["g"])]
         assert conn.execute("SELECT sum(n) FROM my_hosts").fetchone()[0] == 2
+def test_a_database_too_slow_is_unavailable_and_stores_nothing_meanwhile(pg_url, monkeypatch):
+    from safesquid_tw.reporting import pgstore
+    from safesquid_tw.reporting.backend import StoreUnavailable
+
+    monkeypatch.setattr(pgstore, "WRITE_TIMEOUT_MS", 300)
+    monkeypatch.setattr(pgstore, "READ_TIMEOUT_MS", 300)
+    store = PostgresReportStore(pg_url, wall_clock=lambda: T0)
+    try:
+        with psycopg.connect(pg_url) as blocker:  # holds the roll-ups until the block ends
+            blocker.execute("LOCK TABLE rollup_minute IN ACCESS EXCLUSIVE MODE")
+            with pytest.raises(StoreUnavailable):
+                store.ingest("n1", 1, 0, [rec(0)])
+            with pytest.raises(StoreUnavailable):
+                aggregate.totals(store, T0, T0 + 60)
+        assert store.count() == 0
+        assert store.ingest("n1", 1, 0, [rec(0)]).inserted == 1  # the slave's next try
+        assert aggregate.totals(store, T0, T0 + 60).requests == 1
+    finally:
+        store.close()
+
+
+def test_both_stores_satisfy_the_interface(tmp_path, pg_url):
+    from safesquid_tw.reporting.backend import ReportStoreBackend
+
+    for store in (ReportStore(tmp_path / "r.db"), PostgresReportStore(pg_url)):
+        try:
+            assert isinstance(store, ReportStoreBackend)
+        finally:
+            store.close()
