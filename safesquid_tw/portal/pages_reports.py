@@ -19,7 +19,15 @@ ERROR_COLOUR = "#b54708"  # amber: neither the green of allowed nor the red of b
 TOP_TITLES = (("domain", "Top domains"), ("user", "Top users"), ("category", "Top categories"),
               ("application", "Top applications"), ("rule", "Top blocked rules"))
 RECORD_COLUMNS = ("time", "node", "client", "user", "method", "url", "status", "action", "rule", "category",
-                  "application", "bytes_in", "bytes_out", "duration_ms", "transfer")
+                  "application", "bytes_in", "bytes_out", "duration_ms", "transfer", "tls", "groups")
+
+
+def _csv_value(record: dict, column: str):
+    if column == "time":
+        return _iso(record["time"])
+    if column == "groups":
+        return "; ".join(record.get("groups") or ())  # one cell; group names may hold blanks
+    return record.get(column)
 
 
 def _params(call: Call) -> dict[str, str]:
@@ -116,7 +124,7 @@ async def export_csv(call: Call) -> Reply:
         except R.ReportQueryError as e:
             return Error(400, "Bad search", str(e))
         records = await call.services.in_thread(R.export_records, reports, period, filters)
-        rows = [[r.get(c) if c != "time" else _iso(r["time"]) for c in RECORD_COLUMNS] for r in records]
+        rows = [[_csv_value(r, c) for c in RECORD_COLUMNS] for r in records]
         data = csv_bytes(RECORD_COLUMNS, rows)
     else:
         dashboard_data = await call.services.in_thread(R.dashboard_data, reports, period, node, 100)

@@ -43,6 +43,7 @@ def portal(tmp_path, reports):
              for i in range(120)]
     batch += [record(NOW - 300, url=HOSTILE_URL, action="deny", status=403, rule="<b>evil-rule</b>", user="=cmd|calc")]
     batch += [record(NOW - 3 * 86400, url="http://old.test/")]  # outside a day, inside a week
+
     reports.ingest("n1", 1, 1, batch)
     reports.ingest("n2", 1, 1, [record(NOW - 60, url="http://other.test/")])
     return Portal(tmp_path, reports=reports, wall_start=NOW)
@@ -101,7 +102,7 @@ def test_requests_table_search_paging_and_escaping(portal):
     ("application", "application,requests,blocked,bytes"),
     ("rule", "rule,requests,blocked,bytes"),
     ("requests", "time,node,client,user,method,url,status,action,rule,category,application,bytes_in,bytes_out,"
-                 "duration_ms,transfer"),
+                 "duration_ms,transfer,tls,groups"),
 ])
 def test_every_table_exports_as_csv(portal, table, header):
     response = portal.admin().get(f"/reports/export.csv?table={table}&period=day")
@@ -111,6 +112,17 @@ def test_every_table_exports_as_csv(portal, table, header):
     rows = list(csv.reader(io.StringIO(response.text)))
     assert ",".join(rows[0]) == header
     assert len(rows) > 1
+
+
+def test_the_user_s_groups_and_inspection_show_in_the_table_and_the_csv(portal, reports):
+    reports.ingest("n3", 1, 1, [record(NOW - 200, url="https://tls.test/inside", user="dora",
+                                       groups=["staff", "it admins"], tls="inspected")])
+    page = portal.admin().get("/reports/requests?period=day&user=dora")
+    assert page.code == 200
+    assert "staff, it admins" in page.text and ">inspected<" in page.text
+    response = portal.admin().get("/reports/export.csv?table=requests&period=day&user=dora")
+    [row] = list(csv.DictReader(io.StringIO(response.text)))
+    assert row["groups"] == "staff; it admins" and row["tls"] == "inspected"
 
 
 def test_csv_cells_never_become_formulas(portal):
