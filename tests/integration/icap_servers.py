@@ -19,7 +19,15 @@ from pathlib import Path
 EICAR = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
 SIGNATURE_NAME = "Eicar-Test-Signature"
 THREAT_NAME = SIGNATURE_NAME + ".UNOFFICIAL"
-C_ICAP_MODULES = Path("/usr/lib/x86_64-linux-gnu/c_icap")
+
+
+def _c_icap_modules() -> Path:
+    """Where Debian's c-icap keeps its modules: /usr/lib/<multiarch triplet>/c_icap."""
+    found = sorted(Path("/usr/lib").glob("*/c_icap/virus_scan.so"))
+    return found[0].parent if found else Path("/usr/lib/c_icap")
+
+
+C_ICAP_MODULES = _c_icap_modules()
 
 
 def missing_tools() -> str | None:
