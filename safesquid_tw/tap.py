@@ -341,7 +341,7 @@ def _with_saved_startup_params(config: NodeConfig) -> NodeConfig:
 
 
 def makeService(options: Options) -> IService:
-    from safesquid_tw.node import build_node_service
+    from safesquid_tw.assembly.roles import build_node_service
     from safesquid_tw.statedir import state_dir_problem
 
     if (problem := state_dir_problem(options.config.state_dir)) is not None:

@@ -412,7 +412,6 @@ class ClusterClient(MultiService):
             log.error("refused policy version {version} from the master: {why}", version=version, why=str(e))
             await self._call("policy_applied", version, False, str(e)[:4000])
             return
-        self.state.policy_source = "master"
         log.info("policy version {version} ({digest}) from the master is in force ({why})",
                  version=version, digest=policy.digest, why=why)
         await self._call("policy_applied", version, True, "")

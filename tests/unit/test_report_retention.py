@@ -10,7 +10,7 @@ from twisted.application.service import MultiService
 from twisted.internet import defer, reactor, task
 
 from safesquid_tw.config import NodeConfig
-from safesquid_tw.node import NodeBase
+from safesquid_tw.assembly.base import NodeBase
 from safesquid_tw.reporting.store import ReportStore
 
 
