@@ -30,6 +30,7 @@ from safesquid_tw.policy.store import PolicyCacheCorrupt, PolicyStore, source_ki
 from safesquid_tw.portal.filereload import replaced_comment, versions_the_file_replaces
 from safesquid_tw.portal.plainhealth import make_health_only_site
 from safesquid_tw.util.atomic import atomic_write
+from safesquid_tw.util.threads import ThreadRunner, reactor_pool
 
 log = Logger()
 
@@ -75,6 +76,7 @@ class NodeBase:
     waits: dict = attrs.field(factory=dict)
     metrics: NodeMetrics = attrs.field(factory=NodeMetrics)
     reloads: object = None  # reload.ReloadService: what SIGHUP reloads on this node
+    in_thread: ThreadRunner = reactor_pool  # blocking work (report store) leaves the reactor here
     _history: PolicyHistory | None = None
 
     @property
@@ -230,20 +232,18 @@ class NodeBase:
     def report_retention(self, reports) -> None:
         """Old records leave the report store in the background: hourly, in small batches (so
         ingest never waits long), in a worker thread."""
-        from twisted.internet import threads
-
         from safesquid_tw.util.periodic import Periodic
 
         days = self.config.report_retention_days
 
         def prune():
-            cutoff = time.time() - days * 86400
+            cutoff = self.reactor.seconds() - days * 86400
 
             def done(removed: int) -> None:
                 if removed:
                     log.info("report retention: removed {n} records older than {days:g} days", n=removed, days=days)
 
-            return threads.deferToThread(reports.prune, cutoff).addCallback(done)
+            return self.in_thread(reports.prune, cutoff).addCallback(done)
 
         Periodic(3600.0, prune, clock=self.reactor, name="report retention", now=True).setServiceParent(self.top)
 

@@ -103,6 +103,6 @@ def _cluster_link(base: NodeBase, parts: ProxyParts) -> None:
     client.setServiceParent(base.top)
     base.top.cluster_client = client
     state.health_parts["master"] = client.master_health
-    base.metrics.register(MasterLinkCollector(client, now=reactor.seconds))
+    base.metrics.register(MasterLinkCollector(client, now=client.wall_clock))
     SlaveCASync(client, base.top.ca_store)
     base.reloads.add("ask the master for its policy version", client.recheck)

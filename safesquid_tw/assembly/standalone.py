@@ -4,7 +4,6 @@ own report store, fed from its spool in a thread."""
 from __future__ import annotations
 
 from twisted.application.service import MultiService
-from twisted.internet import threads
 
 from safesquid_tw.assembly.base import NodeBase
 from safesquid_tw.assembly.proxynode import build_proxy_parts, finish_proxy_node
@@ -13,7 +12,7 @@ from safesquid_tw.reporting.recordcheck import QuarantineFile, quarantining
 from safesquid_tw.resources import sample_policy_path
 
 
-def build_standalone(config: NodeConfig, reactor, *, in_thread=threads.deferToThread) -> MultiService:
+def build_standalone(config: NodeConfig, reactor) -> MultiService:
     base = NodeBase.create(config, reactor)
     parts = build_proxy_parts(base)
     top = base.top
@@ -25,7 +24,7 @@ def build_standalone(config: NodeConfig, reactor, *, in_thread=threads.deferToTh
     top.quarantine = quarantine
 
     def ingest_locally(batch):
-        return in_thread(ingest, batch.node, batch.segment, batch.first_seq, batch.records)
+        return base.in_thread(ingest, batch.node, batch.segment, batch.first_seq, batch.records)
 
     parts.shipper.set_sender(ingest_locally)
     base.report_retention(reports)
