@@ -21,6 +21,8 @@ from safesquid_tw.identity.watch import DirectoryCollector, directory_health, di
 from safesquid_tw.metrics.collectors import ProxyCollector, SpoolCollector
 from safesquid_tw.proxy.resolver import Resolver
 from safesquid_tw.proxy.service import ProxyFactory, ProxyService
+from safesquid_tw.workers.metrics import WorkersCollector
+from safesquid_tw.workers.pool import WorkerPool
 
 log = Logger()
 
@@ -34,7 +36,7 @@ class ProxyParts:
     spool_writer: SpoolWriter
     shipper: LogShipper
     factory: ProxyFactory
-    proxy: ProxyService
+    proxy: ProxyService | WorkerPool  # WorkerPool on a node with --workers > 1
 
 
 def build_proxy_parts(base: NodeBase) -> ProxyParts:
@@ -82,9 +84,17 @@ def build_proxy_parts(base: NodeBase) -> ProxyParts:
     # The anti-virus scanner follows every policy version (its services, self-tests, limits).
     store.add_observer(lambda policy: reactor.callFromThread(factory.antivirus.configure, policy.compiled.antivirus))
     base.state.antivirus = factory.antivirus.health
-    proxy = ProxyService(reactor, config.listen_endpoints, factory, resolver, stop_grace=config.stop_grace,
-                         proxy_protocol_from=config.proxy_protocol_from, drain_grace=config.drain_grace,
-                         state=base.state)
+    proxy: ProxyService | WorkerPool
+    if config.workers > 1:
+        # Worker processes serve the sockets; this process keeps what is one per node.
+        proxy = WorkerPool(reactor, config, config.workers, factory, store, access_log.write, state=base.state)
+        base.state.health_parts["workers"] = proxy.health
+        base.reloads.add("tell the workers", proxy.hup)
+        base.metrics.register(WorkersCollector(proxy))
+    else:
+        proxy = ProxyService(reactor, config.listen_endpoints, factory, resolver, stop_grace=config.stop_grace,
+                             proxy_protocol_from=config.proxy_protocol_from, drain_grace=config.drain_grace,
+                             state=base.state)
     from safesquid_tw.proxy.intercept.wiring import install_interception, open_ca_store
 
     # A standalone node makes its own inspection CA; a slave uses its master's (kept from last time).
