@@ -101,6 +101,9 @@ def build_proxy_parts(base: NodeBase) -> ProxyParts:
     top.ca_store = open_ca_store(root, config.node_name, create=config.role == "standalone")
     install_interception(factory, reactor, top.ca_store, store,
                          upstream_ca_file=config.upstream_ca_file).setServiceParent(top)
+    if isinstance(proxy, WorkerPool):
+        top.ca_store.add_observer(proxy.ca_changed)  # the workers read the new CA too
+        base.state.ready_gates.append(proxy.any_accepting)
     base.waits["proxy"] = proxy.listening
     directory_watch(reactor, factory.auth_pool, factory.current_policy).setServiceParent(top)
     base.state.health_parts["directory"] = lambda: directory_health(factory.current_policy)

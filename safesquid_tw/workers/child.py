@@ -109,12 +109,14 @@ class Worker:
         self._applying: defer.Deferred | None = None
         self._pending: dict[str, Any] | None = None
         self.service = None
+        self.ca_store = None
+        self.listen_asked = False  # the parent said: accept once the policy it sent is in force
+        self.accepting = False
 
     # -- start ----------------------------------------------------------------------------
     def start(self) -> None:
         from twisted.internet import stdio
 
-        from safesquid_tw.proxy.proxyheader import ProxyHeaderFactory, parse_networks
         from safesquid_tw.proxy.service import ProxyService
 
         stdio.StandardIO(self.pipe, reactor=self.reactor)
@@ -126,6 +128,17 @@ class Worker:
         self.resolver.start()
         self.factory.auth_pool.start()
         self._interception()
+        self.reactor.callLater(STATUS_INTERVAL, self.send_status)
+
+    def accept(self) -> None:
+        """Adopt the node's sockets: from now on this worker takes connections. Called once the
+        first policy the parent sent is in force, so a new worker never answers without it."""
+        from safesquid_tw.proxy.proxyheader import ProxyHeaderFactory, parse_networks
+
+        if self.accepting or self.stopping:
+            return
+        self.accepting = True
+        config = self.config
         allowed = parse_networks(config.proxy_protocol_from) if config.proxy_protocol_from else None
         for item in self.sockets:
             factory = self.factory
@@ -139,14 +152,14 @@ class Worker:
             self.factory.listening.append((host.host, host.port))
             self.service.ports.append(port)
         self.service.running = True
-        self.reactor.callLater(STATUS_INTERVAL, self.send_status)
+        self.pipe.send({"t": "accepting"})
 
     def _interception(self) -> None:
         from pathlib import Path
 
         from safesquid_tw.proxy.intercept.wiring import install_interception, open_ca_store
 
-        ca_store = open_ca_store(Path(self.config.state_dir), self.config.node_name, create=False)
+        self.ca_store = ca_store = open_ca_store(Path(self.config.state_dir), self.config.node_name, create=False)
         mint = install_interception(self.factory, self.reactor, ca_store, self.policy,
                                     upstream_ca_file=self.config.upstream_ca_file)
         mint.startService()
@@ -164,6 +177,12 @@ class Worker:
             self.service.resume()
         elif kind == "hup":
             log.info("SIGHUP from the node")
+        elif kind == "listen":
+            self.listen_asked = True
+            if self._applying is None:
+                self.accept()
+        elif kind == "ca":
+            self._reload_ca()
         elif kind == "stop":
             self.stop()
 
@@ -171,6 +190,8 @@ class Worker:
         message, self._pending = self._pending, None
         if message is None:
             self._applying = None
+            if self.listen_asked:
+                self.accept()
             return
         from twisted.internet import threads
 
@@ -189,6 +210,15 @@ class Worker:
 
         self._applying.addCallbacks(applied, refused)
         self._applying.addBoth(lambda _: self._apply_next())
+
+    def _reload_ca(self) -> None:
+        """The node's inspection CA changed (from the master, the portal): read it again."""
+        from safesquid_tw.proxy.intercept.ca import CAError
+
+        try:
+            self.ca_store.load()
+        except (CAError, OSError, ValueError) as e:
+            log.error("the inspection CA cannot be read: {why}", why=str(e))
 
     def parent_gone(self) -> None:
         if not self.stopping:

@@ -2,9 +2,12 @@
 
 Parent -> worker (the worker's stdin):
   {"t": "policy", "version": int, "digest": str, "doc": {...}}   a version to serve
+  {"t": "listen"}                     accept connections once the policy sent before is in force
   {"t": "drain"} / {"t": "resume"} / {"t": "hup"}                 tasks and SIGHUP
+  {"t": "ca"}                                                     the inspection CA changed on disk
 Worker -> parent (the worker's stdout; its stderr carries its event log lines):
   {"t": "hello", "pid": int}
+  {"t": "accepting"}                                              taking connections from now on
   {"t": "policy", "version": int | null, "error": str | null}     the version now served
   {"t": "rec", "r": {...}}                                        one finished access record
   {"t": "status", "connections": int, "requests": int}            about once a second

@@ -75,6 +75,7 @@ class WorkerProcess(protocol.ProcessProtocol):
         self.ended = defer.Deferred()
         self._reader = FrameReader(self._message)
         self._err = b""
+        self.greeted = False  # said hello: from then on it hears every message
 
     def connectionMade(self) -> None:
         self.pid = self.transport.pid
@@ -111,9 +112,11 @@ class WorkerProcess(protocol.ProcessProtocol):
             self.policy_version = message.get("version")
             self.policy_error = message.get("error")
         elif kind == "hello":
+            self.greeted = True
+            self.pool.worker_ready(self)
+        elif kind == "accepting":
             if self.state == "starting":
                 self.state = "draining" if self.pool.draining else "running"
-            self.pool.worker_ready(self)
 
     def processEnded(self, reason) -> None:
         self.state = "exited"
@@ -206,6 +209,14 @@ class WorkerPool(Service):
             worker.send(_policy_message(policy))
         if self.draining:
             worker.send({"t": "drain"})
+        worker.send({"t": "listen"})  # accepts once the version above is in force
+
+    def ca_changed(self, _ca) -> None:
+        self._send_all({"t": "ca"})
+
+    def any_accepting(self) -> bool:
+        """/health says ready only once some worker takes connections."""
+        return any(w.state in ("running", "draining") for w in self.workers.values())
 
     def worker_ended(self, worker: WorkerProcess, reason) -> None:
         code = getattr(reason.value, "exitCode", None)
@@ -237,12 +248,12 @@ class WorkerPool(Service):
         self.record_sink(record)
 
     def _policy_swapped(self, policy: Policy) -> None:
-        # Observers may run on the policy thread: send from the reactor thread.
-        self.reactor.callFromThread(self._send_all, _policy_message(policy))
+        # The store swaps versions on the reactor thread (PolicyStore.commit_prepared).
+        self._send_all(_policy_message(policy))
 
     def _send_all(self, message: dict[str, Any]) -> None:
         for worker in self.workers.values():
-            if worker.state in ("running", "draining"):
+            if worker.greeted and worker.state != "exited":
                 worker.send(message)
 
     def hup(self) -> None:
