@@ -231,7 +231,7 @@ class Worker:
 
     def send_status(self) -> None:
         self.pipe.send({"t": "status", "connections": len(self.factory.connections),
-                        "requests": self.factory.requests})
+                        "requests": self.factory.requests, "edge": self.factory.edge_counters()})
         if not self.stopping:
             self.reactor.callLater(STATUS_INTERVAL, self.send_status)
 

@@ -10,7 +10,7 @@ Worker -> parent (the worker's stdout; its stderr carries its event log lines):
   {"t": "accepting"}                                              taking connections from now on
   {"t": "policy", "version": int | null, "error": str | null}     the version now served
   {"t": "rec", "r": {...}}                                        one finished access record
-  {"t": "status", "connections": int, "requests": int}            about once a second
+  {"t": "status", "connections": int, "requests": int, "edge": {...}}   about once a second
 """
 
 from __future__ import annotations

@@ -76,6 +76,7 @@ class WorkerProcess(protocol.ProcessProtocol):
         self._reader = FrameReader(self._message)
         self._err = b""
         self.greeted = False  # said hello: from then on it hears every message
+        self.edge: dict[str, int] = {}  # its connections closed at the edge, by reason
 
     def connectionMade(self) -> None:
         self.pid = self.transport.pid
@@ -108,6 +109,9 @@ class WorkerProcess(protocol.ProcessProtocol):
         elif kind == "status":
             self.connections = int(message.get("connections", 0))
             self.requests = int(message.get("requests", 0))
+            edge = message.get("edge")
+            if isinstance(edge, dict):
+                self.edge = {str(k): int(v) for k, v in edge.items()}
         elif kind == "policy":
             self.policy_version = message.get("version")
             self.policy_error = message.get("error")
@@ -285,6 +289,15 @@ class WorkerPool(Service):
 
     def health(self) -> list[dict[str, Any]]:
         return [self.workers[slot].health() for slot in sorted(self.workers)]
+
+    def edge_counters(self) -> dict[str, int]:
+        """Connections closed at the edge, by reason, summed over the workers (counts of a worker
+        that exited are lost with it)."""
+        total = dict(self.factory.edge_counters())
+        for worker in self.workers.values():
+            for reason, count in worker.edge.items():
+                total[reason] = total.get(reason, 0) + count
+        return total
 
     def connections(self) -> int:
         return sum(w.connections for w in self.workers.values())

@@ -127,3 +127,13 @@ def test_a_dead_worker_is_restarted_with_growing_back_off(tmp_path):
         reactor.advance(0.02)
         assert spawned == [0] * (attempt + 1)
     assert pool.restarts == 3 and pool.health()[0]["state"] == "exited"
+
+
+def test_status_reports_sum_into_the_nodes_edge_counters_and_connections(tmp_path):
+    reactor = MemoryReactorClock()
+    pool, _store, _records, _state, _spawned = _pool(tmp_path, reactor)
+    a, b = _worker(pool, 0, 101), _worker(pool, 1, 102)
+    _say(a, {"t": "status", "connections": 3, "requests": 5, "edge": {"per_client_refused": 2}})
+    _say(b, {"t": "status", "connections": 4, "requests": 6, "edge": {"per_client_refused": 1}})
+    assert pool.connections() == 7
+    assert pool.edge_counters()["per_client_refused"] == 3
