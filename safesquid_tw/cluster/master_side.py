@@ -344,6 +344,7 @@ class SlaveAvatar(pb.Referenceable):
         rec.policy_digest = status.get("policy_digest")
         rec.policy_source = status.get("policy_source")
         rec.antivirus = antivirus_status.from_wire(status.get("antivirus", []))
+        rec.workers = [{**w, "policy_version": w["policy_version"] or None} for w in status.get("workers", [])]
         return None
 
     @wire.checked("avatar")

@@ -359,6 +359,13 @@ class ClusterClient(MultiService):
             status["policy_source"] = state.policy_source
         if extra.get("directory"):
             status["directory"] = extra["directory"]
+        workers = state.health_parts.get("workers")
+        if workers is not None:
+            status["workers"] = [
+                {"pid": int(w["pid"] or 0), "state": str(w["state"])[:16], "policy_version": w["policy_version"] or 0,
+                 "connections": int(w["connections"])}
+                for w in workers()[:wire.MAX_WORKERS]
+            ]
         writer = getattr(self.shipper, "writer", None)
         if writer is not None and not writer.writable:
             status["detail"] = f"spool not writable: {writer.reason}"[:1000]

@@ -179,3 +179,7 @@ def test_records_from_every_worker_reach_the_master_exactly_once(cluster, origin
     # A push reaches both workers.
     cluster.push(harness.make_policy(rules=[{"name": "r", "action": "deny", "domains": ["x.test"]}]))
     wait_workers(slave.node, running_with_policy(2), "both workers on the pushed version")
+    # The master's cluster view shows each worker and its version.
+    cluster.wait_view(slave.name, lambda e: len(e["workers"]) == 2 and all(
+        w["policy_version"] == 2 and w["state"] == "running" for w in e["workers"]), 15,
+        "both workers on version 2 in the cluster view")

@@ -137,3 +137,15 @@ def test_status_reports_sum_into_the_nodes_edge_counters_and_connections(tmp_pat
     _say(b, {"t": "status", "connections": 4, "requests": 6, "edge": {"per_client_refused": 1}})
     assert pool.connections() == 7
     assert pool.edge_counters()["per_client_refused"] == 3
+
+
+def test_a_slaves_workers_cross_the_wire_and_a_lagging_one_is_warned_of():
+    from safesquid_tw.cluster import wire
+    from safesquid_tw.master.registry import SlaveRecord
+
+    status = {"policy_version": 2, "uptime": 1.0, "spool_records": 0, "spool_bytes": 0,
+              "workers": [{"pid": 101, "state": "running", "policy_version": 2, "connections": 1},
+                          {"pid": 102, "state": "running", "policy_version": 1, "connections": 0}]}
+    wire.SLAVE_STATUS.check(status, "status")
+    record = SlaveRecord(name="s1", connected=True, policy_version=2, workers=status["workers"])
+    assert "1 worker(s) not on version 2 yet" in record.warnings(2)
