@@ -17,7 +17,7 @@ from typing import Any
 
 import attrs
 from twisted.internet import defer
-from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
+from twisted.logger import FileLogObserver, Logger, eventAsText, globalLogBeginner
 
 from safesquid_tw.accesslog.record import AccessRecord
 from safesquid_tw.config import Limits, NodeConfig
@@ -250,9 +250,17 @@ class Worker:
         d.addBoth(done)
 
 
+def log_line(event: dict) -> str:
+    """One event as one JSON line on stderr: the node logs it again at its level, under the
+    worker's pid (a line that is not JSON, e.g. an interpreter crash, is logged as an error)."""
+    level = event.get("log_level")
+    text = eventAsText(event, includeTraceback=True, includeTimestamp=False, includeSystem=False)
+    return json.dumps({"level": level.name if level is not None else "info", "text": text}) + "\n"
+
+
 def main(argv: list[str]) -> int:
     spec = json.loads(argv[0])
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
+    globalLogBeginner.beginLoggingTo([FileLogObserver(sys.stderr, log_line)], redirectStandardIO=False)
     from twisted.internet import reactor
 
     worker = Worker(reactor, config_from_json(spec["config"]), spec["sockets"])

@@ -24,7 +24,7 @@ from typing import Any, Callable
 from twisted.application.service import Service
 from twisted.internet import defer, endpoints, protocol
 from twisted.internet.address import IPv6Address
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 import safesquid_tw
 from safesquid_tw.accesslog.record import AccessRecord
@@ -37,6 +37,7 @@ from safesquid_tw.workers.frames import FrameError, FrameReader, encode
 
 log = Logger()
 
+LOG_LEVELS = {level.name: level for level in LogLevel.iterconstants()}
 FIRST_FD = 3  # the inherited sockets' numbers in a worker: 3, 4, ...
 BACKOFF_FIRST = 0.5  # seconds before the first restart of a worker that died
 BACKOFF_MAX = 10.0
@@ -100,7 +101,15 @@ class WorkerProcess(protocol.ProcessProtocol):
             *lines, self._err = self._err.split(b"\n")
             for line in lines:
                 if line.strip():
-                    log.info("worker {pid}: {line}", pid=self.pid, line=line.decode("utf-8", "replace"))
+                    self._log_line(line)
+
+    def _log_line(self, line: bytes) -> None:
+        try:
+            event = json.loads(line)
+            level, text = LOG_LEVELS.get(event["level"], LogLevel.info), str(event["text"])
+        except (ValueError, KeyError, TypeError):
+            level, text = LogLevel.error, line.decode("utf-8", "replace")
+        log.emit(level, "worker {pid}: {text}", pid=self.pid, text=text)
 
     def _message(self, message: dict[str, Any]) -> None:
         kind = message["t"]

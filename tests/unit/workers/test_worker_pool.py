@@ -149,3 +149,24 @@ def test_a_slaves_workers_cross_the_wire_and_a_lagging_one_is_warned_of():
     wire.SLAVE_STATUS.check(status, "status")
     record = SlaveRecord(name="s1", connected=True, policy_version=2, workers=status["workers"])
     assert "1 worker(s) not on version 2 yet" in record.warnings(2)
+
+
+def test_a_workers_log_lines_are_logged_again_at_their_level_under_its_pid(tmp_path):
+    from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+
+    from safesquid_tw.workers.child import log_line
+
+    reactor = MemoryReactorClock()
+    pool, *_ = _pool(tmp_path, reactor)
+    worker = _worker(pool, 0, 101)
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        line = log_line({"log_level": LogLevel.warn, "log_format": "upstream error for {url}", "url": "http://a.test/"})
+        worker.childDataReceived(2, line[:10].encode())
+        worker.childDataReceived(2, line[10:].encode() + b"Traceback (most recent call last)\n")
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    mine = [(e["log_level"], formatEvent(e)) for e in events if e.get("pid") == 101]
+    assert mine == [(LogLevel.warn, "worker 101: upstream error for http://a.test/"),
+                    (LogLevel.error, "worker 101: Traceback (most recent call last)")]
