@@ -124,14 +124,17 @@ class NodeBase:
         return policy is not None
 
     def policy_file_service(self, path: str, *, only_if_empty: bool = False) -> "PolicyFileService":
-        def apply(doc, source):
+        def replacing(source):
+            """What a file load replaces: versions applied in the portal or the API since."""
             replaced = versions_the_file_replaces(self.history, source)
             comment = f"loaded from {path}"
             if replaced:
                 # A file reload (SIGHUP) over versions applied in the portal or the API: say so
                 # in the history entry and the log; a rollback brings them back.
                 comment += replaced_comment(replaced)
-            policy = self.history.apply(doc, by="policy file", comment=comment, source=source)
+            return replaced, comment
+
+        def warn_replaced(policy, replaced):
             if replaced and policy.version != replaced[0].version:
                 log.warn(
                     "policy file {path} replaced version(s) {versions} applied in the portal or API since the "
@@ -140,6 +143,11 @@ class NodeBase:
                     newest=replaced[0].version,
                 )
             return policy
+
+        def apply(doc, source):
+            replaced, comment = replacing(source)
+            policy = self.history.apply(doc, by="policy file", comment=comment, source=source)
+            return warn_replaced(policy, replaced)
 
         source = f"file {path}"
 
@@ -150,7 +158,9 @@ class NodeBase:
             return None
 
         def apply_async(doc, source):
-            return self.history.apply_async(doc, by="policy file", comment=f"loaded from {path}", source=source)
+            replaced, comment = replacing(source)
+            d = self.history.apply_async(doc, by="policy file", comment=comment, source=source)
+            return d.addCallback(warn_replaced, replaced)
 
         return PolicyFileService(
             self.reactor, apply, self.store, path, only_if_empty=only_if_empty, loaded_before=loaded_before,

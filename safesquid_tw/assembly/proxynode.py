@@ -105,6 +105,7 @@ def build_proxy_parts(base: NodeBase) -> ProxyParts:
         top.ca_store.add_observer(proxy.ca_changed)  # the workers read the new CA too
         base.state.ready_gates.append(proxy.any_accepting)
         base.state.edge = proxy.edge_counters
+        base.state.antivirus = proxy.antivirus_health
     base.waits["proxy"] = proxy.listening
     directory_watch(reactor, factory.auth_pool, factory.current_policy).setServiceParent(top)
     base.state.health_parts["directory"] = lambda: directory_health(factory.current_policy)

@@ -231,7 +231,8 @@ class Worker:
 
     def send_status(self) -> None:
         self.pipe.send({"t": "status", "connections": len(self.factory.connections),
-                        "requests": self.factory.requests, "edge": self.factory.edge_counters()})
+                        "requests": self.factory.requests, "edge": self.factory.edge_counters(),
+                        "antivirus": self.factory.antivirus.health()})
         if not self.stopping:
             self.reactor.callLater(STATUS_INTERVAL, self.send_status)
 

@@ -78,6 +78,7 @@ class WorkerProcess(protocol.ProcessProtocol):
         self._err = b""
         self.greeted = False  # said hello: from then on it hears every message
         self.edge: dict[str, int] = {}  # its connections closed at the edge, by reason
+        self.antivirus: dict | None = None  # its scanner's figures (icap/scanner.py stats)
 
     def connectionMade(self) -> None:
         self.pid = self.transport.pid
@@ -118,6 +119,7 @@ class WorkerProcess(protocol.ProcessProtocol):
         elif kind == "status":
             self.connections = int(message.get("connections", 0))
             self.requests = int(message.get("requests", 0))
+            self.antivirus = message.get("antivirus") if isinstance(message.get("antivirus"), dict) else None
             edge = message.get("edge")
             if isinstance(edge, dict):
                 self.edge = {str(k): int(v) for k, v in edge.items()}
@@ -173,6 +175,8 @@ class WorkerPool(Service):
     # -- start: bind, then spawn ------------------------------------------------------------
     def startService(self) -> None:
         super().startService()
+        # The node itself still checks the user directory (/health, cluster view) in this pool.
+        self.factory.auth_pool.start()
         d = defer.gatherResults([self._bind(desc, done) for desc, done in zip(self.endpoints, self.listening_each)],
                                 consumeErrors=True)
         d.addCallback(lambda _: [self._spawn(slot) for slot in range(self.count)])
@@ -308,6 +312,10 @@ class WorkerPool(Service):
                 total[reason] = total.get(reason, 0) + count
         return total
 
+    def antivirus_health(self) -> dict | None:
+        """The workers' scanners as one: counts summed, per service and in all."""
+        return merge_antivirus([w.antivirus for w in self.workers.values() if w.antivirus is not None])
+
     def connections(self) -> int:
         return sum(w.connections for w in self.workers.values())
 
@@ -337,6 +345,7 @@ class WorkerPool(Service):
             kill.cancel()
         for port in self.ports:
             yield port.stopListening()
+        self.factory.auth_pool.stop()
 
     @property
     def stop_grace_seconds(self) -> float:
@@ -350,6 +359,28 @@ class WorkerPool(Service):
                     worker.transport.signalProcess("KILL")
                 except Exception:
                     pass
+
+
+_SUMMED = ("scans", "detections", "failures", "unscanned", "cache_entries", "cache_hits")
+
+
+def merge_antivirus(reports: list[dict]) -> dict | None:
+    if not reports:
+        return None
+    merged = dict(reports[0])
+    for key in _SUMMED:
+        merged[key] = sum(int(r.get(key) or 0) for r in reports)
+    services: dict[str, dict] = {}
+    for report in reports:
+        for service in report.get("services") or []:
+            seen = services.get(service.get("url"))
+            if seen is None:
+                services[service.get("url")] = dict(service)
+            else:
+                for key in ("scans", "detections", "failures"):
+                    seen[key] = int(seen.get(key) or 0) + int(service.get(key) or 0)
+    merged["services"] = list(services.values())
+    return merged
 
 
 def _policy_message(policy: Policy) -> dict[str, Any]:

@@ -170,3 +170,16 @@ def test_a_workers_log_lines_are_logged_again_at_their_level_under_its_pid(tmp_p
     mine = [(e["log_level"], formatEvent(e)) for e in events if e.get("pid") == 101]
     assert mine == [(LogLevel.warn, "worker 101: upstream error for http://a.test/"),
                     (LogLevel.error, "worker 101: Traceback (most recent call last)")]
+
+
+def test_the_workers_scanners_add_up():
+    from safesquid_tw.workers.pool import merge_antivirus
+
+    one = {"enabled": True, "fail_mode": "block", "scans": 2, "detections": 1, "failures": 0, "unscanned": 0,
+           "cache_entries": 1, "cache_hits": 0,
+           "services": [{"url": "icap://a/", "state": "up", "scans": 2, "detections": 1, "failures": 0}]}
+    two = {**one, "scans": 3, "detections": 0, "services": [{**one["services"][0], "scans": 3, "detections": 0}]}
+    merged = merge_antivirus([one, two])
+    assert (merged["scans"], merged["detections"]) == (5, 1)
+    assert merged["services"] == [{"url": "icap://a/", "state": "up", "scans": 5, "detections": 1, "failures": 0}]
+    assert merge_antivirus([]) is None
