@@ -33,7 +33,12 @@ STATUS_INTERVAL = 1.0  # seconds between the counts a worker sends its parent
 
 
 def config_to_json(config: NodeConfig) -> dict[str, Any]:
-    return attrs.asdict(config, recurse=True)
+    """What a worker needs of the node's settings. It goes on the worker's command line, which any
+    local user may read: what a worker has no use for, and might hold a secret (a database URL
+    with a password), is left out."""
+    needed = attrs.evolve(config, report_store="sqlite", report_read_url=None, report_store_password_file=None,
+                          activation_key_file=None, metrics_token_file=None, master=None)
+    return attrs.asdict(needed, recurse=True)
 
 
 def config_from_json(data: dict[str, Any]) -> NodeConfig:
@@ -171,6 +176,8 @@ class Worker:
             self._pending = message
             if self._applying is None:
                 self._apply_next()
+        elif kind == "closing":
+            self.factory.closing = True  # the node is stopping: close after each response
         elif kind == "drain":
             self.service.drain()
         elif kind == "resume":

@@ -5,6 +5,7 @@ Parent -> worker (the worker's stdin):
   {"t": "listen"}                     accept connections once the policy sent before is in force
   {"t": "drain"} / {"t": "resume"} / {"t": "hup"}                 tasks and SIGHUP
   {"t": "ca"}                                                     the inspection CA changed on disk
+  {"t": "closing"}          the node is stopping: every connection closes after its response
 Worker -> parent (the worker's stdout; its stderr carries its event log lines):
   {"t": "hello", "pid": int}
   {"t": "accepting"}                                              taking connections from now on

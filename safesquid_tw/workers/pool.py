@@ -323,6 +323,8 @@ class WorkerPool(Service):
     @defer.inlineCallbacks
     def stopService(self):
         super().stopService()
+        # Keep-alive clients reconnect (to another node, through the balancer) after each response.
+        self._send_all({"t": "closing"})
         if self.stop_grace_seconds > 0:
             # /health already says 503; the workers keep serving so balancers move away first.
             d: defer.Deferred = defer.Deferred()

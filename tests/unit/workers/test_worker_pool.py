@@ -183,3 +183,9 @@ def test_the_workers_scanners_add_up():
     assert (merged["scans"], merged["detections"]) == (5, 1)
     assert merged["services"] == [{"url": "icap://a/", "state": "up", "scans": 5, "detections": 1, "failures": 0}]
     assert merge_antivirus([]) is None
+
+
+def test_a_database_url_never_reaches_a_workers_command_line():
+    config = NodeConfig(report_store="postgresql://u:secret@db/reports", report_read_url="postgresql://u:s@r/x")
+    text = json.dumps(config_to_json(config))
+    assert "secret" not in text and "postgresql" not in text
