@@ -114,9 +114,11 @@ def test_a_killed_worker_is_replaced_while_requests_keep_succeeding(node_factory
 
 def test_a_policy_reload_reaches_every_worker(node_factory, origins):
     node = node_factory.start(policy=harness.make_policy(), args=WORKERS, name="workers")
-    wait_workers(node, running_with_policy(1), "two running workers")
+    workers = wait_workers(node, running_with_policy(1), "two running workers")
     node.reload(harness.make_policy(rules=[{"name": "no-blocked", "action": "deny", "domains": ["blocked.test"]}]))
     wait_workers(node, running_with_policy(2), "both workers on version 2")
+    for worker in workers:  # SIGHUP reached each of them
+        node.wait_for_extended(lambda line, pid=worker["pid"]: f"worker {pid}: SIGHUP from the node" in line)
     for _ in range(10):  # whichever worker takes the connection
         harness.assert_blocked(harness.proxy_request(node, "GET", "http://blocked.test/"), "no-blocked")
 
