@@ -76,6 +76,7 @@ class NodeConfig:
     report_store: str = "sqlite"  # or postgresql://user@host:port/dbname (master, standalone)
     report_read_url: str | None = None  # a read replica for report pages and searches
     report_store_password_file: str | None = None
+    workers: int = 1  # proxy worker processes sharing the --listen sockets (standalone, slave)
 
     @property
     def serves_proxy(self) -> bool:

@@ -32,11 +32,14 @@ class NodeState:
     policy_since: float | None = None  # epoch seconds the policy in force was installed here
     # The anti-virus scanner's figures (Scanner.health) on nodes that proxy: None when it is off.
     antivirus: Callable[[], dict] | None = attrs.field(default=None, repr=False, eq=False)
+    # More conditions for "ready" (a node with --workers: some worker takes connections).
+    ready_gates: list[Callable[[], bool]] = attrs.field(factory=list, repr=False, eq=False)
 
     @property
     def ready(self) -> bool:
         """Able to take traffic: a policy is loaded and the node is neither draining nor stopping."""
-        return self.policy_version is not None and not self.draining and not self.shutting_down
+        return (self.policy_version is not None and not self.draining and not self.shutting_down
+                and all(gate() for gate in self.ready_gates))
 
     @property
     def status(self) -> str:
@@ -45,7 +48,7 @@ class NodeState:
             return "stopping"
         if self.draining:
             return "draining"
-        if self.policy_version is None:
+        if self.policy_version is None or not all(gate() for gate in self.ready_gates):
             return "starting"
         return "ready"
 

@@ -2,7 +2,7 @@
 
 Each part of a node that can reload registers a step (`add`): every role reopens its log files
 (so an outside logrotate can move them away); a standalone node, and a master started with
-`--policy`, load their policy file again (`node.PolicyFileService`, which this service chains
+`--policy`, load their policy file again (`assembly.parts.PolicyFileService`, which this service chains
 to); a slave asks its master for the current policy version at once. A step that fails is logged
 in one line and the others still run.
 """

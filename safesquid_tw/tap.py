@@ -102,6 +102,8 @@ class Options(usage.Options):
     ] + [
         ["metrics-token-file", None, None,
          "file whose first line is a bearer token GET /metrics then requires (at least 16 characters)"],
+        ["workers", None, "1",
+         "proxy worker processes sharing the --listen sockets (standalone, slave): N, or auto for one per usable CPU"],
     ]
 
     def __init__(self) -> None:
@@ -273,6 +275,7 @@ def options_to_config(opts: usage.Options) -> NodeConfig:
             raise usage.UsageError(f"--metrics-token-file: {e}")
     if opts["node-name"]:
         fields["node_name"] = opts["node-name"]
+    fields["workers"] = _workers(opts["workers"], role)
     config = NodeConfig(**fields)
     config = _with_saved_startup_params(config)
     if config.policy_file:
@@ -283,6 +286,24 @@ def options_to_config(opts: usage.Options) -> NodeConfig:
         except (OSError, PolicyError) as e:
             raise usage.UsageError(f"--policy {config.policy_file}: {e}")
     return config
+
+
+def _workers(value: str, role: str) -> int:
+    """--workers N|auto: auto is one per CPU this process may use (its affinity)."""
+    if value == "auto":
+        from safesquid_tw.workers.pool import cpu_count
+
+        count = cpu_count()
+    else:
+        try:
+            count = int(value)
+        except ValueError:
+            raise usage.UsageError(f"--workers must be a whole number or auto, not {value!r}")
+        if not 1 <= count <= 256:
+            raise usage.UsageError("--workers must be between 1 and 256")
+    if role == "master":
+        return 1  # a master carries no traffic
+    return count
 
 
 def _check_kerberos(opts: usage.Options, role: str) -> None:
@@ -341,7 +362,7 @@ def _with_saved_startup_params(config: NodeConfig) -> NodeConfig:
 
 
 def makeService(options: Options) -> IService:
-    from safesquid_tw.node import build_node_service
+    from safesquid_tw.assembly.roles import build_node_service
     from safesquid_tw.statedir import state_dir_problem
 
     if (problem := state_dir_problem(options.config.state_dir)) is not None:

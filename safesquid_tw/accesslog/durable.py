@@ -22,11 +22,12 @@ import time
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from safesquid_tw.accesslog.spool import Spool
 from safesquid_tw.util.periodic import Periodic
+from safesquid_tw.util.threads import ThreadRunner, reactor_pool
 
 log = Logger()
 
@@ -49,8 +50,10 @@ class SpoolWriter(Service):
         piece_bytes: int = PIECE_BYTES,
         retry_interval: float = 1.0,
         wall_clock=time.time,
+        in_thread: ThreadRunner = reactor_pool,
     ) -> None:
         self.reactor = reactor
+        self.in_thread = in_thread  # where fsync runs
         self.spool = spool
         self.memory_bytes = memory_bytes
         self.piece_bytes = piece_bytes
@@ -137,7 +140,7 @@ class SpoolWriter(Service):
 
     def sync(self) -> defer.Deferred:
         """fsync (and the cap) in a worker thread; failures are counted and logged, not raised."""
-        d = threads.deferToThread(self.spool.sync)
+        d = self.in_thread(self.spool.sync)
         d.addCallbacks(self._synced, self._sync_failed)
         return d
 

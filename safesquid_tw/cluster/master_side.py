@@ -10,14 +10,16 @@ about new policy versions, send tasks and check that it is still alive.
 from __future__ import annotations
 
 import ipaddress
+import time
 from typing import Callable
 
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.spread import pb
 from zope.interface import implementer
 
 from safesquid_tw.cluster import wire
+from safesquid_tw.util.threads import ThreadRunner, reactor_pool
 from safesquid_tw.icap import status as antivirus_status
 from safesquid_tw.cluster.keyproof import (
     ClusterKey,
@@ -66,8 +68,12 @@ class ControlPlane:
         record_dropped: Callable[[str, int], None] | None = None,
         keepalive: float = 10.0,
         guard=None,
+        in_thread: ThreadRunner = reactor_pool,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.reactor = reactor
+        self.in_thread = in_thread  # where report ingest (SQLite/PostgreSQL) runs
+        self.wall_clock = wall_clock  # compared with each slave's clock
         self.guard = guard  # guard.ControlGuard: refusal counters, per-source log and proof limits
         self.key = key
         self.version = version
@@ -319,13 +325,13 @@ class SlaveAvatar(pb.Referenceable):
             log.warn("slave {node} dropped {n} access records in all while the master was away",
                      node=self.name, n=dropped)
             if self.plane.record_dropped is not None:
-                threads.deferToThread(self.plane.record_dropped, self.name, dropped).addErrback(
+                self.plane.in_thread(self.plane.record_dropped, self.name, dropped).addErrback(
                     lambda f: log.failure("recording dropped records", f))
         rec.dropped_records = dropped
         rec.requests_total = counters.get("requests_total", rec.requests_total)
         rec.requests_per_second = float(status.get("requests_per_second", 0.0))
         if "clock" in status:
-            rec.clock_offset = round(status["clock"] - _wall(), 3)
+            rec.clock_offset = round(status["clock"] - self.plane.wall_clock(), 3)
         rec.draining = bool(status.get("draining", False))
         detail = status.get("detail") or None
         rec.spool_problem = detail if detail and detail.startswith("spool") else None
@@ -338,6 +344,7 @@ class SlaveAvatar(pb.Referenceable):
         rec.policy_digest = status.get("policy_digest")
         rec.policy_source = status.get("policy_source")
         rec.antivirus = antivirus_status.from_wire(status.get("antivirus", []))
+        rec.workers = [{**w, "policy_version": w["policy_version"] or None} for w in status.get("workers", [])]
         return None
 
     @wire.checked("avatar")
@@ -394,7 +401,7 @@ class SlaveAvatar(pb.Referenceable):
         ingest = self.plane.ingest
         if ingest is None:
             raise ClusterRefused("this master keeps no reports")
-        d = threads.deferToThread(ingest, self.name, segment, first_seq, records)
+        d = self.plane.in_thread(ingest, self.name, segment, first_seq, records)
         d.addCallback(self._ingested)
         return d
 
@@ -404,8 +411,3 @@ class SlaveAvatar(pb.Referenceable):
         counts[self.name] = counts.get(self.name, 0) + result.inserted
         return result.inserted
 
-
-def _wall() -> float:
-    import time
-
-    return time.time()

@@ -11,10 +11,11 @@ from __future__ import annotations
 from typing import Callable
 
 from twisted.application.service import Service
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from safesquid_tw.accesslog.spool import Batch, Spool
+from safesquid_tw.util.threads import ThreadRunner, reactor_pool
 
 log = Logger()
 
@@ -24,8 +25,10 @@ Sender = Callable[[Batch], defer.Deferred]
 class LogShipper(Service):
     name = "log-shipper"
 
-    def __init__(self, reactor, spool: Spool, *, interval: float = 0.5, seal_after: float = 1.0) -> None:
+    def __init__(self, reactor, spool: Spool, *, interval: float = 0.5, seal_after: float = 1.0,
+                 in_thread: ThreadRunner = reactor_pool) -> None:
         self.reactor = reactor
+        self.in_thread = in_thread  # where the spool's disk work runs
         self.spool = spool
         self.interval = interval
         self.seal_after = seal_after
@@ -85,26 +88,26 @@ class LogShipper(Service):
         sealed = spool.sealed_segments()
         writer = self.writer
         if writer is None and spool.flush_due():
-            await threads.deferToThread(spool.flush)
+            await self.in_thread(spool.flush)
         # Seal the open segment once records have stopped arriving for a moment, or when
         # shipping is possible and nothing sealed waits: records should not linger unshipped.
         if backlog and (now - self._unchanged_since >= self.seal_after or (self.sender and not sealed)):
             if writer is None:
-                await threads.deferToThread(spool.seal)
+                await self.in_thread(spool.seal)
             elif writer.writable:
                 spool.request_seal()  # a rename, done by the writer on this (reactor) thread
                 writer.write_now()
         if self.sender is None:
             return
         for segment in spool.sealed_segments():
-            batches = await threads.deferToThread(lambda: list(spool.read_batches(segment)))
+            batches = await self.in_thread(lambda: list(spool.read_batches(segment)))
             for batch in batches:
                 sender = self.sender
                 if sender is None:
                     return
                 await sender(batch)
                 self.shipped_records += len(batch.records)
-            await threads.deferToThread(spool.acknowledge, segment)
+            await self.in_thread(spool.acknowledge, segment)
             if self.last_error is not None:
                 log.info("shipping access records resumed")
                 self.last_error = None
@@ -115,7 +118,7 @@ class LogShipper(Service):
             self._call.cancel()
         if self._running is not None:
             await self._running
-        await threads.deferToThread(self.spool.close)
+        await self.in_thread(self.spool.close)
 
     def stopService(self):
         super().stopService()

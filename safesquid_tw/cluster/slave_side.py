@@ -133,11 +133,14 @@ class ClusterClient(MultiService):
         keepalive: float = 10.0,
         poll_interval: float = 60.0,
         source_address: str | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         """`source_address`: the local address the control-plane connection leaves from (what
-        the master's allow list sees)."""
+        the master's allow list sees). `wall_clock`: the time of day /health and the master are
+        told (connected since, this node's clock)."""
         super().__init__()
         self.reactor = reactor
+        self.wall_clock = wall_clock
         self.master = master
         self.key = key
         self.version = version
@@ -152,7 +155,7 @@ class ClusterClient(MultiService):
         self.poll_interval = poll_interval
         self.avatar = None
         self.connected_since: float | None = None
-        self.disconnected_since: float | None = time.time()  # not connected yet, since start
+        self.disconnected_since: float | None = wall_clock()  # not connected yet, since start
         self._syncing: defer.Deferred | None = None
         self._sync_again = False
         self._timers: list = []
@@ -262,7 +265,7 @@ class ClusterClient(MultiService):
             _drop(broker)
             raise
         self.avatar = answer["avatar"]
-        self.connected_since = time.time()
+        self.connected_since = self.wall_clock()
         self._endpoint.reached()
         broker.notifyOnDisconnect(lambda: self._lost(broker))
         log.info("connected to the master at {master}", master=self.master)
@@ -273,7 +276,7 @@ class ClusterClient(MultiService):
 
     def _lost(self, broker) -> None:
         self.avatar = None
-        self.disconnected_since = time.time()
+        self.disconnected_since = self.wall_clock()
         self.shipper.set_sender(None)
         for call in self._timers:
             if call.active():
@@ -345,7 +348,7 @@ class ClusterClient(MultiService):
                 "dropped_records": spool.dropped_records,
                 "requests_total": int(extra.get("requests_total", 0)),
             },
-            "clock": time.time(),
+            "clock": self.wall_clock(),
             "draining": state.draining,
             "ready": state.ready,
             "requests_per_second": float(extra.get("requests_per_second", 0.0)),
@@ -356,6 +359,13 @@ class ClusterClient(MultiService):
             status["policy_source"] = state.policy_source
         if extra.get("directory"):
             status["directory"] = extra["directory"]
+        workers = state.health_parts.get("workers")
+        if workers is not None:
+            status["workers"] = [
+                {"pid": int(w["pid"] or 0), "state": str(w["state"])[:16], "policy_version": w["policy_version"] or 0,
+                 "connections": int(w["connections"])}
+                for w in workers()[:wire.MAX_WORKERS]
+            ]
         writer = getattr(self.shipper, "writer", None)
         if writer is not None and not writer.writable:
             status["detail"] = f"spool not writable: {writer.reason}"[:1000]
@@ -412,7 +422,6 @@ class ClusterClient(MultiService):
             log.error("refused policy version {version} from the master: {why}", version=version, why=str(e))
             await self._call("policy_applied", version, False, str(e)[:4000])
             return
-        self.state.policy_source = "master"
         log.info("policy version {version} ({digest}) from the master is in force ({why})",
                  version=version, digest=policy.digest, why=why)
         await self._call("policy_applied", version, True, "")

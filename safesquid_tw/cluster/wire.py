@@ -96,6 +96,9 @@ ANTIVIRUS_SERVICE = Record({
     "url": Text(1024), "state": Text(16), "istag": Text(256), "scans": Int(), "detections": Int(),
     "failures": Int(), "latency_ms": Float(-1.0),
 })
+# One worker process of a slave started with --workers (safesquid_tw/workers/pool.py).
+WORKER_STATUS = Record({"pid": Int(), "state": Text(16), "policy_version": Int(0, MAX_INT), "connections": Int()})
+MAX_WORKERS = 256
 SLAVE_STATUS = Record(
     {
         "policy_version": Int(0, MAX_INT),  # 0: the slave has no policy yet
@@ -112,10 +115,11 @@ SLAVE_STATUS = Record(
         "requests_per_second": Float(),
         "directory": Text(300),  # the user directory as this node sees it (absent: none)
         "antivirus": ListOf(ANTIVIRUS_SERVICE, 16),
+        "workers": ListOf(WORKER_STATUS, MAX_WORKERS),  # sent only by a node with --workers
     },
     optional=frozenset(
         {"counters", "detail", "clock", "policy_digest", "policy_source", "draining", "ready", "requests_per_second",
-         "directory", "antivirus"}
+         "directory", "antivirus", "workers"}
     ),
 )
 TASK_NAME = Text(16, re.compile(r"reload|drain|resume"), "one of reload, drain, resume")

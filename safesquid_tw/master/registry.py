@@ -50,6 +50,7 @@ class SlaveRecord:
     directory: str | None = None  # the user directory as the node sees it; None: no directory
     spool_problem: str | None = None  # why the slave cannot write its spool, while it cannot
     antivirus: list = attrs.field(factory=list)  # the slave's ICAP services (icap/status.py)
+    workers: list = attrs.field(factory=list)  # its worker processes (--workers): pid, state, version
 
     def warnings(self, current_version: int | None) -> list[str]:
         out = []
@@ -70,6 +71,9 @@ class SlaveRecord:
         if self.directory and self.directory.startswith("unreachable"):
             out.append(f"user directory {self.directory}")
         out.extend(antivirus_status.warnings(self.antivirus))
+        behind = [w for w in self.workers if w.get("state") != "exited" and w.get("policy_version") != self.policy_version]
+        if behind:
+            out.append(f"{len(behind)} worker(s) not on version {self.policy_version} yet")
         return out
 
     def as_json(self, current_version: int | None = None) -> dict[str, Any]:

@@ -48,6 +48,7 @@ class PolicyStore:
         self.cache_path = self.directory / "current.json"
         self.current: Policy | None = None
         self.current_source: str | None = None
+        self.current_from_cache = False  # the current version was read from the cache file at start
         self._clock = clock
         self._observers: list[Callable[[Policy], None]] = []
         # Where new versions are prepared: synchronous until the node hands in its thread pool.
@@ -81,7 +82,7 @@ class PolicyStore:
             moved_to = self._set_aside()
             raise PolicyCacheCorrupt(str(self.cache_path), moved_to, str(e)) from None
         self.current_bytes = None
-        self._swap(policy, source)
+        self._swap(policy, source, from_cache=True)
         return policy
 
     def _parse_cache(self, data: bytes) -> tuple[Policy, str]:
@@ -214,9 +215,10 @@ class PolicyStore:
         atomic_write(self.cache_path, record_bytes(fields, "policy", data), mode=0o600)
         return data
 
-    def _swap(self, policy: Policy, source: str) -> None:
+    def _swap(self, policy: Policy, source: str, *, from_cache: bool = False) -> None:
         self.current = policy
         self.current_source = source
+        self.current_from_cache = from_cache
         for observer in list(self._observers):
             try:
                 observer(policy)
@@ -242,3 +244,17 @@ class Prepared:
 
 
 __all__ = ["PolicyCacheCorrupt", "PolicyStore", "Prepared"]
+
+
+def source_kind(source: str | None, *, from_cache: bool = False) -> str | None:
+    """Who set the current version, as /health and the cluster view say it: "cache" (read at
+    start), "master", "file" (a policy file), or "portal" (the portal, the API, a rollback)."""
+    if source is None:
+        return None
+    if from_cache:
+        return "cache"
+    if source == "master":
+        return "master"
+    if source.startswith("file "):
+        return "file"
+    return "portal"

@@ -217,8 +217,12 @@ class ProxyService(Service):
     name = "proxy"
 
     def __init__(self, reactor, endpoint: str | tuple[str, ...], factory: ProxyFactory, resolver: Resolver,
-                 *, stop_grace: float = 0.0, proxy_protocol_from: str | None = None) -> None:
+                 *, stop_grace: float = 0.0, proxy_protocol_from: str | None = None, drain_grace: float = 10.0,
+                 state=None) -> None:
         self.stop_grace = stop_grace
+        self.drain_grace = drain_grace  # a drain task: seconds before new connections are refused
+        self.state = state  # the NodeState whose `draining` /health reports, if any
+        self._drain_call = None
         self.reactor = reactor
         self.endpoints = (endpoint,) if isinstance(endpoint, str) else tuple(endpoint)
         self.endpoint = self.endpoints[0]
@@ -256,9 +260,44 @@ class ProxyService(Service):
                  kind=" (PROXY protocol)" if proxied else "")
         done.callback(port)
 
+    # -- drain and resume (the master's tasks; also the first steps of a stop) ---------------
+    def drain(self) -> str:
+        """Leave the load balancer's rotation: /health says 503 at once, every connection closes
+        after its current response, and after `drain_grace` new connections are refused while
+        requests in flight finish. `resume` undoes it."""
+        if self.state is not None:
+            self.state.draining = True
+        self.factory.closing = True  # keep-alive clients reconnect (elsewhere) after each response
+        self._cancel_drain_call()
+        self._drain_call = self.reactor.callLater(self.drain_grace, self._refuse_new)
+        log.info("draining: /health says 503; new connections refused in {grace} s", grace=self.drain_grace)
+        return f"draining; new connections refused in {self.drain_grace:g} s"
+
+    def resume(self) -> str:
+        if self.state is not None:
+            self.state.draining = False
+        self._cancel_drain_call()
+        self.factory.draining = False
+        self.factory.closing = False
+        log.info("resumed: taking traffic again")
+        return "resumed"
+
+    def _cancel_drain_call(self) -> None:
+        if self._drain_call is not None and self._drain_call.active():
+            self._drain_call.cancel()
+        self._drain_call = None
+
+    def _refuse_new(self) -> None:
+        self._drain_call = None
+        self.factory.draining = True
+        for conn in list(self.factory.connections):
+            conn.drain(1.0)
+        log.info("drained: new connections are refused, requests in flight finish")
+
     @defer.inlineCallbacks
     def stopService(self):
         super().stopService()
+        self._cancel_drain_call()
         factory = self.factory
         # First the grace: /health already says 503, load balancers move clients away, and
         # every connection closes after its next response, all while everything is still served.

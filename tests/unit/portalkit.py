@@ -17,7 +17,7 @@ from twisted.internet.task import Clock
 from twisted.web.resource import Resource
 from treq.testing import StubTreq
 
-from safesquid_tw.master.history import PolicyHistory
+from safesquid_tw.policy.history import PolicyHistory
 from safesquid_tw.nodestate import NodeState
 from safesquid_tw.policy.store import PolicyStore
 from safesquid_tw.portal.app import PortalContext, build_portal_site

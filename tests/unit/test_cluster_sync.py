@@ -39,7 +39,8 @@ from safesquid_tw.policy.errors import PolicyError
 from safesquid_tw.policy.store import PolicyStore
 from safesquid_tw.portal.health import HealthResource
 from safesquid_tw.reporting.store import ReportStore
-from safesquid_tw.slave.service import build_proxy_node
+from safesquid_tw.assembly.base import state_follows_store
+from safesquid_tw.assembly.roles import build_node_service
 
 KEY = ClusterKey.from_activation_key("unit-test-cluster-key")
 OTHER_KEY = ClusterKey.from_activation_key("some-other-cluster-key")
@@ -119,7 +120,7 @@ class Slave:
         self.name = name
         self.store = PolicyStore(self.root)
         self.state = NodeState(role="slave", node=name)
-        self.store.add_observer(self._applied)
+        state_follows_store(self.state, self.store, now=clock.seconds)
         self.spool = Spool(self.root / "spool", node=name, segment_bytes=64 * 1024, cap_bytes=1 << 20)
         self.shipper = LogShipper(clock, self.spool)
         self.shipper.startService()
@@ -130,10 +131,6 @@ class Slave:
             status_extra=lambda: {"requests_total": 7, "requests_per_second": 1.5},
             on_task=self._task, keepalive=keepalive, poll_interval=poll_interval,
         )
-
-    def _applied(self, applied) -> None:
-        self.state.policy_version = applied.version
-        self.state.policy_digest = applied.digest
 
     def _task(self, task: str) -> str:
         self.tasks.append(task)
@@ -413,7 +410,7 @@ def test_drain_turns_health_503_then_refuses_new_connections_and_resume_undoes_i
     config = NodeConfig(role="slave", master="127.0.0.1:8888", activation_key_file=str(key_file),
                         state_dir=str(tmp_path / "slave"), node_name="slave1", drain_grace=10.0,
                         listen="tcp:0:interface=127.0.0.2", portal="tcp:0:interface=127.0.0.2")
-    node = build_proxy_node(config, reactor)
+    node = build_node_service(config, reactor)
     node.policy_store.apply_document(policy(), source="test")
     state, factory, client = node.node_state, node.proxy_factory, node.cluster_client
     assert _health_status(state) == 200 and _new_client_connection(factory) == b""

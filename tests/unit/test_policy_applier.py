@@ -7,7 +7,7 @@ import threading
 
 from twisted.internet import defer
 
-from safesquid_tw.master.history import PolicyHistory
+from safesquid_tw.policy.history import PolicyHistory
 from safesquid_tw.policy.applier import PolicyApplier, PolicySuperseded, synchronous_runner
 from safesquid_tw.policy.codec import canonical_bytes
 from safesquid_tw.policy.errors import PolicyError

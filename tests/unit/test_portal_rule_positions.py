@@ -8,7 +8,7 @@ import json
 import pytest
 from portalkit import Portal
 
-from safesquid_tw.master.history import PolicyHistory
+from safesquid_tw.policy.history import PolicyHistory
 from safesquid_tw.policy.store import PolicyStore
 from safesquid_tw.portal.filereload import discarded_warning, replaced_comment, versions_the_file_replaces
 from safesquid_tw.portal.positions import move_to, parse_position

@@ -10,7 +10,8 @@ from twisted.application.service import MultiService
 from twisted.internet import defer, reactor, task
 
 from safesquid_tw.config import NodeConfig
-from safesquid_tw.node import NodeBase
+from safesquid_tw.assembly.base import NodeBase
+from safesquid_tw.util.threads import reactor_pool
 from safesquid_tw.reporting.store import ReportStore
 
 
@@ -35,7 +36,9 @@ def test_records_past_the_retention_go_and_newer_ones_stay(store):
     now = time.time()
     store.ingest("n1", 1, 0, [record(now - 10 * 86400, "http://old.test/"), record(now - 3600, "http://new.test/")])
     clock = task.Clock()
-    base = types.SimpleNamespace(config=NodeConfig(report_retention_days=7), reactor=clock, top=MultiService())
+    clock.advance(now)
+    base = types.SimpleNamespace(config=NodeConfig(report_retention_days=7), reactor=clock, top=MultiService(),
+                                 in_thread=reactor_pool)
     NodeBase.report_retention(base, store)
     base.top.startService()  # the first run is at start-up; the work itself runs in a thread
     for _ in range(100):

@@ -10,6 +10,7 @@ import pytest
 from twisted.internet import defer, threads
 from twisted.internet.task import Clock
 
+from safesquid_tw.util.threads import inline
 from safesquid_tw.accesslog.spool import Batch, Spool
 from safesquid_tw.cluster.shipper import LogShipper
 from safesquid_tw.reporting.store import ReportStore
@@ -68,7 +69,7 @@ class Sender:
 
 
 def started(clock: Clock, spool: Spool) -> LogShipper:
-    shipper = LogShipper(clock, spool, interval=INTERVAL, seal_after=SEAL_AFTER)
+    shipper = LogShipper(clock, spool, interval=INTERVAL, seal_after=SEAL_AFTER, in_thread=inline)
     shipper.startService()
     return shipper
 

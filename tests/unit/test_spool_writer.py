@@ -12,6 +12,7 @@ import pytest
 from twisted.internet import defer, threads
 from twisted.internet.task import Clock
 
+from safesquid_tw.util.threads import inline
 from safesquid_tw.accesslog import spool as spool_module
 from safesquid_tw.accesslog.durable import SpoolWriter
 from safesquid_tw.accesslog.segment import scan_segment
@@ -60,7 +61,7 @@ class Disk:
 
 def make(tmp_path, clock, **kwargs):
     spool = Spool(tmp_path / "spool", node="n1", segment_bytes=1 << 20, cap_bytes=64 << 20)
-    writer = SpoolWriter(clock, spool, wall_clock=clock.seconds, **kwargs)
+    writer = SpoolWriter(clock, spool, wall_clock=clock.seconds, in_thread=inline, **kwargs)
     writer.startService()
     return spool, writer
 

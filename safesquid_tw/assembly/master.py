@@ -19,7 +19,7 @@ from safesquid_tw.cluster.master_side import ControlPlane, ControlRoot
 from safesquid_tw.config import NodeConfig, read_activation_key
 from safesquid_tw.master.registry import SlaveRegistry
 from safesquid_tw.metrics.collectors import ClusterCollector
-from safesquid_tw.node import NodeBase
+from safesquid_tw.assembly.base import NodeBase
 from safesquid_tw.reporting.recordcheck import QuarantineFile, quarantining
 from safesquid_tw.resources import sample_policy_path
 

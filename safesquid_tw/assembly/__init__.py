@@ -1,0 +1,1 @@
+"""How a node is assembled from services, per role: see roles.py."""

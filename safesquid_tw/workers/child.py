@@ -1,0 +1,280 @@
+"""One worker process: the forward proxy alone, on sockets its node bound and handed down.
+
+Everything that must be one per node (control-plane link, policy store and cache, spool and
+shipper, portal, /health, metrics) stays in the parent; a worker gets its policy versions and
+tasks over stdin and sends its access records, policy acknowledgements and counts over stdout
+(workers/frames.py). Its event log goes to stderr, which the parent logs under the worker's pid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+import attrs
+from twisted.internet import defer
+from twisted.logger import FileLogObserver, Logger, eventAsText, globalLogBeginner
+
+from safesquid_tw.accesslog.record import AccessRecord
+from safesquid_tw.config import Limits, NodeConfig
+from safesquid_tw.policy.codec import digest
+from safesquid_tw.policy.compiled import Policy, compile_policy
+from safesquid_tw.policy.errors import PolicyError
+from safesquid_tw.policy.validate import validate_document
+from safesquid_tw.workers.frames import FramedStdio
+
+log = Logger()
+
+STATUS_INTERVAL = 1.0  # seconds between the counts a worker sends its parent
+
+
+def config_to_json(config: NodeConfig) -> dict[str, Any]:
+    """What a worker needs of the node's settings. It goes on the worker's command line, which any
+    local user may read: what a worker has no use for, and might hold a secret (a database URL
+    with a password), is left out."""
+    needed = attrs.evolve(config, report_store="sqlite", report_read_url=None, report_store_password_file=None,
+                          activation_key_file=None, metrics_token_file=None, master=None)
+    return attrs.asdict(needed, recurse=True)
+
+
+def config_from_json(data: dict[str, Any]) -> NodeConfig:
+    fields = dict(data)
+    fields["limits"] = Limits(**fields["limits"])
+    fields["more_listen"] = tuple(fields.get("more_listen", ()))
+    return NodeConfig(**fields)
+
+
+def record_to_json(record: AccessRecord) -> dict[str, Any]:
+    return attrs.asdict(record, recurse=False)
+
+
+def record_from_json(data: dict[str, Any]) -> AccessRecord:
+    fields = dict(data)
+    fields["dlp"] = tuple(fields.get("dlp") or ())
+    fields["groups"] = tuple(fields.get("groups") or ())
+    return AccessRecord(**fields)
+
+
+class PolicyHolder:
+    """The worker's side of the policy store: the version it serves and who follows it."""
+
+    def __init__(self) -> None:
+        self.current: Policy | None = None
+        self._observers: list = []
+
+    def add_observer(self, fn) -> None:
+        self._observers.append(fn)
+
+    def install(self, policy: Policy) -> None:
+        self.current = policy
+        for fn in list(self._observers):
+            try:
+                fn(policy)
+            except Exception:
+                log.failure("policy observer failed on version {version}", version=policy.version)
+
+
+def compile_sent(message: dict[str, Any]) -> Policy:
+    """The version the parent sent, validated and compiled here (a thread); its digest checked."""
+    canonical = validate_document(message["doc"])
+    actual = digest(canonical)
+    if actual != message["digest"]:
+        raise PolicyError("(worker)", f"digest {actual} is not the {message['digest']} sent")
+    return Policy(version=int(message["version"]), digest=actual, document=canonical,
+                  compiled=compile_policy(canonical))
+
+
+class Worker:
+    def __init__(self, reactor, config: NodeConfig, sockets: list[dict[str, Any]]) -> None:
+        from safesquid_tw.proxy.resolver import Resolver
+        from safesquid_tw.proxy.service import ProxyFactory
+
+        self.reactor = reactor
+        self.config = config
+        self.sockets = sockets
+        self.policy = PolicyHolder()
+        self.pipe = FramedStdio(self.received, self.parent_gone)
+        limits = config.limits
+        self.resolver = Resolver(reactor, threads_max=limits.dns_threads, timeout=limits.dns_timeout,
+                                 ttl=limits.dns_cache_ttl)
+        from safesquid_tw.assembly.proxynode import negotiate_acceptor
+
+        self.factory = ProxyFactory(
+            reactor=reactor, limits=limits, node_name=config.node_name,
+            current_policy=lambda: self.policy.current, record_sink=self.send_record,
+            resolver=self.resolver, negotiate=negotiate_acceptor(config),
+        )
+        self.policy.add_observer(lambda policy: self.factory.antivirus.configure(policy.compiled.antivirus))
+        self.ports: list = []
+        self.stopping = False
+        self._applying: defer.Deferred | None = None
+        self._pending: dict[str, Any] | None = None
+        self.service = None
+        self.ca_store = None
+        self.listen_asked = False  # the parent said: accept once the policy it sent is in force
+        self.accepting = False
+
+    # -- start ----------------------------------------------------------------------------
+    def start(self) -> None:
+        from twisted.internet import stdio
+
+        from safesquid_tw.proxy.service import ProxyService
+
+        stdio.StandardIO(self.pipe, reactor=self.reactor)
+        self.pipe.send({"t": "hello", "pid": os.getpid()})
+        config = self.config
+        # The service owns drain, resume and the graceful stop; its ports are the adopted ones.
+        self.service = ProxyService(self.reactor, config.listen_endpoints, self.factory, self.resolver,
+                                    stop_grace=0.0, drain_grace=config.drain_grace)
+        self.resolver.start()
+        self.factory.auth_pool.start()
+        self._interception()
+        self.reactor.callLater(STATUS_INTERVAL, self.send_status)
+
+    def accept(self) -> None:
+        """Adopt the node's sockets: from now on this worker takes connections. Called once the
+        first policy the parent sent is in force, so a new worker never answers without it."""
+        from safesquid_tw.proxy.proxyheader import ProxyHeaderFactory, parse_networks
+
+        if self.accepting or self.stopping:
+            return
+        self.accepting = True
+        config = self.config
+        allowed = parse_networks(config.proxy_protocol_from) if config.proxy_protocol_from else None
+        for item in self.sockets:
+            factory = self.factory
+            if item["proxied"]:
+                factory = ProxyHeaderFactory(self.factory, reactor=self.reactor, allowed=allowed,
+                                             timeout=config.limits.first_byte_timeout)
+            family = socket.AF_INET6 if item["family"] == 6 else socket.AF_INET
+            port = self.reactor.adoptStreamPort(item["fd"], family, factory)
+            os.close(item["fd"])  # adoptStreamPort duplicated it
+            host = port.getHost()
+            self.factory.listening.append((host.host, host.port))
+            self.service.ports.append(port)
+        self.service.running = True
+        self.pipe.send({"t": "accepting"})
+
+    def _interception(self) -> None:
+        from pathlib import Path
+
+        from safesquid_tw.proxy.intercept.wiring import install_interception, open_ca_store
+
+        self.ca_store = ca_store = open_ca_store(Path(self.config.state_dir), self.config.node_name, create=False)
+        mint = install_interception(self.factory, self.reactor, ca_store, self.policy,
+                                    upstream_ca_file=self.config.upstream_ca_file)
+        mint.startService()
+
+    # -- from the parent ------------------------------------------------------------------
+    def received(self, message: dict[str, Any]) -> None:
+        kind = message["t"]
+        if kind == "policy":
+            self._pending = message
+            if self._applying is None:
+                self._apply_next()
+        elif kind == "closing":
+            self.factory.closing = True  # the node is stopping: close after each response
+        elif kind == "drain":
+            self.service.drain()
+        elif kind == "resume":
+            self.service.resume()
+        elif kind == "hup":
+            log.info("SIGHUP from the node")
+        elif kind == "listen":
+            self.listen_asked = True
+            if self._applying is None:
+                self.accept()
+        elif kind == "ca":
+            self._reload_ca()
+        elif kind == "stop":
+            self.stop()
+
+    def _apply_next(self) -> None:
+        message, self._pending = self._pending, None
+        if message is None:
+            self._applying = None
+            if self.listen_asked:
+                self.accept()
+            return
+        from twisted.internet import threads
+
+        self._applying = threads.deferToThread(compile_sent, message)
+
+        def applied(policy: Policy) -> None:
+            self.policy.install(policy)
+            self.pipe.send({"t": "policy", "version": policy.version, "error": None})
+
+        def refused(failure) -> None:
+            log.error("policy version {version} refused: {why}", version=message.get("version"),
+                      why=failure.getErrorMessage())
+            current = self.policy.current
+            self.pipe.send({"t": "policy", "version": current.version if current else None,
+                            "error": failure.getErrorMessage()[:1000]})
+
+        self._applying.addCallbacks(applied, refused)
+        self._applying.addBoth(lambda _: self._apply_next())
+
+    def _reload_ca(self) -> None:
+        """The node's inspection CA changed (from the master, the portal): read it again."""
+        from safesquid_tw.proxy.intercept.ca import CAError
+
+        try:
+            self.ca_store.load()
+        except (CAError, OSError, ValueError) as e:
+            log.error("the inspection CA cannot be read: {why}", why=str(e))
+
+    def parent_gone(self) -> None:
+        if not self.stopping:
+            log.warn("the node closed the pipe: stopping")
+            self.stop()
+
+    # -- to the parent --------------------------------------------------------------------
+    def send_record(self, record: AccessRecord) -> None:
+        self.pipe.send({"t": "rec", "r": record_to_json(record)})
+
+    def send_status(self) -> None:
+        self.pipe.send({"t": "status", "connections": len(self.factory.connections),
+                        "requests": self.factory.requests, "edge": self.factory.edge_counters(),
+                        "antivirus": self.factory.antivirus.health()})
+        if not self.stopping:
+            self.reactor.callLater(STATUS_INTERVAL, self.send_status)
+
+    # -- stop -----------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Graceful: no new connections, requests in flight finish (ProxyService.stopService)."""
+        if self.stopping:
+            return
+        self.stopping = True
+        d = defer.maybeDeferred(self.service.stopService)
+
+        def done(_):
+            self.send_status()
+            self.reactor.callLater(0.05, self.reactor.stop)
+
+        d.addBoth(done)
+
+
+def log_line(event: dict) -> str:
+    """One event as one JSON line on stderr: the node logs it again at its level, under the
+    worker's pid (a line that is not JSON, e.g. an interpreter crash, is logged as an error)."""
+    level = event.get("log_level")
+    text = eventAsText(event, includeTraceback=True, includeTimestamp=False, includeSystem=False)
+    return json.dumps({"level": level.name if level is not None else "info", "text": text}) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    spec = json.loads(argv[0])
+    globalLogBeginner.beginLoggingTo([FileLogObserver(sys.stderr, log_line)], redirectStandardIO=False)
+    from twisted.internet import reactor
+
+    worker = Worker(reactor, config_from_json(spec["config"]), spec["sockets"])
+    signal.signal(signal.SIGTERM, lambda *_: reactor.callFromThread(worker.stop))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C goes to the node, which stops us
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the node reloads and tells us
+    reactor.callWhenRunning(worker.start)
+    reactor.run(installSignalHandlers=False)
+    return 0

@@ -1,0 +1,83 @@
+"""Messages between a node and its workers: a 4-byte big-endian length, then one JSON object.
+
+Parent -> worker (the worker's stdin):
+  {"t": "policy", "version": int, "digest": str, "doc": {...}}   a version to serve
+  {"t": "listen"}                     accept connections once the policy sent before is in force
+  {"t": "drain"} / {"t": "resume"} / {"t": "hup"}                 tasks and SIGHUP
+  {"t": "ca"}                                                     the inspection CA changed on disk
+  {"t": "closing"}          the node is stopping: every connection closes after its response
+Worker -> parent (the worker's stdout; its stderr carries its event log lines):
+  {"t": "hello", "pid": int}
+  {"t": "accepting"}                                              taking connections from now on
+  {"t": "policy", "version": int | null, "error": str | null}     the version now served
+  {"t": "rec", "r": {...}}                                        one finished access record
+  {"t": "status", "connections": int, "requests": int, "edge": {...}}   about once a second
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any, Callable
+
+from twisted.internet import protocol
+
+MAX_FRAME = 256 << 20  # a policy of 10k domains is a few MiB; anything near this is a fault
+_HEADER = struct.Struct(">I")
+
+
+class FrameError(Exception):
+    """The other side sent something that is not a frame: the pipe is closed."""
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    body = json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return _HEADER.pack(len(body)) + body
+
+
+class FrameReader:
+    """Bytes in, messages out (to `deliver`), whatever the chunking of the pipe."""
+
+    def __init__(self, deliver: Callable[[dict[str, Any]], None]) -> None:
+        self.deliver = deliver
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        while len(buffer) >= 4:
+            (length,) = _HEADER.unpack_from(buffer)
+            if length > MAX_FRAME:
+                raise FrameError(f"a frame of {length} bytes")
+            if len(buffer) < 4 + length:
+                return
+            body = bytes(buffer[4:4 + length])
+            del buffer[:4 + length]
+            try:
+                message = json.loads(body)
+            except ValueError as e:
+                raise FrameError(f"not JSON: {e}") from None
+            if not isinstance(message, dict) or not isinstance(message.get("t"), str):
+                raise FrameError("a frame without a type")
+            self.deliver(message)
+
+
+class FramedStdio(protocol.Protocol):
+    """A worker's end of the pipe (twisted.internet.stdio): frames from stdin to `deliver`."""
+
+    def __init__(self, deliver: Callable[[dict[str, Any]], None], lost: Callable[[], None]) -> None:
+        self.reader = FrameReader(deliver)
+        self.lost = lost
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            self.reader.feed(data)
+        except FrameError:
+            self.transport.loseConnection()
+
+    def send(self, message: dict[str, Any]) -> None:
+        if self.transport is not None:
+            self.transport.write(encode(message))
+
+    def connectionLost(self, reason=None) -> None:
+        self.lost()

@@ -1,0 +1,392 @@
+"""The node's side of `--workers N`: it binds the --listen sockets, hands them to N worker
+processes, and stays the one node the cluster sees.
+
+The parent binds each listener itself (so listening.json, port 0 and PROXY-protocol listeners
+work as with one process), never accepts on it, and passes the socket to every worker as an
+inherited file descriptor; each worker adopts it (reactor.adoptStreamPort). All workers then
+accept from one kernel queue: a worker that dies loses nothing still queued, unlike separate
+SO_REUSEPORT sockets whose queues die with their process.
+
+Policy versions go to every worker as they are swapped in the store; workers acknowledge the
+version they serve. Access records come back over each worker's stdout and enter the node's one
+access log and spool (one shipping stream). A worker that exits unexpectedly is restarted with
+back-off and counted. `drain`/`resume`, SIGHUP and the graceful stop reach every worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from typing import Any, Callable
+
+from twisted.application.service import Service
+from twisted.internet import defer, endpoints, protocol
+from twisted.internet.address import IPv6Address
+from twisted.logger import Logger, LogLevel
+
+import safesquid_tw
+from safesquid_tw.accesslog.record import AccessRecord
+from safesquid_tw.config import NodeConfig
+from safesquid_tw.policy.compiled import Policy
+from safesquid_tw.proxy.proxyheader import split_endpoint
+from safesquid_tw.proxy.service import ProxyFactory, with_backlog
+from safesquid_tw.workers.child import config_to_json, record_from_json
+from safesquid_tw.workers.frames import FrameError, FrameReader, encode
+
+log = Logger()
+
+LOG_LEVELS = {level.name: level for level in LogLevel.iterconstants()}
+FIRST_FD = 3  # the inherited sockets' numbers in a worker: 3, 4, ...
+BACKOFF_FIRST = 0.5  # seconds before the first restart of a worker that died
+BACKOFF_MAX = 10.0
+STEADY_AFTER = 30.0  # a worker that ran this long starts its back-off over
+STOP_BOUND = 30.0  # seconds a worker gets to finish at stop before it is killed
+
+
+def cpu_count() -> int:
+    """The CPUs this process may use (its affinity mask), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+class _NeverAccepts(protocol.Factory):
+    """The parent's own port object is never read from; only the workers accept."""
+
+    def buildProtocol(self, addr):
+        return None
+
+
+class WorkerProcess(protocol.ProcessProtocol):
+    """One worker as the parent sees it."""
+
+    def __init__(self, pool: "WorkerPool", slot: int) -> None:
+        self.pool = pool
+        self.slot = slot
+        self.pid: int | None = None
+        self.state = "starting"  # starting, running, draining, stopping, exited
+        self.policy_version: int | None = None
+        self.policy_error: str | None = None
+        self.connections = 0
+        self.requests = 0
+        self.started_at = pool.reactor.seconds()
+        self.ended = defer.Deferred()
+        self._reader = FrameReader(self._message)
+        self._err = b""
+        self.greeted = False  # said hello: from then on it hears every message
+        self.edge: dict[str, int] = {}  # its connections closed at the edge, by reason
+        self.antivirus: dict | None = None  # its scanner's figures (icap/scanner.py stats)
+
+    def connectionMade(self) -> None:
+        self.pid = self.transport.pid
+
+    def send(self, message: dict[str, Any]) -> None:
+        if self.transport is not None and self.state not in ("exited",):
+            try:
+                self.transport.writeToChild(0, encode(message))
+            except (OSError, KeyError):
+                pass
+
+    def childDataReceived(self, fd: int, data: bytes) -> None:
+        if fd == 1:
+            try:
+                self._reader.feed(data)
+            except FrameError as e:
+                log.error("worker {pid} sent a malformed frame ({why}): stopping it", pid=self.pid, why=str(e))
+                self.transport.signalProcess("KILL")
+        elif fd == 2:
+            self._err += data
+            *lines, self._err = self._err.split(b"\n")
+            for line in lines:
+                if line.strip():
+                    self._log_line(line)
+
+    def _log_line(self, line: bytes) -> None:
+        try:
+            event = json.loads(line)
+            level, text = LOG_LEVELS.get(event["level"], LogLevel.info), str(event["text"])
+        except (ValueError, KeyError, TypeError):
+            level, text = LogLevel.error, line.decode("utf-8", "replace")
+        log.emit(level, "worker {pid}: {text}", pid=self.pid, text=text)
+
+    def _message(self, message: dict[str, Any]) -> None:
+        kind = message["t"]
+        if kind == "rec":
+            self.pool.record_from_worker(message["r"])
+        elif kind == "status":
+            self.connections = int(message.get("connections", 0))
+            self.requests = int(message.get("requests", 0))
+            self.antivirus = message.get("antivirus") if isinstance(message.get("antivirus"), dict) else None
+            edge = message.get("edge")
+            if isinstance(edge, dict):
+                self.edge = {str(k): int(v) for k, v in edge.items()}
+        elif kind == "policy":
+            self.policy_version = message.get("version")
+            self.policy_error = message.get("error")
+        elif kind == "hello":
+            self.greeted = True
+            self.pool.worker_ready(self)
+        elif kind == "accepting":
+            if self.state == "starting":
+                self.state = "draining" if self.pool.draining else "running"
+
+    def processEnded(self, reason) -> None:
+        self.state = "exited"
+        self.connections = 0
+        self.pool.worker_ended(self, reason)
+        self.ended.callback(None)
+
+    def health(self) -> dict[str, Any]:
+        return {"pid": self.pid, "state": self.state, "policy_version": self.policy_version,
+                "connections": self.connections, "requests": self.requests}
+
+
+class WorkerPool(Service):
+    """In place of ProxyService on a node with --workers > 1: the same `listening`, `drain`,
+    `resume` and graceful stop, carried out by the workers."""
+
+    name = "proxy"
+
+    def __init__(self, reactor, config: NodeConfig, count: int, factory: ProxyFactory, store,
+                 record_sink: Callable[[AccessRecord], None], *, state=None) -> None:
+        self.reactor = reactor
+        self.config = config
+        self.count = count
+        self.factory = factory  # the parent's: its counters aggregate the workers' requests
+        self.store = store
+        self.record_sink = record_sink
+        self.state = state
+        self.endpoints = config.listen_endpoints
+        self.listening_each: list[defer.Deferred] = [defer.Deferred() for _ in self.endpoints]
+        self.listening = self.listening_each[0]
+        self.ports: list = []
+        self.sockets: list[dict[str, Any]] = []
+        self.workers: dict[int, WorkerProcess] = {}  # slot -> the worker in it now
+        self.restarts = 0
+        self.draining = False
+        self.stopping = False
+        self._failures: dict[int, int] = {}
+        self._pending_starts: dict[int, Any] = {}
+        store.add_observer(self._policy_swapped)
+
+    # -- start: bind, then spawn ------------------------------------------------------------
+    def startService(self) -> None:
+        super().startService()
+        # The node itself still checks the user directory (/health, cluster view) in this pool.
+        self.factory.auth_pool.start()
+        d = defer.gatherResults([self._bind(desc, done) for desc, done in zip(self.endpoints, self.listening_each)],
+                                consumeErrors=True)
+        d.addCallback(lambda _: [self._spawn(slot) for slot in range(self.count)])
+        d.addErrback(lambda _failure: None)  # told by ListeningFile ("cannot listen")
+
+    def _bind(self, description: str, done: defer.Deferred) -> defer.Deferred:
+        proxied, inner = split_endpoint(description)
+        d = endpoints.serverFromString(self.reactor, with_backlog(inner)).listen(_NeverAccepts())
+
+        def bound(port):
+            port.stopReading()  # the kernel queue is the workers' to accept from
+            self.ports.append(port)
+            host = port.getHost()
+            self.factory.listening.append((host.host, host.port))
+            self.sockets.append({"parent_fd": port.fileno(), "family": 6 if isinstance(host, IPv6Address) else 4,
+                                 "proxied": proxied})
+            log.info("proxy listening on {host}:{port}{kind}, served by {n} workers", host=host.host,
+                     port=host.port, kind=" (PROXY protocol)" if proxied else "", n=self.count)
+            done.callback(port)
+            return port
+
+        d.addCallbacks(bound, lambda f: (done.errback(f), f)[1])
+        return d
+
+    def _spawn(self, slot: int) -> None:
+        self._pending_starts.pop(slot, None)
+        if self.stopping:
+            return
+        worker = WorkerProcess(self, slot)
+        child_fds: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
+        sockets = []
+        for number, item in enumerate(self.sockets):
+            child_fds[FIRST_FD + number] = item["parent_fd"]
+            sockets.append({"fd": FIRST_FD + number, "family": item["family"], "proxied": item["proxied"]})
+        spec = json.dumps({"config": config_to_json(self.config), "sockets": sockets})
+        env = dict(os.environ)
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(safesquid_tw.__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        self.reactor.spawnProcess(worker, sys.executable, [sys.executable, "-m", "safesquid_tw.worker", spec],
+                                  env=env, path=os.getcwd(), childFDs=child_fds)
+        self.workers[slot] = worker
+        log.info("worker {slot} started: pid {pid}", slot=slot, pid=worker.pid)
+
+    def worker_ready(self, worker: WorkerProcess) -> None:
+        policy = self.store.current
+        if policy is not None:
+            worker.send(_policy_message(policy))
+        if self.draining:
+            worker.send({"t": "drain"})
+        worker.send({"t": "listen"})  # accepts once the version above is in force
+
+    def ca_changed(self, _ca) -> None:
+        self._send_all({"t": "ca"})
+
+    def any_accepting(self) -> bool:
+        """/health says ready only once some worker takes connections."""
+        return any(w.state in ("running", "draining") for w in self.workers.values())
+
+    def worker_ended(self, worker: WorkerProcess, reason) -> None:
+        code = getattr(reason.value, "exitCode", None)
+        signalled = getattr(reason.value, "signal", None)
+        if self.stopping:
+            log.info("worker {pid} stopped", pid=worker.pid)
+            return
+        self.restarts += 1
+        ran = self.reactor.seconds() - worker.started_at
+        failures = 0 if ran >= STEADY_AFTER else self._failures.get(worker.slot, 0) + 1
+        self._failures[worker.slot] = failures
+        delay = min(BACKOFF_MAX, BACKOFF_FIRST * (2 ** max(0, failures - 1)))
+        log.error("worker {pid} exited ({how}); restarting it in {delay:g} s ({n} restarts so far)",
+                  pid=worker.pid, how=f"signal {signalled}" if signalled else f"exit code {code}", delay=delay,
+                  n=self.restarts)
+        self._pending_starts[worker.slot] = self.reactor.callLater(delay, self._spawn, worker.slot)
+
+    # -- what flows from and to the workers ---------------------------------------------------
+    def record_from_worker(self, fields: dict[str, Any]) -> None:
+        try:
+            record = record_from_json(fields)
+        except (TypeError, ValueError) as e:
+            log.error("a worker sent an access record that does not fit ({why})", why=str(e))
+            return
+        factory = self.factory
+        factory.requests += 1
+        factory.counters.count_request(record.action, record.status, record.duration_ms / 1000.0,
+                                       record.bytes_in, record.bytes_out)
+        self.record_sink(record)
+
+    def _policy_swapped(self, policy: Policy) -> None:
+        # The store swaps versions on the reactor thread (PolicyStore.commit_prepared).
+        self._send_all(_policy_message(policy))
+
+    def _send_all(self, message: dict[str, Any]) -> None:
+        for worker in self.workers.values():
+            if worker.greeted and worker.state != "exited":
+                worker.send(message)
+
+    def hup(self) -> None:
+        """SIGHUP reached the node: the workers hear it too (their policy follows the store)."""
+        self._send_all({"t": "hup"})
+
+    def drain(self) -> str:
+        self.draining = True
+        if self.state is not None:
+            self.state.draining = True
+        for worker in self.workers.values():
+            if worker.state == "running":
+                worker.state = "draining"
+        self._send_all({"t": "drain"})
+        log.info("draining {n} workers: /health says 503; new connections refused in {grace} s",
+                 n=len(self.workers), grace=self.config.drain_grace)
+        return f"draining; new connections refused in {self.config.drain_grace:g} s"
+
+    def resume(self) -> str:
+        self.draining = False
+        if self.state is not None:
+            self.state.draining = False
+        for worker in self.workers.values():
+            if worker.state == "draining":
+                worker.state = "running"
+        self._send_all({"t": "resume"})
+        log.info("resumed: taking traffic again")
+        return "resumed"
+
+    def health(self) -> list[dict[str, Any]]:
+        return [self.workers[slot].health() for slot in sorted(self.workers)]
+
+    def edge_counters(self) -> dict[str, int]:
+        """Connections closed at the edge, by reason, summed over the workers (counts of a worker
+        that exited are lost with it)."""
+        total = dict(self.factory.edge_counters())
+        for worker in self.workers.values():
+            for reason, count in worker.edge.items():
+                total[reason] = total.get(reason, 0) + count
+        return total
+
+    def antivirus_health(self) -> dict | None:
+        """The workers' scanners as one: counts summed, per service and in all."""
+        return merge_antivirus([w.antivirus for w in self.workers.values() if w.antivirus is not None])
+
+    def connections(self) -> int:
+        return sum(w.connections for w in self.workers.values())
+
+    # -- stop -------------------------------------------------------------------------------
+    @defer.inlineCallbacks
+    def stopService(self):
+        super().stopService()
+        # Keep-alive clients reconnect (to another node, through the balancer) after each response.
+        self._send_all({"t": "closing"})
+        if self.stop_grace_seconds > 0:
+            # /health already says 503; the workers keep serving so balancers move away first.
+            d: defer.Deferred = defer.Deferred()
+            self.reactor.callLater(self.stop_grace_seconds, d.callback, None)
+            yield d
+        self.stopping = True
+        for call in self._pending_starts.values():
+            if call.active():
+                call.cancel()
+        running = [w for w in self.workers.values() if w.state != "exited"]
+        for worker in running:
+            worker.state = "stopping"
+            try:
+                worker.transport.signalProcess("TERM")  # graceful: in-flight requests finish
+            except Exception:
+                pass
+        kill = self.reactor.callLater(STOP_BOUND, self._kill, running)
+        yield defer.DeferredList([w.ended for w in running])
+        if kill.active():
+            kill.cancel()
+        for port in self.ports:
+            yield port.stopListening()
+        self.factory.auth_pool.stop()
+
+    @property
+    def stop_grace_seconds(self) -> float:
+        return self.config.stop_grace
+
+    def _kill(self, workers: list[WorkerProcess]) -> None:
+        for worker in workers:
+            if worker.state != "exited":
+                log.warn("worker {pid} did not finish within {bound:g} s: killed", pid=worker.pid, bound=STOP_BOUND)
+                try:
+                    worker.transport.signalProcess("KILL")
+                except Exception:
+                    pass
+
+
+_SUMMED = ("scans", "detections", "failures", "unscanned", "cache_entries", "cache_hits")
+
+
+def merge_antivirus(reports: list[dict]) -> dict | None:
+    if not reports:
+        return None
+    merged = dict(reports[0])
+    for key in _SUMMED:
+        merged[key] = sum(int(r.get(key) or 0) for r in reports)
+    services: dict[str, dict] = {}
+    for report in reports:
+        for service in report.get("services") or []:
+            seen = services.get(service.get("url"))
+            if seen is None:
+                services[service.get("url")] = dict(service)
+            else:
+                for key in ("scans", "detections", "failures"):
+                    seen[key] = int(seen.get(key) or 0) + int(service.get(key) or 0)
+    merged["services"] = list(services.values())
+    return merged
+
+
+def _policy_message(policy: Policy) -> dict[str, Any]:
+    return {"t": "policy", "version": policy.version, "digest": policy.digest, "doc": policy.document}
+
+
+__all__ = ["WorkerPool", "cpu_count", "signal"]
