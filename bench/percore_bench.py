@@ -174,11 +174,16 @@ def _accepts(host: str, port: int) -> bool:
         return True
 
 
-def start_ours(workdir: Path, origin: Running, rules: int, domains: int, node_args: list[str]) -> Running:
+def start_ours(workdir: Path, origin: Running, rules: int, domains: int, node_args: list[str],
+               source_root: Path | None = None) -> Running:
+    """A standalone node with the big policy (CONNECT also allowed to the origin's port);
+    `source_root`: the code of another checkout, named "baseline"."""
     policy = build_policy(rules, domains)
     policy["connect"]["allowed_ports"] = [443, origin.port]  # the tunnels go to the origin's port
     path = workdir / "policy.json"
     path.write_text(json.dumps(policy), encoding="utf-8")
+    if source_root is not None:
+        return start_node(workdir / "baseline-state", str(path), node_args, source_root=source_root, name="baseline")
     return start_node(workdir / "node-state", str(path), node_args)
 
 
@@ -334,21 +339,30 @@ def parse_args(argv):
     parser.add_argument("--domains", type=int, default=10000)
     parser.add_argument("--node-args", default="", help="extra options for the node")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument("--baseline", metavar="DIR",
+                        help="also measure a node running another checkout's code (`git archive BASE | tar -x -C DIR`)")
+    parser.add_argument("--no-anchors", action="store_true", help="measure the node(s) only (with --baseline)")
     return parser.parse_args(argv)
 
 
 def start_all(args, workdir: Path, origin: Running, started: list[Running]) -> list[Running]:
     proxies = []
+    if args.baseline:
+        base = start_ours(workdir, origin, args.rules, args.domains, args.node_args.split(), Path(args.baseline).resolve())
+        started.append(base)
+        proxies.append(base)
     node = start_ours(workdir, origin, args.rules, args.domains, args.node_args.split())
     started.append(node)
     proxies.append(node)
-    if args.proxypy:
+    if args.no_anchors:
+        pass
+    elif args.proxypy:
         p = start_proxypy(workdir, args.proxypy)
         started.append(p)
         proxies.append(p)
     else:
         print("proxy.py not given (--proxypy): its anchor is left out", file=sys.stderr)
-    if not args.no_squid:
+    if not args.no_squid and not args.no_anchors:
         s = start_squid(workdir / "squid")
         started.append(s)
         proxies.append(s)
@@ -374,7 +388,9 @@ def print_ratios(figures: list[Figure]) -> None:
         for load, anchor, what in (("small", "proxy.py", "rate"), ("small", "proxy.py", "cpu"),
                                    ("small", "squid", "rate"), ("small", "squid", "cpu"),
                                    ("connect", "squid", "cpu"), ("connect", "proxy.py", "cpu"),
-                                   ("big", "squid", "mb"), ("big", "proxy.py", "mb")):
+                                   ("big", "squid", "mb"), ("big", "proxy.py", "mb"),
+                                   ("small", "baseline", "cpu"), ("connect", "baseline", "cpu"),
+                                   ("big", "baseline", "cpu"), ("big", "baseline", "mb")):
             a, o = by.get((layout, load, anchor)), by.get((layout, load, ours))
             if not (a and o):
                 continue
