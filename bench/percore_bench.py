@@ -89,6 +89,16 @@ def tree_cpu_seconds(pid: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def thread_cpu_seconds(pid: int) -> float:
+    """CPU time of a process's main thread only (the node's reactor thread)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/stat", encoding="ascii") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def tree_rss_kib(pid: int) -> int:
     total = 0
     for p in tree(pid):
@@ -202,6 +212,7 @@ class Figure:
     bytes: int
     errors: int
     others_percent: float
+    main_thread_cpu_seconds: float = 0.0  # the node's reactor thread (its other threads: report store...)
 
     @property
     def rate(self) -> float:
@@ -210,6 +221,10 @@ class Figure:
     @property
     def cpu_us(self) -> float:
         return self.cpu_seconds / self.count * 1e6 if self.count else float("nan")
+
+    @property
+    def main_thread_cpu_us(self) -> float:
+        return self.main_thread_cpu_seconds / self.count * 1e6 if self.count else float("nan")
 
     @property
     def mb_per_s(self) -> float:
@@ -295,6 +310,7 @@ def measure(proxy: Running, origin: Running, layout: str, load: str, args, scrip
 
     sampler = threading.Thread(target=sample, daemon=True)
     cpu0, machine0, t0 = tree_cpu_seconds(proxy.pid), machine_busy_seconds(), time.monotonic()
+    main0 = thread_cpu_seconds(proxy.pid)
     own0 = tree_cpu_seconds(origin.pid) + _children_cpu()
     sampler.start()
     try:
@@ -313,7 +329,7 @@ def measure(proxy: Running, origin: Running, layout: str, load: str, args, scrip
     own = tree_cpu_seconds(origin.pid) + _children_cpu() - own0
     others = max(0.0, machine_busy_seconds() - machine0 - cpu - own)
     return Figure(proxy.name, layout, load, count, seconds or args.duration, cpu, peak[0], nbytes, errors,
-                  100.0 * others / wall)
+                  100.0 * others / wall, thread_cpu_seconds(proxy.pid) - main0)
 
 
 def _children_cpu() -> float:
@@ -434,7 +450,9 @@ def main(argv=None) -> int:
                     measure(p, origin, layout, load, warm, scripts)
                     f = measure(p, origin, layout, load, args, scripts)
                     figures.append(f)
-                    print(f"  {layout:<7}{load:<8}{p.name:<14}{f.rate:>8.0f}/s {f.cpu_us:>7.0f} us CPU each"
+                    reactor = (f" (reactor thread {f.main_thread_cpu_us:.0f} us)"
+                               if p.name in ("safesquid-tw", "baseline") else "")
+                    print(f"  {layout:<7}{load:<8}{p.name:<14}{f.rate:>8.0f}/s {f.cpu_us:>7.0f} us CPU each{reactor}"
                           f"  errors {f.errors}  others {f.others_percent:.0f}%", flush=True)
     except BenchError as e:
         print(f"benchmark failed: {e}", file=sys.stderr)

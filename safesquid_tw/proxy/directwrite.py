@@ -9,7 +9,8 @@ part of its CPU time per small request.
 `write_now(transport, data)` sends directly when the transport is a plain TCP connection with an
 empty write buffer (so order cannot change), and hands whatever the kernel did not take (or any
 error) to `transport.write`, which then behaves exactly as usual: buffering, producers, errors
-and closes stay Twisted's. Any other transport (TLS, PROXY-protocol wrappers, test fakes) is
+and closes stay Twisted's. While a pull (non-streaming) producer is registered every write goes
+through Twisted's buffer, since draining that buffer is what asks the producer for more. Any other transport (TLS, PROXY-protocol wrappers, test fakes) is
 written the usual way.
 
 `OutputBatch` gathers what one protocol callback writes (a response head and the body that came
@@ -31,6 +32,8 @@ def write_now(transport, data: bytes) -> None:
         and not transport.disconnecting
         and not transport._writeDisconnected
         and not getattr(transport, "_aborting", False)
+        # A pull producer is asked for more only when Twisted's buffer drains: keep it in the loop.
+        and (transport.producer is None or transport.streamingProducer)
         and not transport._tempDataBuffer
         and len(transport.dataBuffer) == transport.offset
         and data

@@ -34,3 +34,70 @@ def test_an_empty_batch_writes_nothing_and_a_gone_transport_is_ignored():
     batch.hold(b"x")
     batch.end(None)
     assert batch.pieces is None
+
+
+def _plain_tcp():
+    """A real tcp.Connection over a socket pair, on a reactor that only records registrations."""
+    import socket
+
+    from twisted.internet import protocol, tcp
+    from twisted.internet.testing import MemoryReactor
+
+    class Reactor(MemoryReactor):
+        def __init__(self):
+            super().__init__()
+            self.writers = set()
+
+        def addWriter(self, w):
+            self.writers.add(w)
+
+        def removeWriter(self, w):
+            self.writers.discard(w)
+
+        def addReader(self, r):
+            pass
+
+        def removeReader(self, r):
+            pass
+
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    reactor = Reactor()
+    transport = tcp.Connection(ours, protocol.Protocol(), reactor)
+    transport.connected = True
+    return transport, theirs, reactor
+
+
+def test_a_plain_tcp_transport_with_an_empty_buffer_sends_at_once():
+    transport, theirs, reactor = _plain_tcp()
+    write_now(transport, b"hello")
+    assert theirs.recv(100) == b"hello"
+    assert not reactor.writers  # nothing queued, no writability registration
+
+
+def test_a_pull_producer_keeps_every_write_in_twisteds_buffer():
+    from twisted.internet.interfaces import IPullProducer
+    from zope.interface import implementer
+
+    @implementer(IPullProducer)
+    class Pull:
+        def resumeProducing(self):
+            pass
+
+        def stopProducing(self):
+            pass
+
+    transport, theirs, reactor = _plain_tcp()
+    transport.registerProducer(Pull(), False)
+    write_now(transport, b"piece")
+    assert transport in reactor.writers  # its drain asks the producer for the next piece
+    transport.doWrite()
+    assert theirs.recv(100) == b"piece"
+
+
+def test_bytes_queued_earlier_go_first():
+    transport, theirs, reactor = _plain_tcp()
+    transport.write(b"first ")
+    write_now(transport, b"second")
+    transport.doWrite()
+    assert theirs.recv(100) == b"first second"
