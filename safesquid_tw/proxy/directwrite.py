@@ -58,9 +58,10 @@ class OutputBatch:
     def __init__(self) -> None:
         self.pieces: list[bytes] | None = None
 
-    def begin(self) -> bool:
-        """Open a batch; False if one is open already (the caller then must not `end` it)."""
-        if self.pieces is not None:
+    def begin(self, transport) -> bool:
+        """Open a batch; False if one is open already or `transport` is not plain TCP (TLS and
+        wrappers drop what is written after a close, and a batch may outlive a close)."""
+        if self.pieces is not None or not isinstance(transport, _Plain) or transport.TLS:
             return False
         self.pieces = []
         return True
@@ -74,6 +75,7 @@ class OutputBatch:
         return True
 
     def end(self, transport) -> None:
+        """Send what was held and close the batch (a no-op if it is closed already)."""
         pieces, self.pieces = self.pieces, None
         if pieces and transport is not None:
             write_now(transport, pieces[0] if len(pieces) == 1 else b"".join(pieces))

@@ -659,6 +659,9 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
         self._after_response(close=close, abort=abort)
 
     def _after_response(self, *, close: bool, abort: bool) -> None:
+        # The response is complete: it leaves now, before a close or the next request (which
+        # may switch this connection to TLS) could overtake it.
+        self.output.end(self.transport)
         self._dlp_buffer = None
         self._dlp_scanning = self._dlp_body_done = False
         self._decoder = None

@@ -229,7 +229,7 @@ class UpstreamConnection(protocol.Protocol):
         # What this read makes the client connection write (head and body) leaves in one send.
         client = getattr(self.sink, "conn", None)
         batch = getattr(client, "output", None)
-        batching = batch is not None and batch.begin()
+        batching = batch is not None and batch.begin(client.transport)
         try:
             if self._state == "head":
                 self._buf += data

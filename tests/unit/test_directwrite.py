@@ -12,25 +12,29 @@ def test_other_transports_are_written_the_usual_way():
     assert transport.value() == b"abcdef"
 
 
-def test_a_batch_sends_what_it_held_as_one_write_in_order():
-    transport = StringTransport()
-    writes = []
-    transport.write = lambda data: writes.append(data)
+def test_a_batch_sends_what_it_held_as_one_send_in_order():
+    transport, theirs, reactor = _plain_tcp()
     batch = OutputBatch()
-    assert batch.begin()
-    assert not batch.begin()  # nested: the outer batch ends it
+    assert batch.begin(transport)
+    assert not batch.begin(transport)  # nested: the outer batch ends it
     assert batch.hold(b"HTTP/1.1 200 OK\r\n\r\n")
     assert batch.hold(b"body")
     batch.end(transport)
-    assert writes == [b"HTTP/1.1 200 OK\r\n\r\nbody"]
+    assert theirs.recv(100) == b"HTTP/1.1 200 OK\r\n\r\nbody"
     assert not batch.hold(b"later")  # no batch open: the caller writes itself
+    batch.end(transport)  # closing a closed batch does nothing
 
 
-def test_an_empty_batch_writes_nothing_and_a_gone_transport_is_ignored():
+def test_no_batch_on_other_transports():
     batch = OutputBatch()
-    batch.begin()
-    batch.end(StringTransport())
-    batch.begin()
+    assert not batch.begin(StringTransport())
+    assert not batch.hold(b"x")
+
+
+def test_a_batch_whose_transport_is_gone_is_dropped():
+    transport, theirs, reactor = _plain_tcp()
+    batch = OutputBatch()
+    batch.begin(transport)
     batch.hold(b"x")
     batch.end(None)
     assert batch.pieces is None
