@@ -128,7 +128,8 @@ class CompiledPolicy:
         if mask & table.url_mask and table.url_union is not None:
             scheme = facts.scheme or ("https" if facts.method == "CONNECT" else "http")
             url = full_url(scheme, host, facts.port, facts.path)
-            if table.url_union.match(url) is None:
+            prefilter = table.url_prefilter
+            if (prefilter is not None and prefilter.search(url) is None) or table.url_union.match(url) is None:
                 mask &= ~table.url_mask
         while mask:
             lowest = mask & -mask

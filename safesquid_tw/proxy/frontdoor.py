@@ -26,6 +26,7 @@ from safesquid_tw.policy.model import MISS, RequestFacts
 from safesquid_tw.proxy import avscan, http1
 from safesquid_tw.proxy.answers import SelfAnswers
 from safesquid_tw.proxy.context import HeaderView, RequestContext, basic_credentials
+from safesquid_tw.proxy.directwrite import OutputBatch, write_now
 from safesquid_tw.proxy.errors import ProxyFailure
 from safesquid_tw.proxy.flow import ReadGate
 from safesquid_tw.proxy.forward import Exchange
@@ -74,6 +75,7 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
         self._read_ended = False  # the client shut down its sending half before the tunnel opened
         self.tls_session = None  # a TlsSession once this connection is inspected (decrypted)
         self.peek = None  # while the ClientHello of a CONNECT to an IP address is awaited
+        self.output = OutputBatch()  # a response head and its body read together leave in one send
 
     # -- connection lifetime --------------------------------------------------------------
     def connectionMade(self) -> None:
@@ -130,7 +132,8 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
 
     def write(self, data: bytes) -> None:
         self.bytes_out += len(data)
-        self.transport.write(data)
+        if not self.output.hold(data):
+            write_now(self.transport, data)
 
     # -- timers ---------------------------------------------------------------------------
     def _arm(self, kind: str, seconds: float) -> None:
@@ -656,6 +659,9 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
         self._after_response(close=close, abort=abort)
 
     def _after_response(self, *, close: bool, abort: bool) -> None:
+        # The response is complete: it leaves now, before a close or the next request (which
+        # may switch this connection to TLS) could overtake it.
+        self.output.end(self.transport)
         self._dlp_buffer = None
         self._dlp_scanning = self._dlp_body_done = False
         self._decoder = None

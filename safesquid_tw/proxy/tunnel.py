@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from safesquid_tw.proxy.directwrite import write_now
 from safesquid_tw.proxy.errors import ProxyFailure
 
 if TYPE_CHECKING:
@@ -102,7 +103,7 @@ class Tunnel:
     # -- the origin side (ResponseSink in switched mode) ----------------------------------
     def upstream_data(self, data: bytes) -> None:
         self.bytes_to_client += len(data)
-        self.conn.transport.write(data)
+        write_now(self.conn.transport, data)
 
     def upstream_done(self) -> None:
         self._close(None)

@@ -19,6 +19,7 @@ from zope.interface import implementer
 
 from safesquid_tw.config import Limits
 from safesquid_tw.proxy import http1
+from safesquid_tw.proxy.directwrite import write_now
 from safesquid_tw.proxy.errors import ProxyFailure
 from safesquid_tw.proxy.flow import ReadGate
 from safesquid_tw.proxy.headers import connection_tokens
@@ -169,10 +170,10 @@ class UpstreamConnection(protocol.Protocol):
         self._interim = 0
         self._framing = None
         self._decoder = None
-        self.transport.write(head)
+        write_now(self.transport, head)
 
     def send_body(self, data: bytes) -> None:
-        self.transport.write(data)
+        write_now(self.transport, data)
         self._restart_timer(self.pool.limits.read_timeout, "http_request_error", "the upload stalled")
 
     def end_request(self) -> None:
@@ -192,7 +193,7 @@ class UpstreamConnection(protocol.Protocol):
     def send_raw(self, data: bytes) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.reset(self.pool.limits.tunnel_idle_timeout)
-        self.transport.write(data)
+        write_now(self.transport, data)
 
     def close_tunnel(self) -> None:
         self._cancel_timer()
@@ -225,6 +226,10 @@ class UpstreamConnection(protocol.Protocol):
             self.transport.abortConnection()
             return
         self._got_bytes = True
+        # What this read makes the client connection write (head and body) leaves in one send.
+        client = getattr(self.sink, "conn", None)
+        batch = getattr(client, "output", None)
+        batching = batch is not None and batch.begin(client.transport)
         try:
             if self._state == "head":
                 self._buf += data
@@ -233,6 +238,9 @@ class UpstreamConnection(protocol.Protocol):
                 self._body(data)
         except http1.ProtocolError as e:
             self._fail(ProxyFailure(502, "http_protocol_error", f"the origin sent an invalid response: {e.detail}"))
+        finally:
+            if batching:
+                batch.end(client.transport)
 
     def _parse_heads(self) -> None:
         while self._state == "head":

@@ -1,0 +1,107 @@
+"""write_now and OutputBatch: direct sends only where Twisted's buffer is empty; order kept."""
+
+from twisted.internet.testing import StringTransport
+
+from safesquid_tw.proxy.directwrite import OutputBatch, write_now
+
+
+def test_other_transports_are_written_the_usual_way():
+    transport = StringTransport()
+    write_now(transport, b"abc")
+    write_now(transport, b"def")
+    assert transport.value() == b"abcdef"
+
+
+def test_a_batch_sends_what_it_held_as_one_send_in_order():
+    transport, theirs, reactor = _plain_tcp()
+    batch = OutputBatch()
+    assert batch.begin(transport)
+    assert not batch.begin(transport)  # nested: the outer batch ends it
+    assert batch.hold(b"HTTP/1.1 200 OK\r\n\r\n")
+    assert batch.hold(b"body")
+    batch.end(transport)
+    assert theirs.recv(100) == b"HTTP/1.1 200 OK\r\n\r\nbody"
+    assert not batch.hold(b"later")  # no batch open: the caller writes itself
+    batch.end(transport)  # closing a closed batch does nothing
+
+
+def test_no_batch_on_other_transports():
+    batch = OutputBatch()
+    assert not batch.begin(StringTransport())
+    assert not batch.hold(b"x")
+
+
+def test_a_batch_whose_transport_is_gone_is_dropped():
+    transport, theirs, reactor = _plain_tcp()
+    batch = OutputBatch()
+    batch.begin(transport)
+    batch.hold(b"x")
+    batch.end(None)
+    assert batch.pieces is None
+
+
+def _plain_tcp():
+    """A real tcp.Connection over a socket pair, on a reactor that only records registrations."""
+    import socket
+
+    from twisted.internet import protocol, tcp
+    from twisted.internet.testing import MemoryReactor
+
+    class Reactor(MemoryReactor):
+        def __init__(self):
+            super().__init__()
+            self.writers = set()
+
+        def addWriter(self, w):
+            self.writers.add(w)
+
+        def removeWriter(self, w):
+            self.writers.discard(w)
+
+        def addReader(self, r):
+            pass
+
+        def removeReader(self, r):
+            pass
+
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    reactor = Reactor()
+    transport = tcp.Connection(ours, protocol.Protocol(), reactor)
+    transport.connected = True
+    return transport, theirs, reactor
+
+
+def test_a_plain_tcp_transport_with_an_empty_buffer_sends_at_once():
+    transport, theirs, reactor = _plain_tcp()
+    write_now(transport, b"hello")
+    assert theirs.recv(100) == b"hello"
+    assert not reactor.writers  # nothing queued, no writability registration
+
+
+def test_a_pull_producer_keeps_every_write_in_twisteds_buffer():
+    from twisted.internet.interfaces import IPullProducer
+    from zope.interface import implementer
+
+    @implementer(IPullProducer)
+    class Pull:
+        def resumeProducing(self):
+            pass
+
+        def stopProducing(self):
+            pass
+
+    transport, theirs, reactor = _plain_tcp()
+    transport.registerProducer(Pull(), False)
+    write_now(transport, b"piece")
+    assert transport in reactor.writers  # its drain asks the producer for the next piece
+    transport.doWrite()
+    assert theirs.recv(100) == b"piece"
+
+
+def test_bytes_queued_earlier_go_first():
+    transport, theirs, reactor = _plain_tcp()
+    transport.write(b"first ")
+    write_now(transport, b"second")
+    transport.doWrite()
+    assert theirs.recv(100) == b"first second"
