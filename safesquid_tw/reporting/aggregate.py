@@ -5,7 +5,8 @@ cluster (`node=None`). They read roll-ups, never the raw records, so their cost 
 length of the period and the number of distinct keys, not on how many records were stored.
 
 Granularity follows the roll-ups: totals and time series count whole minutes (a period is widened
-to minute boundaries), top lists whole hours (widened to hour boundaries). A cluster-wide top list
+to minute boundaries; its whole hours are read from the hour roll-up), top lists whole hours
+(widened to hour boundaries). A cluster-wide top list
 that spans whole UTC days reads them from the daily top roll-up and only its ends from the hourly
 one. Each result names the period it really covers. Buckets are aligned to UTC; `align` shifts them (e.g. by a time zone's
 offset, in seconds) for people who read their day from local midnight.
@@ -90,14 +91,36 @@ def _node_clause(node: str | None) -> tuple[str, tuple[Any, ...]]:
     return ("", ()) if node is None else (" AND node = ?", (node,))
 
 
+# The minute and hour roll-ups of a period of whole minutes: its whole UTC hours from the hour
+# roll-up (60 times fewer rows: a week is 168 rows per node instead of 10,080), the minutes at
+# either end from the minute one. Parameters ?1..?4: start, first whole hour, end of the last
+# whole hour, end; ?5 the node when `node_filter`.
+_TOTAL_COLUMNS = "node, requests, blocked, bytes_in, bytes_out, errors, aborted"
+
+
+def _minutes_and_hours(node_filter: bool) -> str:
+    node = " AND node = ?5" if node_filter else ""
+    return (
+        f"(SELECT {_TOTAL_COLUMNS} FROM rollup_minute WHERE ((bucket >= ?1 AND bucket < ?2)"
+        f" OR (bucket >= ?3 AND bucket < ?4)){node}"
+        f" UNION ALL SELECT {_TOTAL_COLUMNS} FROM rollup_hour WHERE bucket >= ?2 AND bucket < ?3{node}) AS parts"
+    )
+
+
+def _hour_split(period: Period) -> tuple[int, int, int, int]:
+    first_hour, last_hour = -(-period.start // HOUR) * HOUR, period.end // HOUR * HOUR
+    if last_hour <= first_hour:  # no whole hour inside: minutes only
+        first_hour = last_hour = period.end
+    return period.start, first_hour, last_hour, period.end
+
+
 def totals(store: ReportStore, start: float, end: float, *, node: str | None = None) -> Totals:
     period = widen(start, end, MINUTE)
-    clause, params = _node_clause(node)
     row = store.reader().execute(
         "SELECT coalesce(sum(requests), 0), coalesce(sum(blocked), 0), coalesce(sum(bytes_in), 0),"
         " coalesce(sum(bytes_out), 0), coalesce(sum(errors), 0), coalesce(sum(aborted), 0)"
-        f" FROM rollup_minute WHERE bucket >= ? AND bucket < ?{clause}",
-        (period.start, period.end, *params),
+        f" FROM {_minutes_and_hours(node is not None)}",
+        (*_hour_split(period), *(() if node is None else (node,))),
     ).fetchone()
     return Totals(*row)
 
@@ -106,9 +129,8 @@ def per_node(store: ReportStore, start: float, end: float) -> dict[str, Totals]:
     period = widen(start, end, MINUTE)
     rows = store.reader().execute(
         "SELECT node, sum(requests), sum(blocked), sum(bytes_in), sum(bytes_out), sum(errors), sum(aborted)"
-        " FROM rollup_minute"
-        " WHERE bucket >= ? AND bucket < ? GROUP BY node ORDER BY node",
-        (period.start, period.end),
+        f" FROM {_minutes_and_hours(False)} GROUP BY node ORDER BY node",
+        _hour_split(period),
     )
     return {node: Totals(*counts) for node, *counts in rows}
 

@@ -43,7 +43,7 @@ from safesquid_tw.reporting import pgschema
 from safesquid_tw.reporting.backend import StoreUnavailable
 from safesquid_tw.reporting.recordcheck import check_record
 from safesquid_tw.reporting.rows import MalformedRecord, record_row
-from safesquid_tw.reporting.store import BLOCKED_ACTIONS, CLIENT_ABORTED, ERROR_ACTIONS, IngestResult, prune_top_days
+from safesquid_tw.reporting.store import BLOCKED_ACTIONS, CLIENT_ABORTED, ERROR_ACTIONS, IngestResult, recount_after_prune
 
 RETRY_CONNECT_AFTER = 2.0  # seconds a failed connection is remembered before trying again
 CONNECT_TIMEOUT = 5
@@ -598,7 +598,7 @@ class PostgresReportStore:
                     conn.execute("DELETE FROM quarantine WHERE received < %s", (older_than,))
                     for table, span in (("rollup_minute", 60), ("rollup_hour", 3600), ("rollup_top", 3600)):
                         conn.execute(f"DELETE FROM {table} WHERE bucket <= %s", (older_than - span,))
-                    prune_top_days(lambda sql, params: conn.execute(*_translate(sql, params)), older_than)
+                    recount_after_prune(lambda sql, params: conn.execute(*_translate(sql, params)), older_than)
                 return removed
             except Exception as e:
                 raise self._broken(e) from None

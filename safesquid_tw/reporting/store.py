@@ -302,11 +302,23 @@ def _rollups(rows: list[tuple[Any, ...]]) -> _Rollups:
     )
 
 
-def prune_top_days(execute: Callable[[str, tuple[Any, ...]], Any], older_than: float) -> None:
-    """Drop the daily top roll-up of the days that start before `older_than`, and count again,
-    from the hours it still holds, the day that `older_than` falls in: the daily roll-up then says
-    what the hourly one says. `execute` runs SQLite-style SQL (`?N`) in the caller's transaction:
-    the same statements serve both stores."""
+# The hour roll-up of the hours in [?1, ?2), summed from the minute one.
+FILL_HOUR = (
+    "INSERT INTO rollup_hour (bucket, node, requests, blocked, bytes_in, bytes_out, errors, aborted)"
+    " SELECT bucket - bucket % 3600, node, sum(requests), sum(blocked), sum(bytes_in), sum(bytes_out),"
+    " sum(errors), sum(aborted) FROM rollup_minute WHERE bucket >= ?1 AND bucket < ?2 GROUP BY 1, 2"
+)
+
+
+def recount_after_prune(execute: Callable[[str, tuple[Any, ...]], Any], older_than: float) -> None:
+    """After retention removed the minute and hourly roll-up buckets that end by `older_than`:
+    count again the hour roll-up of the hour `older_than` falls in (from its minutes left) and the
+    daily top roll-up of its day (from its hours left), and drop the daily rows of earlier days,
+    so that the coarser roll-ups say what the finer ones say. `execute` runs SQLite-style SQL
+    (`?N`) in the caller's transaction: the same statements serve both stores."""
+    hour = int(older_than // 3600) * 3600
+    execute("DELETE FROM rollup_hour WHERE bucket = ?1", (hour,))
+    execute(FILL_HOUR, (hour, hour + 3600))
     day = int(older_than // 86400) * 86400
     execute("DELETE FROM rollup_top_day WHERE bucket < ?1", (older_than,))
     execute("DELETE FROM rollup_top_day WHERE bucket = ?1", (day,))
@@ -463,7 +475,7 @@ class ReportStore:
             conn = self._writer
             conn.execute("BEGIN IMMEDIATE")
             try:
-                prune_top_days(conn.execute, older_than)
+                recount_after_prune(conn.execute, older_than)
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
@@ -609,6 +621,6 @@ __all__ = [
     "MalformedRecord",
     "ReportStore",
     "host_of",
-    "prune_top_days",
+    "recount_after_prune",
     "record_row",
 ]

@@ -130,3 +130,31 @@ def test_a_version_2_postgresql_schema_gains_a_filled_daily_roll_up(postgres_ser
         assert store.reader().execute("SELECT max(version) FROM schema_version").fetchone()[0] == pgschema.SCHEMA_VERSION
     finally:
         store.close()
+
+
+def minute_totals(store, start: float, end: float, node: str | None = None) -> tuple:
+    period = aggregate.widen(start, end, aggregate.MINUTE)
+    clause, params = ("", ()) if node is None else (" AND node = ?", (node,))
+    return tuple(store.reader().execute(
+        "SELECT coalesce(sum(requests), 0), coalesce(sum(blocked), 0), coalesce(sum(bytes_in), 0),"
+        " coalesce(sum(bytes_out), 0), coalesce(sum(errors), 0), coalesce(sum(aborted), 0)"
+        f" FROM rollup_minute WHERE bucket >= ? AND bucket < ?{clause}", (period.start, period.end, *params),
+    ).fetchone())
+
+
+def as_tuple(t: aggregate.Totals) -> tuple:
+    return (t.requests, t.blocked, t.bytes_in, t.bytes_out, t.errors, t.aborted)
+
+
+def test_totals_over_hours_equal_the_minute_sums_before_and_after_retention(store):
+    ship(store)
+    periods = PERIODS + [(NOW - 1800, NOW - 60), (NOW - 5000, NOW - 10)]
+    for pruned in (False, True):
+        if pruned:
+            store.prune(NOW - 5.5 * DAY - 1234)  # in the middle of an hour
+        for start, end in periods + [(NOW - 9 * DAY, NOW)]:
+            assert as_tuple(aggregate.totals(store, start, end)) == minute_totals(store, start, end)
+            assert as_tuple(aggregate.totals(store, start, end, node="n2")) == minute_totals(store, start, end, "n2")
+            per_node = aggregate.per_node(store, start, end)
+            assert {n: as_tuple(t) for n, t in per_node.items()} == {
+                n: minute_totals(store, start, end, n) for n in per_node}
