@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives import serialization
 
 from safesquid_tw.cluster.fingerprints import spki_fingerprint
 from safesquid_tw.cluster.tlsconfig import CERT_FILE, KEY_FILE, TLS_DIR
+from safesquid_tw.reporting.store import FILL_TOP_DAY
 from safesquid_tw.util.atomic import atomic_write
 
 JSON_NAME = "backup.json"
@@ -187,6 +188,10 @@ def import_reports(store: Any, snapshot: Path) -> int:
                 columns = ", ".join(c for c in mine if c in theirs)
                 if columns:
                     conn.execute(f"INSERT OR IGNORE INTO main.{table} ({columns}) SELECT {columns} FROM backup.{table}")
+            # The daily top roll-up is counted again from the hourly one (a backup from an
+            # older release has none).
+            conn.execute("DELETE FROM main.rollup_top_day")
+            conn.execute(FILL_TOP_DAY, (-(2**62), 2**62))
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")

@@ -43,7 +43,7 @@ from safesquid_tw.reporting import pgschema
 from safesquid_tw.reporting.backend import StoreUnavailable
 from safesquid_tw.reporting.recordcheck import check_record
 from safesquid_tw.reporting.rows import MalformedRecord, record_row
-from safesquid_tw.reporting.store import BLOCKED_ACTIONS, CLIENT_ABORTED, ERROR_ACTIONS, IngestResult
+from safesquid_tw.reporting.store import BLOCKED_ACTIONS, CLIENT_ABORTED, ERROR_ACTIONS, IngestResult, recount_after_prune
 
 RETRY_CONNECT_AFTER = 2.0  # seconds a failed connection is remembered before trying again
 CONNECT_TIMEOUT = 5
@@ -76,11 +76,12 @@ _ERROR_SQL = "(" + ", ".join(f"'{action}'" for action in sorted(ERROR_ACTIONS)) 
 
 
 def _bump(table: str, columns: tuple[str, ...]) -> str:
+    top = table.startswith("rollup_top")
     return f"ON CONFLICT ({', '.join(columns)}) DO UPDATE SET " + ", ".join(
         f"{c} = {table}.{c} + excluded.{c}"
         for c in ("requests", "blocked", "bytes_in", "bytes_out", "errors", "aborted")
-        if table != "rollup_top" or c in ("requests", "blocked")
-    ) + (", bytes = rollup_top.bytes + excluded.bytes" if table == "rollup_top" else "")
+        if not top or c in ("requests", "blocked")
+    ) + (f", bytes = {table}.bytes + excluded.bytes" if top else "")
 
 
 # Exactly once and the roll-ups in one statement, all in the server: the rows of the stage whose
@@ -121,6 +122,14 @@ WITH ins AS (
     WHERE d.key IS NOT NULL
     GROUP BY 1, 2, 3, 4
     {_bump("rollup_top", ("dimension", "bucket", "node", "key"))}
+), days AS (
+    INSERT INTO rollup_top_day (dimension, bucket, key, requests, blocked, bytes)
+    SELECT d.dimension, minute - minute % 86400, d.key, count(*), sum(blocked), sum(bytes_in + bytes_out)
+    FROM counted CROSS JOIN LATERAL (VALUES ('domain', host), ('user', "user"), ('category', category),
+        ('application', application), ('rule', rule)) AS d(dimension, key)
+    WHERE d.key IS NOT NULL
+    GROUP BY 1, 2, 3
+    {_bump("rollup_top_day", ("dimension", "bucket", "key"))}
 )
 SELECT node, segment, count(*) FROM ins GROUP BY node, segment
 """
@@ -589,6 +598,7 @@ class PostgresReportStore:
                     conn.execute("DELETE FROM quarantine WHERE received < %s", (older_than,))
                     for table, span in (("rollup_minute", 60), ("rollup_hour", 3600), ("rollup_top", 3600)):
                         conn.execute(f"DELETE FROM {table} WHERE bucket <= %s", (older_than - span,))
+                    recount_after_prune(lambda sql, params: conn.execute(*_translate(sql, params)), older_than)
                 return removed
             except Exception as e:
                 raise self._broken(e) from None

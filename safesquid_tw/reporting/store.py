@@ -43,7 +43,7 @@ ERROR_ACTIONS = frozenset({"error"})
 # Transfers the client left before the response was complete, counted in the roll-ups.
 CLIENT_ABORTED = "client_aborted"
 TOP_DIMENSIONS = ("domain", "user", "category", "application", "rule")
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (
@@ -83,6 +83,7 @@ CREATE TABLE IF NOT EXISTS rollup_top (
     requests INTEGER NOT NULL, blocked INTEGER NOT NULL, bytes INTEGER NOT NULL,
     PRIMARY KEY (dimension, bucket, node, key)
 ) WITHOUT ROWID;
+-- (rollup_top_day, the daily top roll-up, is made by ReportStore on open: see _ADDED_TABLES)
 CREATE TABLE IF NOT EXISTS node_drops (
     node TEXT PRIMARY KEY, total_dropped INTEGER NOT NULL, reported REAL NOT NULL
 );
@@ -101,11 +102,37 @@ _ADDED_COLUMNS = (
 )
 
 
+# Tables added since the first schema: (name, definition, SQL that fills it from older tables).
+# A store made by an older release gains them at open, filled from what it already holds.
+# rollup_top_day: the top roll-up per UTC day for the whole cluster (no node: a day holds at most
+# one row per distinct key, however many nodes and records), so that a top list over a week reads
+# a few hundred thousand rows at most instead of every hour of every node.
+ROLLUP_TOP_DAY = """CREATE TABLE IF NOT EXISTS rollup_top_day (
+    dimension TEXT NOT NULL, bucket INTEGER NOT NULL, key TEXT NOT NULL,
+    requests INTEGER NOT NULL, blocked INTEGER NOT NULL, bytes INTEGER NOT NULL,
+    PRIMARY KEY (dimension, bucket, key)
+) WITHOUT ROWID"""
+# The daily top roll-up of the hours in [?1, ?2) (whole days), summed from the hourly one.
+FILL_TOP_DAY = (
+    "INSERT INTO rollup_top_day (dimension, bucket, key, requests, blocked, bytes)"
+    " SELECT dimension, bucket - bucket % 86400, key, sum(requests), sum(blocked), sum(bytes)"
+    " FROM rollup_top WHERE bucket >= ?1 AND bucket < ?2 GROUP BY 1, 2, 3"
+)
+_ADDED_TABLES = (("rollup_top_day", ROLLUP_TOP_DAY, FILL_TOP_DAY),)
+
+
 def _add_missing_columns(conn: sqlite3.Connection) -> None:
     for table, column, definition in _ADDED_COLUMNS:
         present = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
         if column not in present:
             conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+    for table, definition, fill in _ADDED_TABLES:
+        exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone()
+        if not exists:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(definition)
+            conn.execute(fill, (-(2**62), 2**62))
+            conn.execute("COMMIT")
 
 # Positions in a row as inserted (node, segment, seq, then `record_row`), for the roll-ups.
 _ROW = ("node", "segment", "seq", "time", "minute", "client", "user", "method", "url", "host",
@@ -138,6 +165,12 @@ _BUMP_TOTALS = (
 )
 _BUMP_MINUTE = _BUMP_TOTALS.format(table="rollup_minute")
 _BUMP_HOUR = _BUMP_TOTALS.format(table="rollup_hour")
+_BUMP_TOP_DAY = (
+    "INSERT INTO rollup_top_day (dimension, bucket, key, requests, blocked, bytes)"
+    " VALUES (?,?,?,?,?,?) ON CONFLICT (dimension, bucket, key) DO UPDATE SET"
+    " requests = requests + excluded.requests, blocked = blocked + excluded.blocked,"
+    " bytes = bytes + excluded.bytes"
+)
 _BUMP_TOP = (
     "INSERT INTO rollup_top (dimension, bucket, node, key, requests, blocked, bytes)"
     " VALUES (?,?,?,?,?,?,?) ON CONFLICT (dimension, bucket, node, key) DO UPDATE SET"
@@ -164,7 +197,7 @@ class IngestResult:
     quarantined: int
 
 
-_Rollups = tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[tuple[Any, ...]]]
+_Rollups = tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[tuple[Any, ...]], list[tuple[Any, ...]]]
 
 
 @attrs.define
@@ -202,21 +235,22 @@ def _store(conn: sqlite3.Connection, batch: _Batch) -> IngestResult:
     if not rows and not quarantine:
         return IngestResult(0, 0, 0)
     existing = {seq for (seq,) in conn.execute(_EXISTING, batch.key)}
-    minutes, hours, tops = batch.rollups
+    minutes, hours, tops, days = batch.rollups
     if existing:  # a re-shipped batch: keep only the records never seen, count only those
         rows = [row for row in rows if row[2] not in existing]
         quarantine = [row for row in quarantine if row[2] not in existing]
-        minutes, hours, tops = _rollups(rows)
+        minutes, hours, tops, days = _rollups(rows)
     conn.executemany(_INSERT_REQUEST, rows)
     conn.executemany(_INSERT_QUARANTINE, quarantine)
     conn.executemany(_BUMP_MINUTE, minutes)
     conn.executemany(_BUMP_HOUR, hours)
     conn.executemany(_BUMP_TOP, tops)
+    conn.executemany(_BUMP_TOP_DAY, days)
     return IngestResult(len(rows), len(existing), len(quarantine))
 
 
 def _rollups(rows: list[tuple[Any, ...]]) -> _Rollups:
-    """Parameters of the minute, hour and top roll-up upserts that count `rows`."""
+    """Parameters of the minute, hour, top and daily top roll-up upserts that count `rows`."""
     minutes: dict[tuple[int, str], list[int]] = {}
     tops: dict[tuple[str, int, str, str], list[int]] = {}
     for row in rows:
@@ -246,6 +280,15 @@ def _rollups(rows: list[tuple[Any, ...]]) -> _Rollups:
             top[0] += 1
             top[1] += blocked
             top[2] += bytes_in + bytes_out
+    days: dict[tuple[str, int, str], list[int]] = {}
+    for (dimension, hour, _node, key), counts in tops.items():
+        summed = days.get((dimension, hour - hour % 86400, key))
+        if summed is None:
+            days[(dimension, hour - hour % 86400, key)] = counts.copy()
+        else:
+            summed[0] += counts[0]
+            summed[1] += counts[1]
+            summed[2] += counts[2]
     hours: dict[tuple[int, str], list[int]] = {}
     for (minute, node), totals in minutes.items():
         summed = hours.setdefault((minute - minute % 3600, node), [0, 0, 0, 0, 0, 0])
@@ -255,7 +298,31 @@ def _rollups(rows: list[tuple[Any, ...]]) -> _Rollups:
         [(*k, *t) for k, t in minutes.items()],
         [(*k, *t) for k, t in hours.items()],
         [(*k, *t) for k, t in tops.items()],
+        [(*k, *t) for k, t in days.items()],
     )
+
+
+# The hour roll-up of the hours in [?1, ?2), summed from the minute one.
+FILL_HOUR = (
+    "INSERT INTO rollup_hour (bucket, node, requests, blocked, bytes_in, bytes_out, errors, aborted)"
+    " SELECT bucket - bucket % 3600, node, sum(requests), sum(blocked), sum(bytes_in), sum(bytes_out),"
+    " sum(errors), sum(aborted) FROM rollup_minute WHERE bucket >= ?1 AND bucket < ?2 GROUP BY 1, 2"
+)
+
+
+def recount_after_prune(execute: Callable[[str, tuple[Any, ...]], Any], older_than: float) -> None:
+    """After retention removed the minute and hourly roll-up buckets that end by `older_than`:
+    count again the hour roll-up of the hour `older_than` falls in (from its minutes left) and the
+    daily top roll-up of its day (from its hours left), and drop the daily rows of earlier days,
+    so that the coarser roll-ups say what the finer ones say. `execute` runs SQLite-style SQL
+    (`?N`) in the caller's transaction: the same statements serve both stores."""
+    hour = int(older_than // 3600) * 3600
+    execute("DELETE FROM rollup_hour WHERE bucket = ?1", (hour,))
+    execute(FILL_HOUR, (hour, hour + 3600))
+    day = int(older_than // 86400) * 86400
+    execute("DELETE FROM rollup_top_day WHERE bucket < ?1", (older_than,))
+    execute("DELETE FROM rollup_top_day WHERE bucket = ?1", (day,))
+    execute(FILL_TOP_DAY, (day, day + 86400))
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -404,6 +471,15 @@ class ReportStore:
             ).fetchall()
             for (bucket,) in buckets:  # one bucket per transaction keeps every delete short
                 self._write(f"DELETE FROM {table} WHERE bucket = ?", (bucket,))
+        with self._write_lock:
+            conn = self._writer
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                recount_after_prune(conn.execute, older_than)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
         return deleted
 
     def _write(self, sql: str, params: tuple[Any, ...]) -> int:
@@ -536,6 +612,8 @@ def _where(filters: dict[str, Any]) -> tuple[str, list[Any]]:
 
 __all__ = [
     "BLOCKED_ACTIONS",
+    "FILL_TOP_DAY",
+    "ROLLUP_TOP_DAY",
     "CLIENT_ABORTED",
     "ERROR_ACTIONS",
     "TOP_DIMENSIONS",
@@ -543,5 +621,6 @@ __all__ = [
     "MalformedRecord",
     "ReportStore",
     "host_of",
+    "recount_after_prune",
     "record_row",
 ]

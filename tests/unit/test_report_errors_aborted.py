@@ -73,6 +73,10 @@ def test_an_older_store_gains_the_columns(tmp_path):
             blocked INTEGER NOT NULL, bytes_in INTEGER NOT NULL, bytes_out INTEGER NOT NULL,
             PRIMARY KEY (bucket, node)) WITHOUT ROWID;
         INSERT INTO rollup_minute VALUES (1799999940, 'n1', 3, 1, 10, 20);
+        CREATE TABLE rollup_hour (bucket INTEGER NOT NULL, node TEXT NOT NULL, requests INTEGER NOT NULL,
+            blocked INTEGER NOT NULL, bytes_in INTEGER NOT NULL, bytes_out INTEGER NOT NULL,
+            PRIMARY KEY (bucket, node)) WITHOUT ROWID;
+        INSERT INTO rollup_hour VALUES (1799996400, 'n1', 3, 1, 10, 20);
     """)
     conn.close()
     store = ReportStore(path)
