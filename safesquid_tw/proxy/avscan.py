@@ -118,6 +118,25 @@ class _Hold:
         ctx.rule = RULE
         ctx.detail = verdict_detail
 
+    # What is being held, for the log line of a scan that failed inside the node.
+    what = "a transfer"
+
+    def _scan(self, mode: bytes, request_head: bytes, response_head: bytes | None) -> None:
+        """Send the held body to the scanner; its verdict (or an internal failure, taken as
+        "unscanned") goes to `_verdict`."""
+        d = self.scanner.scan(self.rules, mode, request_head, response_head, self.body,
+                              _extension(self.exchange.ctx.target.path))
+        d.addCallback(self._verdict)
+        d.addErrback(self._scan_error)
+
+    def _scan_error(self, reason) -> None:
+        log.failure("anti-virus verdict for {what}", reason, what=self.what)
+        if not self.gone:
+            self._verdict(Verdict("unscanned", reason="internal error"))
+
+    def _verdict(self, verdict: Verdict) -> None:
+        raise NotImplementedError
+
 
 # ---------------------------------------------------------------------------------------------
 # downloads
@@ -145,6 +164,8 @@ def hold_download(exchange: "Exchange", head: http1.ResponseHead, framing: http1
 
 
 class DownloadHold(_Hold):
+    what = "a download"
+
     def __init__(self, exchange, rules, head: http1.ResponseHead, framing: http1.Framing) -> None:
         super().__init__(exchange, rules)
         self.head = head
@@ -192,16 +213,7 @@ class DownloadHold(_Hold):
         headers = _without_framing(strip_hop_by_hop(head.headers))
         headers.append((b"Content-Length", b"%d" % self.body.size))
         response_head = http1.serialize_response_head(head.status, head.reason, headers, head.version)
-        request_head = _request_head_for_scan(exchange.request_bytes, None)
-        d = self.scanner.scan(self.rules, b"RESPMOD", request_head, response_head, self.body,
-                              _extension(exchange.ctx.target.path))
-        d.addCallback(self._verdict)
-        d.addErrback(self._scan_error)
-
-    def _scan_error(self, reason) -> None:
-        log.failure("anti-virus verdict for a download", reason)
-        if not self.gone:
-            self._verdict(Verdict("unscanned", reason="internal error"))
+        self._scan(b"RESPMOD", _request_head_for_scan(exchange.request_bytes, None), response_head)
 
     def _verdict(self, verdict: Verdict) -> None:
         exchange = self.exchange
@@ -335,6 +347,8 @@ def hold_upload(exchange: "Exchange") -> "UploadHold | None":
 
 
 class UploadHold(_Hold):
+    what = "an upload"
+
     def __init__(self, exchange, rules) -> None:
         super().__init__(exchange, rules)
         self.released = False
@@ -382,16 +396,7 @@ class UploadHold(_Hold):
         if self.released or self.refusing or self.gone:
             return
         exchange = self.exchange
-        request_head = _request_head_for_scan(exchange.request_bytes, self.body.size)
-        d = self.scanner.scan(self.rules, b"REQMOD", request_head, None, self.body,
-                              _extension(exchange.ctx.target.path))
-        d.addCallback(self._verdict)
-        d.addErrback(self._scan_error)
-
-    def _scan_error(self, reason) -> None:
-        log.failure("anti-virus verdict for an upload", reason)
-        if not self.gone:
-            self._verdict(Verdict("unscanned", reason="internal error"))
+        self._scan(b"REQMOD", _request_head_for_scan(exchange.request_bytes, self.body.size), None)
 
     def _verdict(self, verdict: Verdict) -> None:
         exchange = self.exchange
