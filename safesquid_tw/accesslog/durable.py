@@ -95,6 +95,18 @@ class SpoolWriter(Service):
                 return  # the retry timer is already set
             self._turn = self.reactor.callLater(delay, self.write_now)
 
+    def write_due(self) -> None:
+        """Write this turn's records now rather than at the end of the turn: called before a
+        response's last bytes are sent straight to the socket (proxy/directwrite.py), so the
+        client never sees a request complete whose record has not reached the kernel. A backlog
+        (the disk refused writes) or a draining one keeps its own pace."""
+        turn = self._turn
+        if turn is None or not self.writable or self.spool.pending_bytes > self.piece_bytes:
+            return
+        if turn.active():
+            turn.cancel()
+        self.write_now()
+
     def write_now(self) -> None:
         """Write what is buffered (a piece per turn while a backlog drains); never raises."""
         self._turn = None

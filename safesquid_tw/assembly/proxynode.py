@@ -82,6 +82,7 @@ def build_proxy_parts(base: NodeBase) -> ProxyParts:
         resolver=resolver,
         negotiate=negotiate_acceptor(config),
     )
+    factory.records_due = spool_writer.write_due
     # The anti-virus scanner follows every policy version (its services, self-tests, limits).
     store.add_observer(lambda policy: reactor.callFromThread(factory.antivirus.configure, policy.compiled.antivirus))
     base.state.antivirus = factory.antivirus.health

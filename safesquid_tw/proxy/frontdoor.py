@@ -76,6 +76,7 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
         self.tls_session = None  # a TlsSession once this connection is inspected (decrypted)
         self.peek = None  # while the ClientHello of a CONNECT to an IP address is awaited
         self.output = OutputBatch()  # a response head and its body read together leave in one send
+        self._reading = False  # inside dataReceived with a batch of output open
 
     # -- connection lifetime --------------------------------------------------------------
     def connectionMade(self) -> None:
@@ -184,13 +185,29 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
         if state == "peek":
             self.factory.intercept.peeked(self, data)
             return
-        if state == "body" and not self.buf:
-            self._body_bytes(data)
-            if self.state != "body" and self.buf:
-                self._pump()
-            return
-        self.buf += data
-        self._pump()
+        # What this read makes us answer leaves in one send, after the records of the requests
+        # it finished (see send_output).
+        batching = self.output.begin(self.transport)
+        self._reading = batching
+        try:
+            if state == "body" and not self.buf:
+                self._body_bytes(data)
+                if self.state != "body" and self.buf:
+                    self._pump()
+                return
+            self.buf += data
+            self._pump()
+        finally:
+            if batching:
+                self._reading = False
+                self.send_output()
+
+    def send_output(self) -> None:
+        """Send the open batch of output, once the records of the requests finished so far are
+        written: a client that saw its response end can count on its record (accesslog/durable.py)."""
+        if self.output.pieces:
+            self.factory.records_due()
+        self.output.end(self.transport)
 
     def _pump(self) -> None:
         if self._pumping:
@@ -661,7 +678,9 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
     def _after_response(self, *, close: bool, abort: bool) -> None:
         # The response is complete: it leaves now, before a close or the next request (which
         # may switch this connection to TLS) could overtake it.
-        self.output.end(self.transport)
+        self.send_output()
+        if self._reading and self.transport is not None:
+            self.output.begin(self.transport)  # a pipelined request's answer: held in turn
         self._dlp_buffer = None
         self._dlp_scanning = self._dlp_body_done = False
         self._decoder = None

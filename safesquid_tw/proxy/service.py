@@ -67,6 +67,9 @@ class ProxyFactory(protocol.Factory):
         self._via_value = b"safesquid-tw"
         self.current_policy = current_policy
         self.record_sink = record_sink
+        # Called before a batch of response bytes leaves straight for a client socket: writes
+        # the records of requests finished so far (the spool writer's `write_due`).
+        self.records_due: Callable[[], None] = _nothing
         self.connections: set[ClientConnection] = set()
         self.listening: list[tuple[str, int]] = []
         self.draining = False  # no new connections: refused with 503
@@ -338,3 +341,7 @@ def _sleep(reactor, seconds: float) -> defer.Deferred:
     d: defer.Deferred = defer.Deferred()
     reactor.callLater(seconds, d.callback, None)
     return d
+
+
+def _nothing() -> None:
+    pass

@@ -240,7 +240,7 @@ class UpstreamConnection(protocol.Protocol):
             self._fail(ProxyFailure(502, "http_protocol_error", f"the origin sent an invalid response: {e.detail}"))
         finally:
             if batching:
-                batch.end(client.transport)
+                client.send_output()
 
     def _parse_heads(self) -> None:
         while self._state == "head":

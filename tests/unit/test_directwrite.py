@@ -105,3 +105,50 @@ def test_bytes_queued_earlier_go_first():
     write_now(transport, b"second")
     transport.doWrite()
     assert theirs.recv(100) == b"first second"
+
+
+def test_a_local_answer_leaves_only_after_its_record_is_written():
+    """A client that saw its answer end can count on the record (the SIGKILL promise of
+    accesslog/durable.py): on plain TCP the answer is sent directly, so the records of the
+    requests it finished are written first, in the same call."""
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import MemoryReactorClock
+
+    from safesquid_tw.config import Limits
+    from safesquid_tw.policy.codec import policy_from_document
+    from safesquid_tw.proxy.resolver import Resolver
+    from safesquid_tw.proxy.service import ProxyFactory
+
+    policy = policy_from_document({
+        "format": "safesquid-policy/1",
+        "access": {"default_action": "allow",
+                   "rules": [{"name": "no-games", "action": "deny", "domains": ["*.games.test"]}]},
+    }, 3)
+    transport, theirs, _ = _plain_tcp()
+    theirs.setblocking(False)
+    events = []
+    records = []
+
+    def records_due():
+        # What the client can read at the moment the records are written.
+        try:
+            events.append(("records written", len(records), theirs.recv(65536)))
+        except BlockingIOError:
+            events.append(("records written", len(records), b""))
+
+    factory = ProxyFactory(reactor=MemoryReactorClock(), limits=Limits(), node_name="unit",
+                           current_policy=lambda: policy, record_sink=records.append,
+                           resolver=Resolver(MemoryReactorClock()))
+    factory.records_due = records_due
+    proto = factory.buildProtocol(IPv4Address("TCP", "10.1.2.3", 5555))
+    transport.protocol = proto
+    transport.getPeer = lambda: IPv4Address("TCP", "10.1.2.3", 5555)
+    transport.getHost = lambda: IPv4Address("TCP", "10.0.0.1", 3128)
+    proto.makeConnection(transport)
+    proto.dataReceived(b"GET http://www.games.test/ HTTP/1.1\r\nHost: www.games.test\r\n\r\n"
+                       b"GET http://a.games.test/ HTTP/1.1\r\nHost: a.games.test\r\n\r\n")
+    assert [(what, n, sent) for what, n, sent in events] == [
+        ("records written", 1, b""), ("records written", 2, events[1][2])]
+    # The first answer left between the two record writes, the second after the last one.
+    assert events[1][2].startswith(b"HTTP/1.1 403")
+    assert theirs.recv(65536).startswith(b"HTTP/1.1 403")

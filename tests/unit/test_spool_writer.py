@@ -84,6 +84,35 @@ def test_records_of_a_turn_are_written_at_the_end_of_the_turn_without_fsync(tmp_
     assert writer.stats()["memory_bytes"] == 0
 
 
+def test_write_due_writes_the_turns_records_at_once_and_only_once(tmp_path):
+    """Before a response leaves straight for the client socket, its record is written."""
+    clock = Clock()
+    spool, writer = make(tmp_path, clock)
+    writer.write_due()  # nothing pending: nothing happens
+    writer.append(record(0))
+    writer.append(record(1))
+    writer.write_due()
+    assert on_disk(spool) == [record(0), record(1)]
+    assert not clock.getDelayedCalls() or all(c.getTime() > 0 for c in clock.getDelayedCalls())
+    clock.advance(0)
+    assert on_disk(spool) == [record(0), record(1)]  # not twice
+
+
+def test_write_due_leaves_a_backlog_to_its_own_pace(tmp_path, monkeypatch):
+    clock = Clock()
+    disk = Disk(monkeypatch)
+    spool, writer = make(tmp_path, clock)
+    disk.broken = True
+    writer.append(record(0))
+    clock.advance(0)
+    assert not writer.writable
+    writer.write_due()  # the retry timer decides, not every response
+    assert on_disk(spool) == []
+    disk.broken = False
+    clock.advance(writer.retry_interval)
+    assert on_disk(spool) == [record(0)]
+
+
 def test_unwritable_spool_holds_records_in_memory_then_drops_and_counts(tmp_path, monkeypatch):
     clock = Clock()
     disk = Disk(monkeypatch)
