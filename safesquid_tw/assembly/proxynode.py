@@ -57,12 +57,13 @@ def build_proxy_parts(base: NodeBase) -> ProxyParts:
     # Each record reaches the kernel in the reactor turn its request finished in; see
     # accesslog/durable.py for the promise.
     spool_writer = SpoolWriter(
-        reactor, spool, fsync_interval=config.spool_fsync_interval, memory_bytes=config.spool_memory_bytes
+        reactor, spool, fsync_interval=config.spool_fsync_interval, memory_bytes=config.spool_memory_bytes,
+        in_thread=base.in_thread,
     )
     access_log.add_line_sink(spool_writer.append)
     access_log.setServiceParent(top)
     base.reloads.add("reopen access.log", access_log.reopen)
-    shipper = LogShipper(reactor, spool)
+    shipper = LogShipper(reactor, spool, in_thread=base.in_thread)
     shipper.writer = spool_writer
     shipper.setServiceParent(top)
     # Started after the shipper, so stopped before it: the last records are written before the

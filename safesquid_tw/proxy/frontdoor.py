@@ -10,7 +10,6 @@ is waiting.
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING
 
 from twisted.internet import error, protocol, threads
@@ -309,7 +308,7 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
         if framing.kind == "length" and framing.length > self.limits.max_request_body:
             raise http1.ProtocolError(413, f"the request body is larger than {self.limits.max_request_body} bytes")
         policy = factory.current_policy()
-        ctx = RequestContext(time.time(), head, target, policy, framing)
+        ctx = RequestContext(self.factory.reactor.seconds(), head, target, policy, framing)
         ctx.bytes_in = head_size
         self.ctx = ctx
         self.state = "hold"
