@@ -456,6 +456,7 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
             user=identity.user if identity is not None else None,
             groups=identity.groups if identity is not None else frozenset(),
             headers=HeaderView(head),
+            now=ctx.start,  # schedules read the reactor's clock, not the wall's
         )
         decision = compiled.decide(facts)
         if target.other_paths and decision.action == "allow":

@@ -1,6 +1,7 @@
-"""An access record's time and duration come from the reactor the proxy runs on, so a fake clock
-decides them: the request's start is the clock's time when its head was read, the duration runs
-to the clock's time when the answer went out (here held back by the guessing brake's timer)."""
+"""The proxy's time is its reactor's, so a fake clock decides it: an access record's start is the
+clock's time when the request head was read, its duration runs to the clock's time when the answer
+went out (here held back by the guessing brake's timer), and a rule's schedule is read at the
+clock's time too."""
 
 import base64
 
@@ -62,3 +63,25 @@ def test_an_answer_held_back_by_a_timer_is_recorded_with_the_clocks_duration():
     [record] = records
     assert record.time == START
     assert record.duration_ms == MAX_DELAY * 1000.0
+
+
+def test_a_scheduled_rule_is_read_at_the_clocks_time():
+    wednesday_10_utc = 1_796_205_600.0
+    doc = {"format": "safesquid-policy/1", "access": {"default_action": "allow", "rules": [
+        {"name": "office-hours", "action": "deny", "domains": ["games.test"],
+         "schedule": {"days": ["wed"], "from": "09:00", "to": "17:00", "timezone": "UTC"}}]}}
+    reactor = MemoryReactorClock()
+    reactor.advance(wednesday_10_utc)
+    records: list = []
+    factory = factory_on(reactor, doc, records)
+    request = b"GET http://games.test/ HTTP/1.1\r\nHost: games.test\r\n\r\n"
+
+    proto, transport = connect(factory)
+    proto.dataReceived(request)
+    assert transport.value().startswith(b"HTTP/1.1 403 ")
+    assert records[-1].rule == "office-hours"
+
+    reactor.advance(8 * 3600.0)  # 18:00: the rule is asleep, the default allows
+    proto, transport = connect(factory)
+    proto.dataReceived(request)
+    assert not transport.value().startswith(b"HTTP/1.1 403 ")
