@@ -13,7 +13,7 @@ from twisted.internet.task import Clock
 
 from safesquid_tw.util.threads import inline
 from safesquid_tw.accesslog import spool as spool_module
-from safesquid_tw.accesslog.durable import SpoolWriter
+from safesquid_tw.accesslog.spoolwriter import SpoolWriter
 from safesquid_tw.accesslog.segment import scan_segment
 from safesquid_tw.accesslog.spool import Spool
 
