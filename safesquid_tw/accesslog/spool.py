@@ -17,7 +17,7 @@ between over-counts, never hides a loss). A segment dropped while it was being s
 both stored and counted as dropped; that errs on the side of telling.
 
 Durability: `append()` only touches memory; `write_out()` hands the buffered lines to the kernel
-(`write(2)`, no fsync) and is called by the node once per reactor turn (see `accesslog.durable`),
+(`write(2)`, no fsync) and is called by the node once per reactor turn (see `accesslog.spoolwriter`),
 so a *process* crash loses no appended record. `sync()` fsyncs what was written (data, sealed
 files, directory entries) and runs on a group-commit timer in a worker thread, so only a *machine*
 crash can lose the records written since the last sync. Segment ids are reserved ahead in blocks

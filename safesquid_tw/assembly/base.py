@@ -30,7 +30,7 @@ from safesquid_tw.policy.store import PolicyCacheCorrupt, PolicyStore, source_ki
 from safesquid_tw.portal.filereload import replaced_comment, versions_the_file_replaces
 from safesquid_tw.portal.plainhealth import make_health_only_site
 from safesquid_tw.util.atomic import atomic_write
-from safesquid_tw.util.threads import ThreadRunner, reactor_pool
+from safesquid_tw.util.threads import ThreadRunner, pool_runner, reactor_pool
 
 log = Logger()
 
@@ -105,7 +105,7 @@ class NodeBase:
         top.policy_store = store
         from safesquid_tw.reload import ReloadService
 
-        node = cls(config, reactor, top, root, state, store, reloads=ReloadService(reactor))
+        node = cls(config, reactor, top, root, state, store, reloads=ReloadService(reactor), in_thread=pool_runner(reactor))
         # Other parts register their collectors on `top.metrics` (safesquid_tw/metrics).
         top.metrics = node.metrics
         node.metrics.register(NodeCollector(state, __version__))
@@ -262,7 +262,7 @@ class NodeBase:
         eventlog = self.top.getServiceNamed("eventlog")
         reloads.steps.insert(0, ("reopen extended.log", lambda: eventlog.observer and eventlog.observer.reopen()))
         reloads.setServiceParent(self.top)  # after PolicyFileService: its SIGHUP handler is chained to
-        node_state = NodeStateService(self.state, self.config)
+        node_state = NodeStateService(self.state, self.config, self.reactor)
         ListeningFile(self.root / "run" / "listening.json", self.waits, on_ready=node_state.announce).setServiceParent(
             self.top
         )

@@ -78,6 +78,7 @@ def build_master(config: NodeConfig, reactor) -> MultiService:
         record_dropped=reports.record_dropped,
         keepalive=config.keepalive,
         guard=guard,
+        in_thread=base.in_thread,
     )
     from safesquid_tw.cluster.ca_sync import attach_master
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from pathlib import Path
 from typing import Callable
 
 from twisted.application.service import Service
 from twisted.internet import defer, endpoints
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from safesquid_tw import __version__
@@ -289,13 +289,14 @@ class PortalService(Service):
 class NodeStateService(Service):
     """Marks the node started and, first thing at shutdown, not ready (so /health says 503)."""
 
-    def __init__(self, state: NodeState, config: NodeConfig) -> None:
+    def __init__(self, state: NodeState, config: NodeConfig, clock: IReactorTime) -> None:
         self.state = state
         self.config = config
+        self.clock = clock
 
     def startService(self) -> None:
         super().startService()
-        self.state.started = time.time()
+        self.state.started = self.clock.seconds()
 
     def announce(self) -> None:
         """Said once the node's sockets are bound (see ListeningFile), so never after a

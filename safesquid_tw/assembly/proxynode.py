@@ -11,7 +11,7 @@ from __future__ import annotations
 import attrs
 from twisted.logger import Logger
 
-from safesquid_tw.accesslog.durable import SpoolWriter
+from safesquid_tw.accesslog.spoolwriter import SpoolWriter
 from safesquid_tw.accesslog.spool import Spool
 from safesquid_tw.accesslog.writer import AccessLogWriter
 from safesquid_tw.assembly.base import NodeBase
@@ -19,7 +19,7 @@ from safesquid_tw.cluster.shipper import LogShipper
 from safesquid_tw.config import NodeConfig
 from safesquid_tw.identity.watch import DirectoryCollector, directory_health, directory_watch
 from safesquid_tw.metrics.collectors import ProxyCollector, SpoolCollector
-from safesquid_tw.metrics.parts import AntivirusCollector, EdgeCollector, TlsInspectionCollector
+from safesquid_tw.metrics.proxyparts import AntivirusCollector, EdgeCollector, TlsInspectionCollector
 from safesquid_tw.proxy.resolver import Resolver
 from safesquid_tw.proxy.service import ProxyFactory, ProxyService
 from safesquid_tw.workers.metrics import WorkersCollector
@@ -55,14 +55,15 @@ def build_proxy_parts(base: NodeBase) -> ProxyParts:
         str(root / "logs" / "access.log"), rotate_bytes=config.log_rotate_bytes, keep=config.log_keep, clock=reactor
     )
     # Each record reaches the kernel in the reactor turn its request finished in; see
-    # accesslog/durable.py for the promise.
+    # accesslog/spoolwriter.py for the promise.
     spool_writer = SpoolWriter(
-        reactor, spool, fsync_interval=config.spool_fsync_interval, memory_bytes=config.spool_memory_bytes
+        reactor, spool, fsync_interval=config.spool_fsync_interval, memory_bytes=config.spool_memory_bytes,
+        in_thread=base.in_thread,
     )
     access_log.add_line_sink(spool_writer.append)
     access_log.setServiceParent(top)
     base.reloads.add("reopen access.log", access_log.reopen)
-    shipper = LogShipper(reactor, spool)
+    shipper = LogShipper(reactor, spool, in_thread=base.in_thread)
     shipper.writer = spool_writer
     shipper.setServiceParent(top)
     # Started after the shipper, so stopped before it: the last records are written before the

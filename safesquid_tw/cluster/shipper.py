@@ -41,7 +41,7 @@ class LogShipper(Service):
         self._unchanged_since = 0.0
         self._stopping = False
         # The node's SpoolWriter, when records are written per reactor turn (see
-        # accesslog.durable): then the shipper leaves writing and fsync to it and only seals.
+        # accesslog.spoolwriter): then the shipper leaves writing and fsync to it and only seals.
         self.writer = None
 
     def set_sender(self, sender: Sender | None) -> None:

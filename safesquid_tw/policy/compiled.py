@@ -191,9 +191,11 @@ class CompiledPolicy:
             self.directory.adopt(previous.directory)
 
 
-def _aware_now(now: datetime | None) -> datetime:
+def _aware_now(now: datetime | float | None) -> datetime:
     if now is None:
         return datetime.now(timezone.utc)
+    if isinstance(now, (int, float)):
+        return datetime.fromtimestamp(now, timezone.utc)
     if now.tzinfo is None:
         return now.replace(tzinfo=timezone.utc)
     return now

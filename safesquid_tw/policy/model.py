@@ -28,7 +28,8 @@ class RequestFacts:
 
     `path` is the path and query (`"/a/b?x=1"`), empty for CONNECT. `headers` maps lower-case
     header names to values; only application signatures look at them. `now` is an aware datetime
-    (a naive one is taken as UTC); None means "the current time".
+    (a naive one is taken as UTC) or POSIX seconds (the proxy passes its reactor's clock); None
+    means "the current time".
     """
 
     client_ip: str
@@ -40,7 +41,7 @@ class RequestFacts:
     user: str | None = None
     groups: frozenset[str] = frozenset()
     headers: Mapping[str, str] = _NO_HEADERS
-    now: datetime | None = None
+    now: datetime | float | None = None
 
 
 @attrs.frozen(slots=True)

@@ -35,6 +35,10 @@ class PortalContext:
             return self.in_thread(fn, *args, **kwargs)
         return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), fn, *args, **kwargs)
 
+    def now(self) -> float:
+        """Wall-clock seconds: the injected `wall_clock`, else the reactor's."""
+        return self.wall_clock() if self.wall_clock is not None else self.reactor.seconds()
+
     @property
     def read_only(self) -> bool:
         """Policy cannot be changed here (a slave's policy comes from its master)."""

@@ -84,7 +84,7 @@ def add_bypass(services: Any, host: str, *, actor: str, address: str | None) -> 
 
 async def tls_page(call: Call) -> Reply:
     ctx = call.services.ctx
-    pinned = await call.services.in_thread(pinned_hosts, ctx.reports) if ctx.reports is not None else []
+    pinned = await call.services.in_thread(pinned_hosts, ctx.reports, ctx.now()) if ctx.reports is not None else []
     current = ctx.store.current
     section = (current.document.get("tls_inspection") or {}) if current is not None else {}
     return Page("portal/tls.html", {"ca": ca_view(ctx), "pinned": pinned, "section": section,
@@ -140,7 +140,7 @@ async def api_put_ca(call: Call) -> Reply:
 
 async def api_pinned(call: Call) -> Reply:
     ctx = call.services.ctx
-    hosts = await call.services.in_thread(pinned_hosts, ctx.reports) if ctx.reports is not None else []
+    hosts = await call.services.in_thread(pinned_hosts, ctx.reports, ctx.now()) if ctx.reports is not None else []
     return Json({"hosts": hosts})
 
 

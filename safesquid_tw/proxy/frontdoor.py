@@ -10,7 +10,6 @@ is waiting.
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING
 
 from twisted.internet import error, protocol, threads
@@ -326,7 +325,7 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
         if framing.kind == "length" and framing.length > self.limits.max_request_body:
             raise http1.ProtocolError(413, f"the request body is larger than {self.limits.max_request_body} bytes")
         policy = factory.current_policy()
-        ctx = RequestContext(time.time(), head, target, policy, framing)
+        ctx = RequestContext(self.factory.reactor.seconds(), head, target, policy, framing)
         ctx.bytes_in = head_size
         self.ctx = ctx
         self.state = "hold"
@@ -474,6 +473,7 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
             user=identity.user if identity is not None else None,
             groups=identity.groups if identity is not None else frozenset(),
             headers=HeaderView(head),
+            now=ctx.start,  # schedules read the reactor's clock, not the wall's
         )
         decision = compiled.decide(facts)
         if target.other_paths and decision.action == "allow":

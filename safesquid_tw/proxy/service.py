@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import time
 from typing import Callable
 
 from twisted.application.service import Service
@@ -167,7 +166,7 @@ class ProxyFactory(protocol.Factory):
 
     def record(self, conn: ClientConnection, ctx: RequestContext, tunnel_bytes=None) -> None:
         self.requests += 1
-        now = time.time()
+        now = self.reactor.seconds()
         policy = ctx.policy
         bytes_out = conn.bytes_out if tunnel_bytes is None else tunnel_bytes[1]
         self.counters.count_request(ctx.action, ctx.status, now - ctx.start, ctx.bytes_in, bytes_out)

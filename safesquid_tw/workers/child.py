@@ -25,6 +25,7 @@ from safesquid_tw.policy.codec import digest
 from safesquid_tw.policy.compiled import Policy, compile_policy
 from safesquid_tw.policy.errors import PolicyError
 from safesquid_tw.policy.validate import validate_document
+from safesquid_tw.util.threads import ThreadRunner, pool_runner
 from safesquid_tw.workers.frames import FramedStdio
 
 log = Logger()
@@ -89,11 +90,13 @@ def compile_sent(message: dict[str, Any]) -> Policy:
 
 
 class Worker:
-    def __init__(self, reactor, config: NodeConfig, sockets: list[dict[str, Any]]) -> None:
+    def __init__(self, reactor, config: NodeConfig, sockets: list[dict[str, Any]],
+                 in_thread: ThreadRunner | None = None) -> None:
         from safesquid_tw.proxy.resolver import Resolver
         from safesquid_tw.proxy.service import ProxyFactory
 
         self.reactor = reactor
+        self.in_thread = in_thread or pool_runner(reactor)  # where policy versions are compiled
         self.config = config
         self.sockets = sockets
         self.policy = PolicyHolder()
@@ -200,9 +203,7 @@ class Worker:
             if self.listen_asked:
                 self.accept()
             return
-        from twisted.internet import threads
-
-        self._applying = threads.deferToThread(compile_sent, message)
+        self._applying = self.in_thread(compile_sent, message)
 
         def applied(policy: Policy) -> None:
             self.policy.install(policy)

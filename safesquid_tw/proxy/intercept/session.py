@@ -13,7 +13,6 @@ ClientHello peeked at first (Squid's peek-and-splice), so the SNI can decide.
 from __future__ import annotations
 
 import ipaddress
-import time
 from typing import TYPE_CHECKING
 
 from OpenSSL import SSL
@@ -133,7 +132,7 @@ class TlsSession:
         if not self.connect_recorded:
             self._record_connect(conn, None)
         record = AccessRecord(
-            time=time.time(), node=conn.factory.node_name, client=conn.client_ip, user=None, method="-",
+            time=conn.factory.reactor.seconds(), node=conn.factory.node_name, client=conn.client_ip, user=None, method="-",
             url=f"https://{self.authority.decode('ascii')}/", status=status, bytes_in=0, bytes_out=0,
             duration_ms=0.0, action="error", rule=None, category=None, application=None,
             policy_version=self.connect_ctx.policy.version if self.connect_ctx.policy else None,

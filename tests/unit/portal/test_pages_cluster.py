@@ -6,7 +6,7 @@ import json
 
 import pytest
 from portalkit import Portal
-from test_portal_api import FakeSession
+from .test_api import FakeSession
 
 from safesquid_tw.master.registry import SlaveRegistry
 from safesquid_tw.portal.startup import StartupParams

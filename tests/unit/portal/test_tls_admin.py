@@ -93,3 +93,16 @@ def test_pinned_hosts_listed_with_a_one_click_bypass(portal, admin):
     assert admin.post("/tls/bypass", {"host": "app.pinned.test"}).code == 303
     assert portal.store.current.document["tls_inspection"]["bypass_domains"] == ["app.pinned.test"]
     assert any(e["event"] == "tls_bypass_add" for e in portal.audit())
+
+
+def test_pinned_hosts_leave_the_page_when_the_portals_clock_passes_their_window(portal, admin):
+    from safesquid_tw.portal.tls_admin import PINNED_WINDOW
+
+    now = portal.wall[0]
+    record = json.dumps({"ts": now, "client": "10.0.0.1", "method": "CONNECT", "url": "old.pinned.test:443",
+                         "status": 200, "bytes_in": 1, "bytes_out": 1, "action": "error", "tls": "inspected",
+                         "detail": "the client rejected the inspection certificate (alert bad certificate)"}).encode()
+    portal.ctx.reports.ingest("n1", 1, 0, [record])
+    assert "old.pinned.test" in admin.get("/tls").text
+    portal.wall[0] = now + PINNED_WINDOW + 1
+    assert "old.pinned.test" not in admin.get("/tls").text

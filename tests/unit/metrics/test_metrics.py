@@ -16,7 +16,7 @@ from safesquid_tw.policy.store import PolicyStore
 from safesquid_tw.portal.allowlist import PortalAllowList
 from safesquid_tw.portal.plainhealth import HealthOnlyRoot
 from safesquid_tw.proxy.counters import ProxyCounters, status_class
-from tests.unit.test_policy_store import doc as sample_doc
+from tests.unit.policy.test_store import doc as sample_doc
 
 TOKEN = b"a-token-of-enough-length"
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -41,6 +41,7 @@ from safesquid_tw.portal.health import HealthResource
 from safesquid_tw.reporting.store import ReportStore
 from safesquid_tw.assembly.base import state_follows_store
 from safesquid_tw.assembly.roles import build_node_service
+from safesquid_tw.util.threads import inline
 
 KEY = ClusterKey.from_activation_key("unit-test-cluster-key")
 OTHER_KEY = ClusterKey.from_activation_key("some-other-cluster-key")
@@ -51,12 +52,6 @@ MASTER_ADDRESS = IPv4Address("TCP", "127.0.0.1", 8888)
 def policy(*denied: str, **sections) -> dict:
     rules = [{"name": f"deny-{i}", "action": "deny", "domains": [d]} for i, d in enumerate(denied)]
     return {"format": "safesquid-policy/1", "access": {"default_action": "allow", "rules": rules}, **sections}
-
-
-@pytest.fixture(autouse=True)
-def inline_threads(monkeypatch):
-    """deferToThread runs its function at once: the report store and the spool need no reactor."""
-    monkeypatch.setattr(threads, "deferToThread", lambda f, *a, **kw: defer.maybeDeferred(f, *a, **kw))
 
 
 @pytest.fixture
@@ -76,6 +71,7 @@ class Master:
         self.plane = ControlPlane(
             reactor=clock, key=KEY, version=NodeVersion(version), store=self.store, registry=self.registry,
             ingest=self.reports.ingest, record_dropped=self.reports.record_dropped, keepalive=keepalive,
+            in_thread=inline,  # the report store and the spool run at once, no threads
         )
         identity = load_or_create_master_identity(root, discover=lambda: ["127.0.0.1"], hostname="master")
         self.port = PortalPortFactory(identity.server_options(), ClusterServerFactory(ControlRoot(self.plane)),
@@ -122,7 +118,7 @@ class Slave:
         self.state = NodeState(role="slave", node=name)
         state_follows_store(self.state, self.store, now=clock.seconds)
         self.spool = Spool(self.root / "spool", node=name, segment_bytes=64 * 1024, cap_bytes=1 << 20)
-        self.shipper = LogShipper(clock, self.spool)
+        self.shipper = LogShipper(clock, self.spool, in_thread=inline)
         self.shipper.startService()
         self.tasks: list[str] = []
         self.client = ClusterClient(

@@ -9,19 +9,13 @@ import json
 import os
 
 import pytest
-from twisted.internet import defer, threads
 from twisted.internet.task import Clock
 
 from safesquid_tw.util.threads import inline
 from safesquid_tw.accesslog import spool as spool_module
-from safesquid_tw.accesslog.durable import SpoolWriter
+from safesquid_tw.accesslog.spoolwriter import SpoolWriter
 from safesquid_tw.accesslog.segment import scan_segment
 from safesquid_tw.accesslog.spool import Spool
-
-
-@pytest.fixture(autouse=True)
-def inline_threads(monkeypatch):
-    monkeypatch.setattr(threads, "deferToThread", lambda f, *a, **kw: defer.maybeDeferred(f, *a, **kw))
 
 
 def record(i: int, pad: int = 0) -> bytes:
@@ -145,7 +139,7 @@ def test_shipper_seals_through_the_writer(tmp_path):
 
     clock = Clock()
     spool, writer = make(tmp_path, clock)
-    shipper = LogShipper(clock, spool, interval=0.5, seal_after=1.0)
+    shipper = LogShipper(clock, spool, interval=0.5, seal_after=1.0, in_thread=inline)
     shipper.writer = writer
     shipper.startService()
     for i in range(5):

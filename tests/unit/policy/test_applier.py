@@ -12,7 +12,7 @@ from safesquid_tw.policy.applier import PolicyApplier, PolicySuperseded, synchro
 from safesquid_tw.policy.codec import canonical_bytes
 from safesquid_tw.policy.errors import PolicyError
 from safesquid_tw.policy.store import PolicyStore
-from tests.unit.test_policy_store import doc as sample_doc
+from .test_store import doc as sample_doc
 
 
 class ManualRunner:
@@ -183,7 +183,7 @@ def test_the_pieces_make_the_canonical_bytes_exactly():
     from safesquid_tw.policy.canonical_io import canonical_bytes_in_pieces, digest_of_bytes, record_bytes
     from safesquid_tw.policy.codec import digest
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "bench"))
     from big_policy import build_policy
 
     samples = [build_policy(50, 3000), _doc("x"), {}, {"a": [], "b": {"c": [1.5, None, True, "é\u2028"]}},

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from safesquid_tw.util.threads import inline
@@ -19,11 +19,6 @@ INTERVAL = 0.5
 SEAL_AFTER = 1.0
 SEGMENT_BYTES = 1 << 20  # a few thousand records: the tests' records fit in one segment
 CAP_BYTES = 8 << 20
-
-
-@pytest.fixture(autouse=True)
-def inline_threads(monkeypatch):
-    monkeypatch.setattr(threads, "deferToThread", lambda f, *a, **kw: defer.maybeDeferred(f, *a, **kw))
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import attrs
 import pytest
 
 from safesquid_tw.policy.rules import required_literal
-from tests.unit.test_policy_decide import BASE, compiled
+from .test_engine import BASE, compiled
 
 PATTERNS = ["*/ads/*", "*.SWF", "http://tracker.example/p?x=*", "*/img??/*.gif", "*/%7Euser/*"]
 URLS = [
