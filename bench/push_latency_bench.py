@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--phase", type=float, default=8.0, help="seconds per phase")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--rate", type=float, default=50.0, help="client requests per second")
+    parser.add_argument("--worst", type=int, default=0, help="list this many of the slowest answers")
     args = parser.parse_args(argv)
 
     base = build_policy(args.rules, args.domains)
@@ -170,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         reactor_cpu = {"quiet": 0.0, "pushes": 0.0}
         phase_time = {"quiet": 0.0, "pushes": 0.0}
         pushes: list[float] = []
+        push_times: list[float] = []  # when each push was sent, to place the slowest answers
         version = 1
         for _round in range(args.rounds):
             start, cpu = time.monotonic(), thread_cpu_seconds(pid, pid)
@@ -181,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             while time.monotonic() - start < args.phase:
                 document = dict(base, comment=f"bench push {version + 1}")
                 sent = time.monotonic()
+                push_times.append(sent)
                 status, body = cluster.api("POST", "/api/v1/policy", {"document": document}, timeout=60)
                 if status not in (200, 201):
                     print(f"push refused: {status} {body}", flush=True)
@@ -208,6 +211,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"p99={percentile(values, .99) * 1e3:7.2f}  max={max(values) * 1e3:7.2f}")
         print("  slave1's reactor thread CPU: quiet %.0f%%, pushes %.0f%% of a core (its policy worker thread "
               "is not counted)" % tuple(100 * reactor_cpu[k] / phase_time[k] for k in ("quiet", "pushes")))
+        if args.worst:
+            print(f"  the {args.worst} slowest answers (ms), placed after the push sent before them:")
+            for at, lat in sorted(client.samples, key=lambda s: -s[1])[:args.worst]:
+                before = [t for t in push_times if t <= at]
+                where = f"{at - before[-1]:6.2f} s after push {len(before)}" if before else "before any push"
+                print(f"    {lat * 1e3:8.2f} ms, sent {where}")
         p99_quiet = percentile(by_kind["quiet"], .99)
         p99_push = percentile(by_kind["pushes"], .99)
         print(f"  p99 ratio pushes/quiet = {p99_push / p99_quiet:.2f} (target <= 2.0); client errors: {client.errors}")

@@ -25,7 +25,7 @@ from safesquid_tw.metrics.collectors import NodeCollector, PolicyCollector
 from safesquid_tw.nodestate import NodeState
 from safesquid_tw.policy.applier import PolicyApplier, policy_thread_pool, thread_runner
 from safesquid_tw.policy.history import PolicyHistory
-from safesquid_tw.policy.shadowing import shadowed_rules
+from safesquid_tw.policy.shadowing import policy_warnings
 from safesquid_tw.policy.store import PolicyCacheCorrupt, PolicyStore, source_kind
 from safesquid_tw.portal.filereload import replaced_comment, versions_the_file_replaces
 from safesquid_tw.portal.plainhealth import make_health_only_site
@@ -57,7 +57,8 @@ def state_follows_store(state: NodeState, store: PolicyStore, *, now: Callable[[
         state.policy_since = now()
         state.policy_digest = policy.digest
         state.policy_source = source_kind(store.current_source, from_cache=store.current_from_cache)
-        for warning in shadowed_rules(policy.document):
+        # Computed where the version was prepared (a worker thread), not here on the reactor.
+        for warning in policy_warnings(policy):
             log.warn("policy version {version}: {warning}", version=policy.version, warning=warning.message)
 
     store.add_observer(on_policy)

@@ -25,6 +25,7 @@ from safesquid_tw.policy.codec import canonical_bytes, digest, parse_json
 from safesquid_tw.policy.compiled import Policy, compile_policy
 from safesquid_tw.policy.errors import PolicyError
 from safesquid_tw.policy.fields import expect_int, expect_object, expect_str
+from safesquid_tw.policy.shadowing import policy_warnings
 from safesquid_tw.policy.validate import validate_document
 from safesquid_tw.util.atomic import atomic_write
 
@@ -158,6 +159,7 @@ class PolicyStore:
             return Prepared(current, source, changed=False, base=current)
         version = current.version + 1 if current is not None else 1
         policy = Policy(version=version, digest=new_digest, document=canonical, compiled=compile_policy(canonical))
+        policy_warnings(policy)  # here, not in the swap's observers on the reactor thread
         self._write_cache(policy, source, data)
         return Prepared(policy, source, changed=True, base=current, data=data, numbered_here=True)
 
@@ -171,6 +173,7 @@ class PolicyStore:
         if current is not None and current.version == version and current.digest == new_digest:
             return Prepared(current, source, changed=False, base=current)
         policy = Policy(version=version, digest=new_digest, document=canonical, compiled=compile_policy(canonical))
+        policy_warnings(policy)  # here, not in the swap's observers on the reactor thread
         self._write_cache(policy, source, data)
         return Prepared(policy, source, changed=True, base=current, data=data)
 

@@ -20,7 +20,7 @@ from safesquid_tw.master.registry import TASKS
 from safesquid_tw.policy import secrets as policy_secrets
 from safesquid_tw.policy.applier import PolicySuperseded
 from safesquid_tw.policy.errors import PolicyError
-from safesquid_tw.policy.shadowing import shadowed_rules
+from safesquid_tw.policy.shadowing import policy_warnings
 from safesquid_tw.portal import backup as B
 from safesquid_tw.portal import reportdata as R
 from safesquid_tw.portal.pages_cluster import cluster_view, remove_node, run_task
@@ -177,7 +177,7 @@ async def post_policy(call: ApiCall) -> Reply:
         call.services.audit.record("apply", actor=call.actor, address=call.address, version=policy.version,
                                    digest=policy.digest, comment=comment, via="api")
     return Json({"version": policy.version, "digest": policy.digest, "changed": changed,
-                 "warnings": [w.as_json() for w in shadowed_rules(policy.document)]}, code=201 if changed else 200)
+                 "warnings": [w.as_json() for w in policy_warnings(policy)]}, code=201 if changed else 200)
 
 
 async def post_rule(call: ApiCall) -> Reply:
@@ -235,7 +235,7 @@ async def _reorder(call: ApiCall, history: Any, body: dict[str, Any], *, default
                                    digest=policy.digest, comment=comment or what, via="api")
     order = [r["name"] for r in policy.document["access"]["rules"]]
     return Json({"version": policy.version, "digest": policy.digest, "changed": changed, "rules": order,
-                 "warnings": [w.as_json() for w in shadowed_rules(policy.document)]},
+                 "warnings": [w.as_json() for w in policy_warnings(policy)]},
                 code=201 if changed else 200)
 
 
