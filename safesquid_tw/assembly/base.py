@@ -36,6 +36,10 @@ log = Logger()
 
 PORTAL_IDLE_TIMEOUT = 15.0
 POLICY_SWITCH_INTERVAL = 0.0005  # seconds: the GIL's switch interval while a policy is prepared
+# The policy thread's niceness (Linux): it takes the CPU the reactor threads of this and the
+# other processes on the machine leave, so preparing a version never competes with requests.
+POLICY_THREAD_NICE = int(os.environ.get("XNICE", "10")) or None  # XXX experiment
+LOGGED_SHADOW_WARNINGS = 10  # shadowed-rule warnings logged one by one per version; the rest counted
 
 
 def prepare_state_dir(path: str) -> Path:
@@ -57,9 +61,19 @@ def state_follows_store(state: NodeState, store: PolicyStore, *, now: Callable[[
         state.policy_since = now()
         state.policy_digest = policy.digest
         state.policy_source = source_kind(store.current_source, from_cache=store.current_from_cache)
+        if not store.shadow_warnings:
+            return
         # Computed where the version was prepared (a worker thread), not here on the reactor.
-        for warning in policy_warnings(policy):
+        warnings = policy_warnings(policy)
+        # A few lines, not one per warning: a 1000-rule policy can have hundreds, and writing
+        # them to both logs on every version would hold up the reactor for a good fraction of
+        # a second. The API's answer and `python -m safesquid_tw.policy.check` list them all.
+        for warning in warnings[:LOGGED_SHADOW_WARNINGS]:
             log.warn("policy version {version}: {warning}", version=policy.version, warning=warning.message)
+        if len(warnings) > LOGGED_SHADOW_WARNINGS:
+            log.warn("policy version {version}: {more} more rules are shadowed (listed by the API's answer and by "
+                     "python -m safesquid_tw.policy.check)", version=policy.version,
+                     more=len(warnings) - LOGGED_SHADOW_WARNINGS)
 
     store.add_observer(on_policy)
 
@@ -97,8 +111,10 @@ class NodeBase:
         EventLogService(root / "logs" / "extended.log", config.log_rotate_bytes, config.log_keep).setServiceParent(top)
         state = NodeState(role=config.role, node=config.node_name)
         store = PolicyStore(root)
+        store.shadow_warnings = config.role != "slave"  # a slave's master warns about its policy
         pool = policy_thread_pool()
-        store.applier = PolicyApplier(thread_runner(reactor, pool), switch_interval=POLICY_SWITCH_INTERVAL)
+        store.applier = PolicyApplier(thread_runner(reactor, pool, nice=POLICY_THREAD_NICE),
+                                      switch_interval=POLICY_SWITCH_INTERVAL)
         PolicyPoolService(pool).setServiceParent(top)
 
         state_follows_store(state, store, now=reactor.seconds)

@@ -25,6 +25,7 @@ from safesquid_tw.policy.codec import canonical_bytes, digest, parse_json
 from safesquid_tw.policy.compiled import Policy, compile_policy
 from safesquid_tw.policy.errors import PolicyError
 from safesquid_tw.policy.fields import expect_int, expect_object, expect_str
+from safesquid_tw.policy.hosts import domain_memo
 from safesquid_tw.policy.shadowing import policy_warnings
 from safesquid_tw.policy.validate import validate_document
 from safesquid_tw.util.atomic import atomic_write
@@ -57,6 +58,10 @@ class PolicyStore:
         # The canonical bytes of the current version when it was prepared here (the master
         # publishes them to its slaves without serialising the document again).
         self.current_bytes: bytes | None = None
+        # Whether versions prepared here get their shadowed-rule warnings computed (in the
+        # worker thread) for the log and the API. A slave runs what its master checked and
+        # warned about already, so it skips them (about a tenth of a big version's CPU).
+        self.shadow_warnings = True
 
     def add_observer(self, fn: Callable[[Policy], None]) -> None:
         """Call `fn(policy)` after every swap (on the caller's thread)."""
@@ -147,6 +152,10 @@ class PolicyStore:
         Reads `current` only; the swap is `commit_prepared`, on the reactor thread. Raises
         PolicyError (refused) or OSError (cache not written); nothing changes then.
         """
+        with domain_memo():
+            return self._prepare_document(doc, source=source)
+
+    def _prepare_document(self, doc: object, *, source: str) -> "Prepared":
         if callable(doc):  # the document is read in the worker too (a policy file)
             doc = doc()
         canonical = validate_document(doc)
@@ -159,13 +168,18 @@ class PolicyStore:
             return Prepared(current, source, changed=False, base=current)
         version = current.version + 1 if current is not None else 1
         policy = Policy(version=version, digest=new_digest, document=canonical, compiled=compile_policy(canonical))
-        policy_warnings(policy)  # here, not in the swap's observers on the reactor thread
+        if self.shadow_warnings:
+            policy_warnings(policy)  # here, not in the swap's observers on the reactor thread
         self._write_cache(policy, source, data)
         return Prepared(policy, source, changed=True, base=current, data=data, numbered_here=True)
 
     def prepare_blob(self, blob: bytes, version: int, *, source: str = "master") -> "Prepared":
         """Worker thread: parse, validate and compile a version numbered elsewhere (a slave taking
         its master's), and write the cache. Raises PolicyError or OSError; nothing changes then."""
+        with domain_memo():
+            return self._prepare_blob(blob, version, source=source)
+
+    def _prepare_blob(self, blob: bytes, version: int, *, source: str) -> "Prepared":
         canonical = validate_document(parse_json(blob))
         data = canonical_bytes_in_pieces(canonical)
         new_digest = digest_of_bytes(data)
@@ -173,7 +187,8 @@ class PolicyStore:
         if current is not None and current.version == version and current.digest == new_digest:
             return Prepared(current, source, changed=False, base=current)
         policy = Policy(version=version, digest=new_digest, document=canonical, compiled=compile_policy(canonical))
-        policy_warnings(policy)  # here, not in the swap's observers on the reactor thread
+        if self.shadow_warnings:
+            policy_warnings(policy)  # here, not in the swap's observers on the reactor thread
         self._write_cache(policy, source, data)
         return Prepared(policy, source, changed=True, base=current, data=data)
 
