@@ -113,6 +113,7 @@ class _LoggingEndpoint:
 
 
 RETRY_CAP = 2.5
+CHUNKS_IN_FLIGHT = 4  # policy chunk calls outstanding at once (each at most wire.MAX_CHUNK_BYTES)
 
 
 class ClusterClient(MultiService):
@@ -409,13 +410,21 @@ class ClusterClient(MultiService):
         if current is not None and current.version == version and current.digest == "sha256:" + manifest.sha256.hex():
             return
         assembler = wire.BlobAssembler(manifest)
-        for index in range(manifest.chunks):
-            chunk = await self._call("policy_chunk", version, index)
-            assembler.add(index, chunk)
-        blob = assembler.result()
+        # Several chunk calls in flight at a time, not one round trip per chunk: a big policy
+        # is a dozen chunks or more, and a loaded master answers each after a while.
+        for first in range(0, manifest.chunks, CHUNKS_IN_FLIGHT):
+            indexes = range(first, min(first + CHUNKS_IN_FLIGHT, manifest.chunks))
+            try:
+                chunks = await defer.gatherResults([self._call("policy_chunk", version, i) for i in indexes],
+                                                   consumeErrors=True)
+            except defer.FirstError as e:
+                e.subFailure.raiseException()
+            for index, chunk in zip(indexes, chunks):
+                assembler.add(index, chunk)
         try:
-            # Parsed, validated, compiled and cached in the store's worker thread; swapped here.
-            policy = await self.store.install_blob_async(blob, version, source="master")
+            # Joined, digest-checked, parsed, validated, compiled and cached in the store's worker
+            # thread (a big policy's SHA-256 alone would hold up the reactor); swapped here.
+            policy = await self.store.install_blob_async(assembler.result, version, source="master")
         except PolicySuperseded:
             return  # a newer version is being prepared; its sync acknowledges that one
         except (PolicyError, OSError) as e:

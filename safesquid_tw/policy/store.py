@@ -173,13 +173,18 @@ class PolicyStore:
         self._write_cache(policy, source, data)
         return Prepared(policy, source, changed=True, base=current, data=data, numbered_here=True)
 
-    def prepare_blob(self, blob: bytes, version: int, *, source: str = "master") -> "Prepared":
+    def prepare_blob(self, blob: bytes | Callable[[], bytes], version: int, *, source: str = "master") -> "Prepared":
         """Worker thread: parse, validate and compile a version numbered elsewhere (a slave taking
-        its master's), and write the cache. Raises PolicyError or OSError; nothing changes then."""
+        its master's), and write the cache. Raises PolicyError or OSError; nothing changes then.
+
+        `blob` may be a callable returning the bytes (called in the worker thread: reassembling
+        and checking the chunks of a big policy is work too); what it raises fails the job."""
         with domain_memo():
             return self._prepare_blob(blob, version, source=source)
 
-    def _prepare_blob(self, blob: bytes, version: int, *, source: str) -> "Prepared":
+    def _prepare_blob(self, blob: bytes | Callable[[], bytes], version: int, *, source: str) -> "Prepared":
+        if callable(blob):
+            blob = blob()
         canonical = validate_document(parse_json(blob))
         data = canonical_bytes_in_pieces(canonical)
         new_digest = digest_of_bytes(data)
@@ -214,7 +219,8 @@ class PolicyStore:
         `doc` may be a callable that returns the document (called in the worker thread)."""
         return self.applier.submit(lambda: self.prepare_document(doc, source=source), self.commit_prepared)
 
-    def install_blob_async(self, blob: bytes, version: int, *, source: str = "master") -> defer.Deferred:
+    def install_blob_async(self, blob: bytes | Callable[[], bytes], version: int, *,
+                           source: str = "master") -> defer.Deferred:
         return self.applier.submit(lambda: self.prepare_blob(blob, version, source=source), self.commit_prepared)
 
     def _commit(self, policy: Policy, source: str) -> None:
