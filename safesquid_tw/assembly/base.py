@@ -35,7 +35,7 @@ from safesquid_tw.util.threads import ThreadRunner, reactor_pool
 log = Logger()
 
 PORTAL_IDLE_TIMEOUT = 15.0
-POLICY_SWITCH_INTERVAL = 0.0005  # seconds: the GIL's switch interval while a policy is prepared
+POLICY_SWITCH_INTERVAL = float(os.environ.get("XSWITCH", "0.0005"))  # XXX experiment
 # The policy thread's niceness (Linux): it takes the CPU the reactor threads of this and the
 # other processes on the machine leave, so preparing a version never competes with requests.
 POLICY_THREAD_NICE = int(os.environ.get("XNICE", "10")) or None  # XXX experiment

@@ -406,8 +406,7 @@ class ClusterClient(MultiService):
         wire.check_result("avatar", "policy_manifest", manifest_value)
         version = manifest_value["version"]
         manifest = wire.BlobManifest.from_wire(manifest_value)
-        current = self.store.current
-        if current is not None and current.version == version and current.digest == "sha256:" + manifest.sha256.hex():
+        if self._runs(version, "sha256:" + manifest.sha256.hex()):
             return
         assembler = wire.BlobAssembler(manifest)
         # Several chunk calls in flight at a time, not one round trip per chunk: a big policy
@@ -435,6 +434,12 @@ class ClusterClient(MultiService):
                  version=version, digest=policy.digest, why=why)
         await self._call("policy_applied", version, True, "")
         self.report_status()
+
+    def _runs(self, version: int, digest: str) -> bool:
+        # Not a local of `_sync`: that coroutine lives on after the swap, and the version it
+        # replaced must not stay referenced there (it is freed in pieces in the policy thread).
+        current = self.store.current
+        return current is not None and current.version == version and current.digest == digest
 
     # -- tasks and logs -------------------------------------------------------------------
     def run_task(self, task: str) -> str:

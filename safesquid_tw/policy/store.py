@@ -207,10 +207,14 @@ class PolicyStore:
             if self.current is not None:
                 self._write_cache(self.current, self.current_source or "unknown")
             raise PolicySuperseded()
-        if self.current is not None:
-            prepared.policy.compiled.inherit_from(self.current.compiled)
+        replaced = self.current
+        prepared.base = None  # the replaced version's last holders should be the swap and the worker
+        if replaced is not None:
+            prepared.policy.compiled.inherit_from(replaced.compiled)
         self.current_bytes = prepared.data
         self._swap(prepared.policy, prepared.source)
+        if replaced is not None:
+            self.applier.retire(replaced)  # freed in pieces in the worker, not here at once
         return prepared.policy
 
     def apply_document_async(self, doc: object, *, source: str) -> defer.Deferred:

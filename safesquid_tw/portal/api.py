@@ -163,6 +163,9 @@ async def post_policy(call: ApiCall) -> Reply:
     before = call.services.ctx.store.current
     # Secrets sent back as their markers keep the running version's values.
     document = policy_secrets.restore(body["document"], before.document if before is not None else None)
+    # Only its number from here on: the version being replaced is freed in the policy thread.
+    before_version = before.version if before is not None else None
+    del before
     try:
         policy = await history.apply_async(document, by=call.actor,
                                            comment=comment or "applied through the API", source="api")
@@ -172,7 +175,7 @@ async def post_policy(call: ApiCall) -> Reply:
         current = call.services.ctx.store.current
         return _fail(422, "the policy does not validate", path=e.path, message=e.message,
                      running_version=current.version if current else None)
-    changed = before is None or policy.version != before.version
+    changed = before_version is None or policy.version != before_version
     if changed:
         call.services.audit.record("apply", actor=call.actor, address=call.address, version=policy.version,
                                    digest=policy.digest, comment=comment, via="api")
@@ -247,6 +250,8 @@ async def post_rollback(call: ApiCall) -> Reply:
     if not isinstance(comment, str):
         return _fail(400, "'comment' must be text")
     before = call.services.ctx.store.current
+    before_version = before.version if before is not None else None
+    del before  # only its number: the replaced version is freed in the policy thread
     try:
         policy = await history.rollback_async(number, by=call.actor, comment=comment)
     except PolicySuperseded as e:
@@ -255,7 +260,7 @@ async def post_rollback(call: ApiCall) -> Reply:
         return _fail(404, str(e.args[0]))
     except PolicyError as e:
         return _fail(422, "that version no longer validates", path=e.path, message=e.message)
-    changed = before is None or policy.version != before.version
+    changed = before_version is None or policy.version != before_version
     if changed:
         call.services.audit.record("rollback", actor=call.actor, address=call.address, to_version=number,
                                    version=policy.version, digest=policy.digest, comment=comment, via="api")
