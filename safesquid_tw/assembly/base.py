@@ -35,10 +35,9 @@ from safesquid_tw.util.threads import ThreadRunner, reactor_pool
 log = Logger()
 
 PORTAL_IDLE_TIMEOUT = 15.0
-POLICY_SWITCH_INTERVAL = float(os.environ.get("XSWITCH", "0.0005"))  # XXX experiment
-# The policy thread's niceness (Linux): it takes the CPU the reactor threads of this and the
-# other processes on the machine leave, so preparing a version never competes with requests.
-POLICY_THREAD_NICE = int(os.environ.get("XNICE", "10")) or None  # XXX experiment
+# Seconds: the GIL's switch interval while a policy is prepared. Each system call of a request
+# hands the GIL to the policy thread, and the reactor thread waits up to this long to get it back.
+POLICY_SWITCH_INTERVAL = 0.0001
 LOGGED_SHADOW_WARNINGS = 10  # shadowed-rule warnings logged one by one per version; the rest counted
 
 
@@ -113,8 +112,7 @@ class NodeBase:
         store = PolicyStore(root)
         store.shadow_warnings = config.role != "slave"  # a slave's master warns about its policy
         pool = policy_thread_pool()
-        store.applier = PolicyApplier(thread_runner(reactor, pool, nice=POLICY_THREAD_NICE),
-                                      switch_interval=POLICY_SWITCH_INTERVAL)
+        store.applier = PolicyApplier(thread_runner(reactor, pool), switch_interval=POLICY_SWITCH_INTERVAL)
         PolicyPoolService(pool).setServiceParent(top)
 
         state_follows_store(state, store, now=reactor.seconds)

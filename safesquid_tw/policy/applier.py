@@ -18,9 +18,7 @@ thread, so name look-ups in the reactor's pool never wait behind a policy), and
 from __future__ import annotations
 
 import gc
-import os
 import sys
-import threading
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -49,43 +47,11 @@ def synchronous_runner(fn: Callable[..., T], *args: Any, **kwargs: Any) -> defer
     return defer.maybeDeferred(fn, *args, **kwargs)
 
 
-def thread_runner(reactor: Any, pool: ThreadPool, *, nice: int | None = None) -> Runner:
-    """Runs each job in `pool`; with `nice`, the pool's thread first lowers its own scheduling
-    priority to that niceness (Linux only: there a thread has its own)."""
-
+def thread_runner(reactor: Any, pool: ThreadPool) -> Runner:
     def run(fn: Callable[..., T], *args: Any, **kwargs: Any) -> defer.Deferred:
-        if nice is None:
-            return threads.deferToThreadPool(reactor, pool, fn, *args, **kwargs)
-
-        def niced() -> T:
-            lower_thread_priority(nice)
-            return fn(*args, **kwargs)
-
-        return threads.deferToThreadPool(reactor, pool, niced)
+        return threads.deferToThreadPool(reactor, pool, fn, *args, **kwargs)
 
     return run
-
-
-def lower_thread_priority(nice: int) -> bool:
-    """Give the calling thread (only it) niceness `nice` unless it has a higher one already.
-
-    Why: a node shares its machine's cores with other processes (other nodes, the master, a
-    database), and preparing a big policy is a second or so of pure CPU. At an ordinary
-    priority it competes as an equal with every reactor thread on the machine, so a request
-    can wait a whole scheduler slice for a core; niced, it takes only the cycles the reactors
-    leave. The reactor thread keeps its priority. Linux gives each thread its own nice value
-    (setpriority on the thread id); elsewhere that call would renice the whole process, so
-    nothing is done. Returns whether the priority is now at least that low.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        tid = threading.get_native_id()
-        if os.getpriority(os.PRIO_PROCESS, tid) < nice:
-            os.setpriority(os.PRIO_PROCESS, tid, nice)
-        return True
-    except (OSError, AttributeError):
-        return False
 
 
 def policy_thread_pool() -> ThreadPool:
@@ -233,6 +199,5 @@ __all__ = [
     "Runner",
     "policy_thread_pool",
     "synchronous_runner",
-    "lower_thread_priority",
     "thread_runner",
 ]
