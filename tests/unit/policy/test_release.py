@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import tempfile
 
+from twisted.internet import defer
+
+from safesquid_tw.policy.applier import PolicyApplier
 from safesquid_tw.policy.codec import load_policy_bytes
 from safesquid_tw.policy.model import RequestFacts
 from safesquid_tw.policy.release import release_in_pieces
@@ -58,13 +61,9 @@ def test_a_version_still_held_is_waited_for_then_left_whole():
 
 
 def test_a_store_swap_retires_the_old_version_and_the_new_one_keeps_working():
-    from safesquid_tw.policy.applier import PolicyApplier
-
     jobs = []
 
     def runner(fn, *args):
-        from twisted.internet import defer
-
         jobs.append((fn, args))
         if fn is release_in_pieces:
             return defer.succeed(None)
