@@ -25,7 +25,7 @@ from safesquid_tw.metrics.collectors import NodeCollector, PolicyCollector
 from safesquid_tw.nodestate import NodeState
 from safesquid_tw.policy.applier import PolicyApplier, policy_thread_pool, thread_runner
 from safesquid_tw.policy.history import PolicyHistory
-from safesquid_tw.policy.shadowing import shadowed_rules
+from safesquid_tw.policy.shadowing import policy_warnings
 from safesquid_tw.policy.store import PolicyCacheCorrupt, PolicyStore, source_kind
 from safesquid_tw.portal.filereload import replaced_comment, versions_the_file_replaces
 from safesquid_tw.portal.plainhealth import make_health_only_site
@@ -35,7 +35,10 @@ from safesquid_tw.util.threads import ThreadRunner, pool_runner, reactor_pool
 log = Logger()
 
 PORTAL_IDLE_TIMEOUT = 15.0
-POLICY_SWITCH_INTERVAL = 0.0005  # seconds: the GIL's switch interval while a policy is prepared
+# Seconds: the GIL's switch interval while a policy is prepared. Each system call of a request
+# hands the GIL to the policy thread, and the reactor thread waits up to this long to get it back.
+POLICY_SWITCH_INTERVAL = 0.0001
+LOGGED_SHADOW_WARNINGS = 10  # shadowed-rule warnings logged one by one per version; the rest counted
 
 
 def prepare_state_dir(path: str) -> Path:
@@ -57,8 +60,19 @@ def state_follows_store(state: NodeState, store: PolicyStore, *, now: Callable[[
         state.policy_since = now()
         state.policy_digest = policy.digest
         state.policy_source = source_kind(store.current_source, from_cache=store.current_from_cache)
-        for warning in shadowed_rules(policy.document):
+        if not store.shadow_warnings:
+            return
+        # Computed where the version was prepared (a worker thread), not here on the reactor.
+        warnings = policy_warnings(policy)
+        # A few lines, not one per warning: a 1000-rule policy can have hundreds, and writing
+        # them to both logs on every version would hold up the reactor for a good fraction of
+        # a second. The API's answer and `python -m safesquid_tw.policy.check` list them all.
+        for warning in warnings[:LOGGED_SHADOW_WARNINGS]:
             log.warn("policy version {version}: {warning}", version=policy.version, warning=warning.message)
+        if len(warnings) > LOGGED_SHADOW_WARNINGS:
+            log.warn("policy version {version}: {more} more rules are shadowed (listed by the API's answer and by "
+                     "python -m safesquid_tw.policy.check)", version=policy.version,
+                     more=len(warnings) - LOGGED_SHADOW_WARNINGS)
 
     store.add_observer(on_policy)
 
@@ -96,6 +110,7 @@ class NodeBase:
         EventLogService(root / "logs" / "extended.log", config.log_rotate_bytes, config.log_keep).setServiceParent(top)
         state = NodeState(role=config.role, node=config.node_name)
         store = PolicyStore(root)
+        store.shadow_warnings = config.role != "slave"  # a slave's master warns about its policy
         pool = policy_thread_pool()
         store.applier = PolicyApplier(thread_runner(reactor, pool), switch_interval=POLICY_SWITCH_INTERVAL)
         PolicyPoolService(pool).setServiceParent(top)

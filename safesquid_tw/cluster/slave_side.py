@@ -113,6 +113,7 @@ class _LoggingEndpoint:
 
 
 RETRY_CAP = 2.5
+CHUNKS_IN_FLIGHT = 4  # policy chunk calls outstanding at once (each at most wire.MAX_CHUNK_BYTES)
 
 
 class ClusterClient(MultiService):
@@ -405,17 +406,24 @@ class ClusterClient(MultiService):
         wire.check_result("avatar", "policy_manifest", manifest_value)
         version = manifest_value["version"]
         manifest = wire.BlobManifest.from_wire(manifest_value)
-        current = self.store.current
-        if current is not None and current.version == version and current.digest == "sha256:" + manifest.sha256.hex():
+        if self._runs(version, "sha256:" + manifest.sha256.hex()):
             return
         assembler = wire.BlobAssembler(manifest)
-        for index in range(manifest.chunks):
-            chunk = await self._call("policy_chunk", version, index)
-            assembler.add(index, chunk)
-        blob = assembler.result()
+        # Several chunk calls in flight at a time, not one round trip per chunk: a big policy
+        # is a dozen chunks or more, and a loaded master answers each after a while.
+        for first in range(0, manifest.chunks, CHUNKS_IN_FLIGHT):
+            indexes = range(first, min(first + CHUNKS_IN_FLIGHT, manifest.chunks))
+            try:
+                chunks = await defer.gatherResults([self._call("policy_chunk", version, i) for i in indexes],
+                                                   consumeErrors=True)
+            except defer.FirstError as e:
+                e.subFailure.raiseException()
+            for index, chunk in zip(indexes, chunks):
+                assembler.add(index, chunk)
         try:
-            # Parsed, validated, compiled and cached in the store's worker thread; swapped here.
-            policy = await self.store.install_blob_async(blob, version, source="master")
+            # Joined, digest-checked, parsed, validated, compiled and cached in the store's worker
+            # thread (a big policy's SHA-256 alone would hold up the reactor); swapped here.
+            policy = await self.store.install_blob_async(assembler.result, version, source="master")
         except PolicySuperseded:
             return  # a newer version is being prepared; its sync acknowledges that one
         except (PolicyError, OSError) as e:
@@ -426,6 +434,12 @@ class ClusterClient(MultiService):
                  version=version, digest=policy.digest, why=why)
         await self._call("policy_applied", version, True, "")
         self.report_status()
+
+    def _runs(self, version: int, digest: str) -> bool:
+        # Not a local of `_sync`: that coroutine lives on after the swap, and the version it
+        # replaced must not stay referenced there (it is freed in pieces in the policy thread).
+        current = self.store.current
+        return current is not None and current.version == version and current.digest == digest
 
     # -- tasks and logs -------------------------------------------------------------------
     def run_task(self, task: str) -> str:

@@ -26,7 +26,11 @@ from typing import Any, TypeVar
 from twisted.internet import defer, threads
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
+from twisted.logger import Logger
 
+from safesquid_tw.policy.release import release_in_pieces
+
+_log = Logger()
 T = TypeVar("T")
 Runner = Callable[..., defer.Deferred]
 
@@ -165,6 +169,17 @@ class PolicyApplier:
             done.errback(outcome)
         else:
             done.callback(outcome)
+
+    def retire(self, replaced: Any) -> None:
+        """Hand a replaced version to the worker, which frees it a piece at a time
+        (policy/release.py) instead of all at once on the reactor thread. With the synchronous
+        runner (tests, start-up) it is simply let go."""
+        if self.runner is synchronous_runner:
+            return
+        box = [replaced]
+        del replaced
+        d = self.runner(release_in_pieces, box)
+        d.addErrback(lambda failure: _log.failure("freeing a replaced policy version failed", failure))
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -25,6 +25,8 @@ from safesquid_tw.policy.codec import canonical_bytes, digest, parse_json
 from safesquid_tw.policy.compiled import Policy, compile_policy
 from safesquid_tw.policy.errors import PolicyError
 from safesquid_tw.policy.fields import expect_int, expect_object, expect_str
+from safesquid_tw.policy.hosts import domain_memo
+from safesquid_tw.policy.shadowing import policy_warnings
 from safesquid_tw.policy.validate import validate_document
 from safesquid_tw.util.atomic import atomic_write
 
@@ -56,6 +58,10 @@ class PolicyStore:
         # The canonical bytes of the current version when it was prepared here (the master
         # publishes them to its slaves without serialising the document again).
         self.current_bytes: bytes | None = None
+        # Whether versions prepared here get their shadowed-rule warnings computed (in the
+        # worker thread) for the log and the API. A slave runs what its master checked and
+        # warned about already, so it skips them (about a tenth of a big version's CPU).
+        self.shadow_warnings = True
 
     def add_observer(self, fn: Callable[[Policy], None]) -> None:
         """Call `fn(policy)` after every swap (on the caller's thread)."""
@@ -146,6 +152,10 @@ class PolicyStore:
         Reads `current` only; the swap is `commit_prepared`, on the reactor thread. Raises
         PolicyError (refused) or OSError (cache not written); nothing changes then.
         """
+        with domain_memo():
+            return self._prepare_document(doc, source=source)
+
+    def _prepare_document(self, doc: object, *, source: str) -> "Prepared":
         if callable(doc):  # the document is read in the worker too (a policy file)
             doc = doc()
         canonical = validate_document(doc)
@@ -158,12 +168,23 @@ class PolicyStore:
             return Prepared(current, source, changed=False, base=current)
         version = current.version + 1 if current is not None else 1
         policy = Policy(version=version, digest=new_digest, document=canonical, compiled=compile_policy(canonical))
+        if self.shadow_warnings:
+            policy_warnings(policy)  # here, not in the swap's observers on the reactor thread
         self._write_cache(policy, source, data)
         return Prepared(policy, source, changed=True, base=current, data=data, numbered_here=True)
 
-    def prepare_blob(self, blob: bytes, version: int, *, source: str = "master") -> "Prepared":
+    def prepare_blob(self, blob: bytes | Callable[[], bytes], version: int, *, source: str = "master") -> "Prepared":
         """Worker thread: parse, validate and compile a version numbered elsewhere (a slave taking
-        its master's), and write the cache. Raises PolicyError or OSError; nothing changes then."""
+        its master's), and write the cache. Raises PolicyError or OSError; nothing changes then.
+
+        `blob` may be a callable returning the bytes (called in the worker thread: reassembling
+        and checking the chunks of a big policy is work too); what it raises fails the job."""
+        with domain_memo():
+            return self._prepare_blob(blob, version, source=source)
+
+    def _prepare_blob(self, blob: bytes | Callable[[], bytes], version: int, *, source: str) -> "Prepared":
+        if callable(blob):
+            blob = blob()
         canonical = validate_document(parse_json(blob))
         data = canonical_bytes_in_pieces(canonical)
         new_digest = digest_of_bytes(data)
@@ -171,6 +192,8 @@ class PolicyStore:
         if current is not None and current.version == version and current.digest == new_digest:
             return Prepared(current, source, changed=False, base=current)
         policy = Policy(version=version, digest=new_digest, document=canonical, compiled=compile_policy(canonical))
+        if self.shadow_warnings:
+            policy_warnings(policy)  # here, not in the swap's observers on the reactor thread
         self._write_cache(policy, source, data)
         return Prepared(policy, source, changed=True, base=current, data=data)
 
@@ -184,10 +207,14 @@ class PolicyStore:
             if self.current is not None:
                 self._write_cache(self.current, self.current_source or "unknown")
             raise PolicySuperseded()
-        if self.current is not None:
-            prepared.policy.compiled.inherit_from(self.current.compiled)
+        replaced = self.current
+        prepared.base = None  # the replaced version's last holders should be the swap and the worker
+        if replaced is not None:
+            prepared.policy.compiled.inherit_from(replaced.compiled)
         self.current_bytes = prepared.data
         self._swap(prepared.policy, prepared.source)
+        if replaced is not None:
+            self.applier.retire(replaced)  # freed in pieces in the worker, not here at once
         return prepared.policy
 
     def apply_document_async(self, doc: object, *, source: str) -> defer.Deferred:
@@ -196,7 +223,8 @@ class PolicyStore:
         `doc` may be a callable that returns the document (called in the worker thread)."""
         return self.applier.submit(lambda: self.prepare_document(doc, source=source), self.commit_prepared)
 
-    def install_blob_async(self, blob: bytes, version: int, *, source: str = "master") -> defer.Deferred:
+    def install_blob_async(self, blob: bytes | Callable[[], bytes], version: int, *,
+                           source: str = "master") -> defer.Deferred:
         return self.applier.submit(lambda: self.prepare_blob(blob, version, source=source), self.commit_prepared)
 
     def _commit(self, policy: Policy, source: str) -> None:

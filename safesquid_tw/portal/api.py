@@ -20,7 +20,7 @@ from safesquid_tw.master.registry import TASKS
 from safesquid_tw.policy import secrets as policy_secrets
 from safesquid_tw.policy.applier import PolicySuperseded
 from safesquid_tw.policy.errors import PolicyError
-from safesquid_tw.policy.shadowing import shadowed_rules
+from safesquid_tw.policy.shadowing import policy_warnings
 from safesquid_tw.portal import backup as B
 from safesquid_tw.portal import reportdata as R
 from safesquid_tw.portal.pages_cluster import cluster_view, remove_node, run_task
@@ -163,6 +163,9 @@ async def post_policy(call: ApiCall) -> Reply:
     before = call.services.ctx.store.current
     # Secrets sent back as their markers keep the running version's values.
     document = policy_secrets.restore(body["document"], before.document if before is not None else None)
+    # Only its number from here on: the version being replaced is freed in the policy thread.
+    before_version = before.version if before is not None else None
+    del before
     try:
         policy = await history.apply_async(document, by=call.actor,
                                            comment=comment or "applied through the API", source="api")
@@ -172,12 +175,12 @@ async def post_policy(call: ApiCall) -> Reply:
         current = call.services.ctx.store.current
         return _fail(422, "the policy does not validate", path=e.path, message=e.message,
                      running_version=current.version if current else None)
-    changed = before is None or policy.version != before.version
+    changed = before_version is None or policy.version != before_version
     if changed:
         call.services.audit.record("apply", actor=call.actor, address=call.address, version=policy.version,
                                    digest=policy.digest, comment=comment, via="api")
     return Json({"version": policy.version, "digest": policy.digest, "changed": changed,
-                 "warnings": [w.as_json() for w in shadowed_rules(policy.document)]}, code=201 if changed else 200)
+                 "warnings": [w.as_json() for w in policy_warnings(policy)]}, code=201 if changed else 200)
 
 
 async def post_rule(call: ApiCall) -> Reply:
@@ -235,7 +238,7 @@ async def _reorder(call: ApiCall, history: Any, body: dict[str, Any], *, default
                                    digest=policy.digest, comment=comment or what, via="api")
     order = [r["name"] for r in policy.document["access"]["rules"]]
     return Json({"version": policy.version, "digest": policy.digest, "changed": changed, "rules": order,
-                 "warnings": [w.as_json() for w in shadowed_rules(policy.document)]},
+                 "warnings": [w.as_json() for w in policy_warnings(policy)]},
                 code=201 if changed else 200)
 
 
@@ -247,6 +250,8 @@ async def post_rollback(call: ApiCall) -> Reply:
     if not isinstance(comment, str):
         return _fail(400, "'comment' must be text")
     before = call.services.ctx.store.current
+    before_version = before.version if before is not None else None
+    del before  # only its number: the replaced version is freed in the policy thread
     try:
         policy = await history.rollback_async(number, by=call.actor, comment=comment)
     except PolicySuperseded as e:
@@ -255,7 +260,7 @@ async def post_rollback(call: ApiCall) -> Reply:
         return _fail(404, str(e.args[0]))
     except PolicyError as e:
         return _fail(422, "that version no longer validates", path=e.path, message=e.message)
-    changed = before is None or policy.version != before.version
+    changed = before_version is None or policy.version != before_version
     if changed:
         call.services.audit.record("rollback", actor=call.actor, address=call.address, to_version=number,
                                    version=policy.version, digest=policy.digest, comment=comment, via="api")

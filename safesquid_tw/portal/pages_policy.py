@@ -12,7 +12,7 @@ from typing import Any
 from safesquid_tw.policy.applier import PolicySuperseded
 from safesquid_tw.policy.errors import PolicyError
 from safesquid_tw.policy.hashpw import hash_password
-from safesquid_tw.policy.shadowing import shadowed_rules
+from safesquid_tw.policy.shadowing import policy_warnings, shadowed_rules
 from safesquid_tw.policy.validate import validate_document
 from safesquid_tw.portal import sections as S
 from safesquid_tw.portal.allowlist import address_in, portal_networks
@@ -354,7 +354,7 @@ async def apply_draft(call: Call) -> Reply:
     services.audit.record("apply", actor=call.account, address=call.address, version=policy.version,
                           digest=policy.digest, comment=comment, changes=list(draft.changes))
     call.session.flash("ok", f"Version {policy.version} applied.")
-    for warning in shadowed_rules(policy.document):
+    for warning in policy_warnings(policy):
         call.session.flash("info", f"Warning: {warning.message}.")
     return Redirect("/policy/history")
 
