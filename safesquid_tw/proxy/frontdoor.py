@@ -203,7 +203,7 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
 
     def send_output(self) -> None:
         """Send the open batch of output, once the records of the requests finished so far are
-        written: a client that saw its response end can count on its record (accesslog/durable.py)."""
+        written: a client that saw its response end can count on its record (accesslog/spoolwriter.py)."""
         if self.output.pieces:
             self.factory.records_due()
         self.output.end(self.transport)

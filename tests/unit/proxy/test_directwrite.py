@@ -109,7 +109,7 @@ def test_bytes_queued_earlier_go_first():
 
 def test_a_local_answer_leaves_only_after_its_record_is_written():
     """A client that saw its answer end can count on the record (the SIGKILL promise of
-    accesslog/durable.py): on plain TCP the answer is sent directly, so the records of the
+    accesslog/spoolwriter.py): on plain TCP the answer is sent directly, so the records of the
     requests it finished are written first, in the same call."""
     from twisted.internet.address import IPv4Address
     from twisted.internet.testing import MemoryReactorClock
