@@ -641,6 +641,7 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
 
     def switch_to_tunnel(self, exchange: Exchange, upstream) -> None:
         """A 101 answer to an Upgrade request: from now on bytes flow unchanged both ways."""
+        self.send_output()  # the 101 head first: the tunnel writes to the socket directly
         self.exchange = None
         tunnel = Tunnel(self, self.ctx)
         self.tunnel = tunnel
