@@ -24,6 +24,7 @@ from zope.interface import implementer
 from safesquid_tw.accesslog.record import AccessRecord
 from safesquid_tw.proxy import http1
 from safesquid_tw.proxy.intercept.clienthello import NotTLS, parse_client_hello
+from safesquid_tw.proxy.intercept.fasttls import start_server_tls
 from safesquid_tw.proxy.intercept.mint import LeafCache
 from safesquid_tw.proxy.intercept.pinned import PinnedClients
 from safesquid_tw.proxy.target import Target, _parse_authority, parse_target
@@ -267,7 +268,7 @@ class Interceptor:
         conn.state = "head"
         rest = bytes(conn.buf)
         conn.buf.clear()
-        conn.transport.startTLS(_ServerCreator(ssl_ctx))
+        start_server_tls(conn.transport, _ServerCreator(ssl_ctx))
         conn._arm("idle", self.limits.head_timeout)  # the handshake gets as long as a request head
         conn.gate.resume("decision")
         if rest:
