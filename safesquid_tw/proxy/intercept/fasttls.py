@@ -32,7 +32,7 @@ from twisted.internet.interfaces import ISSLTransport
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import directlyProvides
 
-_BIO_CHUNK = 2**17
+_BIO_CHUNK = 2**16  # under glibc's mmap threshold: a plain malloc per read
 
 
 class _Turn:
