@@ -20,11 +20,19 @@ and four epoll_ctl calls around two sends.
 
 Held data always leaves before a close (`loseConnection`, or the end of a producer that asked
 for one); an abort drops it, as it drops everything else.
+
+Once the handshake is done, records are read and written by calling OpenSSL through pyOpenSSL's
+own cffi binding with buffers allocated once: pyOpenSSL's `recv`, `send` and `bio_read` allocate
+a buffer per call and signal "nothing more" by raising, which cost more than the cipher itself
+for the small records of a web request. Anything unusual (an error, a close alert, a write
+OpenSSL cannot take now) goes back to Twisted's code path, which raises and handles it as always.
 """
 
 from __future__ import annotations
 
+from OpenSSL import SSL
 from OpenSSL.SSL import WantReadError
+from twisted.python.failure import Failure
 from twisted.internet import tcp
 from twisted.internet._newtls import _BypassTLS
 from twisted.internet.abstract import FileDescriptor
@@ -33,6 +41,21 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import directlyProvides
 
 _BIO_CHUNK = 2**16  # under glibc's mmap threshold: a plain malloc per read
+_RECORD = 2**14  # the most plaintext one TLS record carries
+
+try:  # pyOpenSSL's binding and the Connection attributes the fast paths use
+    from OpenSSL._util import ffi as _ffi
+    from OpenSSL._util import lib as _lib
+
+    _probe = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
+    _FAST = all(hasattr(_probe, name) for name in ("_ssl", "_into_ssl", "_from_ssl", "_raise_ssl_error"))
+    _WANT_READ = _lib.SSL_ERROR_WANT_READ
+    # Shared buffers: only the reactor thread runs these connections, and every read is copied out.
+    _PLAIN_BUF = _ffi.new("char[]", _BIO_CHUNK)
+    _CIPHER_BUF = _ffi.new("char[]", _BIO_CHUNK)
+    del _probe
+except Exception:  # a pyOpenSSL without them: Twisted's own paths only
+    _FAST = False
 
 
 class _Turn:
@@ -85,11 +108,40 @@ class CoalescingTLS(TLSMemoryBIOProtocol):
         turn = _TURN
         turn.depth += 1
         try:
-            super().dataReceived(data)
+            if _FAST and self._handshakeDone and not self._appSendBuffer and not self._lostTLSConnection:
+                self._read_records(data)
+            else:
+                super().dataReceived(data)
         finally:
             turn.depth -= 1
             if not turn.depth and turn.dirty:
                 turn.end()
+
+    def _read_records(self, data: bytes) -> None:
+        """`TLSMemoryBIOProtocol.dataReceived` after the handshake, without a raise per call."""
+        conn = self._tlsConnection
+        if _lib.BIO_write(conn._into_ssl, data, len(data)) != len(data):
+            # A memory BIO takes all or (out of memory) nothing: pyOpenSSL retries and raises.
+            conn.bio_write(data)
+        ssl = conn._ssl
+        while not self._lostTLSConnection:
+            n = _lib.SSL_read(ssl, _PLAIN_BUF, _BIO_CHUNK)
+            if n > 0:
+                plain = _ffi.buffer(_PLAIN_BUF, n)[:]
+                if not self._aborted:
+                    self.wrappedProtocol.dataReceived(plain)
+                continue
+            if _lib.SSL_get_error(ssl, n) == _WANT_READ:
+                break
+            try:
+                conn._raise_ssl_error(ssl, n)
+            except SSL.ZeroReturnError:
+                self._shutdownTLS()
+                self._tlsShutdownFinished(None)
+            except SSL.Error:
+                self._tlsShutdownFinished(Failure())
+            break
+        self._flushSendBIO()  # what reading made OpenSSL say (alerts, key updates)
 
     def write(self, data: bytes) -> None:
         if self.disconnecting and self._producer is None:
@@ -114,7 +166,36 @@ class CoalescingTLS(TLSMemoryBIOProtocol):
         if held:
             self._write(held[0] if len(held) == 1 else b"".join(held))
 
+    def _write(self, data: bytes) -> None:
+        if not _FAST or not self._handshakeDone or self._appSendBuffer or self._lostTLSConnection:
+            super()._write(data)
+            return
+        ssl = self._tlsConnection._ssl
+        done, total = 0, len(data)
+        while done < total:
+            piece = data[done:done + _RECORD] if done or total > _RECORD else data
+            n = _lib.SSL_write(ssl, piece, len(piece))
+            if n <= 0:
+                # OpenSSL cannot take it now (or failed): Twisted's path buffers or reports it.
+                self._flushSendBIO()
+                super()._write(data[done:])
+                return
+            done += n
+        self._flushSendBIO()
+
     def _flushSendBIO(self) -> None:
+        if _FAST:
+            bio = self._tlsConnection._from_ssl
+            n = _lib.BIO_read(bio, _CIPHER_BUF, _BIO_CHUNK)
+            if n <= 0:
+                return  # nothing to send
+            data = _ffi.buffer(_CIPHER_BUF, n)[:]
+            while n == _BIO_CHUNK:
+                n = _lib.BIO_read(bio, _CIPHER_BUF, _BIO_CHUNK)
+                if n > 0:
+                    data += _ffi.buffer(_CIPHER_BUF, n)[:]
+            _send_now(self.transport, data)
+            return
         while True:
             try:
                 data = self._tlsConnection.bio_read(_BIO_CHUNK)
