@@ -32,13 +32,16 @@ from __future__ import annotations
 
 from OpenSSL import SSL
 from OpenSSL.SSL import WantReadError
-from twisted.python.failure import Failure
 from twisted.internet import tcp
 from twisted.internet._newtls import _BypassTLS
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import ISSLTransport
+from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
 from zope.interface import directlyProvides
+
+log = Logger()
 
 _BIO_CHUNK = 2**16  # under glibc's mmap threshold: a plain malloc per read
 _RECORD = 2**14  # the most plaintext one TLS record carries
@@ -71,7 +74,11 @@ class _Turn:
         while self.dirty:
             dirty, self.dirty = self.dirty, []
             for tls in dirty:
-                tls._flush_held()
+                try:
+                    tls._flush_held()
+                except Exception:  # one connection's failure must not strand the others' output
+                    tls._held = None
+                    log.failure("sending TLS output")
 
 
 _TURN = _Turn()
