@@ -84,3 +84,14 @@ def test_validation_keeps_the_modes_lower_cased_and_refuses_others():
 
 def test_the_portal_summary_names_the_condition():
     assert "tls: bypassed" in rule_summary(DENY_BYPASSED_BANKING)
+
+
+def test_shadowing_knows_the_condition():
+    from safesquid_tw.policy.shadowing import shadow_messages
+
+    narrow_first = document([DENY_BYPASSED_BANKING, {"name": "all-banking", "action": "allow",
+                                                     "categories": ["banking"]}])
+    assert shadow_messages(narrow_first) == []  # the earlier rule matches bypassed tunnels only
+    wide_first = document([{"name": "all-banking", "action": "allow", "categories": ["banking"]},
+                           DENY_BYPASSED_BANKING])
+    assert any("no-blind-banking" in m and "never decides" in m for m in shadow_messages(wide_first))
