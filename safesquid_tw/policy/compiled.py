@@ -59,6 +59,7 @@ class CompiledPolicy:
         self._clients: dict[str, tuple[int, bool]] = {}
         self._ports: dict[int, int] = {}
         self.forwarding = Forwarding(document.get("forwarding", {}))
+        self.uses_tls_condition: bool = self._rules.tls_conditioned  # some rule matches on `tls`
 
     # -- memo tables -------------------------------------------------------------------------
 
@@ -123,6 +124,8 @@ class CompiledPolicy:
             mask &= self._client(facts.client_ip)[0]
         if mask:
             mask &= table.identity_mask(facts.user, facts.groups)
+        if mask and table.tls_conditioned:
+            mask &= table.tls_mask(facts.tls)
         url: str | None = None
         now: datetime | None = None
         if mask & table.url_mask and table.url_union is not None:

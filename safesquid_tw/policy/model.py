@@ -42,6 +42,7 @@ class RequestFacts:
     groups: frozenset[str] = frozenset()
     headers: Mapping[str, str] = _NO_HEADERS
     now: datetime | float | None = None
+    tls: str | None = None  # "inspected", "bypassed" or "plain" (policy/tlsrules.py); None: not known
 
 
 @attrs.frozen(slots=True)

@@ -118,6 +118,7 @@ class RuleTable:
         exact, wildcard = _Dimension(), _Dimension()
         categories, applications, methods = _Dimension(), _Dimension(), _Dimension()
         users, groups, ports = _Dimension(), _Dimension(), _Dimension()
+        tls_modes = _Dimension()
         client_entries: list[tuple[str, int]] = []
         self.unconditioned_clients = 0
         self.port_ranges: list[tuple[int, int, int]] = []
@@ -150,6 +151,7 @@ class RuleTable:
                 self.unconditioned_clients |= bit
             if "url_patterns" in spec or "schedule" in spec:
                 self.needs_check |= bit
+            tls_modes.add(bit, spec.get("tls"))
         # One pass over the URL for all URL-pattern rules together: when no rule's pattern
         # matches (the common case), every such rule drops out at once instead of one regex each.
         url_rules = [(1 << i, rule.url_regex) for i, rule in enumerate(self.rules) if rule.url_regex is not None]
@@ -181,6 +183,10 @@ class RuleTable:
         self._users_free = users.unconditioned
         self._groups_free = groups.unconditioned
         self.anonymous = users.unconditioned & groups.unconditioned
+        # Rules matching on how a request reached the node (tls: inspected, bypassed, plain). Empty
+        # when no rule uses the condition: the decision then never looks at it.
+        self.tls_conditioned = bool(tls_modes.by_value)
+        self._tls_modes = tls_modes
 
     def host_mask(self, chain: list[str], host_categories: tuple[str, ...]) -> int:
         """Rules whose `domains` and `categories` conditions this host satisfies."""
@@ -228,6 +234,10 @@ class RuleTable:
             for group in user_groups:
                 by_group |= group_masks.get(group, 0)
         return by_user & by_group
+
+    def tls_mask(self, mode: str | None) -> int:
+        """Rules whose `tls` condition the request's TLS mode satisfies (None satisfies none)."""
+        return self._tls_modes.unconditioned | self._tls_modes.by_value.get(mode, 0)
 
 
 __all__ = ["CompiledRule", "RuleTable", "Schedule", "full_url", "shell_patterns_regex"]

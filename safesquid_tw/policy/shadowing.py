@@ -21,7 +21,7 @@ import attrs
 
 from safesquid_tw.policy.hosts import parse_domain_pattern
 
-SET_KEYS = ("users", "groups", "methods", "categories", "applications")
+SET_KEYS = ("users", "groups", "methods", "categories", "applications", "tls")
 EXACT_KEYS = ("url_patterns", "schedule")
 
 

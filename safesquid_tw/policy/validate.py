@@ -44,6 +44,7 @@ from safesquid_tw.policy.hosts import parse_domain_pattern
 from safesquid_tw.policy.model import ACTIONS
 from safesquid_tw.policy.tlsinspection import DEFAULTS as TLS_INSPECTION_DEFAULTS
 from safesquid_tw.policy.tlsinspection import validate_tls_inspection
+from safesquid_tw.policy.tlsrules import check_tls_mode
 
 FORMAT = "safesquid-policy/1"
 DEFAULT_REALM = "safesquid-tw"
@@ -59,7 +60,8 @@ _TOP = {"format": True, "comment": False, "access": True, "authentication": Fals
         "tls_inspection": False, "antivirus": False}
 _RULE = {"name": True, "action": True, "reason": False, "enabled": False, "clients": False,
          "users": False, "groups": False, "domains": False, "url_patterns": False, "methods": False,
-         "ports": False, "categories": False, "applications": False, "schedule": False}
+         "ports": False, "categories": False, "applications": False, "schedule": False,
+         "tls": False}
 
 
 def _domain_key(pattern: str) -> tuple[bool, str]:
@@ -188,6 +190,7 @@ def _rule(path: str, item: dict[str, Any], name: str, known: dict[str, set[str]]
             rule[key] = _references(item[key], f"{path}.{key}", known[key], what)
     if "schedule" in item:
         rule["schedule"] = _schedule(item["schedule"], f"{path}.schedule")
+    listed("tls", check_tls_mode, str.lower)
     return rule
 
 

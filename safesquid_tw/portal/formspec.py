@@ -13,6 +13,7 @@ from safesquid_tw.policy.antivirus import FAIL_MODES, OVERSIZE_ACTIONS
 from safesquid_tw.policy.fields import DAYS
 from safesquid_tw.policy.forwarding import MODES as FORWARDING_MODES
 from safesquid_tw.policy.tlsinspection import DEFAULTS as TLS_INSPECTION_DEFAULTS
+from safesquid_tw.policy.tlsrules import TLS_MODES
 from safesquid_tw.policy.validate import ACCESS_RESTRICTION_DEFAULTS, DETECTOR_TYPES, DLP_ACTIONS
 from safesquid_tw.policy.validate import FORWARDING_DEFAULTS
 
@@ -81,7 +82,7 @@ def _join(values: Any, limit: int = 4) -> str:
 def rule_summary(rule: dict[str, Any]) -> str:
     parts = []
     for key in ("clients", "users", "groups", "domains", "url_patterns", "methods", "ports", "categories",
-                "applications"):
+                "applications", "tls"):
         if key in rule:
             parts.append(f"{key.replace('_', ' ')}: {_join(rule[key])}")
     if "schedule" in rule:
@@ -110,6 +111,9 @@ RULE_FIELDS = (
     Field("schedule.from", "From", "text", "HH:MM"),
     Field("schedule.to", "To", "text", "HH:MM (24:00 is the end of the day)"),
     Field("schedule.timezone", "Time zone", "text", "IANA name, e.g. Europe/Berlin; empty: the node's"),
+    Field("tls", "How the request came", "multi",
+          "inspected: decrypted from an inspected HTTPS tunnel (and the CONNECT of one); bypassed: the "
+          "CONNECT of a tunnel carried uninspected; plain: plain HTTP. None ticked: any", choices=TLS_MODES),
 )
 
 SECTIONS: tuple[Section, ...] = (

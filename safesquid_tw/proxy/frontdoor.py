@@ -31,6 +31,7 @@ from safesquid_tw.proxy.flow import ReadGate
 from safesquid_tw.proxy.forward import Exchange
 from safesquid_tw.proxy.headers import strip_hop_by_hop, via_contains
 from safesquid_tw.proxy.inspection import BodyInspection
+from safesquid_tw.proxy.intercept.tlsmode import tls_mode
 from safesquid_tw.proxy.target import host_header_for, is_asterisk_options, parse_target
 from safesquid_tw.proxy.tunnel import Tunnel
 from safesquid_tw.proxy.urlnorm import blocked_request_any, strictest_decision
@@ -474,6 +475,7 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
             groups=identity.groups if identity is not None else frozenset(),
             headers=HeaderView(head),
             now=ctx.start,  # schedules read the reactor's clock, not the wall's
+            tls=tls_mode(self, ctx) if compiled.uses_tls_condition else None,
         )
         decision = compiled.decide(facts)
         if target.other_paths and decision.action == "allow":

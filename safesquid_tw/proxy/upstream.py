@@ -479,7 +479,9 @@ class UpstreamPool:
             peer = f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}"
             factory = _ConnectFactory(self, key, peer)
             timeout = self.limits.connect_timeout
-            if scheme == "https":
+            if scheme == "https" and self.tls is not None:
+                self.tls.connect(self.reactor, ip, port, factory, host, timeout=timeout)
+            elif scheme == "https":
                 self.reactor.connectSSL(ip, port, factory, self._tls_for(host), timeout=timeout)
             else:
                 self.reactor.connectTCP(ip, port, factory, timeout=timeout)

@@ -21,8 +21,11 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from safesquid_tw.accesslog.record import AccessRecord
+from safesquid_tw.policy.model import RequestFacts
 from safesquid_tw.proxy import http1
+from safesquid_tw.proxy.context import HeaderView
 from safesquid_tw.proxy.intercept.clienthello import NotTLS, parse_client_hello
+from safesquid_tw.proxy.intercept.fasttls import start_server_tls
 from safesquid_tw.proxy.intercept.mint import LeafCache
 from safesquid_tw.proxy.intercept.pinned import PinnedClients
 from safesquid_tw.proxy.target import Target, _parse_authority, parse_target
@@ -200,12 +203,27 @@ class Interceptor:
             return True
         return self._bump_or_splice(conn, ctx, host, identity, answered=False)
 
-    def _bump_or_splice(self, conn, ctx, host: str, identity, *, answered: bool, extra_name: str | None = None) -> bool:
-        compiled = ctx.policy.compiled
+    def _choose(self, conn, compiled, host: str) -> tuple[bool, str | None]:
+        """Bump (True) or splice this host's tunnel, and why."""
         rules = compiled.tls_inspection
         bump, why = rules.inspect(host, compiled.categories_of(host), conn.client_ip)
         if bump and rules.auto_bypass_pinned and self.pinned.auto_bypassed(host, rules.auto_bypass_pinned):
             bump, why = False, "auto-bypassed: clients reject the inspection certificate for this host"
+        return bump, why
+
+    def mode_for(self, conn: "ClientConnection", ctx: "RequestContext") -> str:
+        """What an allowed CONNECT will become, for access rules matching on `tls`: `inspected` or
+        `bypassed`. A CONNECT to an IP address is judged on the address (its SNI comes later,
+        and a tunnel then spliced is decided again: `peeked`)."""
+        compiled = ctx.policy.compiled
+        if not compiled.tls_inspection.enabled:
+            return "bypassed"
+        if not self.ready:
+            return "inspected"  # refused (503), never carried uninspected
+        return "inspected" if self._choose(conn, compiled, ctx.target.host)[0] else "bypassed"
+
+    def _bump_or_splice(self, conn, ctx, host: str, identity, *, answered: bool, extra_name: str | None = None) -> bool:
+        bump, why = self._choose(conn, ctx.policy.compiled, host)
         if not bump:
             ctx.tls = "bypassed"
             self.spliced += 1
@@ -246,8 +264,35 @@ class Interceptor:
         host = hello.sni or ctx.target.host
         conn.buf[:0] = buffered
         if not self._bump_or_splice(conn, ctx, host, peek.identity, answered=True):
+            if ctx.policy.compiled.uses_tls_condition and not self._spliced_allowed(conn, ctx, host, peek.identity):
+                return
             conn.state = "waiting"
             conn._open_tunnel(ctx)
+
+    def _spliced_allowed(self, conn: "ClientConnection", ctx: "RequestContext", host: str, identity) -> bool:
+        """A CONNECT to an IP address that is to be spliced after its ClientHello, decided again by
+        the access rules as `bypassed`, for the site its SNI names. Refused: recorded and closed
+        (the `200` is sent already, and nothing can be said inside a TLS session not bumped)."""
+        compiled = ctx.policy.compiled
+        target = ctx.target
+        facts = RequestFacts(
+            client_ip=conn.client_ip, method="CONNECT", scheme=target.scheme, host=host, port=target.port,
+            path=target.match_path, user=identity.user if identity is not None else None,
+            groups=identity.groups if identity is not None else frozenset(),
+            headers=HeaderView(ctx.head), tls="bypassed",
+        )
+        decision = compiled.decide(facts)
+        if decision.action == "allow":
+            return True
+        ctx.action = "deny"
+        ctx.rule = decision.rule
+        ctx.category = decision.category
+        ctx.detail = f"{decision.reason} (the ClientHello names {host}; the tunnel would not be inspected)"
+        conn.state = "closing"
+        conn.factory.record(conn, ctx)
+        conn.ctx = None
+        conn.transport.loseConnection()
+        return False
 
     def peeked_garbage(self, conn) -> None:
         conn.state = "closing"
@@ -267,7 +312,7 @@ class Interceptor:
         rest = bytes(conn.buf)
         conn.buf.clear()
         conn.send_output()  # the 200 (held in this read's batch) leaves in clear, before TLS starts
-        conn.transport.startTLS(_ServerCreator(ssl_ctx))
+        start_server_tls(conn.transport, _ServerCreator(ssl_ctx))
         conn._arm("idle", self.limits.head_timeout)  # the handshake gets as long as a request head
         conn.gate.resume("decision")
         if rest:

@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from safesquid_tw.proxy.errors import ProxyFailure
+from safesquid_tw.proxy.intercept.fasttls import connect_tls
 
 log = Logger()
 
@@ -100,6 +101,10 @@ class UpstreamTLS:
                 self._creators.clear()
             creator = self._creators[host] = _OriginCreator(self._ctx, host)
         return creator
+
+    def connect(self, reactor, ip: str, port: int, factory, host: str, *, timeout: float) -> None:
+        """A new verified TLS connection to `host` at `ip`:`port` (its writes coalesced per turn)."""
+        connect_tls(reactor, ip, port, factory, self.creator_for(host), timeout=timeout)
 
     def check(self, transport, host: str, peer: str) -> tuple[ProxyFailure | None, bool]:
         """After the handshake: (None, False) when the certificate is good, (None, True) when it is

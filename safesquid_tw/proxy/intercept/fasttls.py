@@ -1,0 +1,262 @@
+"""TLS layers for inspected traffic that write one record per turn and send it at once.
+
+Twisted's default TLS transport (`BufferingTLSTransport`) holds every write for a `callLater(0)`;
+on the next reactor turn it encrypts what it holds and queues the ciphertext in the TCP
+transport's buffer, which registers the socket for writability (epoll_ctl), sends on the turn
+after that and unregisters it again. Per request inside an inspected tunnel that is twice (the
+request toward the origin, the response toward the client): a timer, two extra loop iterations
+and four epoll_ctl calls around two sends.
+
+`CoalescingTLS` instead:
+
+- holds what is written while one of these TLS connections is delivering received data (a
+  "turn": an origin read that writes a response head and its body to the client, a client read
+  that writes a request head to the origin) and encrypts it as one TLS record when the turn
+  ends, on whichever connection it was written to;
+- encrypts at once what is written outside a turn (a thread's result, a timer);
+- sends the ciphertext straight to the socket when nothing is queued in front of it (as
+  `directwrite.write_now` does for plain TCP), handing what the kernel did not take to Twisted's
+  buffer, so flow control, producers and closes stay Twisted's.
+
+Held data always leaves before a close (`loseConnection`, or the end of a producer that asked
+for one); an abort drops it, as it drops everything else.
+
+Once the handshake is done, records are read and written by calling OpenSSL through pyOpenSSL's
+own cffi binding with buffers allocated once: pyOpenSSL's `recv`, `send` and `bio_read` allocate
+a buffer per call and signal "nothing more" by raising, which cost more than the cipher itself
+for the small records of a web request. Anything unusual (an error, a close alert, a write
+OpenSSL cannot take now) goes back to Twisted's code path, which raises and handles it as always.
+"""
+
+from __future__ import annotations
+
+from OpenSSL import SSL
+from OpenSSL.SSL import WantReadError
+from twisted.internet import tcp
+from twisted.internet._newtls import _BypassTLS
+from twisted.internet.abstract import FileDescriptor
+from twisted.internet.interfaces import ISSLTransport
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
+from zope.interface import directlyProvides
+
+log = Logger()
+
+_BIO_CHUNK = 2**16  # under glibc's mmap threshold: a plain malloc per read
+_RECORD = 2**14  # the most plaintext one TLS record carries
+
+try:  # pyOpenSSL's binding and the Connection attributes the fast paths use
+    from OpenSSL._util import ffi as _ffi
+    from OpenSSL._util import lib as _lib
+
+    _probe = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
+    _FAST = all(hasattr(_probe, name) for name in ("_ssl", "_into_ssl", "_from_ssl", "_raise_ssl_error"))
+    _WANT_READ = _lib.SSL_ERROR_WANT_READ
+    # Shared buffers: only the reactor thread runs these connections, and every read is copied out.
+    _PLAIN_BUF = _ffi.new("char[]", _BIO_CHUNK)
+    _CIPHER_BUF = _ffi.new("char[]", _BIO_CHUNK)
+    del _probe
+except Exception:  # a pyOpenSSL without them: Twisted's own paths only
+    _FAST = False
+
+
+class _Turn:
+    """Which TLS connections hold writes until the outermost delivery of received data ends."""
+
+    __slots__ = ("depth", "dirty")
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.dirty: list[CoalescingTLS] = []
+
+    def end(self) -> None:
+        while self.dirty:
+            dirty, self.dirty = self.dirty, []
+            for tls in dirty:
+                try:
+                    tls._flush_held()
+                except Exception:  # one connection's failure must not strand the others' output
+                    tls._held = None
+                    log.failure("sending TLS output")
+
+
+_TURN = _Turn()
+
+
+def _send_now(bypass, data: bytes) -> None:
+    """Ciphertext to the socket at once when nothing is queued in front of it; else Twisted's way."""
+    conn = getattr(bypass, "_connection", None)
+    if (
+        isinstance(conn, tcp.Connection)
+        and conn.connected
+        and not conn.disconnecting
+        and not conn._writeDisconnected
+        and not getattr(conn, "_aborting", False)
+        # A pull producer is asked for more only when Twisted's buffer drains: keep it in the loop.
+        and (conn.producer is None or conn.streamingProducer)
+        and not conn._tempDataBuffer
+        and len(conn.dataBuffer) == conn.offset
+    ):
+        try:
+            sent = conn.socket.send(data)
+        except (BlockingIOError, InterruptedError, OSError):
+            sent = 0  # a real error meets the queued write below and is reported Twisted's way
+        if sent == len(data):
+            return
+        data = data[sent:]
+    bypass.write(data)
+
+
+class CoalescingTLS(TLSMemoryBIOProtocol):
+    _held: list[bytes] | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        turn = _TURN
+        turn.depth += 1
+        try:
+            if _FAST and self._handshakeDone and not self._appSendBuffer and not self._lostTLSConnection:
+                self._read_records(data)
+            else:
+                super().dataReceived(data)
+        finally:
+            turn.depth -= 1
+            if not turn.depth and turn.dirty:
+                turn.end()
+
+    def _read_records(self, data: bytes) -> None:
+        """`TLSMemoryBIOProtocol.dataReceived` after the handshake, without a raise per call."""
+        conn = self._tlsConnection
+        if _lib.BIO_write(conn._into_ssl, data, len(data)) != len(data):
+            # A memory BIO takes all or (out of memory) nothing: pyOpenSSL retries and raises.
+            conn.bio_write(data)
+        ssl = conn._ssl
+        while not self._lostTLSConnection:
+            n = _lib.SSL_read(ssl, _PLAIN_BUF, _BIO_CHUNK)
+            if n > 0:
+                plain = _ffi.buffer(_PLAIN_BUF, n)[:]
+                if not self._aborted:
+                    self.wrappedProtocol.dataReceived(plain)
+                continue
+            if _lib.SSL_get_error(ssl, n) == _WANT_READ:
+                break
+            try:
+                conn._raise_ssl_error(ssl, n)
+            except SSL.ZeroReturnError:
+                self._shutdownTLS()
+                self._tlsShutdownFinished(None)
+            except SSL.Error:
+                self._tlsShutdownFinished(Failure())
+            break
+        self._flushSendBIO()  # what reading made OpenSSL say (alerts, key updates)
+
+    def write(self, data: bytes) -> None:
+        if self.disconnecting and self._producer is None:
+            return  # as Twisted's: writes after loseConnection are dropped
+        if not data:
+            return
+        if _TURN.depth:
+            held = self._held
+            if held is None:
+                self._held = [data]
+                _TURN.dirty.append(self)
+            else:
+                held.append(data)
+            return
+        self._write(data)
+
+    def writeSequence(self, iovec) -> None:
+        self.write(b"".join(iovec))
+
+    def _flush_held(self) -> None:
+        held, self._held = self._held, None
+        if held:
+            self._write(held[0] if len(held) == 1 else b"".join(held))
+
+    def _write(self, data: bytes) -> None:
+        if not _FAST or not self._handshakeDone or self._appSendBuffer or self._lostTLSConnection:
+            super()._write(data)
+            return
+        ssl = self._tlsConnection._ssl
+        done, total = 0, len(data)
+        while done < total:
+            piece = data[done:done + _RECORD] if done or total > _RECORD else data
+            n = _lib.SSL_write(ssl, piece, len(piece))
+            if n <= 0:
+                # OpenSSL cannot take it now (or failed): Twisted's path buffers or reports it.
+                self._flushSendBIO()
+                super()._write(data[done:])
+                return
+            done += n
+        self._flushSendBIO()
+
+    def _flushSendBIO(self) -> None:
+        if _FAST:
+            bio = self._tlsConnection._from_ssl
+            n = _lib.BIO_read(bio, _CIPHER_BUF, _BIO_CHUNK)
+            if n <= 0:
+                return  # nothing to send
+            data = _ffi.buffer(_CIPHER_BUF, n)[:]
+            while n == _BIO_CHUNK:
+                n = _lib.BIO_read(bio, _CIPHER_BUF, _BIO_CHUNK)
+                if n > 0:
+                    data += _ffi.buffer(_CIPHER_BUF, n)[:]
+            _send_now(self.transport, data)
+            return
+        while True:
+            try:
+                data = self._tlsConnection.bio_read(_BIO_CHUNK)
+            except WantReadError:
+                return  # nothing to send
+            _send_now(self.transport, data)
+            if len(data) < _BIO_CHUNK:
+                return
+
+    def loseConnection(self) -> None:
+        self._flush_held()
+        super().loseConnection()
+
+    def unregisterProducer(self) -> None:
+        self._flush_held()  # ending the producer may start the TLS shutdown
+        super().unregisterProducer()
+
+    def abortConnection(self) -> None:
+        self._held = None
+        super().abortConnection()
+
+    def connectionLost(self, reason) -> None:
+        self._held = None
+        super().connectionLost(reason)
+
+
+class CoalescingTLSFactory(TLSMemoryBIOFactory):
+    protocol = CoalescingTLS
+
+
+def start_server_tls(transport, creator) -> None:
+    """`transport.startTLS(creator)` for the server side of a plain TCP connection, with a
+    `CoalescingTLS` layer (any other transport gets its own startTLS)."""
+    if not isinstance(transport, tcp.Connection) or transport.TLS:
+        transport.startTLS(creator)
+        return
+    producer, streaming = transport.producer, transport.streamingProducer
+    if producer is not None:
+        transport.unregisterProducer()
+    factory = CoalescingTLSFactory(creator, False, None)
+    tls = CoalescingTLS(factory, transport.protocol, False)
+    transport.protocol = tls
+    transport.getHandle = tls.getHandle
+    transport.getPeerCertificate = tls.getPeerCertificate
+    directlyProvides(transport, ISSLTransport)
+    transport.TLS = True
+    tls.makeConnection(_BypassTLS(FileDescriptor, transport))
+    if producer is not None:
+        transport.registerProducer(producer, streaming)
+
+
+def connect_tls(reactor, host: str, port: int, factory, creator, *, timeout: float) -> None:
+    """`reactor.connectSSL` with a `CoalescingTLS` layer."""
+    reactor.connectTCP(host, port, CoalescingTLSFactory(creator, True, factory), timeout=timeout)
+
+
+__all__ = ["CoalescingTLS", "connect_tls", "start_server_tls"]
