@@ -202,6 +202,10 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
                 self._reading = False
                 self.send_output()
 
+    def records_due(self) -> None:
+        """Write the records of the requests finished so far (before output leaves directly)."""
+        self.factory.records_due()
+
     def send_output(self) -> None:
         """Send the open batch of output, once the records of the requests finished so far are
         written: a client that saw its response end can count on its record (accesslog/spoolwriter.py)."""

@@ -73,6 +73,13 @@ class _Turn:
     def end(self) -> None:
         while self.dirty:
             dirty, self.dirty = self.dirty, []
+            # A client that sees a response end can count on its record: the records of the
+            # requests this turn finished are written before any of its output is sent.
+            for tls in dirty:
+                records_due = getattr(tls.wrappedProtocol, "records_due", None)
+                if records_due is not None:
+                    records_due()
+                    break
             for tls in dirty:
                 try:
                     tls._flush_held()

@@ -160,3 +160,29 @@ def test_a_close_alert_from_the_client_ends_the_connection():
 
 def test_the_factory_builds_coalescing_connections():
     assert CoalescingTLSFactory.protocol is CoalescingTLS
+
+
+def test_a_turns_output_leaves_after_the_records_it_finished_are_written():
+    """As on plain TCP: a client that saw its response end can count on its access record."""
+    from safesquid_tw.proxy.intercept.fasttls import _Turn
+
+    events = []
+
+    class Client:
+        def records_due(self):
+            events.append("records written")
+
+    class Upstream:
+        pass
+
+    class Held:
+        def __init__(self, name, wrapped):
+            self.name, self.wrappedProtocol = name, wrapped
+
+        def _flush_held(self):
+            events.append(f"{self.name} sent")
+
+    turn = _Turn()
+    turn.dirty = [Held("origin leg", Upstream()), Held("client leg", Client())]
+    turn.end()
+    assert events == ["records written", "origin leg sent", "client leg sent"]
