@@ -22,7 +22,7 @@ from safesquid_tw.proxy import http1
 from safesquid_tw.proxy.directwrite import write_now
 from safesquid_tw.proxy.errors import ProxyFailure
 from safesquid_tw.proxy.flow import ReadGate
-from safesquid_tw.proxy.headers import connection_tokens
+from safesquid_tw.proxy.headers import connection_options
 from safesquid_tw.proxy.resolver import Resolver
 
 log = Logger()
@@ -272,7 +272,7 @@ class UpstreamConnection(protocol.Protocol):
                 continue
             framing = http1.response_framing(head, self._method)
             self._framing = framing
-            tokens = connection_tokens(head.headers)
+            tokens = connection_options(head.values(b"connection"))
             if b"close" in tokens or (head.version == b"HTTP/1.0" and b"keep-alive" not in tokens):
                 self._keep_alive = False
             self._state = "body"
