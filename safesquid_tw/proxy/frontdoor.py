@@ -302,7 +302,7 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
             return
         tls_session = self.tls_session
         target = parse_target(method, head.target) if tls_session is None else tls_session.target_for(head)
-        hosts = head.get_all(b"host")
+        hosts = head.values(b"host") or ()
         if len(hosts) > 1 or (not hosts and head.version == b"HTTP/1.1"):
             # RFC 9112 3.2: exactly one Host in HTTP/1.1; two would let two parsers disagree.
             raise http1.ProtocolError(400, "an HTTP/1.1 request needs exactly one Host header")
@@ -319,7 +319,7 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
         if policy is None:
             self._respond_error(ctx, 503, "this node has no policy yet", "destination_unavailable", template="nopolicy")
             return
-        if via_contains(head.headers, factory.pseudonym):
+        if head.has(b"via") and via_contains(head.headers, factory.pseudonym):
             self._respond_error(ctx, 508, "this request has passed through this proxy before", "proxy_loop_detected")
             return
         if method in (b"OPTIONS", b"TRACE"):
