@@ -476,6 +476,8 @@ def main(argv=None) -> int:
                     figures.append(f)
                     reactor = (f" (reactor thread {f.main_thread_cpu_us:.0f} us)"
                                if p.name in ("safesquid-tw", "baseline") else "")
+                    if f.seconds > args.duration * 1.5:
+                        reactor += " [both runs]"
                     print(f"  {layout:<7}{load:<8}{p.name:<14}{f.rate:>8.0f}/s {f.cpu_us:>7.0f} us CPU each{reactor}"
                           f"  errors {f.errors}  others {f.others_percent:.0f}%", flush=True)
     except BenchError as e:
