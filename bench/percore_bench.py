@@ -332,6 +332,13 @@ def measure(proxy: Running, origin: Running, layout: str, load: str, args, scrip
                   100.0 * others / wall, thread_cpu_seconds(proxy.pid) - main0)
 
 
+def _combined(a: Figure, b: Figure) -> Figure:
+    """Two measurements of the same proxy and load as one (sums; the larger peak RSS)."""
+    return Figure(a.proxy, a.layout, a.load, a.count + b.count, a.seconds + b.seconds, a.cpu_seconds + b.cpu_seconds,
+                  max(a.peak_rss_kib, b.peak_rss_kib), a.bytes + b.bytes, a.errors + b.errors,
+                  (a.others_percent + b.others_percent) / 2, a.main_thread_cpu_seconds + b.main_thread_cpu_seconds)
+
+
 def _children_cpu() -> float:
     import resource
 
@@ -388,12 +395,15 @@ def start_all(args, workdir: Path, origin: Running, started: list[Running]) -> l
 
 
 def print_table(figures: list[Figure]) -> None:
-    print(f"\n{'layout':<7}{'load':<8}{'proxy':<14}{'rate/s':>9}{'CPU us':>9}{'MB/s':>8}{'peak RSS MiB':>13}"
-          f"{'errors':>7}{'others %':>9}")
+    # "reactor us": the node's main thread only, i.e. without a standalone node's own report
+    # store (the SQLite ingest of its records runs in worker threads; a slave ships them instead).
+    print(f"\n{'layout':<7}{'load':<8}{'proxy':<14}{'rate/s':>9}{'CPU us':>9}{'reactor us':>11}{'MB/s':>8}"
+          f"{'peak RSS MiB':>13}{'errors':>7}{'others %':>9}")
     for f in figures:
         mb = f"{f.mb_per_s:8.0f}" if f.load == "big" else f"{'':8}"
-        print(f"{f.layout:<7}{f.load:<8}{f.proxy:<14}{f.rate:>9.0f}{f.cpu_us:>9.0f}{mb}{f.peak_rss_kib / 1024:>13.1f}"
-              f"{f.errors:>7}{f.others_percent:>9.0f}")
+        main = f"{f.main_thread_cpu_us:>11.0f}" if f.proxy in ("safesquid-tw", "baseline") else f"{'':11}"
+        print(f"{f.layout:<7}{f.load:<8}{f.proxy:<14}{f.rate:>9.0f}{f.cpu_us:>9.0f}{main}{mb}"
+              f"{f.peak_rss_kib / 1024:>13.1f}{f.errors:>7}{f.others_percent:>9.0f}")
 
 
 def print_ratios(figures: list[Figure]) -> None:
@@ -417,6 +427,11 @@ def print_ratios(figures: list[Figure]) -> None:
                 target = ("  target <= 1.00" if (load, anchor) in (("small", "proxy.py"), ("connect", "squid")) else "")
                 print(f"  {layout:<7}{load:<8}CPU per item vs {anchor:<7} {o.cpu_us / a.cpu_us:5.2f}x  "
                       f"({o.cpu_us:.0f} us vs {a.cpu_us:.0f} us){target}")
+                if target or anchor == "baseline":
+                    # The proxying alone, as on a slave: the report store's threads left out.
+                    a_main = a.main_thread_cpu_us if anchor == "baseline" else a.cpu_us
+                    print(f"  {layout:<7}{load:<8}reactor thread vs {anchor:<5} {o.main_thread_cpu_us / a_main:5.2f}x  "
+                          f"({o.main_thread_cpu_us:.0f} us vs {a_main:.0f} us)")
             else:
                 print(f"  {layout:<7}{load:<8}MB/s vs {anchor:<14} {o.mb_per_s / a.mb_per_s:5.2f}x  "
                       f"({o.mb_per_s:.0f} vs {a.mb_per_s:.0f}; peak RSS {o.peak_rss_kib / 1024:.0f} MiB "
@@ -445,13 +460,24 @@ def main(argv=None) -> int:
                 pin(p.pid, {PROXY_CPU} if layout == "pinned" and p is not origin else
                     {LOAD_CPU} if layout == "pinned" else set(range(os.cpu_count() or 1)))
             for load in args.loads.split(","):
-                for p in proxies:
+                # With a baseline the two nodes are measured twice, A B B A: whichever runs second
+                # pays for what the first left behind (an A/A run with two copies of the same code
+                # showed up to 9 % for the second one), and the order cancels out in the sums.
+                order = [*proxies[:2], *proxies[1::-1], *proxies[2:]] if args.baseline else proxies
+                measured: dict[str, Figure] = {}
+                for p in order:
                     warm = argparse.Namespace(**{**vars(args), "duration": args.warmup})
                     measure(p, origin, layout, load, warm, scripts)
                     f = measure(p, origin, layout, load, args, scripts)
+                    if p.name in measured:
+                        figures.remove(measured[p.name])
+                        f = _combined(measured[p.name], f)
+                    measured[p.name] = f
                     figures.append(f)
                     reactor = (f" (reactor thread {f.main_thread_cpu_us:.0f} us)"
                                if p.name in ("safesquid-tw", "baseline") else "")
+                    if f.seconds > args.duration * 1.5:
+                        reactor += " [both runs]"
                     print(f"  {layout:<7}{load:<8}{p.name:<14}{f.rate:>8.0f}/s {f.cpu_us:>7.0f} us CPU each{reactor}"
                           f"  errors {f.errors}  others {f.others_percent:.0f}%", flush=True)
     except BenchError as e:

@@ -14,7 +14,7 @@ from twisted.logger import Logger
 
 from safesquid_tw.proxy import avscan, http1
 from safesquid_tw.proxy.errors import ProxyFailure
-from safesquid_tw.proxy.headers import strip_hop_by_hop
+from safesquid_tw.proxy.headers import names_not_forwarded, strip_hop_by_hop
 from safesquid_tw.proxy.upstream import UpstreamConnection
 from safesquid_tw.proxy.urlnorm import blocked_request_any
 
@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 log = Logger()
 
 HOLD_LIMIT = 256 * 1024  # request bytes held while the origin connection is being made
+_CONTENT_LENGTH = frozenset({b"content-length"})
+_NOTHING: frozenset[bytes] = frozenset()
 
 
 class Exchange:
@@ -157,9 +159,9 @@ class Exchange:
         # The framing headers are the proxy's to set: the origin's Content-Length must not
         # travel beside ours (two lengths are exactly what request smugglers look for).
         # (A response without a body, to HEAD or a 304, keeps the origin's validated length.)
-        headers = strip_hop_by_hop(head.headers)
-        if framing.kind != "none":
-            headers = [(n, v) for n, v in headers if n.lower() != b"content-length"]
+        drop = names_not_forwarded(head.values(b"connection"),
+                                   also=_CONTENT_LENGTH if framing.kind != "none" else _NOTHING)
+        headers = [(n, v) for n, v in head.headers if n.lower() not in drop]
         headers = self.conn.factory.add_via(headers, head.version)
         client_close = ctx.client_close or not self._body_done
         if framing.kind == "length":

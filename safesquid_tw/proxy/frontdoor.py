@@ -29,7 +29,7 @@ from safesquid_tw.proxy.directwrite import OutputBatch, write_now
 from safesquid_tw.proxy.errors import ProxyFailure
 from safesquid_tw.proxy.flow import ReadGate
 from safesquid_tw.proxy.forward import Exchange
-from safesquid_tw.proxy.headers import strip_hop_by_hop, via_contains
+from safesquid_tw.proxy.headers import names_not_forwarded, via_contains
 from safesquid_tw.proxy.inspection import BodyInspection
 from safesquid_tw.proxy.intercept.tlsmode import tls_mode
 from safesquid_tw.proxy.target import host_header_for, is_asterisk_options, parse_target
@@ -43,6 +43,7 @@ log = Logger()
 
 PARKED = 86400.0  # a deadline nobody needs right now waits here until it is moved again
 PIPELINE_LIMIT = 256 * 1024  # bytes of pipelined requests buffered before reading pauses
+_SET_BY_US = frozenset({b"host", b"content-length", b"max-forwards", b"expect"})  # in a forwarded request
 
 
 @implementer(IHalfCloseableProtocol, IHandshakeListener)
@@ -322,7 +323,7 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
             return
         tls_session = self.tls_session
         target = parse_target(method, head.target) if tls_session is None else tls_session.target_for(head)
-        hosts = head.get_all(b"host")
+        hosts = head.values(b"host") or ()
         if len(hosts) > 1 or (not hosts and head.version == b"HTTP/1.1"):
             # RFC 9112 3.2: exactly one Host in HTTP/1.1; two would let two parsers disagree.
             raise http1.ProtocolError(400, "an HTTP/1.1 request needs exactly one Host header")
@@ -339,7 +340,7 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
         if policy is None:
             self._respond_error(ctx, 503, "this node has no policy yet", "destination_unavailable", template="nopolicy")
             return
-        if via_contains(head.headers, factory.pseudonym):
+        if head.has(b"via") and via_contains(head.headers, factory.pseudonym):
             self._respond_error(ctx, 508, "this request has passed through this proxy before", "proxy_loop_detected")
             return
         if method in (b"OPTIONS", b"TRACE"):
@@ -552,11 +553,11 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
         if expect is not None and expect.lower() != b"100-continue":
             self._respond_error(ctx, 417, "only the 100-continue expectation is supported", "http_request_error")
             return
-        headers = strip_hop_by_hop(head.headers, keep_upgrade=upgrade)
-        # Field names with "_" are dropped: CGI-style origins read X_Forwarded_For or Remote_User
-        # as the X-Forwarded-For / Remote-User the proxy vouches for (nginx's default too).
-        headers = [(n, v) for n, v in headers
-                   if b"_" not in n and n.lower() not in (b"host", b"content-length", b"max-forwards", b"expect")]
+        # Hop-by-hop fields and those set below are left out in one pass. Field names with "_"
+        # are dropped: CGI-style origins read X_Forwarded_For or Remote_User as the
+        # X-Forwarded-For / Remote-User the proxy vouches for (nginx's default too).
+        drop = names_not_forwarded(head.values(b"connection"), keep_upgrade=upgrade, also=_SET_BY_US)
+        headers = [(n, v) for n, v in head.headers if n.lower() not in drop and b"_" not in n]
         headers.insert(0, (b"Host", host_header_for(target)))
         max_forwards = head.get(b"max-forwards")
         if max_forwards is not None and head.method in (b"OPTIONS", b"TRACE"):

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 __all__ = [
     "HOP_BY_HOP", "append_via", "client_wants_close", "connection_tokens",
     "is_valid_pseudonym", "strip_hop_by_hop", "via_contains",
+    "connection_options", "names_not_forwarded",
 ]
 
 Header = tuple[bytes, bytes]
@@ -118,3 +119,44 @@ def via_contains(headers: Iterable[Header], pseudonym: bytes) -> bool:
                 if len(parts) >= 2 and parts[1].lower() == wanted:
                     return True
     return False
+
+
+# -- the per-request forms: from the values of the Connection fields a parsed head has indexed ------
+
+
+def connection_options(values: Iterable[bytes] | None) -> frozenset[bytes]:
+    """Lower-case connection options from the values of a message's Connection fields
+    (``head.values(b"connection")``): `connection_tokens` without walking every field."""
+    if not values:
+        return _NO_OPTIONS
+    tokens: set[bytes] = set()
+    for value in values:
+        for item in value.split(b","):
+            token = item.strip(b" \t").lower()
+            if token:
+                tokens.add(token)
+    return frozenset(tokens)
+
+
+_NO_OPTIONS: frozenset[bytes] = frozenset()
+_DROP_SETS: dict[tuple[bool, frozenset[bytes]], frozenset[bytes]] = {}
+
+
+def names_not_forwarded(
+    connection_values: Iterable[bytes] | None, *, keep_upgrade: bool = False,
+    also: frozenset[bytes] = _NO_OPTIONS,
+) -> frozenset[bytes]:
+    """Lower-case names of the fields `strip_hop_by_hop` would drop from a message whose
+    Connection fields carry `connection_values`, plus `also` (the caller's own, e.g. the
+    framing fields it sets itself). One set lookup per field then filters a head in one pass;
+    the usual message (no Connection field, or only keep-alive / close) costs no set building."""
+    key = (keep_upgrade, also)
+    base = _DROP_SETS.get(key)
+    if base is None:
+        base = _DROP_SETS[key] = (_HOP_BY_HOP_KEEPING_UPGRADE if keep_upgrade else HOP_BY_HOP) | also
+    if not connection_values:
+        return base
+    nominated = connection_options(connection_values) - base - _NEVER_NOMINATED
+    if keep_upgrade:
+        nominated -= _UPGRADE
+    return base | nominated if nominated else base

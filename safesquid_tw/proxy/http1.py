@@ -136,6 +136,10 @@ class _FieldLookup:
     def has(self, lname: bytes) -> bool:
         return lname in self._index
 
+    def values(self, lname: bytes) -> list[bytes] | None:
+        """Every value of the field named ``lname`` (lower-case), or None; not a copy: read only."""
+        return self._index.get(lname)
+
 
 _INDEX = attrs.Factory(lambda self: _index_fields(self.headers), takes_self=True)
 
