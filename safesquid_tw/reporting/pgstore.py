@@ -80,17 +80,19 @@ def _bump(table: str, columns: tuple[str, ...]) -> str:
 
 # Roll-up increments, counted in Python per batch and merged per commit, go in as one upsert per
 # table from arrays (a few hundred to a few thousand rows per commit, however many records). Rows
-# are sorted so that two writers lock shared rows in the same order (no deadlock).
+# are sorted (by the server: ORDER BY) so that two writers lock shared rows in the same order
+# (no deadlock).
 _UPSERT_TOTALS = (
     "INSERT INTO {table} (bucket, node, requests, blocked, bytes_in, bytes_out, errors, aborted)"
     " SELECT * FROM unnest(%s::bigint[], %s::text[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[],"
-    " %s::bigint[], %s::bigint[]) {bump}"
+    " %s::bigint[], %s::bigint[]) ORDER BY 1, 2 {bump}"
 )
 _UPSERT_MINUTE = _UPSERT_TOTALS.format(table="rollup_minute", bump=_bump("rollup_minute", ("bucket", "node")))
 _UPSERT_HOUR = _UPSERT_TOTALS.format(table="rollup_hour", bump=_bump("rollup_hour", ("bucket", "node")))
 _UPSERT_TOPS = (
     "INSERT INTO {table} (dimension, bucket, key, requests, blocked, bytes)"
-    " SELECT * FROM unnest(%s::text[], %s::bigint[], %s::text[], %s::bigint[], %s::bigint[], %s::bigint[]) {bump}"
+    " SELECT * FROM unnest(%s::text[], %s::bigint[], %s::text[], %s::bigint[], %s::bigint[], %s::bigint[])"
+    " ORDER BY 1, 2, 3 {bump}"
 )
 _UPSERT_TOP_HOUR = _UPSERT_TOPS.format(
     table="rollup_top_hour", bump=_bump("rollup_top_hour", ("dimension", "bucket", "key")))
@@ -343,10 +345,29 @@ def _coarser(counts: dict[tuple[Any, ...], list[int]], at: int, span: int) -> di
     return out
 
 
-def _columns(counts: dict[tuple[Any, ...], list[int]]) -> list[list[Any]]:
-    """Sorted rows of key + values, turned into one list per column (for unnest)."""
-    rows = sorted((*key, *values) for key, values in counts.items())
-    return [list(column) for column in zip(*rows)] if rows else []
+def _int_array(values: Iterable[int]) -> str:
+    return "{" + ",".join(map(str, values)) + "}"
+
+
+def _text_array(values: Iterable[str]) -> str:
+    """The array input form of `values` (psycopg's list adapter costs a Python call per element;
+    this one string is parsed by the server)."""
+    return "{" + ",".join('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values) + "}"
+
+
+def _columns(counts: dict[tuple[Any, ...], list[int]], texts: tuple[int, ...]) -> list[str]:
+    """Rows of key + values as one array literal per column (for unnest); the columns at the
+    positions `texts` hold text, the others integers."""
+    rows = list(counts.items())
+    width = len(rows[0][0]) + len(rows[0][1]) if rows else 0
+    columns = [list(column) for column in zip(*((*key, *values) for key, values in rows))]
+    return [(_text_array if i in texts else _int_array)(columns[i]) for i in range(width)]
+
+
+def _run_columns(runs: list[tuple[str, int, int, int, float]]) -> list[str]:
+    nodes, segments, firsts, lasts, times = zip(*runs)
+    return [_text_array(nodes), _int_array(segments), _int_array(firsts), _int_array(lasts),
+            "{" + ",".join(map(repr, times)) + "}"]
 
 
 def _lock_key(node: str, segment: int) -> int:
@@ -648,9 +669,9 @@ class PostgresReportStore:
         """Store what is new of `batches` (distinct (node, segment) each) in the caller's
         transaction: look up the runs of names already stored, COPY the new records, note their
         names in the ledger, quarantine the refused ones and count them into the roll-ups."""
-        conn.execute(_LOCK_NAMES, (sorted({_lock_key(*b.key[:2]) for b in batches}),))
-        names = [[b.key[0] for b in batches], [b.key[1] for b in batches],
-                 [b.key[2] for b in batches], [b.key[3] for b in batches]]
+        conn.execute(_LOCK_NAMES, (_int_array(sorted({_lock_key(*b.key[:2]) for b in batches})),))
+        names = [_text_array(b.key[0] for b in batches), _int_array(b.key[1] for b in batches),
+                 _int_array(b.key[2] for b in batches), _int_array(b.key[3] for b in batches)]
         stored: dict[tuple[str, int], list[tuple[int, int]]] = {}
         for node, segment, first, last in conn.execute(_STORED_RUNS, names):
             stored.setdefault((node, segment), []).append((first, last))
@@ -693,13 +714,13 @@ class PostgresReportStore:
         for _kept, entries in counts:  # (already quarantined by a migration: counted as duplicates)
             quarantined.append(sum(conn.execute(_INSERT_QUARANTINE, entry).rowcount for entry in entries))
         if runs:
-            conn.execute(_INSERT_RUNS, [list(column) for column in zip(*runs)])
+            conn.execute(_INSERT_RUNS, _run_columns(runs))
         if minutes:
-            conn.execute(_UPSERT_MINUTE, _columns(minutes))
-            conn.execute(_UPSERT_HOUR, _columns(_coarser(minutes, 0, 3600)))
+            conn.execute(_UPSERT_MINUTE, _columns(minutes, (1,)))
+            conn.execute(_UPSERT_HOUR, _columns(_coarser(minutes, 0, 3600), (1,)))
         if tops:
-            conn.execute(_UPSERT_TOP_HOUR, _columns(tops))
-            conn.execute(_UPSERT_TOP_DAY, _columns(_coarser(tops, 1, 86400)))
+            conn.execute(_UPSERT_TOP_HOUR, _columns(tops, (0, 2)))
+            conn.execute(_UPSERT_TOP_DAY, _columns(_coarser(tops, 1, 86400), (0, 2)))
         for batch, (kept, _entries), done in zip(batches, counts, quarantined):
             total = len(batch.lines) + len(batch.quarantine)
             batch.result = IngestResult(kept, total - kept - done, done)
