@@ -65,7 +65,8 @@ def as_rows(top: aggregate.TopList) -> list[tuple]:
     return [(e.key, e.requests, e.blocked, e.bytes) for e in top.entries]
 
 
-PERIODS = [(NOW - 7 * DAY, NOW), (NOW - 8.5 * DAY, NOW - 1.2 * DAY), (NOW - 2 * DAY, NOW), (NOW - 3600, NOW)]
+PERIODS = [(NOW - 7 * DAY, NOW), (NOW - 8.5 * DAY, NOW - 1.2 * DAY), (NOW - 2 * DAY, NOW), (NOW - 3600, NOW),
+           (NOW - DAY, NOW), (NOW - DAY - 11.8 * 3600, NOW - DAY + 6.8 * 3600), (NOW - 13 * 3600, NOW)]
 
 
 def test_week_top_lists_equal_the_hourly_sums(store):
