@@ -454,6 +454,7 @@ class PostgresReportStore:
     ) -> None:
         self.url = url
         self.read_url = read_url or url
+        self.generation = 0  # bumped by every commit of records (and by retention)
         self._kwargs: dict[str, Any] = {
             "connect_timeout": connect_timeout, "application_name": "safesquid-tw", **_KEEPALIVES}
         if password is not None:
@@ -638,6 +639,7 @@ class PostgresReportStore:
                 try:
                     with conn.transaction():
                         self._store(conn, members)
+                    self.generation += 1  # after the commit (aggregate's memo of one node's top lists)
                 except _UNAVAILABLE:
                     raise
                 except Exception as e:
@@ -650,6 +652,7 @@ class PostgresReportStore:
                         try:
                             with conn.transaction():
                                 self._store(conn, [batch])
+                            self.generation += 1
                         except _UNAVAILABLE:
                             raise
                         except Exception as e:
@@ -769,6 +772,7 @@ class PostgresReportStore:
                     # Names of records all older than the cut: a shipment of them again would be
                     # stored again, as it would have been with the records' own unique key.
                     conn.execute("DELETE FROM ingest_ledger WHERE last_time < %s", (older_than,))
+                    self.generation += 1
                     recount_after_prune(lambda sql, params: conn.execute(*_translate(sql, params)), older_than)
                 return removed
             except Exception as e:
