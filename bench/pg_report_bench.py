@@ -184,7 +184,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{'at ' + format(done, ',') + ' records':<34}" + "".join(f"{n:>14}" for n in names))
         for query in timings[names[0]]:
             print(f"{query:<34}" + "".join(f"{timings[n][query] * 1000:>11.1f} ms" for n in names))
-        cutoff = now - (args.days - 1) * DAY  # the oldest day
+        # The oldest day: every record before the UTC midnight that follows it. (A cut inside a
+        # day deletes that day's older records one by one in PostgreSQL too.)
+        cutoff = (now - (args.days - 1) * DAY) // DAY * DAY
         for name, store in stores.items():
             began = time.perf_counter()
             removed = store.prune(cutoff)

@@ -757,9 +757,12 @@ class PostgresReportStore:
                 self._ensure_days(conn, self._days_ahead())
                 removed = 0
                 for day in sorted(d for d in pgschema.partitioned_days(conn) if d < cutoff_day):
-                    name = pgschema.partition_name(day)
                     with conn.transaction():
-                        removed += conn.execute(f"SELECT count(*) FROM {name}").fetchone()[0]
+                        # The day's records as its hour roll-up counted them at ingest (the same
+                        # number as counting the partition, without reading millions of rows).
+                        removed += conn.execute(
+                            "SELECT coalesce(sum(requests), 0) FROM rollup_hour WHERE bucket >= %s AND bucket < %s",
+                            (day * pgschema.DAY, (day + 1) * pgschema.DAY)).fetchone()[0]
                         pgschema.drop_day(conn, day)
                     self._days.discard(day)
                 with conn.transaction():
