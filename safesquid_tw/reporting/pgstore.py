@@ -685,6 +685,9 @@ class PostgresReportStore:
         counts: list[tuple[int, list[tuple[Any, ...]]]] = []  # per batch: records kept, quarantine entries
         for batch in batches:
             node, segment, first_seq, last_seq = batch.key
+            if last_seq < first_seq:  # an empty batch: nothing to store or to note
+                counts.append((0, []))
+                continue
             seen = stored.get((node, segment))
             if not seen:
                 lines += batch.lines

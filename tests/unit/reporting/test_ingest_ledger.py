@@ -50,6 +50,12 @@ def test_overlapping_and_out_of_order_shipments_store_each_record_once(store):
     assert [(e.key, e.requests) for e in top.entries] == [("a.test", 100)]
 
 
+def test_an_empty_batch_stores_nothing_and_fails_nothing(store):
+    assert store.ingest("n1", 1, 0, [rec(0), rec(1)]) == IngestResult(2, 0, 0)
+    assert store.ingest("n1", 1, 2, []) == IngestResult(0, 0, 0)
+    assert store.ingest("n1", 1, 2, [rec(2)]) == IngestResult(1, 0, 0)
+
+
 def test_quarantined_names_are_in_the_ledger_too(store):
     batch = [rec(0), b"not json", rec(2)]
     assert store.ingest("n1", 1, 0, batch) == IngestResult(2, 0, 1)
