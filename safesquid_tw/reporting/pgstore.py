@@ -28,6 +28,7 @@ import contextlib
 import copy
 import datetime as dt
 import hashlib
+import itertools
 import json
 import math
 import re
@@ -138,6 +139,9 @@ def _text(value: Any) -> str:
     if value is None:
         return "\\N"
     return str(value).translate(_ESCAPES)
+
+
+_STORES = itertools.count(1)
 
 
 class _Writer:
@@ -454,7 +458,8 @@ class PostgresReportStore:
     ) -> None:
         self.url = url
         self.read_url = read_url or url
-        self.generation = 0  # bumped by every commit of records (and by retention)
+        # Bumped by every commit of records and by retention; distinct between store objects.
+        self.generation = next(_STORES) << 40
         self._kwargs: dict[str, Any] = {
             "connect_timeout": connect_timeout, "application_name": "safesquid-tw", **_KEEPALIVES}
         if password is not None:
