@@ -6,9 +6,11 @@ called by one thread per node, batches of 500 (a slave's shipment), durable comm
 synchronous=FULL; PostgreSQL fsync=on, synchronous_commit=on), roll-ups counted at ingest.
 Records are generated in rounds outside the timed part; each round goes to both stores.
 
-Then, on the full stores: the last-day dashboard (totals, per node, timeline, every top 10), a
-top-10 of domains over the whole week, searches (50 newest of a day: unfiltered with its count,
-by user, by client, by domain), and the retention of the oldest day.
+Then, on the full stores: the last-day dashboard (totals, per node, timeline, every top 10), the
+same for one node, a top-10 of domains over the whole week, searches (50 newest of a day:
+unfiltered with its count, by user, by client, by domain), and the retention of the oldest day
+(everything before the UTC midnight that ends it). For query timings at 50 M records see
+`pg_bulk_load.py`.
 
     python bench/pg_report_bench.py --records 1000000
     python bench/pg_report_bench.py --records 5000000 --pg-url postgresql://reports@127.0.0.1:5432/bench
