@@ -1,14 +1,16 @@
 """Report aggregations over the report store's roll-ups: totals, time series and top lists.
 
 Every function only reads, returns plain frozen values, and works per node or for the whole
-cluster (`node=None`). They read roll-ups, never the raw records, so their cost depends on the
-length of the period and the number of distinct keys, not on how many records were stored.
+cluster (`node=None`). They read roll-ups, so their cost depends on the length of the period and
+the number of distinct keys, not on how many records were stored; the one exception is a top list
+of one node in PostgreSQL, which keeps no per-node top roll-up: it counts that node's records of
+the period (every dimension in one pass, remembered until the store's next commit).
 
 Granularity follows the roll-ups: totals and time series count whole minutes (a period is widened
 to minute boundaries; its whole hours are read from the hour roll-up), top lists whole hours
 (widened to hour boundaries). A cluster-wide top list
-that spans whole UTC days reads them from the daily top roll-up and only its ends from the hourly
-one. Each result names the period it really covers. Buckets are aligned to UTC; `align` shifts them (e.g. by a time zone's
+reads the whole UTC days of its period from the daily top roll-up and its ends from the
+cluster-wide hourly one (an end longer than half a day as its day less the hours outside). Each result names the period it really covers. Buckets are aligned to UTC; `align` shifts them (e.g. by a time zone's
 offset, in seconds) for people who read their day from local midnight.
 
 Like the store, these run in a worker thread: each thread reads on its own connection.
