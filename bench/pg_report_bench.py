@@ -112,7 +112,9 @@ def queries(store: Any, now: float, days: int) -> dict[str, float]:
     day_ago = now - DAY
     return {
         "dashboard, last day": best_of(3, lambda: aggregate.dashboard(store, now)),
-        "dashboard, last day, one node": best_of(3, lambda: aggregate.dashboard(store, now, node="node01")),
+        # (its top lists are remembered until the next commit in PostgreSQL: timed cold)
+        "dashboard, last day, one node": best_of(3, lambda: (aggregate._NODE_TOPS.clear(),
+                                                             aggregate.dashboard(store, now, node="node01"))),
         "dashboard, whole week": best_of(3, lambda: aggregate.dashboard(store, now, hours=days * 24)),
         "top 10 domains, week": best_of(3, lambda: aggregate.top(store, "domain", now - days * DAY, now)),
         "search: newest 50 of a day": best_of(3, lambda: store.search(start=day_ago, end=now)),
