@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import serialization
 
 from safesquid_tw.cluster.fingerprints import spki_fingerprint
 from safesquid_tw.cluster.tlsconfig import CERT_FILE, KEY_FILE, TLS_DIR
-from safesquid_tw.reporting.store import FILL_TOP_DAY
+from safesquid_tw.reporting.store import FILL_TOP_DAY, FILL_TOP_HOUR
 from safesquid_tw.util.atomic import atomic_write
 
 JSON_NAME = "backup.json"
@@ -188,8 +188,10 @@ def import_reports(store: Any, snapshot: Path) -> int:
                 columns = ", ".join(c for c in mine if c in theirs)
                 if columns:
                     conn.execute(f"INSERT OR IGNORE INTO main.{table} ({columns}) SELECT {columns} FROM backup.{table}")
-            # The daily top roll-up is counted again from the hourly one (a backup from an
-            # older release has none).
+            # The cluster-wide hourly and the daily top roll-ups are counted again from the
+            # per-node hourly one (a backup from an older release has neither).
+            conn.execute("DELETE FROM main.rollup_top_hour")
+            conn.execute(FILL_TOP_HOUR, (-(2**62), 2**62))
             conn.execute("DELETE FROM main.rollup_top_day")
             conn.execute(FILL_TOP_DAY, (-(2**62), 2**62))
             conn.execute("COMMIT")

@@ -1,14 +1,16 @@
 """Report aggregations over the report store's roll-ups: totals, time series and top lists.
 
 Every function only reads, returns plain frozen values, and works per node or for the whole
-cluster (`node=None`). They read roll-ups, never the raw records, so their cost depends on the
-length of the period and the number of distinct keys, not on how many records were stored.
+cluster (`node=None`). They read roll-ups, so their cost depends on the length of the period and
+the number of distinct keys, not on how many records were stored; the one exception is a top list
+of one node in PostgreSQL, which keeps no per-node top roll-up: it counts that node's records of
+the period (every dimension in one pass, remembered until the store's next commit).
 
 Granularity follows the roll-ups: totals and time series count whole minutes (a period is widened
 to minute boundaries; its whole hours are read from the hour roll-up), top lists whole hours
 (widened to hour boundaries). A cluster-wide top list
-that spans whole UTC days reads them from the daily top roll-up and only its ends from the hourly
-one. Each result names the period it really covers. Buckets are aligned to UTC; `align` shifts them (e.g. by a time zone's
+reads the whole UTC days of its period from the daily top roll-up and its ends from the
+cluster-wide hourly one (an end longer than half a day as its day less the hours outside). Each result names the period it really covers. Buckets are aligned to UTC; `align` shifts them (e.g. by a time zone's
 offset, in seconds) for people who read their day from local midnight.
 
 Like the store, these run in a worker thread: each thread reads on its own connection.
@@ -21,7 +23,7 @@ from typing import Any
 
 import attrs
 
-from safesquid_tw.reporting.store import TOP_DIMENSIONS, ReportStore
+from safesquid_tw.reporting.store import BLOCKED_ACTIONS, TOP_DIMENSIONS, ReportStore
 
 MINUTE = 60
 HOUR = 3600
@@ -181,32 +183,102 @@ def top(
     if by not in ("requests", "blocked", "bytes"):
         raise ValueError("top lists are ordered by requests, blocked or bytes")
     period = widen(start, end, HOUR)
-    first_day, last_day = -(-period.start // DAY) * DAY, period.end // DAY * DAY
-    if node is None and last_day > first_day:
-        # Whole UTC days from the daily roll-up (one row per key and day), the hours at either
-        # end from the hourly one: the same sums, from far fewer rows over a week or a month.
+    if node is None:
+        sql, params = _cluster_top(dimension, period)
         rows = store.reader().execute(
-            "SELECT key, sum(requests) AS requests, sum(blocked) AS blocked, sum(bytes) AS bytes FROM ("
-            " SELECT key, requests, blocked, bytes FROM rollup_top WHERE dimension = ?1"
-            " AND ((bucket >= ?2 AND bucket < ?3) OR (bucket >= ?4 AND bucket < ?5))"
-            " UNION ALL SELECT key, requests, blocked, bytes FROM rollup_top_day WHERE dimension = ?1"
-            " AND bucket >= ?3 AND bucket < ?4"
-            f") AS parts GROUP BY key ORDER BY {by} DESC, key LIMIT ?6",
-            (dimension, period.start, first_day, last_day, period.end, limit),
+            f"SELECT key, sum(requests) AS requests, sum(blocked) AS blocked, sum(bytes) AS bytes FROM ({sql})"
+            f" AS parts GROUP BY key HAVING sum(requests) > 0 ORDER BY {by} DESC, key LIMIT ?",
+            (*params, limit),
         )
+    elif getattr(store, "backend", "sqlite") == "postgresql":
+        rows = _node_top_from_records(store, dimension, period, node, limit, by)
     else:
-        clause, params = _node_clause(node)
         rows = store.reader().execute(
             "SELECT key, sum(requests) AS requests, sum(blocked) AS blocked, sum(bytes) AS bytes"
-            f" FROM rollup_top WHERE dimension = ? AND bucket >= ? AND bucket < ?{clause}"
+            " FROM rollup_top WHERE dimension = ? AND bucket >= ? AND bucket < ? AND node = ?"
             f" GROUP BY key ORDER BY {by} DESC, key LIMIT ?",
-            (dimension, period.start, period.end, *params, limit),
+            (dimension, period.start, period.end, node, limit),
         )
     entries = tuple(TopEntry(*row) for row in rows)
     if by == "blocked":
         entries = tuple(entry for entry in entries if entry.blocked)
     return TopList(dimension, period, entries)
 
+
+def _cluster_top(dimension: str, period: Period) -> tuple[str, list[Any]]:
+    """SQL (a UNION ALL of `key, requests, blocked, bytes` rows whose sums per key are the
+    period's counts) and its parameters, reading as few roll-up rows as it can: each whole UTC
+    day from the daily roll-up; the hours at either end from the cluster-wide hourly one, or, when
+    an end holds more than half of its day, that day's daily row minus the hours outside the
+    period (so the last 24 hours read one day and at most 12 hours, not 24 hours)."""
+    parts: list[str] = []
+    params: list[Any] = []
+
+    def hours(low: int, high: int, sign: str = "") -> None:
+        if high > low:
+            parts.append(f"SELECT key, {sign}requests, {sign}blocked, {sign}bytes FROM rollup_top_hour"
+                         " WHERE dimension = ? AND bucket >= ? AND bucket < ?")
+            params.extend((dimension, low, high))
+
+    def days(low: int, high: int) -> None:
+        if high > low:
+            parts.append("SELECT key, requests, blocked, bytes FROM rollup_top_day"
+                         " WHERE dimension = ? AND bucket >= ? AND bucket < ?")
+            params.extend((dimension, low, high))
+
+    first_day, last_day = -(-period.start // DAY) * DAY, period.end // DAY * DAY
+    if last_day < first_day:  # inside one day
+        day = period.start // DAY * DAY
+        if period.end - period.start > DAY // 2:
+            days(day, day + DAY)
+            hours(day, period.start, "-")
+            hours(period.end, day + DAY, "-")
+        else:
+            hours(period.start, period.end)
+        return " UNION ALL ".join(parts), params
+    days(first_day, last_day)
+    for low, high, day in ((period.start, first_day, first_day - DAY), (last_day, period.end, last_day)):
+        if high - low > DAY // 2:  # the day's row, less the hours of it outside the period
+            days(day, day + DAY)
+            hours(day, low, "-")
+            hours(high, day + DAY, "-")
+        else:
+            hours(low, high)
+    if not parts:
+        hours(period.start, period.end)
+    return " UNION ALL ".join(parts), params
+
+
+# Every top list of one node and period, counted in one pass over the node's records, kept for
+# the next calls with the same node and period (a dashboard asks for five dimensions in a row)
+# until the store commits anything new.
+_NODE_TOPS: dict[tuple[Any, ...], dict[str, list[tuple[str, int, int, int]]]] = {}
+_BLOCKED_SQL = "(" + ", ".join(f"'{action}'" for action in sorted(BLOCKED_ACTIONS)) + ")"
+_NODE_TOPS_SQL = (
+    "SELECT d.dimension, d.key COLLATE \"C\", count(*), count(*) FILTER (WHERE action IN " + _BLOCKED_SQL + "),"
+    " sum(bytes_in + bytes_out) FROM requests CROSS JOIN LATERAL (VALUES ('domain', host), ('user', \"user\"),"
+    " ('category', category), ('application', application), ('rule', rule)) AS d(dimension, key)"
+    " WHERE node = ? AND time >= to_timestamp(?) AND time < to_timestamp(?) AND d.key IS NOT NULL GROUP BY 1, 2"
+)
+_ORDER = {"requests": 1, "blocked": 2, "bytes": 3}
+
+
+def _node_top_from_records(store: Any, dimension: str, period: Period, node: str, limit: int, by: str) -> Any:
+    """A top list of one node in the PostgreSQL store, which keeps no per-node top roll-up: from
+    the node's records of the period (index on (node, time)), every dimension in one pass."""
+    key = (id(store), getattr(store, "generation", None), node, period.start, period.end)
+    found = _NODE_TOPS.get(key)
+    if found is None:
+        found = {d: [] for d in TOP_DIMENSIONS}
+        for dim, name, requests, blocked, size in store.reader().execute(
+            _NODE_TOPS_SQL, (node, period.start, period.end)
+        ):
+            found[dim].append((name, requests, blocked, size))
+        if key[1] is not None:  # only a store that says when it changed is remembered
+            _NODE_TOPS.clear()
+            _NODE_TOPS[key] = found
+    column = _ORDER[by]
+    return sorted(found[dimension], key=lambda row: (-row[column], row[0]))[:limit]
 
 def dashboard(
     store: ReportStore, now: float, *, hours: int = 24, node: str | None = None, limit: int = 10

@@ -8,9 +8,8 @@ tables whose meaning it does not know).
 Records live in `requests`, range-partitioned by day on `time` (UTC days). Partitions are created
 ahead of the records (`ensure_days`); a record whose day is far from now (a clock off by years)
 lands in the default partition rather than creating one table per stray day. Retention drops
-whole day partitions. The unique key of a partitioned table must include the partition column,
-so exactly-once is keyed on (node, segment, seq, time): a record's name and its time never
-change between shipments of the same record, so this is the record's name.
+whole day partitions. Exactly-once is kept by `ingest_ledger`, the runs of record names
+(node, segment, seq) already stored (version 4; before it, a unique key on every record).
 
 The view `access_records` is the stable interface for administrators' own SQL and Grafana: its
 columns are the access record's keys, with `time` as timestamptz, `client` as inet, `dlp` and
@@ -23,7 +22,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Iterable
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 DAY = 86400
 # Days kept as real partitions around now; anything further goes to the default partition.
 PAST_DAYS_PARTITIONED = 800
@@ -132,8 +131,62 @@ SELECT dimension, bucket - bucket % 86400, key, sum(requests), sum(blocked), sum
 FROM rollup_top GROUP BY 1, 2, 3;
 """
 
+# Version 4: ingest at twice the rate. Exactly-once is kept by a ledger of the names stored,
+# `ingest_ledger`, one row per run of consecutive names of a (node, segment) (a batch as shipped),
+# instead of a unique key on every record: a batch whose names are in the ledger is skipped, and
+# the records go in with a plain COPY (the unique index cost as much as the records' own
+# indexes). The ledger is filled from the records and quarantined records already stored (runs
+# of consecutive sequence numbers, so a gap left by a batch that never arrived stays open).
+# The hourly top roll-up becomes cluster-wide, `rollup_top_hour` (dimension, hour, key), partitioned
+# by day like the records: the per-node one held about as many rows as records and was most of
+# the server's work at ingest. A top list of one node is read from the records themselves (the
+# index on (node, time) finds them). Filled from the per-node roll-up, which is then dropped.
+_V4 = """
+CREATE TABLE ingest_ledger (
+    node text NOT NULL, segment bigint NOT NULL, first_seq bigint NOT NULL, last_seq bigint NOT NULL,
+    last_time double precision NOT NULL,
+    PRIMARY KEY (node, segment, last_seq)
+);
+INSERT INTO ingest_ledger (node, segment, first_seq, last_seq, last_time)
+SELECT node, segment, min(seq), max(seq), max(ts) FROM (
+    SELECT node, segment, seq, ts, seq - row_number() OVER (PARTITION BY node, segment ORDER BY seq) AS run
+    FROM (SELECT node, segment, seq, extract(epoch FROM time)::double precision AS ts FROM requests
+          UNION SELECT node, segment, seq, received FROM quarantine) AS named
+) AS runs GROUP BY node, segment, run;
+CREATE INDEX ingest_ledger_time ON ingest_ledger (last_time);
+CREATE INDEX requests_node ON requests (node, time);
+DO $$
+DECLARE
+    c record;
+BEGIN
+    FOR c IN SELECT conname FROM pg_constraint WHERE conrelid = 'requests'::regclass AND contype = 'u' LOOP
+        EXECUTE format('ALTER TABLE requests DROP CONSTRAINT %I', c.conname);
+    END LOOP;
+END $$;
+CREATE TABLE rollup_top_hour (
+    dimension text NOT NULL, bucket bigint NOT NULL, key text COLLATE "C" NOT NULL,
+    requests bigint NOT NULL, blocked bigint NOT NULL, bytes bigint NOT NULL,
+    PRIMARY KEY (dimension, bucket, key)
+) PARTITION BY RANGE (bucket);
+CREATE TABLE rollup_top_hour_other PARTITION OF rollup_top_hour DEFAULT;
+DO $$
+DECLARE
+    p record;
+BEGIN
+    FOR p IN SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) AS bound FROM pg_inherits i
+             JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_class t ON t.oid = i.inhparent
+             WHERE t.relname = 'rollup_top' AND c.relname ~ '^rollup_top_[0-9]{8}$' LOOP
+        EXECUTE format('CREATE TABLE %I PARTITION OF rollup_top_hour %s',
+                       replace(p.relname, 'rollup_top_', 'rollup_top_hour_'), p.bound);
+    END LOOP;
+END $$;
+INSERT INTO rollup_top_hour (dimension, bucket, key, requests, blocked, bytes)
+SELECT dimension, bucket, key, sum(requests), sum(blocked), sum(bytes) FROM rollup_top GROUP BY 1, 2, 3;
+DROP TABLE rollup_top;
+"""
+
 # Step n brings version n - 1 to version n. Append, never edit a released step.
-MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3)
+MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3, _V4)
 
 
 def migrate(conn) -> int:
@@ -193,7 +246,7 @@ def create_day(conn, day: int) -> None:
     end = start + dt.timedelta(days=1)
     for table, column, low, high in (
         ("requests", "time", start, end),
-        ("rollup_top", "bucket", day * DAY, (day + 1) * DAY),
+        ("rollup_top_hour", "bucket", day * DAY, (day + 1) * DAY),
     ):
         name = partition_name(day, table)
         where = f"{column} >= %s AND {column} < %s"
@@ -212,7 +265,7 @@ def create_day(conn, day: int) -> None:
 
 def drop_day(conn, day: int) -> None:
     """Drop the partitions of `day` (call inside a transaction)."""
-    for table in ("requests", "rollup_top"):
+    for table in ("requests", "rollup_top_hour"):
         conn.execute(f"DROP TABLE IF EXISTS {partition_name(day, table)}")
 
 

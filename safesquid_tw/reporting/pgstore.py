@@ -26,6 +26,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime as dt
+import hashlib
+import itertools
 import json
 import math
 import re
@@ -43,7 +46,9 @@ from safesquid_tw.reporting import pgschema
 from safesquid_tw.reporting.backend import StoreUnavailable
 from safesquid_tw.reporting.recordcheck import check_record
 from safesquid_tw.reporting.rows import MalformedRecord, record_row
-from safesquid_tw.reporting.store import BLOCKED_ACTIONS, CLIENT_ABORTED, ERROR_ACTIONS, IngestResult, recount_after_prune
+from safesquid_tw.reporting.store import (
+    BLOCKED_ACTIONS, CLIENT_ABORTED, ERROR_ACTIONS, IngestResult, recount_after_prune,
+)
 
 RETRY_CONNECT_AFTER = 2.0  # seconds a failed connection is remembered before trying again
 CONNECT_TIMEOUT = 5
@@ -58,21 +63,11 @@ _INT32 = 2**31
 _INT64 = 2**63
 
 _RECORD_COLUMNS = (
-    'node, segment, seq, {time}, client, "user", method, url, host, host_rev, status, bytes_in,'
-    " bytes_out, duration_ms, action, rule, category, application, policy_version, {dlp}, detail,"
+    'node, segment, seq, time, client, "user", method, url, host, host_rev, status, bytes_in,'
+    " bytes_out, duration_ms, action, rule, category, application, policy_version, dlp, detail,"
     " transfer, tls, groups"
 )
-_STAGE_COLUMNS = _RECORD_COLUMNS.format(time="ts", dlp="dlp")
-# Rows are staged (COPY) in a temporary table, emptied at every commit.
-_CREATE_STAGE = (
-    "CREATE TEMP TABLE IF NOT EXISTS stage (node text, segment bigint, seq bigint, ts double precision,"
-    ' client text, "user" text, method text, url text, host text, host_rev text, status integer,'
-    " bytes_in bigint, bytes_out bigint, duration_ms double precision, action text, rule text,"
-    " category text, application text, policy_version text, dlp text, detail text, transfer text,"
-    " tls text, groups text[]) ON COMMIT DELETE ROWS"
-)
-_BLOCKED_SQL = "(" + ", ".join(f"'{action}'" for action in sorted(BLOCKED_ACTIONS)) + ")"
-_ERROR_SQL = "(" + ", ".join(f"'{action}'" for action in sorted(ERROR_ACTIONS)) + ")"
+_COPY_RECORDS = f"COPY requests ({_RECORD_COLUMNS}) FROM STDIN"
 
 
 def _bump(table: str, columns: tuple[str, ...]) -> str:
@@ -84,55 +79,39 @@ def _bump(table: str, columns: tuple[str, ...]) -> str:
     ) + (f", bytes = {table}.bytes + excluded.bytes" if top else "")
 
 
-# Exactly once and the roll-ups in one statement, all in the server: the rows of the stage whose
-# names are new go in (the unique key (node, segment, seq, time) skips the others), and only the
-# rows inserted are counted into the minute, hour and top roll-ups (as the SQLite store does:
-# errors are the actions of ERROR_ACTIONS, aborted the transfers CLIENT_ABORTED).
-_INSERT_AND_COUNT = f"""
-WITH ins AS (
-    INSERT INTO requests ({_RECORD_COLUMNS.format(time="time", dlp="dlp")})
-    SELECT {_RECORD_COLUMNS.format(time="to_timestamp(ts)", dlp="dlp::jsonb")} FROM stage
-    ON CONFLICT DO NOTHING
-    RETURNING node, segment, time, host, "user", category, application, rule, action, bytes_in, bytes_out,
-              transfer
-), counted AS (
-    SELECT node, segment, (floor(extract(epoch FROM time) / 60) * 60)::bigint AS minute, host, "user",
-           category, application, rule, coalesce(action IN {_BLOCKED_SQL}, false)::int AS blocked,
-           bytes_in, bytes_out, coalesce(action IN {_ERROR_SQL}, false)::int AS errored,
-           coalesce(transfer = '{CLIENT_ABORTED}', false)::int AS aborted
-    FROM ins
-), minutes AS (
-    INSERT INTO rollup_minute (bucket, node, requests, blocked, bytes_in, bytes_out, errors, aborted)
-    SELECT minute, node, count(*), sum(blocked), sum(bytes_in), sum(bytes_out), sum(errored), sum(aborted)
-    FROM counted
-    GROUP BY minute, node
-    {_bump("rollup_minute", ("bucket", "node"))}
-), hours AS (
-    INSERT INTO rollup_hour (bucket, node, requests, blocked, bytes_in, bytes_out, errors, aborted)
-    SELECT minute - minute % 3600, node, count(*), sum(blocked), sum(bytes_in), sum(bytes_out), sum(errored),
-           sum(aborted)
-    FROM counted
-    GROUP BY 1, node
-    {_bump("rollup_hour", ("bucket", "node"))}
-), tops AS (
-    INSERT INTO rollup_top (dimension, bucket, node, key, requests, blocked, bytes)
-    SELECT d.dimension, minute - minute % 3600, node, d.key, count(*), sum(blocked), sum(bytes_in + bytes_out)
-    FROM counted CROSS JOIN LATERAL (VALUES ('domain', host), ('user', "user"), ('category', category),
-        ('application', application), ('rule', rule)) AS d(dimension, key)
-    WHERE d.key IS NOT NULL
-    GROUP BY 1, 2, 3, 4
-    {_bump("rollup_top", ("dimension", "bucket", "node", "key"))}
-), days AS (
-    INSERT INTO rollup_top_day (dimension, bucket, key, requests, blocked, bytes)
-    SELECT d.dimension, minute - minute % 86400, d.key, count(*), sum(blocked), sum(bytes_in + bytes_out)
-    FROM counted CROSS JOIN LATERAL (VALUES ('domain', host), ('user', "user"), ('category', category),
-        ('application', application), ('rule', rule)) AS d(dimension, key)
-    WHERE d.key IS NOT NULL
-    GROUP BY 1, 2, 3
-    {_bump("rollup_top_day", ("dimension", "bucket", "key"))}
+# Roll-up increments, counted in Python per batch and merged per commit, go in as one upsert per
+# table from arrays (a few hundred to a few thousand rows per commit, however many records). Rows
+# are sorted (by the server: ORDER BY) so that two writers lock shared rows in the same order
+# (no deadlock).
+_UPSERT_TOTALS = (
+    "INSERT INTO {table} (bucket, node, requests, blocked, bytes_in, bytes_out, errors, aborted)"
+    " SELECT * FROM unnest(%s::bigint[], %s::text[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[],"
+    " %s::bigint[], %s::bigint[]) ORDER BY 1, 2 {bump}"
 )
-SELECT node, segment, count(*) FROM ins GROUP BY node, segment
-"""
+_UPSERT_MINUTE = _UPSERT_TOTALS.format(table="rollup_minute", bump=_bump("rollup_minute", ("bucket", "node")))
+_UPSERT_HOUR = _UPSERT_TOTALS.format(table="rollup_hour", bump=_bump("rollup_hour", ("bucket", "node")))
+_UPSERT_TOPS = (
+    "INSERT INTO {table} (dimension, bucket, key, requests, blocked, bytes)"
+    " SELECT * FROM unnest(%s::text[], %s::bigint[], %s::text[], %s::bigint[], %s::bigint[], %s::bigint[])"
+    " ORDER BY 1, 2, 3 {bump}"
+)
+_UPSERT_TOP_HOUR = _UPSERT_TOPS.format(
+    table="rollup_top_hour", bump=_bump("rollup_top_hour", ("dimension", "bucket", "key")))
+_UPSERT_TOP_DAY = _UPSERT_TOPS.format(
+    table="rollup_top_day", bump=_bump("rollup_top_day", ("dimension", "bucket", "key")))
+# Exactly once: the runs of names already stored that overlap the batches of a commit, looked up
+# under a transaction-scoped lock on each (node, segment) so that another process writing the
+# same names (a migration beside the master) waits for this commit instead of doubling them.
+_LOCK_NAMES = "SELECT count(pg_advisory_xact_lock(k)) FROM unnest(%s::bigint[]) AS k"
+_STORED_RUNS = (
+    "SELECT l.node, l.segment, l.first_seq, l.last_seq FROM unnest(%s::text[], %s::bigint[], %s::bigint[],"
+    " %s::bigint[]) AS b(node, segment, lo, hi) JOIN ingest_ledger l ON l.node = b.node AND l.segment = b.segment"
+    " AND l.last_seq >= b.lo AND l.first_seq <= b.hi"
+)
+_INSERT_RUNS = (
+    "INSERT INTO ingest_ledger (node, segment, first_seq, last_seq, last_time)"
+    " SELECT * FROM unnest(%s::text[], %s::bigint[], %s::bigint[], %s::bigint[], %s::float8[])"
+)
 _INSERT_QUARANTINE = (
     "INSERT INTO quarantine (node, segment, seq, received, reason, raw) VALUES (%s, %s, %s, %s, %s, %s)"
     " ON CONFLICT DO NOTHING"
@@ -162,6 +141,9 @@ def _text(value: Any) -> str:
     return str(value).translate(_ESCAPES)
 
 
+_STORES = itertools.count(1)
+
+
 class _Writer:
     """One writer connection with its lock and the queue of batches waiting for its next commit."""
 
@@ -174,12 +156,15 @@ class _Writer:
 
 
 class _Batch:
-    __slots__ = ("key", "days", "rows", "quarantine", "result", "error", "writer")
+    __slots__ = ("key", "days", "lines", "facts", "last_time", "quarantine", "result", "error", "writer")
 
     def __init__(self, key: tuple[str, int, int, int]) -> None:
         self.key = key  # node, segment, first seq, last seq
         self.days: set[int] = set()
-        self.rows: list[tuple[Any, ...]] = []  # stage rows, in _STAGE_COLUMNS order
+        self.lines: list[str] = []  # COPY text lines of the records, in _RECORD_COLUMNS order
+        # Per line: (seq, minute, blocked, bytes_in, bytes_out, errored, aborted, *top keys)
+        self.facts: list[tuple[Any, ...]] = []
+        self.last_time = 0.0
         self.quarantine: list[tuple[Any, ...]] = []
         self.result: IngestResult | None = None
         self.error: BaseException | None = None
@@ -191,12 +176,12 @@ _ARRAY_LITERALS: dict[str, str] = {}
 
 
 def _array_literal(key: str, names: list[str]) -> str:
-    """`{"a","b \\"c\\""}`: the text[] input form of `names`, which COPY hands to the column."""
+    """`{"a","b \\"c\\""}`: the text[] input form of `names`, escaped again for COPY text."""
     if len(_ARRAY_LITERALS) >= 4096:
         _ARRAY_LITERALS.clear()
     literal = _ARRAY_LITERALS[key] = (
-        "{" + ",".join('"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"' for name in names) + "}"
-    )
+        "{" + ",".join('"' + _clean_text(name).replace("\\", "\\\\").replace('"', '\\"') + '"' for name in names) + "}"
+    ).translate(_ESCAPES)
     return literal
 
 
@@ -207,16 +192,44 @@ def _clean_text(value: Any) -> Any:
     return value
 
 
+# "YYYY-MM-DD HH:MM:" of the minutes seen lately: a batch's records fall in a few minutes, so
+# a record's timestamptz text costs a dict lookup and two integer divisions.
+_MINUTE_TEXT: dict[int, str] = {}
+_EPOCH = dt.datetime(1970, 1, 1)
+
+
+def _timestamp(when: float) -> str:
+    """The COPY text of a timestamptz at `when` (epoch seconds), to the microsecond."""
+    micros = round(when * 1_000_000)
+    minute, rest = divmod(micros, 60_000_000)
+    prefix = _MINUTE_TEXT.get(minute)
+    if prefix is None:
+        if len(_MINUTE_TEXT) >= 65536:
+            _MINUTE_TEXT.clear()
+        d = _EPOCH + dt.timedelta(minutes=minute)
+        prefix = _MINUTE_TEXT[minute] = f"{d.year:04d}-{d.month:02d}-{d.day:02d} {d.hour:02d}:{d.minute:02d}:"
+    seconds, fraction = divmod(rest, 1_000_000)
+    return f"{prefix}{seconds:02d}.{fraction:06d}+00"
+
+
+_N = "\\N"  # NULL in COPY text
+
+
 def _prepare(node: str, segment: int, first_seq: int, records: list[bytes], received: float) -> _Batch:
+    """Parse and check a batch outside any lock, into COPY lines and the facts the roll-ups count."""
     batch = _Batch((node, segment, first_seq, first_seq + len(records) - 1))
     loads = json.loads
-    rows, days = batch.rows, batch.days
+    lines, facts, days = batch.lines, batch.facts, batch.days
+    head = f"{_text(_clean_text(node))}\t{segment}\t"
+    blocked_actions, error_actions = BLOCKED_ACTIONS, ERROR_ACTIONS
     last_day = None
+    last_time = 0.0
+    N = _N
     for seq, raw in enumerate(records, first_seq):
         try:
             obj = loads(raw)
             row = record_row(check_record(obj))
-            (when, _minute, client, user, method, url, host, host_rev, status, bytes_in, bytes_out,
+            (when, minute, client, user, method, url, host, host_rev, status, bytes_in, bytes_out,
              duration, action, rule, category, application, version, dlp, detail, transfer, tls,
              groups) = row
             if status is not None and not -_INT32 <= status < _INT32:
@@ -233,19 +246,137 @@ def _prepare(node: str, segment: int, first_seq: int, records: list[bytes], rece
             continue
         if groups is not None:  # record_row checked the list and made its JSON text
             groups = _ARRAY_LITERALS.get(groups) or _array_literal(groups, obj["groups"])
-        stage = (node, segment, seq, when, client, user, method, url, host, host_rev, status, bytes_in,
-                 bytes_out, duration, action, rule, category, application,
-                 None if version is None else str(version), dlp, detail, transfer, tls, groups)
-        if b"\\u" in raw:  # escaped characters: maybe a NUL or a lone surrogate
-            stage = tuple(_clean_text(v) for v in stage)
-            if stage[19] is not None:
-                stage = (*stage[:19], stage[19].replace(_JSON_NUL, ""), *stage[20:])
-        rows.append(stage)
+        if b"\\" in raw:
+            # Escaped characters: maybe a NUL, a lone surrogate, a tab or a backslash; every text
+            # is cleaned (for the database and the roll-up keys) and escaped for COPY. The plain
+            # case below needs neither: JSON text without a backslash holds no control character.
+            (client, user, method, url, host, host_rev, action, rule, category, application, transfer,
+             tls) = (_clean_text(v) for v in (client, user, method, url, host, host_rev, action, rule,
+                                                 category, application, transfer, tls))
+            if dlp is not None:
+                dlp = _clean_text(dlp).replace(_JSON_NUL, "")
+            (client_text, user_text, method_text, url_text, host_text, host_rev_text, action_text, rule_text,
+             category_text, application_text, transfer_text, tls_text) = (
+                N if v is None else _text(v) for v in (client, user, method, url, host, host_rev, action, rule,
+                                                       category, application, transfer, tls))
+            version_text = N if version is None else _text(_clean_text(str(version)))
+            detail_text = N if detail is None else _text(_clean_text(detail))
+        else:
+            client_text = N if client is None else client
+            user_text = N if user is None else user
+            method_text = N if method is None else method
+            url_text = N if url is None else url
+            host_text = N if host is None else host
+            host_rev_text = N if host_rev is None else host_rev
+            action_text = N if action is None else action
+            rule_text = N if rule is None else rule
+            category_text = N if category is None else category
+            application_text = N if application is None else application
+            transfer_text = transfer
+            tls_text = N if tls is None else tls
+            version_text = N if version is None else str(version)
+            detail_text = N if detail is None else detail.translate(_ESCAPES)  # JSON of a dict: \u escapes
+        lines.append(
+            f"{head}{seq}\t{_timestamp(when)}\t{client_text}\t{user_text}\t{method_text}\t{url_text}\t{host_text}"
+            f"\t{host_rev_text}"
+            f"\t{N if status is None else status}\t{bytes_in}\t{bytes_out}\t{N if duration is None else _float(duration)}"
+            f"\t{action_text}\t{rule_text}\t{category_text}\t{application_text}\t{version_text}"
+            f"\t{N if dlp is None else dlp.translate(_ESCAPES)}\t{detail_text}\t{transfer_text}\t{tls_text}"
+            f"\t{N if groups is None else groups}\n"
+        )
+        facts.append((
+            seq, minute * 60, 1 if action in blocked_actions else 0, bytes_in, bytes_out,
+            1 if action in error_actions else 0, 1 if transfer == CLIENT_ABORTED else 0, host, user, category, application, rule,
+        ))
+        if when > last_time:
+            last_time = when
         day = int(when // 86400)
         if day != last_day:
             days.add(day)
             last_day = day
+    batch.last_time = last_time or received
     return batch
+
+
+def _float(value: float) -> str:
+    text = repr(value)
+    return text if math.isfinite(value) else {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}[text]
+
+
+_Totals = dict[tuple[int, str], list[int]]
+_Tops = dict[tuple[str, int, str], list[int]]
+_TOP_KEYS = ("domain", "user", "category", "application", "rule")  # positions 7.. of a fact
+
+
+def _count(node: str, facts: Iterable[tuple[Any, ...]], minutes: _Totals, tops: _Tops) -> None:
+    """Add the records of `facts` (of `node`) to the minute totals and the hourly top counts."""
+    for seq, minute, blocked, bytes_in, bytes_out, errored, aborted, *keys in facts:
+        totals = minutes.get((minute, node))
+        if totals is None:
+            totals = minutes[(minute, node)] = [0, 0, 0, 0, 0, 0]
+        totals[0] += 1
+        totals[1] += blocked
+        totals[2] += bytes_in
+        totals[3] += bytes_out
+        totals[4] += errored
+        totals[5] += aborted
+        hour = minute - minute % 3600
+        size = bytes_in + bytes_out
+        for dimension, key in zip(_TOP_KEYS, keys):
+            if key is None:
+                continue
+            top = tops.get((dimension, hour, key))
+            if top is None:
+                tops[(dimension, hour, key)] = [1, blocked, size]
+            else:
+                top[0] += 1
+                top[1] += blocked
+                top[2] += size
+
+
+def _coarser(counts: dict[tuple[Any, ...], list[int]], at: int, span: int) -> dict[tuple[Any, ...], list[int]]:
+    """The same counts with the bucket at position `at` of each key truncated to `span` seconds."""
+    out: dict[tuple[Any, ...], list[int]] = {}
+    for key, values in counts.items():
+        bucket = key[at]
+        wider = (*key[:at], bucket - bucket % span, *key[at + 1 :])
+        summed = out.get(wider)
+        if summed is None:
+            out[wider] = list(values)
+        else:
+            for i, value in enumerate(values):
+                summed[i] += value
+    return out
+
+
+def _int_array(values: Iterable[int]) -> str:
+    return "{" + ",".join(map(str, values)) + "}"
+
+
+def _text_array(values: Iterable[str]) -> str:
+    """The array input form of `values` (psycopg's list adapter costs a Python call per element;
+    this one string is parsed by the server)."""
+    return "{" + ",".join('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values) + "}"
+
+
+def _columns(counts: dict[tuple[Any, ...], list[int]], texts: tuple[int, ...]) -> list[str]:
+    """Rows of key + values as one array literal per column (for unnest); the columns at the
+    positions `texts` hold text, the others integers."""
+    rows = list(counts.items())
+    width = len(rows[0][0]) + len(rows[0][1]) if rows else 0
+    columns = [list(column) for column in zip(*((*key, *values) for key, values in rows))]
+    return [(_text_array if i in texts else _int_array)(columns[i]) for i in range(width)]
+
+
+def _run_columns(runs: list[tuple[str, int, int, int, float]]) -> list[str]:
+    nodes, segments, firsts, lasts, times = zip(*runs)
+    return [_text_array(nodes), _int_array(segments), _int_array(firsts), _int_array(lasts),
+            "{" + ",".join(map(repr, times)) + "}"]
+
+
+def _lock_key(node: str, segment: int) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{node}\0{segment}".encode("utf-8", "replace"), digest_size=8).digest(),
+                          "big", signed=True)
 
 
 class _WholeNumbers(Loader):
@@ -327,6 +458,8 @@ class PostgresReportStore:
     ) -> None:
         self.url = url
         self.read_url = read_url or url
+        # Bumped by every commit of records and by retention; distinct between store objects.
+        self.generation = next(_STORES) << 40
         self._kwargs: dict[str, Any] = {
             "connect_timeout": connect_timeout, "application_name": "safesquid-tw", **_KEEPALIVES}
         if password is not None:
@@ -398,7 +531,6 @@ class PostgresReportStore:
                     with self._days_lock:
                         self._days = pgschema.partitioned_days(conn)
                     self._ready = True
-            conn.execute(_CREATE_STAGE)
             self._ensure_days(conn, self._days_ahead())
         except BaseException:
             conn.close()
@@ -512,6 +644,7 @@ class PostgresReportStore:
                 try:
                     with conn.transaction():
                         self._store(conn, members)
+                    self.generation += 1  # after the commit (aggregate's memo of one node's top lists)
                 except _UNAVAILABLE:
                     raise
                 except Exception as e:
@@ -524,6 +657,7 @@ class PostgresReportStore:
                         try:
                             with conn.transaction():
                                 self._store(conn, [batch])
+                            self.generation += 1
                         except _UNAVAILABLE:
                             raise
                         except Exception as e:
@@ -540,22 +674,67 @@ class PostgresReportStore:
                 raise error from None
 
     def _store(self, conn: psycopg.Connection, batches: list[_Batch]) -> None:
-        """Stage the rows of `batches` (distinct (node, segment) each), then in one statement
-        insert those never stored and count them into the roll-ups; quarantine the others."""
-        inserted: dict[tuple[str, int], int] = {}
-        if any(batch.rows for batch in batches):
-            with conn.cursor().copy(f"COPY stage ({_STAGE_COLUMNS}) FROM STDIN") as cp:
-                for batch in batches:
-                    for row in batch.rows:
-                        cp.write_row(row)
-            inserted = {(node, segment): n for node, segment, n in conn.execute(_INSERT_AND_COUNT)}
+        """Store what is new of `batches` (distinct (node, segment) each) in the caller's
+        transaction: look up the runs of names already stored, COPY the new records, note their
+        names in the ledger, quarantine the refused ones and count them into the roll-ups."""
+        conn.execute(_LOCK_NAMES, (_int_array(sorted({_lock_key(*b.key[:2]) for b in batches})),))
+        names = [_text_array(b.key[0] for b in batches), _int_array(b.key[1] for b in batches),
+                 _int_array(b.key[2] for b in batches), _int_array(b.key[3] for b in batches)]
+        stored: dict[tuple[str, int], list[tuple[int, int]]] = {}
+        for node, segment, first, last in conn.execute(_STORED_RUNS, names):
+            stored.setdefault((node, segment), []).append((first, last))
+        minutes: _Totals = {}
+        tops: _Tops = {}
+        runs: list[tuple[str, int, int, int, float]] = []
+        lines: list[str] = []
+        counts: list[tuple[int, list[tuple[Any, ...]]]] = []  # per batch: records kept, quarantine entries
         for batch in batches:
-            quarantined = 0
-            for entry in batch.quarantine:
-                quarantined += conn.execute(_INSERT_QUARANTINE, entry).rowcount
-            stored = inserted.get(batch.key[:2], 0)
-            total = len(batch.rows) + len(batch.quarantine)
-            batch.result = IngestResult(stored, total - stored - quarantined, quarantined)
+            node, segment, first_seq, last_seq = batch.key
+            if last_seq < first_seq:  # an empty batch: nothing to store or to note
+                counts.append((0, []))
+                continue
+            seen = stored.get((node, segment))
+            if not seen:
+                lines += batch.lines
+                _count(node, batch.facts, minutes, tops)
+                runs.append((node, segment, first_seq, last_seq, batch.last_time))
+                counts.append((len(batch.lines), batch.quarantine))
+                continue
+            # Re-shipped, in whole or in part: only the names outside the stored runs go in.
+            def new(seq: int, seen: list[tuple[int, int]] = seen) -> bool:
+                return not any(first <= seq <= last for first, last in seen)
+
+            kept = [i for i, fact in enumerate(batch.facts) if new(fact[0])]
+            lines += [batch.lines[i] for i in kept]
+            facts = [batch.facts[i] for i in kept]
+            _count(node, facts, minutes, tops)
+            entries = [entry for entry in batch.quarantine if new(entry[2])]
+            run_start = None
+            for seq in range(first_seq, last_seq + 2):
+                if seq <= last_seq and new(seq):
+                    if run_start is None:
+                        run_start = seq
+                elif run_start is not None:
+                    runs.append((node, segment, run_start, seq - 1, batch.last_time))
+                    run_start = None
+            counts.append((len(kept), entries))
+        if lines:
+            with conn.cursor().copy(_COPY_RECORDS) as cp:
+                cp.write("".join(lines))
+        quarantined: list[int] = []
+        for _kept, entries in counts:  # (already quarantined by a migration: counted as duplicates)
+            quarantined.append(sum(conn.execute(_INSERT_QUARANTINE, entry).rowcount for entry in entries))
+        if runs:
+            conn.execute(_INSERT_RUNS, _run_columns(runs))
+        if minutes:
+            conn.execute(_UPSERT_MINUTE, _columns(minutes, (1,)))
+            conn.execute(_UPSERT_HOUR, _columns(_coarser(minutes, 0, 3600), (1,)))
+        if tops:
+            conn.execute(_UPSERT_TOP_HOUR, _columns(tops, (0, 2)))
+            conn.execute(_UPSERT_TOP_DAY, _columns(_coarser(tops, 1, 86400), (0, 2)))
+        for batch, (kept, _entries), done in zip(batches, counts, quarantined):
+            total = len(batch.lines) + len(batch.quarantine)
+            batch.result = IngestResult(kept, total - kept - done, done)
 
     def record_dropped(self, node: str, total_dropped: int) -> None:
         """A node's running total of records its spool dropped at its size cap (the larger of
@@ -586,9 +765,12 @@ class PostgresReportStore:
                 self._ensure_days(conn, self._days_ahead())
                 removed = 0
                 for day in sorted(d for d in pgschema.partitioned_days(conn) if d < cutoff_day):
-                    name = pgschema.partition_name(day)
                     with conn.transaction():
-                        removed += conn.execute(f"SELECT count(*) FROM {name}").fetchone()[0]
+                        # The day's records as its hour roll-up counted them at ingest (the same
+                        # number as counting the partition, without reading millions of rows).
+                        removed += conn.execute(
+                            "SELECT coalesce(sum(requests), 0) FROM rollup_hour WHERE bucket >= %s AND bucket < %s",
+                            (day * pgschema.DAY, (day + 1) * pgschema.DAY)).fetchone()[0]
                         pgschema.drop_day(conn, day)
                     self._days.discard(day)
                 with conn.transaction():
@@ -596,8 +778,12 @@ class PostgresReportStore:
                         "DELETE FROM requests WHERE time < to_timestamp(%s)", (older_than,)
                     ).rowcount
                     conn.execute("DELETE FROM quarantine WHERE received < %s", (older_than,))
-                    for table, span in (("rollup_minute", 60), ("rollup_hour", 3600), ("rollup_top", 3600)):
+                    for table, span in (("rollup_minute", 60), ("rollup_hour", 3600), ("rollup_top_hour", 3600)):
                         conn.execute(f"DELETE FROM {table} WHERE bucket <= %s", (older_than - span,))
+                    # Names of records all older than the cut: a shipment of them again would be
+                    # stored again, as it would have been with the records' own unique key.
+                    conn.execute("DELETE FROM ingest_ledger WHERE last_time < %s", (older_than,))
+                    self.generation += 1
                     recount_after_prune(lambda sql, params: conn.execute(*_translate(sql, params)), older_than)
                 return removed
             except Exception as e:

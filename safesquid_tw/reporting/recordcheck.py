@@ -87,7 +87,7 @@ def check_record(obj: Any) -> Any:
     elif isinstance(version, str) and len(version) > 64:
         raise MalformedRecord("'policy_version' is too long")
     dlp = obj.get("dlp")
-    if isinstance(dlp, list):
+    if isinstance(dlp, list) and dlp:  # most records have none: no json.dumps of []
         if len(dlp) > MAX_DLP_ITEMS:
             raise MalformedRecord(f"'dlp' has {len(dlp)} items (at most {MAX_DLP_ITEMS})")
         if len(json.dumps(dlp)) > TEXT_LIMITS["detail"]:

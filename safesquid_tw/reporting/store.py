@@ -43,7 +43,7 @@ ERROR_ACTIONS = frozenset({"error"})
 # Transfers the client left before the response was complete, counted in the roll-ups.
 CLIENT_ABORTED = "client_aborted"
 TOP_DIMENSIONS = ("domain", "user", "category", "application", "rule")
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (
@@ -112,13 +112,28 @@ ROLLUP_TOP_DAY = """CREATE TABLE IF NOT EXISTS rollup_top_day (
     requests INTEGER NOT NULL, blocked INTEGER NOT NULL, bytes INTEGER NOT NULL,
     PRIMARY KEY (dimension, bucket, key)
 ) WITHOUT ROWID"""
-# The daily top roll-up of the hours in [?1, ?2) (whole days), summed from the hourly one.
+# The daily top roll-up of the hours in [?1, ?2) (whole days), summed from the cluster-wide
+# hourly one (the same statement serves both stores).
 FILL_TOP_DAY = (
     "INSERT INTO rollup_top_day (dimension, bucket, key, requests, blocked, bytes)"
     " SELECT dimension, bucket - bucket % 86400, key, sum(requests), sum(blocked), sum(bytes)"
+    " FROM rollup_top_hour WHERE bucket >= ?1 AND bucket < ?2 GROUP BY 1, 2, 3"
+)
+# rollup_top_hour (schema version 4): the hourly top roll-up for the whole cluster (no node), which
+# cluster-wide top lists read (the PostgreSQL store keeps only this one; here the per-node
+# `rollup_top` stays for top lists of one node). Filled from the per-node one.
+ROLLUP_TOP_HOUR = """CREATE TABLE IF NOT EXISTS rollup_top_hour (
+    dimension TEXT NOT NULL, bucket INTEGER NOT NULL, key TEXT NOT NULL,
+    requests INTEGER NOT NULL, blocked INTEGER NOT NULL, bytes INTEGER NOT NULL,
+    PRIMARY KEY (dimension, bucket, key)
+) WITHOUT ROWID"""
+FILL_TOP_HOUR = (
+    "INSERT INTO rollup_top_hour (dimension, bucket, key, requests, blocked, bytes)"
+    " SELECT dimension, bucket, key, sum(requests), sum(blocked), sum(bytes)"
     " FROM rollup_top WHERE bucket >= ?1 AND bucket < ?2 GROUP BY 1, 2, 3"
 )
-_ADDED_TABLES = (("rollup_top_day", ROLLUP_TOP_DAY, FILL_TOP_DAY),)
+# In order: the daily roll-up of a version 2 store is filled from the hourly one made just before.
+_ADDED_TABLES = (("rollup_top_hour", ROLLUP_TOP_HOUR, FILL_TOP_HOUR), ("rollup_top_day", ROLLUP_TOP_DAY, FILL_TOP_DAY))
 
 
 def _add_missing_columns(conn: sqlite3.Connection) -> None:
@@ -171,6 +186,7 @@ _BUMP_TOP_DAY = (
     " requests = requests + excluded.requests, blocked = blocked + excluded.blocked,"
     " bytes = bytes + excluded.bytes"
 )
+_BUMP_TOP_HOUR = _BUMP_TOP_DAY.replace("rollup_top_day", "rollup_top_hour")
 _BUMP_TOP = (
     "INSERT INTO rollup_top (dimension, bucket, node, key, requests, blocked, bytes)"
     " VALUES (?,?,?,?,?,?,?) ON CONFLICT (dimension, bucket, node, key) DO UPDATE SET"
@@ -197,7 +213,8 @@ class IngestResult:
     quarantined: int
 
 
-_Rollups = tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[tuple[Any, ...]], list[tuple[Any, ...]]]
+_Rollups = tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[tuple[Any, ...]], list[tuple[Any, ...]],
+                 list[tuple[Any, ...]]]
 
 
 @attrs.define
@@ -235,17 +252,18 @@ def _store(conn: sqlite3.Connection, batch: _Batch) -> IngestResult:
     if not rows and not quarantine:
         return IngestResult(0, 0, 0)
     existing = {seq for (seq,) in conn.execute(_EXISTING, batch.key)}
-    minutes, hours, tops, days = batch.rollups
+    minutes, hours, tops, days, cluster_hours = batch.rollups
     if existing:  # a re-shipped batch: keep only the records never seen, count only those
         rows = [row for row in rows if row[2] not in existing]
         quarantine = [row for row in quarantine if row[2] not in existing]
-        minutes, hours, tops, days = _rollups(rows)
+        minutes, hours, tops, days, cluster_hours = _rollups(rows)
     conn.executemany(_INSERT_REQUEST, rows)
     conn.executemany(_INSERT_QUARANTINE, quarantine)
     conn.executemany(_BUMP_MINUTE, minutes)
     conn.executemany(_BUMP_HOUR, hours)
     conn.executemany(_BUMP_TOP, tops)
     conn.executemany(_BUMP_TOP_DAY, days)
+    conn.executemany(_BUMP_TOP_HOUR, cluster_hours)
     return IngestResult(len(rows), len(existing), len(quarantine))
 
 
@@ -281,14 +299,16 @@ def _rollups(rows: list[tuple[Any, ...]]) -> _Rollups:
             top[1] += blocked
             top[2] += bytes_in + bytes_out
     days: dict[tuple[str, int, str], list[int]] = {}
+    cluster_hours: dict[tuple[str, int, str], list[int]] = {}
     for (dimension, hour, _node, key), counts in tops.items():
-        summed = days.get((dimension, hour - hour % 86400, key))
-        if summed is None:
-            days[(dimension, hour - hour % 86400, key)] = counts.copy()
-        else:
-            summed[0] += counts[0]
-            summed[1] += counts[1]
-            summed[2] += counts[2]
+        for wider, bucket in ((days, hour - hour % 86400), (cluster_hours, hour)):
+            summed = wider.get((dimension, bucket, key))
+            if summed is None:
+                wider[(dimension, bucket, key)] = counts.copy()
+            else:
+                summed[0] += counts[0]
+                summed[1] += counts[1]
+                summed[2] += counts[2]
     hours: dict[tuple[int, str], list[int]] = {}
     for (minute, node), totals in minutes.items():
         summed = hours.setdefault((minute - minute % 3600, node), [0, 0, 0, 0, 0, 0])
@@ -299,6 +319,7 @@ def _rollups(rows: list[tuple[Any, ...]]) -> _Rollups:
         [(*k, *t) for k, t in hours.items()],
         [(*k, *t) for k, t in tops.items()],
         [(*k, *t) for k, t in days.items()],
+        [(*k, *t) for k, t in cluster_hours.items()],
     )
 
 
@@ -465,7 +486,8 @@ class ReportStore:
             (older_than, batch),
         ) == batch:
             pass
-        for table, span in (("rollup_minute", 60), ("rollup_hour", 3600), ("rollup_top", 3600)):
+        for table, span in (("rollup_minute", 60), ("rollup_hour", 3600), ("rollup_top", 3600),
+                            ("rollup_top_hour", 3600)):
             buckets = self.reader().execute(
                 f"SELECT DISTINCT bucket FROM {table} WHERE bucket <= ?", (older_than - span,)
             ).fetchall()
@@ -613,6 +635,8 @@ def _where(filters: dict[str, Any]) -> tuple[str, list[Any]]:
 __all__ = [
     "BLOCKED_ACTIONS",
     "FILL_TOP_DAY",
+    "FILL_TOP_HOUR",
+    "ROLLUP_TOP_HOUR",
     "ROLLUP_TOP_DAY",
     "CLIENT_ABORTED",
     "ERROR_ACTIONS",

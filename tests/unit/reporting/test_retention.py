@@ -72,8 +72,8 @@ def test_retention_drops_whole_day_partitions_in_postgresql(postgres_server):
         with store._write_lock:  # the day's top roll-up partition went with it
             tables = {name for (name,) in store._connection().execute(
                 "SELECT tablename FROM pg_tables WHERE tablename LIKE 'rollup_top_%'")}
-        assert pgschema.partition_name(today - 12, "rollup_top") not in tables
-        assert pgschema.partition_name(today - 9, "rollup_top") in tables
+        assert pgschema.partition_name(today - 12, "rollup_top_hour") not in tables
+        assert pgschema.partition_name(today - 9, "rollup_top_hour") in tables
         assert sorted({r["url"] for r in store.search(start=0, end=now + 1, limit=100)}) == [
             "http://d1.test/", "http://d9.test/"]
     finally:

@@ -158,7 +158,7 @@ def test_a_failure_mid_batch_leaves_nothing(store: ReportStore) -> None:
         store.ingest("n1", 1, 0, batch)
     assert store.count() == 0
     assert rollup_total(store) == 0
-    assert raw_count(store, "SELECT count(*) FROM rollup_top") == 0
+    assert raw_count(store, "SELECT count(*) FROM rollup_top_hour") == 0
     assert store.quarantined() == []
     stop_boom(store)
     assert store.ingest("n1", 1, 0, batch) == IngestResult(4, 0, 1)  # the retry stores it all
@@ -366,7 +366,7 @@ def test_prune_deletes_old_records_in_batches_and_whole_old_buckets(store: Repor
     assert store.count() == 5
     minutes = [b for (b,) in store.reader().execute("SELECT bucket FROM rollup_minute ORDER BY bucket")]
     assert minutes[0] == T0 + 4200
-    hours = [b for (b,) in store.reader().execute("SELECT DISTINCT bucket FROM rollup_top")]
+    hours = [b for (b,) in store.reader().execute("SELECT DISTINCT bucket FROM rollup_top_hour")]
     assert hours == [T0 + 3600]  # straddles the cut: kept
     assert len(store.quarantined()) == 1
     assert store.prune(T0 + 20_000) == 5
