@@ -126,7 +126,8 @@ def start_safesquid(workdir: Path, ca_cert: bytes, ca_key: bytes, origin_port: i
     return node
 
 
-def start_squid(workdir: Path, ca_cert_path: Path, ca_key_path: Path, origin_ca: Path, *, peek: bool) -> Running:
+def start_squid(workdir: Path, ca_cert_path: Path, ca_key_path: Path, origin_ca: Path, *, peek: bool,
+                access_log: bool = False) -> Running:
     name = "squid-peek-bump" if peek else "squid-bump-step1"
     sdir = workdir / name
     sdir.mkdir(parents=True, exist_ok=True)
@@ -144,7 +145,7 @@ sslcrtd_children 4 startup=1 idle=1
 tls_outgoing_options cafile={origin_ca}
 http_access allow all
 cache deny all
-access_log none
+{f"access_log stdio:{sdir / 'access.log'}" if access_log else "access_log none"}
 cache_log {sdir / 'cache.log'}
 pid_filename {sdir / 'squid.pid'}
 coredump_dir {sdir}
@@ -313,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="mitmdump of a separate virtualenv (default: $MITMDUMP, else the PATH)")
     parser.add_argument("--skip", default="", help="comma-separated: safesquid, squid, mitmproxy")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--squid-access-log", action="store_true",
+                        help="Squid writes an access.log line per request, as the node records every request")
     args = parser.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
 
@@ -343,8 +346,10 @@ def main(argv: list[str] | None = None) -> int:
         if "safesquid" not in skip:
             makers.append(lambda: start_safesquid(workdir, ca.cert_pem, ca.key_pem, origin.port, workdir / "origin-ca.pem"))
         if "squid" not in skip and shutil.which("squid"):
-            makers.append(lambda: start_squid(workdir, workdir / "ca.pem", workdir / "ca.key", workdir / "origin-ca.pem", peek=True))
-            makers.append(lambda: start_squid(workdir, workdir / "ca.pem", workdir / "ca.key", workdir / "origin-ca.pem", peek=False))
+            makers.append(lambda: start_squid(workdir, workdir / "ca.pem", workdir / "ca.key", workdir / "origin-ca.pem", peek=True,
+                                                     access_log=args.squid_access_log))
+            makers.append(lambda: start_squid(workdir, workdir / "ca.pem", workdir / "ca.key", workdir / "origin-ca.pem", peek=False,
+                                                     access_log=args.squid_access_log))
         if "mitmproxy" not in skip and shutil.which(args.mitmdump):
             makers.append(lambda: start_mitmproxy(workdir, args.mitmdump, workdir / "origin-ca.pem"))
         for make in makers:
