@@ -59,7 +59,8 @@ def build_proxy_parts(base: NodeBase) -> ProxyParts:
     spool_writer = SpoolWriter(
         reactor, spool, fsync_interval=config.spool_fsync_interval, memory_bytes=config.spool_memory_bytes
     )
-    access_log.add_line_sink(spool_writer.append)
+    if config.workers <= 1:
+        access_log.add_line_sink(spool_writer.append)  # with workers, each spools its own records
     access_log.setServiceParent(top)
     base.reloads.add("reopen access.log", access_log.reopen)
     shipper = LogShipper(reactor, spool)
@@ -92,10 +93,13 @@ def build_proxy_parts(base: NodeBase) -> ProxyParts:
         base.state.health_parts["workers"] = proxy.health
         base.reloads.add("tell the workers", proxy.hup)
         base.metrics.register(WorkersCollector(proxy))
+        proxy.own_spool_stats = spool_writer.stats
+        base.state.health_parts["spool"] = proxy.spool_health
     else:
         proxy = ProxyService(reactor, config.listen_endpoints, factory, resolver, stop_grace=config.stop_grace,
                              proxy_protocol_from=config.proxy_protocol_from, drain_grace=config.drain_grace,
                              state=base.state)
+    ship_worker_spools(base, shipper, proxy if isinstance(proxy, WorkerPool) else None)
     from safesquid_tw.proxy.intercept.wiring import install_interception, open_ca_store
 
     # A standalone node makes its own inspection CA; a slave uses its master's (kept from last time).
@@ -130,6 +134,29 @@ def finish_proxy_node(base: NodeBase, parts: ProxyParts):
     base.metrics.register(TlsInspectionCollector(parts.factory))
     base.metrics.register(AntivirusCollector(parts.factory.antivirus))
     return base.finish()
+
+
+def ship_worker_spools(base: NodeBase, shipper: LogShipper, pool: WorkerPool | None) -> None:
+    """Every worker slot's spool joins the node's one shipping stream (workers/spools.py); so do
+    slots left from a run with more workers, recovered here."""
+    from safesquid_tw.workers.spools import SlotSource, existing_slots, recover_orphan_slot, slot_directory
+
+    config, root = base.config, base.root
+    served = range(config.workers) if pool is not None else range(0)
+    for slot in sorted(set(served) | set(existing_slots(root))):
+        directory = slot_directory(root, slot)
+        if slot in served:
+            source = SlotSource(directory, slot, config.node_name,
+                                ask_delete=lambda local, slot=slot: pool.ask_delete(slot, local))
+            pool.sources[slot] = source
+        else:
+            try:
+                recover_orphan_slot(directory, config.node_name)
+            except OSError as e:
+                log.error("access records of worker slot {slot} cannot be recovered: {why}", slot=slot, why=str(e))
+                continue
+            source = SlotSource(directory, slot, config.node_name)
+        shipper.sources.append(source)
 
 
 def negotiate_acceptor(config: NodeConfig):

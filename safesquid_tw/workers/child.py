@@ -1,9 +1,13 @@
 """One worker process: the forward proxy alone, on sockets its node bound and handed down.
 
-Everything that must be one per node (control-plane link, policy store and cache, spool and
-shipper, portal, /health, metrics) stays in the parent; a worker gets its policy versions and
-tasks over stdin and sends its access records, policy acknowledgements and counts over stdout
+Everything that must be one per node (control-plane link, policy store and cache, shipper,
+portal, /health, metrics) stays in the parent; a worker gets its policy versions and tasks over
+stdin and sends its access records, policy acknowledgements and counts over stdout
 (workers/frames.py). Its event log goes to stderr, which the parent logs under the worker's pid.
+
+Each worker writes its own access records to its own durable spool (workers/spools.py) in the
+reactor turn their requests finished in, as one process does; the parent ships every worker's
+sealed segments. The records it also sends the parent feed the node's access.log and counters.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from safesquid_tw.workers.frames import FramedStdio
 log = Logger()
 
 STATUS_INTERVAL = 1.0  # seconds between the counts a worker sends its parent
+SEAL_INTERVAL = 0.5  # how often the worker considers sealing its open segment for the node to ship
+SEAL_AFTER = 1.0  # seal once no record came for this long, or at once when nothing sealed waits
 
 
 def config_to_json(config: NodeConfig) -> dict[str, Any]:
@@ -89,13 +95,19 @@ def compile_sent(message: dict[str, Any]) -> Policy:
 
 
 class Worker:
-    def __init__(self, reactor, config: NodeConfig, sockets: list[dict[str, Any]]) -> None:
+    def __init__(self, reactor, config: NodeConfig, sockets: list[dict[str, Any]], slot: int = 0) -> None:
         from safesquid_tw.proxy.resolver import Resolver
         from safesquid_tw.proxy.service import ProxyFactory
 
         self.reactor = reactor
         self.config = config
         self.sockets = sockets
+        self.slot = slot
+        self.spool = None  # opened in start(): workers/spools.py
+        self.spool_writer = None
+        self._sealer = None
+        self._last_backlog = -1
+        self._unchanged_since = 0.0
         self.policy = PolicyHolder()
         self.pipe = FramedStdio(self.received, self.parent_gone)
         limits = config.limits
@@ -127,6 +139,7 @@ class Worker:
         stdio.StandardIO(self.pipe, reactor=self.reactor)
         self.pipe.send({"t": "hello", "pid": os.getpid()})
         config = self.config
+        self._open_spool()
         # The service owns drain, resume and the graceful stop; its ports are the adopted ones.
         self.service = ProxyService(self.reactor, config.listen_endpoints, self.factory, self.resolver,
                                     stop_grace=0.0, drain_grace=config.drain_grace)
@@ -134,6 +147,49 @@ class Worker:
         self.factory.auth_pool.start()
         self._interception()
         self.reactor.callLater(STATUS_INTERVAL, self.send_status)
+
+    def _open_spool(self) -> None:
+        """This slot's spool: the node's promise per record (accesslog/durable.py), its memory
+        bound and size cap shared out among the workers."""
+        from pathlib import Path
+
+        from safesquid_tw.accesslog.durable import SpoolWriter
+        from safesquid_tw.accesslog.spool import Spool
+        from safesquid_tw.util.periodic import Periodic
+        from safesquid_tw.workers.spools import slot_directory
+
+        config = self.config
+        share = max(1, config.workers)
+        cap = max(1, config.spool_cap_bytes // share)
+        segment_bytes = max(1, min(4 << 20, cap // 4))
+        self.spool = Spool(slot_directory(Path(config.state_dir), self.slot), node=config.node_name,
+                           segment_bytes=segment_bytes, cap_bytes=cap)
+        for problem in self.spool.problems:
+            log.error("access record spool: {problem}", problem=str(problem))
+        self.spool_writer = SpoolWriter(self.reactor, self.spool, fsync_interval=config.spool_fsync_interval,
+                                        memory_bytes=max(1, config.spool_memory_bytes // share))
+        self.spool_writer.startService()
+        self._sealer = Periodic(SEAL_INTERVAL, self._seal_if_due, clock=self.reactor, name="worker spool seal")
+        self._sealer.startService()
+
+    def _seal_if_due(self) -> None:
+        """Seal the open segment (a rename) so the node can ship it: once records stopped coming
+        for a moment, or at once when nothing sealed waits (the node keeps up)."""
+        spool, writer = self.spool, self.spool_writer
+        now = self.reactor.seconds()
+        backlog = spool.backlog_records
+        if backlog != self._last_backlog:
+            self._last_backlog, self._unchanged_since = backlog, now
+        if backlog and writer.writable and (now - self._unchanged_since >= SEAL_AFTER or not spool.sealed_segments()):
+            spool.request_seal()
+            writer.write_now()
+
+    def _delete_shipped(self, local: int) -> None:
+        from twisted.internet import threads
+
+        d = threads.deferToThread(self.spool.acknowledge, local)
+        d.addErrback(lambda f: log.error("shipped spool segment {s} not deleted: {why}", s=local,
+                                         why=f.getErrorMessage()))
 
     def accept(self) -> None:
         """Adopt the node's sockets: from now on this worker takes connections. Called once the
@@ -192,6 +248,8 @@ class Worker:
             self._reload_ca()
         elif kind == "stop":
             self.stop()
+        elif kind == "ack":
+            self._delete_shipped(int(message["segment"]))
 
     def _apply_next(self) -> None:
         message, self._pending = self._pending, None
@@ -234,12 +292,18 @@ class Worker:
 
     # -- to the parent --------------------------------------------------------------------
     def send_record(self, record: AccessRecord) -> None:
+        if self.spool_writer is not None:
+            try:
+                self.spool_writer.append(record.to_json_line())
+            except (TypeError, ValueError) as e:
+                log.error("an access record could not be spooled: {why}", why=str(e))
         self.pipe.send({"t": "rec", "r": record_to_json(record)})
 
     def send_status(self) -> None:
         self.pipe.send({"t": "status", "connections": len(self.factory.connections),
                         "requests": self.factory.requests, "edge": self.factory.edge_counters(),
-                        "antivirus": self.factory.antivirus.health()})
+                        "antivirus": self.factory.antivirus.health(),
+                        "spool": self.spool_writer.stats() if self.spool_writer is not None else None})
         if not self.stopping:
             self.reactor.callLater(STATUS_INTERVAL, self.send_status)
 
@@ -252,10 +316,25 @@ class Worker:
         d = defer.maybeDeferred(self.service.stopService)
 
         def done(_):
+            self._close_spool()
             self.send_status()
             self.reactor.callLater(0.05, self.reactor.stop)
 
         d.addBoth(done)
+
+
+    def _close_spool(self) -> None:
+        """Every record written, the open segment sealed and synced: the node ships it."""
+        if self.spool is None:
+            return
+        if self._sealer is not None and self._sealer.running:
+            self._sealer.stopService()
+        if self.spool_writer.running:
+            self.spool_writer.stopService()
+        try:
+            self.spool.close()
+        except OSError as e:
+            log.error("access record spool not closed cleanly: {why}", why=str(e))
 
 
 def log_line(event: dict) -> str:
@@ -271,7 +350,15 @@ def main(argv: list[str]) -> int:
     globalLogBeginner.beginLoggingTo([FileLogObserver(sys.stderr, log_line)], redirectStandardIO=False)
     from twisted.internet import reactor
 
-    worker = Worker(reactor, config_from_json(spec["config"]), spec["sockets"])
+    from pathlib import Path
+
+    from safesquid_tw.workers.spools import lock_slot, slot_directory
+
+    config = config_from_json(spec["config"])
+    slot = int(spec.get("slot", 0))
+    # Held until this process exits: one writer per slot's spool, also across node restarts.
+    lock_slot(slot_directory(Path(config.state_dir), slot))
+    worker = Worker(reactor, config, spec["sockets"], slot)
     signal.signal(signal.SIGTERM, lambda *_: reactor.callFromThread(worker.stop))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C goes to the node, which stops us
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the node reloads and tells us

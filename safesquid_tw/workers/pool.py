@@ -8,8 +8,9 @@ accept from one kernel queue: a worker that dies loses nothing still queued, unl
 SO_REUSEPORT sockets whose queues die with their process.
 
 Policy versions go to every worker as they are swapped in the store; workers acknowledge the
-version they serve. Access records come back over each worker's stdout and enter the node's one
-access log and spool (one shipping stream). A worker that exits unexpectedly is restarted with
+version they serve. Each worker writes its access records to its own durable spool; the node
+ships every worker's sealed segments as its one shipping stream (workers/spools.py). The records
+also come back over each worker's stdout for the node's one access.log and its counters. A worker that exits unexpectedly is restarted with
 back-off and counted. `drain`/`resume`, SIGHUP and the graceful stop reach every worker.
 """
 
@@ -79,6 +80,7 @@ class WorkerProcess(protocol.ProcessProtocol):
         self.greeted = False  # said hello: from then on it hears every message
         self.edge: dict[str, int] = {}  # its connections closed at the edge, by reason
         self.antivirus: dict | None = None  # its scanner's figures (icap/scanner.py stats)
+        self.spool: dict | None = None  # its spool writer's stats (accesslog/durable.py)
 
     def connectionMade(self) -> None:
         self.pid = self.transport.pid
@@ -120,6 +122,7 @@ class WorkerProcess(protocol.ProcessProtocol):
             self.connections = int(message.get("connections", 0))
             self.requests = int(message.get("requests", 0))
             self.antivirus = message.get("antivirus") if isinstance(message.get("antivirus"), dict) else None
+            self.spool = message.get("spool") if isinstance(message.get("spool"), dict) else None
             edge = message.get("edge")
             if isinstance(edge, dict):
                 self.edge = {str(k): int(v) for k, v in edge.items()}
@@ -128,6 +131,9 @@ class WorkerProcess(protocol.ProcessProtocol):
             self.policy_error = message.get("error")
         elif kind == "hello":
             self.greeted = True
+            source = self.pool.sources.get(self.slot)
+            if source is not None:
+                source.forget_asked()  # what the last worker in this slot did not delete ships again
             self.pool.worker_ready(self)
         elif kind == "accepting":
             if self.state == "starting":
@@ -170,7 +176,17 @@ class WorkerPool(Service):
         self.stopping = False
         self._failures: dict[int, int] = {}
         self._pending_starts: dict[int, Any] = {}
+        self.sources: dict[int, Any] = {}  # slot -> its spool as the shipper reads it (SlotSource)
         store.add_observer(self._policy_swapped)
+
+    def ask_delete(self, slot: int, local_segment: int) -> bool:
+        """From the shipper's thread: ask the slot's worker to delete a segment the store has.
+        A worker that dies before it does so leaves it to ship again (deduplicated)."""
+        worker = self.workers.get(slot)
+        if worker is None or not worker.greeted or worker.state == "exited":
+            return True  # its next worker hears nothing of it: shipped again after its hello
+        self.reactor.callFromThread(worker.send, {"t": "ack", "segment": local_segment})
+        return True
 
     # -- start: bind, then spawn ------------------------------------------------------------
     def startService(self) -> None:
@@ -211,7 +227,7 @@ class WorkerPool(Service):
         for number, item in enumerate(self.sockets):
             child_fds[FIRST_FD + number] = item["parent_fd"]
             sockets.append({"fd": FIRST_FD + number, "family": item["family"], "proxied": item["proxied"]})
-        spec = json.dumps({"config": config_to_json(self.config), "sockets": sockets})
+        spec = json.dumps({"config": config_to_json(self.config), "sockets": sockets, "slot": slot})
         env = dict(os.environ)
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(safesquid_tw.__file__)))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
@@ -316,6 +332,16 @@ class WorkerPool(Service):
         """The workers' scanners as one: counts summed, per service and in all."""
         return merge_antivirus([w.antivirus for w in self.workers.values() if w.antivirus is not None])
 
+    def spool_health(self) -> dict[str, Any]:
+        """The node's spool as one: the workers' spools (where records are written) summed, with
+        the node's own (segments left from a run without workers)."""
+        return merge_spool([w.spool for w in self.workers.values() if w.spool is not None] + [self._own_spool()])
+
+    def _own_spool(self) -> dict[str, Any]:
+        return self.own_spool_stats() if self.own_spool_stats is not None else {}
+
+    own_spool_stats: Callable[[], dict[str, Any]] | None = None
+
     def connections(self) -> int:
         return sum(w.connections for w in self.workers.values())
 
@@ -382,6 +408,19 @@ def merge_antivirus(reports: list[dict]) -> dict | None:
                 for key in ("scans", "detections", "failures"):
                     seen[key] = int(seen.get(key) or 0) + int(service.get(key) or 0)
     merged["services"] = list(services.values())
+    return merged
+
+
+_SPOOL_SUMMED = ("backlog_records", "backlog_bytes", "memory_records", "memory_bytes", "dropped_records")
+
+
+def merge_spool(reports: list[dict]) -> dict[str, Any]:
+    merged: dict[str, Any] = {key: sum(int(r.get(key) or 0) for r in reports) for key in _SPOOL_SUMMED}
+    unwritable = [r for r in reports if r.get("writable") is False]
+    merged["writable"] = not unwritable
+    merged["reason"] = unwritable[0].get("reason") if unwritable else None
+    since = [r["failing_since"] for r in unwritable if r.get("failing_since") is not None]
+    merged["failing_since"] = min(since) if since else None
     return merged
 
 
