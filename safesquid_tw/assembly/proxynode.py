@@ -114,7 +114,8 @@ def build_proxy_parts(base: NodeBase) -> ProxyParts:
     base.waits["proxy"] = proxy.listening
     directory_watch(reactor, factory.auth_pool, factory.current_policy).setServiceParent(top)
     base.state.health_parts["directory"] = lambda: directory_health(factory.current_policy)
-    base.state.edge = factory.edge_counters
+    if not isinstance(proxy, WorkerPool):
+        base.state.edge = factory.edge_counters  # with workers: summed from theirs (set above)
     for number, more in enumerate(proxy.listening_each[1:], start=2):
         base.waits[f"proxy_{number}"] = more  # listening.json names every listener
     return ProxyParts(spool, access_log, spool_writer, shipper, factory, proxy)

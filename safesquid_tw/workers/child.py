@@ -95,7 +95,8 @@ def compile_sent(message: dict[str, Any]) -> Policy:
 
 
 class Worker:
-    def __init__(self, reactor, config: NodeConfig, sockets: list[dict[str, Any]], slot: int = 0) -> None:
+    def __init__(self, reactor, config: NodeConfig, sockets: list[dict[str, Any]], slot: int = 0,
+                 counts_path: str | None = None) -> None:
         from safesquid_tw.proxy.resolver import Resolver
         from safesquid_tw.proxy.service import ProxyFactory
 
@@ -103,6 +104,7 @@ class Worker:
         self.config = config
         self.sockets = sockets
         self.slot = slot
+        self.counts_path = counts_path  # the node's shared connection counts (workers/limits.py)
         self.spool = None  # opened in start(): workers/spools.py
         self.spool_writer = None
         self._sealer = None
@@ -140,6 +142,10 @@ class Worker:
         self.pipe.send({"t": "hello", "pid": os.getpid()})
         config = self.config
         self._open_spool()
+        if self.counts_path:
+            from safesquid_tw.workers.limits import NodeCounts
+
+            self.factory.node_counts = NodeCounts(self.counts_path, max(1, config.workers), self.slot)
         # The service owns drain, resume and the graceful stop; its ports are the adopted ones.
         self.service = ProxyService(self.reactor, config.listen_endpoints, self.factory, self.resolver,
                                     stop_grace=0.0, drain_grace=config.drain_grace)
@@ -358,7 +364,7 @@ def main(argv: list[str]) -> int:
     slot = int(spec.get("slot", 0))
     # Held until this process exits: one writer per slot's spool, also across node restarts.
     lock_slot(slot_directory(Path(config.state_dir), slot))
-    worker = Worker(reactor, config, spec["sockets"], slot)
+    worker = Worker(reactor, config, spec["sockets"], slot, spec.get("counts"))
     signal.signal(signal.SIGTERM, lambda *_: reactor.callFromThread(worker.stop))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C goes to the node, which stops us
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the node reloads and tells us

@@ -20,6 +20,7 @@ import json
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 from twisted.application.service import Service
@@ -35,6 +36,7 @@ from safesquid_tw.proxy.proxyheader import split_endpoint
 from safesquid_tw.proxy.service import ProxyFactory, with_backlog
 from safesquid_tw.workers.child import config_to_json, record_from_json
 from safesquid_tw.workers.frames import FrameError, FrameReader, encode
+from safesquid_tw.workers.limits import create_table
 
 log = Logger()
 
@@ -193,6 +195,9 @@ class WorkerPool(Service):
         super().startService()
         # The node itself still checks the user directory (/health, cluster view) in this pool.
         self.factory.auth_pool.start()
+        # One table of open connections for all workers: the limits are the node's (workers/limits.py).
+        self.counts_path = os.path.join(self.config.state_dir, "run", "connections.table")
+        create_table(Path(self.counts_path), self.count)
         d = defer.gatherResults([self._bind(desc, done) for desc, done in zip(self.endpoints, self.listening_each)],
                                 consumeErrors=True)
         d.addCallback(lambda _: [self._spawn(slot) for slot in range(self.count)])
@@ -227,7 +232,8 @@ class WorkerPool(Service):
         for number, item in enumerate(self.sockets):
             child_fds[FIRST_FD + number] = item["parent_fd"]
             sockets.append({"fd": FIRST_FD + number, "family": item["family"], "proxied": item["proxied"]})
-        spec = json.dumps({"config": config_to_json(self.config), "sockets": sockets, "slot": slot})
+        spec = json.dumps({"config": config_to_json(self.config), "sockets": sockets, "slot": slot,
+                           "counts": self.counts_path})
         env = dict(os.environ)
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(safesquid_tw.__file__)))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
