@@ -23,7 +23,7 @@ from safesquid_tw.metrics.parts import AntivirusCollector, EdgeCollector, TlsIns
 from safesquid_tw.proxy.resolver import Resolver
 from safesquid_tw.proxy.service import ProxyFactory, ProxyService
 from safesquid_tw.workers.metrics import WorkersCollector
-from safesquid_tw.workers.pool import WorkerPool
+from safesquid_tw.workers.pool import MergedAntivirus, MergedEdge, WorkerPool
 
 log = Logger()
 
@@ -114,6 +114,8 @@ def build_proxy_parts(base: NodeBase) -> ProxyParts:
     base.waits["proxy"] = proxy.listening
     directory_watch(reactor, factory.auth_pool, factory.current_policy).setServiceParent(top)
     base.state.health_parts["directory"] = lambda: directory_health(factory.current_policy)
+    if isinstance(proxy, WorkerPool):  # the workers look users up; the node adds its own checks
+        base.state.health_parts["directory"] = lambda: proxy.directory_health(directory_health(factory.current_policy))
     if not isinstance(proxy, WorkerPool):
         base.state.edge = factory.edge_counters  # with workers: summed from theirs (set above)
     for number, more in enumerate(proxy.listening_each[1:], start=2):
@@ -130,10 +132,14 @@ def finish_proxy_node(base: NodeBase, parts: ProxyParts):
     top.proxy_service = parts.proxy
     base.metrics.register(ProxyCollector(parts.factory))
     base.metrics.register(SpoolCollector(parts.spool))
-    base.metrics.register(DirectoryCollector(parts.factory.current_policy))
-    base.metrics.register(EdgeCollector(parts.factory))
+    pool = parts.proxy if isinstance(parts.proxy, WorkerPool) else None
+    own_directory = parts.factory.current_policy
+    base.metrics.register(DirectoryCollector(
+        own_directory, stats=(lambda: pool.directory_health(directory_health(own_directory))) if pool else None))
+    base.metrics.register(EdgeCollector(MergedEdge(pool) if pool else parts.factory))
     base.metrics.register(TlsInspectionCollector(parts.factory))
-    base.metrics.register(AntivirusCollector(parts.factory.antivirus))
+    base.metrics.register(AntivirusCollector(MergedAntivirus(pool, parts.factory.antivirus) if pool
+                                             else parts.factory.antivirus))
     return base.finish()
 
 

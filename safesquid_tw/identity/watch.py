@@ -53,8 +53,9 @@ def directory_watch(reactor, pool: ThreadPool, current_policy: Callable[[], Any]
 class DirectoryCollector:
     """The user directory in /metrics: reachable, look-ups and failures, remembered users."""
 
-    def __init__(self, current_policy: Callable[[], Any]) -> None:
+    def __init__(self, current_policy: Callable[[], Any], stats: Callable[[], Any] | None = None) -> None:
         self.current_policy = current_policy
+        self.stats = stats  # figures of several processes merged (a node with workers)
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -62,7 +63,7 @@ class DirectoryCollector:
         state = _state(self.current_policy)
         if state is None:
             return
-        stats = state.stats()
+        stats = (self.stats() if self.stats is not None else None) or state.stats()
         reachable = stats["reachable"]
         if reachable is not None:
             yield GaugeMetricFamily("safesquid_directory_reachable", "1 when the user directory answered the last "

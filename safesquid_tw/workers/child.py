@@ -309,9 +309,18 @@ class Worker:
         self.pipe.send({"t": "status", "connections": len(self.factory.connections),
                         "requests": self.factory.requests, "edge": self.factory.edge_counters(),
                         "antivirus": self.factory.antivirus.health(),
-                        "spool": self.spool_writer.stats() if self.spool_writer is not None else None})
+                        "spool": self.spool_writer.stats() if self.spool_writer is not None else None,
+                        "directory": self._directory()})
         if not self.stopping:
             self.reactor.callLater(STATUS_INTERVAL, self.send_status)
+
+    def _directory(self) -> dict | None:
+        from safesquid_tw.identity.watch import directory_health
+
+        try:
+            return directory_health(self.factory.current_policy)
+        except Exception:  # a status report must not die of it
+            return None
 
     # -- stop -----------------------------------------------------------------------------
     def stop(self) -> None:

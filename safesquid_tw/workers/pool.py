@@ -83,6 +83,7 @@ class WorkerProcess(protocol.ProcessProtocol):
         self.edge: dict[str, int] = {}  # its connections closed at the edge, by reason
         self.antivirus: dict | None = None  # its scanner's figures (icap/scanner.py stats)
         self.spool: dict | None = None  # its spool writer's stats (accesslog/durable.py)
+        self.directory: dict | None = None  # its user directory figures (identity/watch.py)
 
     def connectionMade(self) -> None:
         self.pid = self.transport.pid
@@ -125,6 +126,7 @@ class WorkerProcess(protocol.ProcessProtocol):
             self.requests = int(message.get("requests", 0))
             self.antivirus = message.get("antivirus") if isinstance(message.get("antivirus"), dict) else None
             self.spool = message.get("spool") if isinstance(message.get("spool"), dict) else None
+            self.directory = message.get("directory") if isinstance(message.get("directory"), dict) else None
             edge = message.get("edge")
             if isinstance(edge, dict):
                 self.edge = {str(k): int(v) for k, v in edge.items()}
@@ -338,6 +340,11 @@ class WorkerPool(Service):
         """The workers' scanners as one: counts summed, per service and in all."""
         return merge_antivirus([w.antivirus for w in self.workers.values() if w.antivirus is not None])
 
+    def directory_health(self, own: dict | None) -> dict | None:
+        """The user directory as the node sees it: the workers' look-ups (they authenticate the
+        users) and the node's own periodic check, summed; reachable as last seen by any."""
+        return merge_directory([own] + [w.directory for w in self.workers.values() if w.state != "exited"])
+
     def spool_health(self) -> dict[str, Any]:
         """The node's spool as one: the workers' spools (where records are written) summed, with
         the node's own (segments left from a run without workers)."""
@@ -415,6 +422,38 @@ def merge_antivirus(reports: list[dict]) -> dict | None:
                     seen[key] = int(seen.get(key) or 0) + int(service.get(key) or 0)
     merged["services"] = list(services.values())
     return merged
+
+
+def merge_directory(reports: list[dict | None]) -> dict | None:
+    present = [r for r in reports if r]
+    if not present:
+        return None
+    merged = dict(present[0])
+    for key in ("lookups", "failures", "cached_users"):
+        merged[key] = sum(int(r.get(key) or 0) for r in present)
+    known = [r for r in present if r.get("reachable") is not None]
+    if known:
+        latest = max(known, key=lambda r: r.get("since") or 0)
+        for key in ("reachable", "last_error", "since"):
+            merged[key] = latest.get(key)
+    return merged
+
+
+class MergedAntivirus:
+    """The workers' scanners as one object for AntivirusCollector (stats())."""
+
+    def __init__(self, pool: "WorkerPool", own) -> None:
+        self.pool, self.own = pool, own
+
+    def stats(self) -> dict:
+        return self.pool.antivirus_health() or self.own.stats()
+
+
+class MergedEdge:
+    """The workers' edge counters for EdgeCollector (edge_counters())."""
+
+    def __init__(self, pool: "WorkerPool") -> None:
+        self.edge_counters = pool.edge_counters
 
 
 _SPOOL_SUMMED = ("backlog_records", "backlog_bytes", "memory_records", "memory_bytes", "dropped_records")
