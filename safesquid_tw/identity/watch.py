@@ -36,6 +36,15 @@ def directory_summary(current_policy: Callable[[], Any]) -> str | None:
     return "reachable" if state.reachable else f"unreachable: {state.last_error}"[:300]
 
 
+def summary_of(stats: dict[str, Any] | None) -> str | None:
+    """directory_summary for figures already gathered (a node with workers merges theirs)."""
+    if not stats:
+        return None
+    if stats.get("reachable") is None:
+        return "not checked yet"
+    return "reachable" if stats["reachable"] else f"unreachable: {stats.get('last_error')}"[:300]
+
+
 def directory_watch(reactor, pool: ThreadPool, current_policy: Callable[[], Any]) -> Periodic:
     def check():
         state = _state(current_policy)

@@ -109,6 +109,7 @@ class Worker:
         self.spool_writer = None
         self._sealer = None
         self._last_backlog = -1
+        self._failures_sent = 0  # upstream failures the parent has heard of (ProxyCounters)
         self._unchanged_since = 0.0
         self.policy = PolicyHolder()
         self.pipe = FramedStdio(self.received, self.parent_gone)
@@ -303,14 +304,20 @@ class Worker:
                 self.spool_writer.append(record.to_json_line())
             except (TypeError, ValueError) as e:
                 log.error("an access record could not be spooled: {why}", why=str(e))
-        self.pipe.send({"t": "rec", "r": record_to_json(record)})
+        message = {"t": "rec", "r": record_to_json(record)}
+        failures = self.factory.counters.upstream_failures
+        total = sum(failures.values())
+        if total != self._failures_sent:  # with the record that saw it: /metrics is current at once
+            self._failures_sent = total
+            message["uf"] = dict(failures)
+        self.pipe.send(message)
 
     def send_status(self) -> None:
         self.pipe.send({"t": "status", "connections": len(self.factory.connections),
                         "requests": self.factory.requests, "edge": self.factory.edge_counters(),
                         "antivirus": self.factory.antivirus.health(),
                         "spool": self.spool_writer.stats() if self.spool_writer is not None else None,
-                        "directory": self._directory()})
+                        "directory": self._directory(), "uf": dict(self.factory.counters.upstream_failures)})
         if not self.stopping:
             self.reactor.callLater(STATUS_INTERVAL, self.send_status)
 

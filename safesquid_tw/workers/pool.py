@@ -59,6 +59,8 @@ def cpu_count() -> int:
 class _NeverAccepts(protocol.Factory):
     """The parent's own port object is never read from; only the workers accept."""
 
+    noisy = False  # no "Starting factory" lines: the log says who serves the port
+
     def buildProtocol(self, addr):
         return None
 
@@ -83,6 +85,7 @@ class WorkerProcess(protocol.ProcessProtocol):
         self.edge: dict[str, int] = {}  # its connections closed at the edge, by reason
         self.antivirus: dict | None = None  # its scanner's figures (icap/scanner.py stats)
         self.spool: dict | None = None  # its spool writer's stats (accesslog/durable.py)
+        self._failures_seen: dict[str, int] = {}  # its upstream failure totals, by kind
         self.directory: dict | None = None  # its user directory figures (identity/watch.py)
 
     def connectionMade(self) -> None:
@@ -120,6 +123,8 @@ class WorkerProcess(protocol.ProcessProtocol):
     def _message(self, message: dict[str, Any]) -> None:
         kind = message["t"]
         if kind == "rec":
+            if isinstance(message.get("uf"), dict):
+                self._upstream_failures(message["uf"])
             self.pool.record_from_worker(message["r"])
         elif kind == "status":
             self.connections = int(message.get("connections", 0))
@@ -127,6 +132,8 @@ class WorkerProcess(protocol.ProcessProtocol):
             self.antivirus = message.get("antivirus") if isinstance(message.get("antivirus"), dict) else None
             self.spool = message.get("spool") if isinstance(message.get("spool"), dict) else None
             self.directory = message.get("directory") if isinstance(message.get("directory"), dict) else None
+            if isinstance(message.get("uf"), dict):
+                self._upstream_failures(message["uf"])
             edge = message.get("edge")
             if isinstance(edge, dict):
                 self.edge = {str(k): int(v) for k, v in edge.items()}
@@ -142,6 +149,16 @@ class WorkerProcess(protocol.ProcessProtocol):
         elif kind == "accepting":
             if self.state == "starting":
                 self.state = "draining" if self.pool.draining else "running"
+
+    def _upstream_failures(self, totals: dict) -> None:
+        """The worker's totals by kind; the node's counters get what is new (so they keep the
+        counts of workers that exited)."""
+        node = self.pool.factory.counters.upstream_failures
+        for kind, count in totals.items():
+            delta = int(count) - self._failures_seen.get(kind, 0)
+            if delta > 0:
+                node[str(kind)] = node.get(str(kind), 0) + delta
+                self._failures_seen[kind] = int(count)
 
     def processEnded(self, reason) -> None:
         self.state = "exited"
