@@ -101,7 +101,9 @@ def test_the_bind_password_never_reaches_a_log(directory_node, origins):
 def test_directory_down_keeps_cached_users_and_refuses_new_ones(node_factory, origins, tmp_path):
     server = Slapd(tmp_path / "slapd-down").start()
     try:
-        node = node_factory.start(policy=directory_policy(server), name="dirdown")
+        # One process: remembered directory verdicts are per worker (docs/ARCHITECTURE.md,
+        # Workers), so with several a user seen by one worker is new to the next.
+        node = node_factory.start(policy=directory_policy(server), args=["--workers", "1"], name="dirdown")
         assert_passed(proxy_request(node, "GET", origins.url("/down/alice-before"),
                                     headers=as_user("alice", "alice-password")))
         server.stop()
