@@ -78,6 +78,9 @@ def raise_fd_limit(needed: int) -> tuple[int, int]:
         ) from None
 
 
+PER_CLIENT = 250  # below the node's default --max-connections-per-client (256)
+
+
 def source_addresses(count: int, sources: int | None) -> list[str]:
     """Loopback source addresses enough for `count` connections to one proxy port."""
     if sources is None:
@@ -88,6 +91,9 @@ def source_addresses(count: int, sources: int | None) -> list[str]:
             low, high = 32768, 60999
         # Leave a fifth of the range for the proxy's own upstream connections and everything else.
         per_source = max(1, (high - low + 1) * 4 // 5)
+        # No more than the node's --max-connections-per-client (256 by default, counted for the
+        # whole node, across its workers) from any one address.
+        per_source = min(per_source, PER_CLIENT)
         sources = max(1, math.ceil(count / per_source))
     # 127.0.0.2 is where the node listens; the clients come from the other loopback addresses.
     return ["127.0.0.1"] + [f"127.0.0.{i}" for i in range(3, 2 + sources)]
