@@ -94,6 +94,7 @@ def build_proxy_parts(base: NodeBase) -> ProxyParts:
         base.reloads.add("tell the workers", proxy.hup)
         base.metrics.register(WorkersCollector(proxy))
         proxy.own_spool_stats = spool_writer.stats
+        proxy.access_log = access_log
         base.state.health_parts["spool"] = proxy.spool_health
     else:
         proxy = ProxyService(reactor, config.listen_endpoints, factory, resolver, stop_grace=config.stop_grace,

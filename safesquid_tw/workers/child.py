@@ -215,6 +215,7 @@ class Worker:
                                              timeout=config.limits.first_byte_timeout)
             family = socket.AF_INET6 if item["family"] == 6 else socket.AF_INET
             port = self.reactor.adoptStreamPort(item["fd"], family, factory)
+            one_accept_per_wakeup(port)
             os.close(item["fd"])  # adoptStreamPort duplicated it
             host = port.getHost()
             self.factory.listening.append((host.host, host.port))
@@ -299,12 +300,17 @@ class Worker:
 
     # -- to the parent --------------------------------------------------------------------
     def send_record(self, record: AccessRecord) -> None:
+        # Encoded once: the line goes to this worker's spool and, as it is, to the node's access.log;
+        # the node's counters get the five figures they need.
+        try:
+            line = record.to_json_line()
+        except (TypeError, ValueError) as e:
+            log.error("an access record could not be encoded: {why}", why=str(e))
+            return
         if self.spool_writer is not None:
-            try:
-                self.spool_writer.append(record.to_json_line())
-            except (TypeError, ValueError) as e:
-                log.error("an access record could not be spooled: {why}", why=str(e))
-        message = {"t": "rec", "r": record_to_json(record)}
+            self.spool_writer.append(line)
+        message = {"t": "rec", "l": line.decode("ascii"),
+                   "m": [record.action, record.status, record.duration_ms, record.bytes_in, record.bytes_out]}
         failures = self.factory.counters.upstream_failures
         total = sum(failures.values())
         if total != self._failures_sent:  # with the record that saw it: /metrics is current at once
@@ -357,6 +363,20 @@ class Worker:
             self.spool.close()
         except OSError as e:
             log.error("access record spool not closed cleanly: {why}", why=str(e))
+
+
+def one_accept_per_wakeup(port) -> None:
+    """Accept one connection each time the shared socket is readable (nginx's `multi_accept off`).
+
+    Every worker waits on the same socket; Twisted's default accepts up to 100 and more per wakeup,
+    so the first worker to wake takes a whole burst (a browser's or a balancer's 50 connections
+    opened at once) and the others get none. One at a time, the waiting workers take turns."""
+    base = type(port)
+    port.__class__ = _ONE_ACCEPT.setdefault(base, type("OneAccept" + base.__name__, (base,), {
+        "numberAccepts": property(lambda self: 1, lambda self, value: None)}))
+
+
+_ONE_ACCEPT: dict[type, type] = {}
 
 
 def log_line(event: dict) -> str:

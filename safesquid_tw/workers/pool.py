@@ -125,7 +125,10 @@ class WorkerProcess(protocol.ProcessProtocol):
         if kind == "rec":
             if isinstance(message.get("uf"), dict):
                 self._upstream_failures(message["uf"])
-            self.pool.record_from_worker(message["r"])
+            if "l" in message:
+                self.pool.line_from_worker(message["l"], message["m"])
+            else:
+                self.pool.record_from_worker(message["r"])
         elif kind == "status":
             self.connections = int(message.get("connections", 0))
             self.requests = int(message.get("requests", 0))
@@ -304,6 +307,24 @@ class WorkerPool(Service):
         factory.counters.count_request(record.action, record.status, record.duration_ms / 1000.0,
                                        record.bytes_in, record.bytes_out)
         self.record_sink(record)
+
+    def line_from_worker(self, line: str, figures: list) -> None:
+        """A record the worker encoded (and spooled): counted here and written to access.log."""
+        try:
+            action, status, duration_ms, bytes_in, bytes_out = figures
+            data = line.encode("ascii")
+            if not data.endswith(b"\n") or b"\n" in data[:-1]:
+                raise ValueError("not one line")
+            factory = self.factory
+            factory.counters.count_request(str(action), int(status), float(duration_ms) / 1000.0,
+                                           int(bytes_in), int(bytes_out))
+        except (TypeError, ValueError, UnicodeEncodeError) as e:
+            log.error("a worker sent an access record that does not fit ({why})", why=str(e))
+            return
+        factory.requests += 1
+        self.access_log.write_line(data)
+
+    access_log = None  # the node's AccessLogWriter (set by the assembly)
 
     def _policy_swapped(self, policy: Policy) -> None:
         # The store swaps versions on the reactor thread (PolicyStore.commit_prepared).
