@@ -261,7 +261,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--node-timeout", type=float, default=3600.0,
                         help="the node's --idle-timeout and --head-timeout (default 3600)")
     parser.add_argument("--proxy", choices=["node", "reference"], default="node", help="which proxy to measure")
-    parser.add_argument("--workers", help="the node's --workers (default: the node's default, auto)")
+    parser.add_argument("--workers", help="the node's --workers: N or auto (default: the node's default)")
     parser.add_argument("--policy-rules", type=int, default=200)
     parser.add_argument("--policy-domains", type=int, default=10000)
     parser.add_argument("--twistd", help="twistd to run the node with (default: beside this Python)")
