@@ -78,6 +78,9 @@ def raise_fd_limit(needed: int) -> tuple[int, int]:
         ) from None
 
 
+PER_CLIENT = 250  # below the node's default --max-connections-per-client (256)
+
+
 def source_addresses(count: int, sources: int | None) -> list[str]:
     """Loopback source addresses enough for `count` connections to one proxy port."""
     if sources is None:
@@ -88,6 +91,9 @@ def source_addresses(count: int, sources: int | None) -> list[str]:
             low, high = 32768, 60999
         # Leave a fifth of the range for the proxy's own upstream connections and everything else.
         per_source = max(1, (high - low + 1) * 4 // 5)
+        # No more than the node's --max-connections-per-client (256 by default, counted for the
+        # whole node, across its workers) from any one address.
+        per_source = min(per_source, PER_CLIENT)
         sources = max(1, math.ceil(count / per_source))
     # 127.0.0.2 is where the node listens; the clients come from the other loopback addresses.
     return ["127.0.0.1"] + [f"127.0.0.{i}" for i in range(3, 2 + sources)]
@@ -169,8 +175,24 @@ def count_still_open(sockets: list[socket.socket]) -> int:
     return still_open
 
 
+def node_pids(pid: int) -> list[int]:
+    """The node's process and its worker processes (its children; --workers)."""
+    pids = [pid]
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            pids.append(int(entry))
+    return pids
+
+
 def open_fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
+    return sum(len(os.listdir(f"/proc/{p}/fd")) for p in node_pids(pid))
 
 
 def accepted_connections(pid: int, port: int) -> int:
@@ -180,13 +202,14 @@ def accepted_connections(pid: int, port: int) -> int:
     accepted (its accept queue overflowed) also looks established from the client.
     """
     inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
+    for process in node_pids(pid):
+        for fd in os.listdir(f"/proc/{process}/fd"):
+            try:
+                target = os.readlink(f"/proc/{process}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
     count = 0
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
@@ -203,7 +226,13 @@ def accepted_connections(pid: int, port: int) -> int:
 
 
 def rss_bytes(pid: int) -> int:
-    return read_status_kib(pid)["VmRSS"] * 1024
+    """The node's RSS: its own and its workers' (each process's RSS; shared pages counted in
+    each, so this errs high)."""
+    return sum(read_status_kib(p)["VmRSS"] * 1024 for p in node_pids(pid))
+
+
+def rss_each(pid: int) -> list[int]:
+    return [read_status_kib(p)["VmRSS"] * 1024 for p in node_pids(pid)]
 
 
 def hold_and_sample(pid: int, seconds: float) -> tuple[int, int]:
@@ -232,6 +261,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--node-timeout", type=float, default=3600.0,
                         help="the node's --idle-timeout and --head-timeout (default 3600)")
     parser.add_argument("--proxy", choices=["node", "reference"], default="node", help="which proxy to measure")
+    parser.add_argument("--workers", help="the node's --workers: N or auto (default: the node's default)")
     parser.add_argument("--policy-rules", type=int, default=200)
     parser.add_argument("--policy-domains", type=int, default=10000)
     parser.add_argument("--twistd", help="twistd to run the node with (default: beside this Python)")
@@ -249,6 +279,7 @@ def start_proxy(args: argparse.Namespace, workdir: Path) -> Running:
         "--max-connections", str(args.count + max(100, args.count // 10)),
         "--idle-timeout", str(args.node_timeout),
         "--head-timeout", str(args.node_timeout),
+        *(["--workers", args.workers] if args.workers else []),
     ]
     return start_node(workdir / "node-state", policy, limits, twistd=args.twistd)
 
@@ -280,7 +311,8 @@ def run(args: argparse.Namespace, workdir: Path, started: list[Running]) -> bool
         fds_with = open_fd_count(proxy.pid)
         still_open = count_still_open(sockets)
         accepted = accepted_connections(proxy.pid, proxy.port)
-        hwm = read_status_kib(proxy.pid)["VmHWM"] * 1024
+        hwm = sum(read_status_kib(p)["VmHWM"] * 1024 for p in node_pids(proxy.pid))
+        each = rss_each(proxy.pid)
     finally:
         for sock in sockets:
             sock.close()
@@ -293,7 +325,9 @@ def run(args: argparse.Namespace, workdir: Path, started: list[Running]) -> bool
         ("RSS before", f"{mb(before)}  ({fds_before} descriptors)"),
         (f"RSS with {len(sockets)} open", f"{mb(peak)} peak, {mb(last)} last  ({fds_with} descriptors)"),
         ("growth per connection", f"{growth / held / 1024:.1f} KiB  ({mb(growth)} in all)"),
-        ("peak RSS of the process (VmHWM)", mb(hwm)),
+        ("peak RSS of the processes (VmHWM)", mb(hwm)),
+        ("RSS per process with them open", f"node {mb(each[0])}; workers " + ", ".join(mb(n) for n in each[1:])
+         if len(each) > 1 else mb(each[0])),
         ("RSS after closing them all", mb(after_close)),
         (f"still open after {args.hold:g} s idle", f"{still_open} of {len(sockets)} (client side)"),
         ("held by the proxy", f"{accepted} accepted and established (proxy side)"),

@@ -16,6 +16,7 @@ import json
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from big_policy import write_policy_file
@@ -31,6 +32,17 @@ def health(node) -> dict:
 
 def pids_of(node) -> list[int]:
     return [node.pid] + [w["pid"] for w in health(node).get("workers", []) if w.get("pid")]
+
+
+def wait_all_running(node, count: int, timeout: float = 120.0) -> None:
+    """/health is 200 once one worker accepts; the others may still be compiling the policy."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        workers = health(node).get("workers", [])
+        if count == 1 or (len(workers) == count and all(w["state"] == "running" for w in workers)):
+            return
+        time.sleep(0.2)
+    raise BenchError(f"not all {count} workers running after {timeout:g} s")
 
 
 def measure(node, args, wrk: str, script: Path) -> dict:
@@ -71,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             for count in (1, 2):
                 node = start_node(workdir / f"node-{count}", policy, ["--workers", str(count), "--stop-grace", "0"])
                 try:
+                    wait_all_running(node, count)
                     rows.append((count, measure(node, args, wrk, script)))
                 finally:
                     node.stop()

@@ -81,6 +81,15 @@ class AccessLogWriter(Service):
         if self._stopped or len(self._pending) >= self._max_pending:
             self.flush()
 
+    def write_line(self, line: bytes) -> None:
+        """A record already encoded by `to_json_line` (a worker process did it): to the file and
+        the line sinks; record sinks are not called."""
+        self._pending.append(line)
+        for line_sink in self._line_sinks:
+            self._call_sink(line_sink, line)
+        if self._stopped or len(self._pending) >= self._max_pending:
+            self.flush()
+
     def _call_sink(self, sink, value) -> None:
         try:
             sink(value)

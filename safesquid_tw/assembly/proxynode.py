@@ -23,7 +23,7 @@ from safesquid_tw.metrics.proxyparts import AntivirusCollector, EdgeCollector, T
 from safesquid_tw.proxy.resolver import Resolver
 from safesquid_tw.proxy.service import ProxyFactory, ProxyService
 from safesquid_tw.workers.metrics import WorkersCollector
-from safesquid_tw.workers.pool import WorkerPool
+from safesquid_tw.workers.pool import MergedAntivirus, MergedEdge, WorkerPool
 
 log = Logger()
 
@@ -60,7 +60,8 @@ def build_proxy_parts(base: NodeBase) -> ProxyParts:
         reactor, spool, fsync_interval=config.spool_fsync_interval, memory_bytes=config.spool_memory_bytes,
         in_thread=base.in_thread,
     )
-    access_log.add_line_sink(spool_writer.append)
+    if config.workers <= 1:
+        access_log.add_line_sink(spool_writer.append)  # with workers, each spools its own records
     access_log.setServiceParent(top)
     base.reloads.add("reopen access.log", access_log.reopen)
     shipper = LogShipper(reactor, spool, in_thread=base.in_thread)
@@ -94,10 +95,14 @@ def build_proxy_parts(base: NodeBase) -> ProxyParts:
         base.state.health_parts["workers"] = proxy.health
         base.reloads.add("tell the workers", proxy.hup)
         base.metrics.register(WorkersCollector(proxy))
+        proxy.own_spool_stats = spool_writer.stats
+        proxy.access_log = access_log
+        base.state.health_parts["spool"] = proxy.spool_health
     else:
         proxy = ProxyService(reactor, config.listen_endpoints, factory, resolver, stop_grace=config.stop_grace,
                              proxy_protocol_from=config.proxy_protocol_from, drain_grace=config.drain_grace,
                              state=base.state)
+    ship_worker_spools(base, shipper, proxy if isinstance(proxy, WorkerPool) else None)
     from safesquid_tw.proxy.intercept.wiring import install_interception, open_ca_store
 
     # A standalone node makes its own inspection CA; a slave uses its master's (kept from last time).
@@ -112,7 +117,10 @@ def build_proxy_parts(base: NodeBase) -> ProxyParts:
     base.waits["proxy"] = proxy.listening
     directory_watch(reactor, factory.auth_pool, factory.current_policy).setServiceParent(top)
     base.state.health_parts["directory"] = lambda: directory_health(factory.current_policy)
-    base.state.edge = factory.edge_counters
+    if isinstance(proxy, WorkerPool):  # the workers look users up; the node adds its own checks
+        base.state.health_parts["directory"] = lambda: proxy.directory_health(directory_health(factory.current_policy))
+    if not isinstance(proxy, WorkerPool):
+        base.state.edge = factory.edge_counters  # with workers: summed from theirs (set above)
     for number, more in enumerate(proxy.listening_each[1:], start=2):
         base.waits[f"proxy_{number}"] = more  # listening.json names every listener
     return ProxyParts(spool, access_log, spool_writer, shipper, factory, proxy)
@@ -127,11 +135,38 @@ def finish_proxy_node(base: NodeBase, parts: ProxyParts):
     top.proxy_service = parts.proxy
     base.metrics.register(ProxyCollector(parts.factory))
     base.metrics.register(SpoolCollector(parts.spool))
-    base.metrics.register(DirectoryCollector(parts.factory.current_policy))
-    base.metrics.register(EdgeCollector(parts.factory))
+    pool = parts.proxy if isinstance(parts.proxy, WorkerPool) else None
+    own_directory = parts.factory.current_policy
+    base.metrics.register(DirectoryCollector(
+        own_directory, stats=(lambda: pool.directory_health(directory_health(own_directory))) if pool else None))
+    base.metrics.register(EdgeCollector(MergedEdge(pool) if pool else parts.factory))
     base.metrics.register(TlsInspectionCollector(parts.factory))
-    base.metrics.register(AntivirusCollector(parts.factory.antivirus))
+    base.metrics.register(AntivirusCollector(MergedAntivirus(pool, parts.factory.antivirus) if pool
+                                             else parts.factory.antivirus))
     return base.finish()
+
+
+def ship_worker_spools(base: NodeBase, shipper: LogShipper, pool: WorkerPool | None) -> None:
+    """Every worker slot's spool joins the node's one shipping stream (workers/spools.py); so do
+    slots left from a run with more workers, recovered here."""
+    from safesquid_tw.workers.spools import SlotSource, existing_slots, recover_orphan_slot, slot_directory
+
+    config, root = base.config, base.root
+    served = range(config.workers) if pool is not None else range(0)
+    for slot in sorted(set(served) | set(existing_slots(root))):
+        directory = slot_directory(root, slot)
+        if slot in served:
+            source = SlotSource(directory, slot, config.node_name,
+                                ask_delete=lambda local, slot=slot: pool.ask_delete(slot, local))
+            pool.sources[slot] = source
+        else:
+            try:
+                recover_orphan_slot(directory, config.node_name)
+            except OSError as e:
+                log.error("access records of worker slot {slot} cannot be recovered: {why}", slot=slot, why=str(e))
+                continue
+            source = SlotSource(directory, slot, config.node_name)
+        shipper.sources.append(source)
 
 
 def negotiate_acceptor(config: NodeConfig):

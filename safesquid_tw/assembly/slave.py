@@ -10,7 +10,7 @@ from safesquid_tw import __version__
 from safesquid_tw.assembly.base import NodeBase
 from safesquid_tw.assembly.proxynode import ProxyParts, build_proxy_parts, finish_proxy_node
 from safesquid_tw.config import NodeConfig, read_activation_key
-from safesquid_tw.identity.watch import directory_summary
+from safesquid_tw.identity.watch import directory_summary, summary_of
 from safesquid_tw.metrics.collectors import MasterLinkCollector
 from safesquid_tw.proxy.service import ProxyFactory
 
@@ -20,9 +20,10 @@ log = Logger()
 class RateMeter:
     """Requests per second between two status reports."""
 
-    def __init__(self, reactor, factory: ProxyFactory) -> None:
+    def __init__(self, reactor, factory: ProxyFactory, directory=None) -> None:
         self.reactor = reactor
         self.factory = factory
+        self.directory = directory  # the merged /health directory figures, on a node with workers
         self._last = (reactor.seconds(), 0)
 
     def sample(self) -> dict:
@@ -31,7 +32,8 @@ class RateMeter:
         self._last = (now, total)
         rate = (total - before) / (now - then) if now > then else 0.0
         return {"requests_total": total, "requests_per_second": round(rate, 2),
-                "directory": directory_summary(self.factory.current_policy)}
+                "directory": summary_of(self.directory()) if self.directory is not None
+                else directory_summary(self.factory.current_policy)}
 
 
 def listen_interface(endpoint: str) -> str | None:
@@ -94,7 +96,8 @@ def _cluster_link(base: NodeBase, parts: ProxyParts) -> None:
         store=base.store,
         state=state,
         shipper=parts.shipper,
-        status_extra=RateMeter(reactor, parts.factory).sample,
+        status_extra=RateMeter(reactor, parts.factory, directory=state.health_parts["directory"]
+                               if "workers" in state.health_parts else None).sample,
         on_task=on_task,
         keepalive=config.keepalive,
         poll_interval=config.poll_interval,

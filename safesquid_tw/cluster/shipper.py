@@ -43,6 +43,9 @@ class LogShipper(Service):
         # The node's SpoolWriter, when records are written per reactor turn (see
         # accesslog.spoolwriter): then the shipper leaves writing and fsync to it and only seals.
         self.writer = None
+        # More spools shipped as the same stream after this one: on a node with workers, each
+        # worker's (workers/spools.py SlotSource: sealed_segments, read_batches, acknowledge).
+        self.sources: list = []
 
     def set_sender(self, sender: Sender | None) -> None:
         """Where batches go now (None while the master is away: records wait in the spool)."""
@@ -108,6 +111,22 @@ class LogShipper(Service):
                 await sender(batch)
                 self.shipped_records += len(batch.records)
             await self.in_thread(spool.acknowledge, segment)
+            if self.last_error is not None:
+                log.info("shipping access records resumed")
+                self.last_error = None
+        for source in list(self.sources):
+            await self._ship_source(source)
+
+    async def _ship_source(self, source) -> None:
+        for segment in await self.in_thread(source.sealed_segments):
+            batches = await self.in_thread(lambda: list(source.read_batches(segment)))
+            for batch in batches:
+                sender = self.sender
+                if sender is None:
+                    return
+                await sender(batch)
+                self.shipped_records += len(batch.records)
+            await self.in_thread(source.acknowledge, segment)
             if self.last_error is not None:
                 log.info("shipping access records resumed")
                 self.last_error = None

@@ -339,14 +339,16 @@ class ClusterClient(MultiService):
     def report_status(self) -> None:
         state = self.state
         spool = self.shipper.spool
+        # With workers the node's spool is theirs and its own, merged (workers/pool.py).
+        merged = state.health_parts["spool"]() if "workers" in state.health_parts else None
         extra = self.status_extra()
         status = {
             "policy_version": state.policy_version or 0,
             "uptime": float(state.uptime_s or 0.0),
-            "spool_records": spool.backlog_records,
-            "spool_bytes": spool.backlog_bytes,
+            "spool_records": merged["backlog_records"] if merged else spool.backlog_records,
+            "spool_bytes": merged["backlog_bytes"] if merged else spool.backlog_bytes,
             "counters": {
-                "dropped_records": spool.dropped_records,
+                "dropped_records": merged["dropped_records"] if merged else spool.dropped_records,
                 "requests_total": int(extra.get("requests_total", 0)),
             },
             "clock": self.wall_clock(),
@@ -370,6 +372,8 @@ class ClusterClient(MultiService):
         writer = getattr(self.shipper, "writer", None)
         if writer is not None and not writer.writable:
             status["detail"] = f"spool not writable: {writer.reason}"[:1000]
+        elif merged and not merged["writable"]:
+            status["detail"] = f"spool not writable: {merged['reason']}"[:1000]
         if state.antivirus is not None:
             antivirus = antivirus_status.to_wire(state.antivirus())
             if antivirus:

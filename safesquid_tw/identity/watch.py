@@ -36,6 +36,15 @@ def directory_summary(current_policy: Callable[[], Any]) -> str | None:
     return "reachable" if state.reachable else f"unreachable: {state.last_error}"[:300]
 
 
+def summary_of(stats: dict[str, Any] | None) -> str | None:
+    """directory_summary for figures already gathered (a node with workers merges theirs)."""
+    if not stats:
+        return None
+    if stats.get("reachable") is None:
+        return "not checked yet"
+    return "reachable" if stats["reachable"] else f"unreachable: {stats.get('last_error')}"[:300]
+
+
 def directory_watch(reactor, pool: ThreadPool, current_policy: Callable[[], Any]) -> Periodic:
     def check():
         state = _state(current_policy)
@@ -53,8 +62,9 @@ def directory_watch(reactor, pool: ThreadPool, current_policy: Callable[[], Any]
 class DirectoryCollector:
     """The user directory in /metrics: reachable, look-ups and failures, remembered users."""
 
-    def __init__(self, current_policy: Callable[[], Any]) -> None:
+    def __init__(self, current_policy: Callable[[], Any], stats: Callable[[], Any] | None = None) -> None:
         self.current_policy = current_policy
+        self.stats = stats  # figures of several processes merged (a node with workers)
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -62,7 +72,7 @@ class DirectoryCollector:
         state = _state(self.current_policy)
         if state is None:
             return
-        stats = state.stats()
+        stats = (self.stats() if self.stats is not None else None) or state.stats()
         reachable = stats["reachable"]
         if reachable is not None:
             yield GaugeMetricFamily("safesquid_directory_reachable", "1 when the user directory answered the last "

@@ -88,9 +88,12 @@ class ProxyFactory(protocol.Factory):
         self.per_client: dict[str, int] = {}  # open connections per client address
         self._limit_logged = float("-inf")
         self.antivirus = Scanner(reactor)  # ICAP services of the policy's antivirus section
+        self.node_counts = None  # in a worker: the node's shared connection counts (workers/limits.py)
 
     def buildProtocol(self, addr):
-        if len(self.connections) >= self.limits.max_connections or self.draining:
+        shared = self.node_counts
+        if (len(self.connections) if shared is None else shared.total()) >= self.limits.max_connections \
+                or self.draining:
             refuse = _Refuse(self.node_name)
             refuse.factory = self
             return refuse
@@ -99,24 +102,41 @@ class ProxyFactory(protocol.Factory):
     def connection_opened(self, conn: ClientConnection) -> bool:
         """Admit a new connection, or close it at once when its address has too many open."""
         ip = conn.peer_ip
+        if self.node_counts is not None:
+            return self._opened_node_wide(conn, ip)
         count = self.per_client.get(ip, 0)
         if count >= self.limits.max_connections_per_client and ip != "?":
-            self.per_client_refused += 1
-            now = self.reactor.seconds()
-            if now - self._limit_logged >= 10.0:  # a flood must not flood the event log too
-                self._limit_logged = now
-                log.warn("closed a connection from {client}: it has {count} open (--max-connections-per-client); "
-                         "{total} closed so far", client=ip, count=count, total=self.per_client_refused)
-            conn.transport.loseConnection()
+            self._refuse_over_limit(conn, ip, count)
             return False
         self.per_client[ip] = count + 1
         self.connections.add(conn)
         return True
 
+    def _opened_node_wide(self, conn: ClientConnection, ip: str) -> bool:
+        """In a worker: the client's connections on every worker of the node count."""
+        over = self.node_counts.open(ip, self.limits.max_connections_per_client if ip != "?" else 1 << 30)
+        if over is not None:
+            self._refuse_over_limit(conn, ip, over)
+            return False
+        self.connections.add(conn)
+        return True
+
+    def _refuse_over_limit(self, conn: ClientConnection, ip: str, count: int) -> None:
+        self.per_client_refused += 1
+        now = self.reactor.seconds()
+        if now - self._limit_logged >= 10.0:  # a flood must not flood the event log too
+            self._limit_logged = now
+            log.warn("closed a connection from {client}: it has {count} open (--max-connections-per-client); "
+                     "{total} closed so far", client=ip, count=count, total=self.per_client_refused)
+        conn.transport.loseConnection()
+
     def connection_closed(self, conn: ClientConnection) -> None:
         if conn in self.connections:
             self.connections.discard(conn)
             ip = conn.peer_ip
+            if self.node_counts is not None:
+                self.node_counts.close(ip)
+                return
             count = self.per_client.get(ip, 1) - 1
             if count > 0:
                 self.per_client[ip] = count

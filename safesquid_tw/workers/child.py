@@ -1,9 +1,13 @@
 """One worker process: the forward proxy alone, on sockets its node bound and handed down.
 
-Everything that must be one per node (control-plane link, policy store and cache, spool and
-shipper, portal, /health, metrics) stays in the parent; a worker gets its policy versions and
-tasks over stdin and sends its access records, policy acknowledgements and counts over stdout
+Everything that must be one per node (control-plane link, policy store and cache, shipper,
+portal, /health, metrics) stays in the parent; a worker gets its policy versions and tasks over
+stdin and sends its access records, policy acknowledgements and counts over stdout
 (workers/frames.py). Its event log goes to stderr, which the parent logs under the worker's pid.
+
+Each worker writes its own access records to its own durable spool (workers/spools.py) in the
+reactor turn their requests finished in, as one process does; the parent ships every worker's
+sealed segments. The records it also sends the parent feed the node's access.log and counters.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from safesquid_tw.workers.frames import FramedStdio
 log = Logger()
 
 STATUS_INTERVAL = 1.0  # seconds between the counts a worker sends its parent
+SEAL_INTERVAL = 0.5  # how often the worker considers sealing its open segment for the node to ship
+SEAL_AFTER = 1.0  # seal once no record came for this long, or at once when nothing sealed waits
 
 
 def config_to_json(config: NodeConfig) -> dict[str, Any]:
@@ -90,8 +96,8 @@ def compile_sent(message: dict[str, Any]) -> Policy:
 
 
 class Worker:
-    def __init__(self, reactor, config: NodeConfig, sockets: list[dict[str, Any]],
-                 in_thread: ThreadRunner | None = None) -> None:
+    def __init__(self, reactor, config: NodeConfig, sockets: list[dict[str, Any]], slot: int = 0,
+                 counts_path: str | None = None, in_thread: ThreadRunner | None = None) -> None:
         from safesquid_tw.proxy.resolver import Resolver
         from safesquid_tw.proxy.service import ProxyFactory
 
@@ -99,6 +105,14 @@ class Worker:
         self.in_thread = in_thread or pool_runner(reactor)  # where policy versions are compiled
         self.config = config
         self.sockets = sockets
+        self.slot = slot
+        self.counts_path = counts_path  # the node's shared connection counts (workers/limits.py)
+        self.spool = None  # opened in start(): workers/spools.py
+        self.spool_writer = None
+        self._sealer = None
+        self._last_backlog = -1
+        self._failures_sent = 0  # upstream failures the parent has heard of (ProxyCounters)
+        self._unchanged_since = 0.0
         self.policy = PolicyHolder()
         self.pipe = FramedStdio(self.received, self.parent_gone)
         limits = config.limits
@@ -130,6 +144,11 @@ class Worker:
         stdio.StandardIO(self.pipe, reactor=self.reactor)
         self.pipe.send({"t": "hello", "pid": os.getpid()})
         config = self.config
+        self._open_spool()
+        if self.counts_path:
+            from safesquid_tw.workers.limits import NodeCounts
+
+            self.factory.node_counts = NodeCounts(self.counts_path, max(1, config.workers), self.slot)
         # The service owns drain, resume and the graceful stop; its ports are the adopted ones.
         self.service = ProxyService(self.reactor, config.listen_endpoints, self.factory, self.resolver,
                                     stop_grace=0.0, drain_grace=config.drain_grace)
@@ -137,6 +156,52 @@ class Worker:
         self.factory.auth_pool.start()
         self._interception()
         self.reactor.callLater(STATUS_INTERVAL, self.send_status)
+
+    def _open_spool(self) -> None:
+        """This slot's spool: the node's promise per record (accesslog/spoolwriter.py), its memory
+        bound and size cap shared out among the workers."""
+        from pathlib import Path
+
+        from safesquid_tw.accesslog.spoolwriter import SpoolWriter
+        from safesquid_tw.accesslog.spool import Spool
+        from safesquid_tw.util.periodic import Periodic
+        from safesquid_tw.workers.spools import slot_directory
+
+        config = self.config
+        share = max(1, config.workers)
+        cap = max(1, config.spool_cap_bytes // share)
+        segment_bytes = max(1, min(4 << 20, cap // 4))
+        self.spool = Spool(slot_directory(Path(config.state_dir), self.slot), node=config.node_name,
+                           segment_bytes=segment_bytes, cap_bytes=cap)
+        for problem in self.spool.problems:
+            log.error("access record spool: {problem}", problem=str(problem))
+        self.spool_writer = SpoolWriter(self.reactor, self.spool, fsync_interval=config.spool_fsync_interval,
+                                        memory_bytes=max(1, config.spool_memory_bytes // share),
+                                        in_thread=self.in_thread)
+        self.spool_writer.startService()
+        # Responses sent straight to a socket leave after their records are written.
+        self.factory.records_due = self.spool_writer.write_due
+        self._sealer = Periodic(SEAL_INTERVAL, self._seal_if_due, clock=self.reactor, name="worker spool seal")
+        self._sealer.startService()
+
+    def _seal_if_due(self) -> None:
+        """Seal the open segment (a rename) so the node can ship it: once records stopped coming
+        for a moment, or at once when nothing sealed waits (the node keeps up)."""
+        spool, writer = self.spool, self.spool_writer
+        now = self.reactor.seconds()
+        backlog = spool.backlog_records
+        if backlog != self._last_backlog:
+            self._last_backlog, self._unchanged_since = backlog, now
+        if backlog and writer.writable and (now - self._unchanged_since >= SEAL_AFTER or not spool.sealed_segments()):
+            spool.request_seal()
+            writer.write_now()
+
+    def _delete_shipped(self, local: int) -> None:
+        from twisted.internet import threads
+
+        d = threads.deferToThread(self.spool.acknowledge, local)
+        d.addErrback(lambda f: log.error("shipped spool segment {s} not deleted: {why}", s=local,
+                                         why=f.getErrorMessage()))
 
     def accept(self) -> None:
         """Adopt the node's sockets: from now on this worker takes connections. Called once the
@@ -155,6 +220,7 @@ class Worker:
                                              timeout=config.limits.first_byte_timeout)
             family = socket.AF_INET6 if item["family"] == 6 else socket.AF_INET
             port = self.reactor.adoptStreamPort(item["fd"], family, factory)
+            one_accept_per_wakeup(port)
             os.close(item["fd"])  # adoptStreamPort duplicated it
             host = port.getHost()
             self.factory.listening.append((host.host, host.port))
@@ -195,6 +261,8 @@ class Worker:
             self._reload_ca()
         elif kind == "stop":
             self.stop()
+        elif kind == "ack":
+            self._delete_shipped(int(message["segment"]))
 
     def _apply_next(self) -> None:
         message, self._pending = self._pending, None
@@ -235,14 +303,40 @@ class Worker:
 
     # -- to the parent --------------------------------------------------------------------
     def send_record(self, record: AccessRecord) -> None:
-        self.pipe.send({"t": "rec", "r": record_to_json(record)})
+        # Encoded once: the line goes to this worker's spool and, as it is, to the node's access.log;
+        # the node's counters get the five figures they need.
+        try:
+            line = record.to_json_line()
+        except (TypeError, ValueError) as e:
+            log.error("an access record could not be encoded: {why}", why=str(e))
+            return
+        if self.spool_writer is not None:
+            self.spool_writer.append(line)
+        message = {"t": "rec", "l": line.decode("ascii"),
+                   "m": [record.action, record.status, record.duration_ms, record.bytes_in, record.bytes_out]}
+        failures = self.factory.counters.upstream_failures
+        total = sum(failures.values())
+        if total != self._failures_sent:  # with the record that saw it: /metrics is current at once
+            self._failures_sent = total
+            message["uf"] = dict(failures)
+        self.pipe.send(message)
 
     def send_status(self) -> None:
         self.pipe.send({"t": "status", "connections": len(self.factory.connections),
                         "requests": self.factory.requests, "edge": self.factory.edge_counters(),
-                        "antivirus": self.factory.antivirus.health()})
+                        "antivirus": self.factory.antivirus.health(),
+                        "spool": self.spool_writer.stats() if self.spool_writer is not None else None,
+                        "directory": self._directory(), "uf": dict(self.factory.counters.upstream_failures)})
         if not self.stopping:
             self.reactor.callLater(STATUS_INTERVAL, self.send_status)
+
+    def _directory(self) -> dict | None:
+        from safesquid_tw.identity.watch import directory_health
+
+        try:
+            return directory_health(self.factory.current_policy)
+        except Exception:  # a status report must not die of it
+            return None
 
     # -- stop -----------------------------------------------------------------------------
     def stop(self) -> None:
@@ -253,10 +347,39 @@ class Worker:
         d = defer.maybeDeferred(self.service.stopService)
 
         def done(_):
+            self._close_spool()
             self.send_status()
             self.reactor.callLater(0.05, self.reactor.stop)
 
         d.addBoth(done)
+
+
+    def _close_spool(self) -> None:
+        """Every record written, the open segment sealed and synced: the node ships it."""
+        if self.spool is None:
+            return
+        if self._sealer is not None and self._sealer.running:
+            self._sealer.stopService()
+        if self.spool_writer.running:
+            self.spool_writer.stopService()
+        try:
+            self.spool.close()
+        except OSError as e:
+            log.error("access record spool not closed cleanly: {why}", why=str(e))
+
+
+def one_accept_per_wakeup(port) -> None:
+    """Accept one connection each time the shared socket is readable (nginx's `multi_accept off`).
+
+    Every worker waits on the same socket; Twisted's default accepts up to 100 and more per wakeup,
+    so the first worker to wake takes a whole burst (a browser's or a balancer's 50 connections
+    opened at once) and the others get none. One at a time, the waiting workers take turns."""
+    base = type(port)
+    port.__class__ = _ONE_ACCEPT.setdefault(base, type("OneAccept" + base.__name__, (base,), {
+        "numberAccepts": property(lambda self: 1, lambda self, value: None)}))
+
+
+_ONE_ACCEPT: dict[type, type] = {}
 
 
 def log_line(event: dict) -> str:
@@ -272,7 +395,15 @@ def main(argv: list[str]) -> int:
     globalLogBeginner.beginLoggingTo([FileLogObserver(sys.stderr, log_line)], redirectStandardIO=False)
     from twisted.internet import reactor
 
-    worker = Worker(reactor, config_from_json(spec["config"]), spec["sockets"])
+    from pathlib import Path
+
+    from safesquid_tw.workers.spools import lock_slot, slot_directory
+
+    config = config_from_json(spec["config"])
+    slot = int(spec.get("slot", 0))
+    # Held until this process exits: one writer per slot's spool, also across node restarts.
+    lock_slot(slot_directory(Path(config.state_dir), slot))
+    worker = Worker(reactor, config, spec["sockets"], slot, spec.get("counts"))
     signal.signal(signal.SIGTERM, lambda *_: reactor.callFromThread(worker.stop))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C goes to the node, which stops us
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the node reloads and tells us

@@ -6,12 +6,16 @@ Parent -> worker (the worker's stdin):
   {"t": "drain"} / {"t": "resume"} / {"t": "hup"}                 tasks and SIGHUP
   {"t": "ca"}                                                     the inspection CA changed on disk
   {"t": "closing"}          the node is stopping: every connection closes after its response
+  {"t": "ack", "segment": int}    the store has this spool segment of the worker's: delete it
 Worker -> parent (the worker's stdout; its stderr carries its event log lines):
   {"t": "hello", "pid": int}
   {"t": "accepting"}                                              taking connections from now on
   {"t": "policy", "version": int | null, "error": str | null}     the version now served
-  {"t": "rec", "r": {...}}                                        one finished access record
-  {"t": "status", "connections": int, "requests": int, "edge": {...}}   about once a second
+  {"t": "rec", "l": str, "m": [action, status, ms, in, out], "uf"?: {...}}   one finished record:
+                                      its access.log line, the figures the node counts, and the
+                                      upstream failure totals when they changed
+  {"t": "status", "connections": int, "requests": int, "edge": {...}, "antivirus": {...},
+   "spool": {...}, "directory": {...}, "uf": {...}}                   about once a second
 """
 
 from __future__ import annotations

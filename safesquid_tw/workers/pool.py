@@ -8,8 +8,9 @@ accept from one kernel queue: a worker that dies loses nothing still queued, unl
 SO_REUSEPORT sockets whose queues die with their process.
 
 Policy versions go to every worker as they are swapped in the store; workers acknowledge the
-version they serve. Access records come back over each worker's stdout and enter the node's one
-access log and spool (one shipping stream). A worker that exits unexpectedly is restarted with
+version they serve. Each worker writes its access records to its own durable spool; the node
+ships every worker's sealed segments as its one shipping stream (workers/spools.py). The records
+also come back over each worker's stdout for the node's one access.log and its counters. A worker that exits unexpectedly is restarted with
 back-off and counted. `drain`/`resume`, SIGHUP and the graceful stop reach every worker.
 """
 
@@ -19,6 +20,7 @@ import json
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 from twisted.application.service import Service
@@ -34,6 +36,7 @@ from safesquid_tw.proxy.proxyheader import split_endpoint
 from safesquid_tw.proxy.service import ProxyFactory, with_backlog
 from safesquid_tw.workers.child import config_to_json, record_from_json
 from safesquid_tw.workers.frames import FrameError, FrameReader, encode
+from safesquid_tw.workers.limits import create_table
 
 log = Logger()
 
@@ -55,6 +58,8 @@ def cpu_count() -> int:
 
 class _NeverAccepts(protocol.Factory):
     """The parent's own port object is never read from; only the workers accept."""
+
+    noisy = False  # no "Starting factory" lines: the log says who serves the port
 
     def buildProtocol(self, addr):
         return None
@@ -79,6 +84,9 @@ class WorkerProcess(protocol.ProcessProtocol):
         self.greeted = False  # said hello: from then on it hears every message
         self.edge: dict[str, int] = {}  # its connections closed at the edge, by reason
         self.antivirus: dict | None = None  # its scanner's figures (icap/scanner.py stats)
+        self.spool: dict | None = None  # its spool writer's stats (accesslog/spoolwriter.py)
+        self._failures_seen: dict[str, int] = {}  # its upstream failure totals, by kind
+        self.directory: dict | None = None  # its user directory figures (identity/watch.py)
 
     def connectionMade(self) -> None:
         self.pid = self.transport.pid
@@ -115,11 +123,20 @@ class WorkerProcess(protocol.ProcessProtocol):
     def _message(self, message: dict[str, Any]) -> None:
         kind = message["t"]
         if kind == "rec":
-            self.pool.record_from_worker(message["r"])
+            if isinstance(message.get("uf"), dict):
+                self._upstream_failures(message["uf"])
+            if "l" in message:
+                self.pool.line_from_worker(message["l"], message["m"])
+            else:
+                self.pool.record_from_worker(message["r"])
         elif kind == "status":
             self.connections = int(message.get("connections", 0))
             self.requests = int(message.get("requests", 0))
             self.antivirus = message.get("antivirus") if isinstance(message.get("antivirus"), dict) else None
+            self.spool = message.get("spool") if isinstance(message.get("spool"), dict) else None
+            self.directory = message.get("directory") if isinstance(message.get("directory"), dict) else None
+            if isinstance(message.get("uf"), dict):
+                self._upstream_failures(message["uf"])
             edge = message.get("edge")
             if isinstance(edge, dict):
                 self.edge = {str(k): int(v) for k, v in edge.items()}
@@ -128,10 +145,23 @@ class WorkerProcess(protocol.ProcessProtocol):
             self.policy_error = message.get("error")
         elif kind == "hello":
             self.greeted = True
+            source = self.pool.sources.get(self.slot)
+            if source is not None:
+                source.forget_asked()  # what the last worker in this slot did not delete ships again
             self.pool.worker_ready(self)
         elif kind == "accepting":
             if self.state == "starting":
                 self.state = "draining" if self.pool.draining else "running"
+
+    def _upstream_failures(self, totals: dict) -> None:
+        """The worker's totals by kind; the node's counters get what is new (so they keep the
+        counts of workers that exited)."""
+        node = self.pool.factory.counters.upstream_failures
+        for kind, count in totals.items():
+            delta = int(count) - self._failures_seen.get(kind, 0)
+            if delta > 0:
+                node[str(kind)] = node.get(str(kind), 0) + delta
+                self._failures_seen[kind] = int(count)
 
     def processEnded(self, reason) -> None:
         self.state = "exited"
@@ -170,13 +200,26 @@ class WorkerPool(Service):
         self.stopping = False
         self._failures: dict[int, int] = {}
         self._pending_starts: dict[int, Any] = {}
+        self.sources: dict[int, Any] = {}  # slot -> its spool as the shipper reads it (SlotSource)
         store.add_observer(self._policy_swapped)
+
+    def ask_delete(self, slot: int, local_segment: int) -> bool:
+        """From the shipper's thread: ask the slot's worker to delete a segment the store has.
+        A worker that dies before it does so leaves it to ship again (deduplicated)."""
+        worker = self.workers.get(slot)
+        if worker is None or not worker.greeted or worker.state == "exited":
+            return True  # its next worker hears nothing of it: shipped again after its hello
+        self.reactor.callFromThread(worker.send, {"t": "ack", "segment": local_segment})
+        return True
 
     # -- start: bind, then spawn ------------------------------------------------------------
     def startService(self) -> None:
         super().startService()
         # The node itself still checks the user directory (/health, cluster view) in this pool.
         self.factory.auth_pool.start()
+        # One table of open connections for all workers: the limits are the node's (workers/limits.py).
+        self.counts_path = os.path.join(self.config.state_dir, "run", "connections.table")
+        create_table(Path(self.counts_path), self.count)
         d = defer.gatherResults([self._bind(desc, done) for desc, done in zip(self.endpoints, self.listening_each)],
                                 consumeErrors=True)
         d.addCallback(lambda _: [self._spawn(slot) for slot in range(self.count)])
@@ -211,7 +254,8 @@ class WorkerPool(Service):
         for number, item in enumerate(self.sockets):
             child_fds[FIRST_FD + number] = item["parent_fd"]
             sockets.append({"fd": FIRST_FD + number, "family": item["family"], "proxied": item["proxied"]})
-        spec = json.dumps({"config": config_to_json(self.config), "sockets": sockets})
+        spec = json.dumps({"config": config_to_json(self.config), "sockets": sockets, "slot": slot,
+                           "counts": self.counts_path})
         env = dict(os.environ)
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(safesquid_tw.__file__)))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
@@ -264,6 +308,24 @@ class WorkerPool(Service):
                                        record.bytes_in, record.bytes_out)
         self.record_sink(record)
 
+    def line_from_worker(self, line: str, figures: list) -> None:
+        """A record the worker encoded (and spooled): counted here and written to access.log."""
+        try:
+            action, status, duration_ms, bytes_in, bytes_out = figures
+            data = line.encode("ascii")
+            if not data.endswith(b"\n") or b"\n" in data[:-1]:
+                raise ValueError("not one line")
+            factory = self.factory
+            factory.counters.count_request(str(action), int(status), float(duration_ms) / 1000.0,
+                                           int(bytes_in), int(bytes_out))
+        except (TypeError, ValueError, UnicodeEncodeError) as e:
+            log.error("a worker sent an access record that does not fit ({why})", why=str(e))
+            return
+        factory.requests += 1
+        self.access_log.write_line(data)
+
+    access_log = None  # the node's AccessLogWriter (set by the assembly)
+
     def _policy_swapped(self, policy: Policy) -> None:
         # The store swaps versions on the reactor thread (PolicyStore.commit_prepared).
         self._send_all(_policy_message(policy))
@@ -315,6 +377,21 @@ class WorkerPool(Service):
     def antivirus_health(self) -> dict | None:
         """The workers' scanners as one: counts summed, per service and in all."""
         return merge_antivirus([w.antivirus for w in self.workers.values() if w.antivirus is not None])
+
+    def directory_health(self, own: dict | None) -> dict | None:
+        """The user directory as the node sees it: the workers' look-ups (they authenticate the
+        users) and the node's own periodic check, summed; reachable as last seen by any."""
+        return merge_directory([own] + [w.directory for w in self.workers.values() if w.state != "exited"])
+
+    def spool_health(self) -> dict[str, Any]:
+        """The node's spool as one: the workers' spools (where records are written) summed, with
+        the node's own (segments left from a run without workers)."""
+        return merge_spool([w.spool for w in self.workers.values() if w.spool is not None] + [self._own_spool()])
+
+    def _own_spool(self) -> dict[str, Any]:
+        return self.own_spool_stats() if self.own_spool_stats is not None else {}
+
+    own_spool_stats: Callable[[], dict[str, Any]] | None = None
 
     def connections(self) -> int:
         return sum(w.connections for w in self.workers.values())
@@ -382,6 +459,51 @@ def merge_antivirus(reports: list[dict]) -> dict | None:
                 for key in ("scans", "detections", "failures"):
                     seen[key] = int(seen.get(key) or 0) + int(service.get(key) or 0)
     merged["services"] = list(services.values())
+    return merged
+
+
+def merge_directory(reports: list[dict | None]) -> dict | None:
+    present = [r for r in reports if r]
+    if not present:
+        return None
+    merged = dict(present[0])
+    for key in ("lookups", "failures", "cached_users"):
+        merged[key] = sum(int(r.get(key) or 0) for r in present)
+    known = [r for r in present if r.get("reachable") is not None]
+    if known:
+        latest = max(known, key=lambda r: r.get("since") or 0)
+        for key in ("reachable", "last_error", "since"):
+            merged[key] = latest.get(key)
+    return merged
+
+
+class MergedAntivirus:
+    """The workers' scanners as one object for AntivirusCollector (stats())."""
+
+    def __init__(self, pool: "WorkerPool", own) -> None:
+        self.pool, self.own = pool, own
+
+    def stats(self) -> dict:
+        return self.pool.antivirus_health() or self.own.stats()
+
+
+class MergedEdge:
+    """The workers' edge counters for EdgeCollector (edge_counters())."""
+
+    def __init__(self, pool: "WorkerPool") -> None:
+        self.edge_counters = pool.edge_counters
+
+
+_SPOOL_SUMMED = ("backlog_records", "backlog_bytes", "memory_records", "memory_bytes", "dropped_records")
+
+
+def merge_spool(reports: list[dict]) -> dict[str, Any]:
+    merged: dict[str, Any] = {key: sum(int(r.get(key) or 0) for r in reports) for key in _SPOOL_SUMMED}
+    unwritable = [r for r in reports if r.get("writable") is False]
+    merged["writable"] = not unwritable
+    merged["reason"] = unwritable[0].get("reason") if unwritable else None
+    since = [r["failing_since"] for r in unwritable if r.get("failing_since") is not None]
+    merged["failing_since"] = min(since) if since else None
     return merged
 
 

@@ -109,7 +109,11 @@ def test_keep_alive_after_a_held_download(av_node, origin):
             assert response.status == 200 and response.body == clean_bytes(2000, f"ka{i}")
 
 
-def test_clean_verdicts_are_cached_by_content(av_node, origin):
+def test_clean_verdicts_are_cached_by_content(node_factory, scanners, origin):
+    # One process: the clean-verdict cache is per worker, and the second request could be served
+    # by another worker than the first (docs/ARCHITECTURE.md, Workers).
+    av_node = node_factory.start(policy=av_policy(scanners.url), args=["--workers", "1"], name="avcache")
+    wait_scanner_state(av_node, "ok")
     url = origin.url("/cached-{}?size=50000&seed=popular")
     assert get(av_node, url.format(1)).status == 200
     before = av_node.health()[1]["antivirus"]

@@ -101,7 +101,9 @@ def test_the_bind_password_never_reaches_a_log(directory_node, origins):
 def test_directory_down_keeps_cached_users_and_refuses_new_ones(node_factory, origins, tmp_path):
     server = Slapd(tmp_path / "slapd-down").start()
     try:
-        node = node_factory.start(policy=directory_policy(server), name="dirdown")
+        # One process: remembered directory verdicts are per worker (docs/ARCHITECTURE.md,
+        # Workers), so with several a user seen by one worker is new to the next.
+        node = node_factory.start(policy=directory_policy(server), args=["--workers", "1"], name="dirdown")
         assert_passed(proxy_request(node, "GET", origins.url("/down/alice-before"),
                                     headers=as_user("alice", "alice-password")))
         server.stop()
@@ -225,6 +227,22 @@ def test_health_shows_the_directory(directory_node, origins):
 
     health = harness.wait_until(directory_reachable, timeout=10, what="the directory in /health")
     assert health["directory"]["urls"] and "bind_password" not in json.dumps(health)
+
+
+def test_health_shows_the_directory_as_the_workers_use_it(node_factory, slapd, origins):
+    # The workers authenticate the users; the node (which serves no traffic) adds their figures.
+    node = node_factory.start(policy=directory_policy(slapd), args=["--workers", "2"], name="dirworkers")
+    for i in range(10):
+        assert_passed(proxy_request(node, "GET", origins.url(f"/dir/workers/{i}"),
+                                    headers=as_user("alice", "alice-password")))
+
+    def counted():
+        _status, health = node.health()
+        directory = (health or {}).get("directory") or {}
+        return directory if directory.get("reachable") and directory.get("cached_users", 0) >= 1 else None
+
+    directory = harness.wait_until(counted, timeout=10, what="the workers' directory figures in /health")
+    assert directory["lookups"] >= 1 and directory["failures"] == 0
 
 
 def test_curl_proxy_negotiate(kerberos_node, kdc, origins, tmp_path):

@@ -98,14 +98,19 @@ def test_unwritable_spool_holds_records_in_memory_then_catches_up(cluster, origi
     spool_dir = slave.state_dir / "spool"
     marker = f"/ro-{uuid.uuid4().hex[:12]}/"
     locked = [spool_dir, *spool_dir.iterdir()]
+    # With workers (the default), each writes its own spool: make those unwritable too.
+    for slot_dir in sorted((slave.state_dir / "spool-workers").glob("*")):
+        locked += [slot_dir, *slot_dir.iterdir()]
     if not _immutable(locked, True):
         pytest.skip("this file system or container does not allow chattr +i (CAP_LINUX_IMMUTABLE)")
     try:
         mark = slave.extended_mark()
         statuses = [status_of(slave, origins.url(f"{marker}{i}")) for i in range(300)]
         assert statuses == [200] * 300, "the node keeps proxying while its spool cannot be written"
-        status, health = slave.health()
-        assert status == 200
+        # Workers report their spools to the node about once a second.
+        health = harness.wait_until(lambda: (h := slave.health()[1]) and not h["spool"]["writable"]
+                                    and h["spool"]["memory_records"] + h["spool"]["dropped_records"] == 300 and h,
+                                    10, "the spool's state in /health")
         spool = health["spool"]
         assert spool["writable"] is False and spool["reason"]
         assert 0 < spool["memory_bytes"] <= memory_bytes

@@ -88,6 +88,9 @@ def test_values_move_with_requests(node, origins):
         s.bind(("127.0.0.1", 0))
         closed_port = s.getsockname()[1]
     assert proxy_request(node, "GET", f"http://127.0.0.1:{closed_port}/refused").status == 502
+    # With workers each record reaches the node's counters over a pipe, a moment after its answer.
+    harness.wait_until(lambda: value(scrape(node)[2], "safesquid_request_duration_seconds_count") -
+                       value(before, "safesquid_request_duration_seconds_count") >= 5, 10, "five requests counted")
     _s, _h, after = scrape(node)
     assert value(after, "safesquid_requests_total", action="allow", status_class="2xx") - \
         value(before, "safesquid_requests_total", action="allow", status_class="2xx") == 3

@@ -24,6 +24,13 @@ def node(module_node_factory, origins):
     return module_node_factory.start(policy=harness.make_policy(), name="forward")
 
 
+@pytest.fixture(scope="module")
+def one_process_node(module_node_factory, origins):
+    # Origin connections are pooled per worker process: with several workers, two client
+    # connections may be served by different workers, each with a pool of its own.
+    return module_node_factory.start(policy=harness.make_policy(), args=["--workers", "1"], name="forward1")
+
+
 # -- curl ---------------------------------------------------------------------------------------
 
 
@@ -107,7 +114,8 @@ def test_http10_client_is_answered_and_closed(node, origins):
     assert not response.has_header("transfer-encoding")
 
 
-def test_origin_connections_are_pooled(node, origins):
+def test_origin_connections_are_pooled(one_process_node, origins):
+    node = one_process_node
     # http2 is an origin no other test of this module talks to: its pool starts empty here.
     conns = set()
     for _client_connection in range(2):
@@ -120,7 +128,8 @@ def test_origin_connections_are_pooled(node, origins):
     assert len(conns) == 1, f"six sequential requests used {len(conns)} origin connections"
 
 
-def test_client_connection_close_is_not_forwarded_and_the_pool_survives(node, origins):
+def test_client_connection_close_is_not_forwarded_and_the_pool_survives(one_process_node, origins):
+    node = one_process_node
     conns = set()
     for i in range(3):
         response = proxy_request(node, "GET", origins.url(f"/pool-close/{i}", name="http2"),

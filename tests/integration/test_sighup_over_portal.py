@@ -42,6 +42,9 @@ def test_sighup_over_portal_versions_warns_and_rollback_restores_them(node_facto
     assert "Version 3 was loaded from the policy file" in home and "roll back to version 2" in home
 
     api(node, "POST", "/api/v1/policy/rollback", {"version": 2, "comment": "bring the API's rule back"})
+    # With workers the new version reaches each of them a moment after the node swapped it.
+    harness.wait_until(lambda: (h := node.health()[1]) and all(
+        w["policy_version"] == h["policy_version"] for w in h.get("workers", [])), 10, "every worker on it")
     assert harness.proxy_request(node, "GET", "http://api.invalid/").status == 403
     _status, home = browser.request("GET", "/")
     assert "was loaded from the policy file" not in home

@@ -185,3 +185,42 @@ def test_records_from_every_worker_reach_the_master_exactly_once(cluster, origin
     cluster.wait_view(slave.name, lambda e: len(e["workers"]) == 2 and all(
         w["policy_version"] == 2 and w["state"] == "running" for w in e["workers"]), 15,
         "both workers on version 2 in the cluster view")
+
+
+def test_a_clients_connection_limit_holds_for_the_node_across_workers(node_factory, origins):
+    from test_edge_clients import _served_from, build_request, closed_at_once, connect_from, raw_from
+
+    node = node_factory.start(policy=harness.make_policy(),
+                              args=[*WORKERS, "--max-connections-per-client", "6"], name="workers")
+    wait_workers(node, running_with_policy(1), "two running workers")
+
+    def hold_six() -> tuple[list, list[dict]]:
+        held = []
+        for i in range(6):
+            sock = connect_from("127.0.0.31", node.proxy)
+            sock.sendall(build_request("GET", origins.url(f"/workers/limit/{i}")))
+            sock.settimeout(10)
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+            held.append(sock)
+        workers = wait_workers(node, lambda ws: sum(w["connections"] for w in ws) == 6, "six held connections")
+        return held, workers
+
+    # The limit is the node's: it must hold while the client's connections sit in both workers.
+    for _attempt in range(10):
+        held, workers = hold_six()
+        if all(w["connections"] > 0 for w in workers):
+            break
+        for sock in held:
+            sock.close()
+        wait_workers(node, lambda ws: sum(w["connections"] for w in ws) == 0, "the connections closed")
+    print(f"\nheld connections per worker: {[w['connections'] for w in workers]}")
+    try:
+        assert all(w["connections"] > 0 for w in workers), workers
+        for _ in range(4):  # whichever worker takes the seventh, it is refused
+            assert closed_at_once("127.0.0.31", node.proxy)
+        harness.assert_passed(raw_from("127.0.0.32", node.proxy, build_request("GET", origins.url("/workers/limit/other"))))
+        harness.wait_until(lambda: node.health()[1]["edge"]["per_client_refused"] == 4, 10, "4 refusals counted")
+    finally:
+        for sock in held:
+            sock.close()
+    harness.wait_until(lambda: _served_from("127.0.0.31", node, origins), 10, "127.0.0.31 served again")
