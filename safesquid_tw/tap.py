@@ -102,7 +102,7 @@ class Options(usage.Options):
     ] + [
         ["metrics-token-file", None, None,
          "file whose first line is a bearer token GET /metrics then requires (at least 16 characters)"],
-        ["workers", None, "1",
+        ["workers", None, "auto",
          "proxy worker processes sharing the --listen sockets (standalone, slave): N, or auto for one per usable CPU"],
     ]
 
