@@ -61,6 +61,7 @@ class ServiceState:
         self.url = url
         self.pool = ServicePool(reactor, codec.parse_service_url(url))
         self.state = "starting"  # starting, ok, down, broken
+        self.observed_at: float | None = None  # when the state was last found (merging workers' views)
         self.scans = 0
         self.detections = 0
         self.failures = 0
@@ -83,7 +84,7 @@ class ServiceState:
             "url": self.url, "state": self.state, "reachable": self.state in ("ok", "broken"),
             "istag": self.istag, "scans": self.scans, "detections": self.detections, "failures": self.failures,
             "latency_ms": None if self.latency_ms is None else round(self.latency_ms, 3),
-            "last_error": self.last_error, "self_test_at": self.self_test_at,
+            "last_error": self.last_error, "self_test_at": self.self_test_at, "observed_at": self.observed_at,
         }
 
 
@@ -181,6 +182,7 @@ class Scanner:
 
     def _set_state(self, service: ServiceState, state: str, before: str) -> None:
         service.state = state
+        service.observed_at = self.now()
         if state != before:
             if state == "ok":
                 log.info("ICAP service {url} is scanning (ISTag {istag})", url=service.url, istag=service.istag)

@@ -456,8 +456,14 @@ def merge_antivirus(reports: list[dict]) -> dict | None:
             if seen is None:
                 services[service.get("url")] = dict(service)
             else:
-                for key in ("scans", "detections", "failures"):
-                    seen[key] = int(seen.get(key) or 0) + int(service.get(key) or 0)
+                counts = {key: int(seen.get(key) or 0) + int(service.get(key) or 0)
+                          for key in ("scans", "detections", "failures")}
+                # The service's state is what the worker that looked last found (one worker may
+                # have met the scanner down while another has not tried it since).
+                if (service.get("observed_at") or 0) > (seen.get("observed_at") or 0):
+                    seen.clear()
+                    seen.update(service)
+                seen.update(counts)
     merged["services"] = list(services.values())
     return merged
 

@@ -185,6 +185,22 @@ def test_the_workers_scanners_add_up():
     assert merge_antivirus([]) is None
 
 
+def test_a_scanners_state_is_what_the_worker_that_looked_last_found():
+    """One worker met the scanner down; the other has not tried it since it was fine."""
+    from safesquid_tw.workers.pool import merge_antivirus
+
+    fine = {"scans": 1, "detections": 1, "failures": 0,
+            "services": [{"url": "icap://a/", "state": "ok", "reachable": True, "observed_at": 100.0,
+                          "scans": 1, "detections": 1, "failures": 0}]}
+    down = {"scans": 0, "detections": 0, "failures": 1,
+            "services": [{"url": "icap://a/", "state": "down", "reachable": False, "observed_at": 130.0,
+                          "scans": 0, "detections": 0, "failures": 1}]}
+    for reports in ([fine, down], [down, fine]):
+        service = merge_antivirus(reports)["services"][0]
+        assert (service["state"], service["reachable"]) == ("down", False)
+        assert (service["scans"], service["detections"], service["failures"]) == (1, 1, 1)
+
+
 def test_a_database_url_never_reaches_a_workers_command_line():
     config = NodeConfig(report_store="postgresql://u:secret@db/reports", report_read_url="postgresql://u:s@r/x")
     text = json.dumps(config_to_json(config))
