@@ -304,6 +304,10 @@ def start_node(state_dir: Path, policy_path: str, extra_args: list[str] | None =
         "--portal", f"tcp:{portal_port}:interface={host}",
         "--state-dir", str(state_dir), "--policy", policy_path, *(extra_args or []),
     ]
+    if not any(arg.startswith("--workers") for arg in extra_args or []):
+        # Figures per process, comparable with one-process anchors: one process unless the bench
+        # asks for workers (the node's own default is one worker per CPU).
+        command += ["--workers", "1"]
     env = dict(os.environ, PYTHONPATH=str(source_root or REPO_ROOT))
     stdout_path = state_dir / "twistd.stdout"
     with open(stdout_path, "wb") as out:
