@@ -276,8 +276,12 @@ class WorkerPool(Service):
         self._send_all({"t": "ca"})
 
     def any_accepting(self) -> bool:
-        """/health says ready only once some worker takes connections."""
-        return any(w.state in ("running", "draining") for w in self.workers.values())
+        """/health says ready only once some worker takes connections and every worker that does
+        serves a policy version: one still without any answers 503 "no policy yet" to whatever
+        a load balancer sends it. (A newer version still compiling in a worker does not count: the
+        one it serves meanwhile is a policy, and readiness must not flap on every push.)"""
+        accepting = [w for w in self.workers.values() if w.state in ("running", "draining")]
+        return bool(accepting) and all(w.policy_version is not None for w in accepting)
 
     def worker_ended(self, worker: WorkerProcess, reason) -> None:
         code = getattr(reason.value, "exitCode", None)

@@ -89,6 +89,29 @@ def test_a_new_worker_gets_the_policy_then_listens_and_counts_as_ready_once_acce
     assert pool.health() == [{"pid": 101, "state": "running", "policy_version": 1, "connections": 0, "requests": 0}]
 
 
+def test_the_node_is_not_ready_while_an_accepting_worker_has_no_policy(tmp_path):
+    """A slave without a cached policy: its workers accept (and answer 503) before the master's
+    first version is compiled in each; the node says ready only once every one of them serves it,
+    or a load balancer sends traffic that gets 503."""
+    reactor = MemoryReactorClock()
+    pool, store, _records, state, _spawned = _pool(tmp_path, reactor)
+    state.ready_gates.append(pool.any_accepting)
+    a, b = _worker(pool, 0, 101), _worker(pool, 1, 102)
+    for worker in (a, b):
+        _say(worker, {"t": "hello", "pid": worker.pid})
+        _say(worker, {"t": "accepting"})
+    store.apply_document(DOC, source="master")
+    state.policy_version = 1
+    assert not state.ready
+    _say(a, {"t": "policy", "version": 1, "error": None})
+    assert not state.ready  # b still answers "no policy yet"
+    _say(b, {"t": "policy", "version": 1, "error": None})
+    assert state.ready
+    # A later version being compiled in the workers does not make the node flap.
+    _say(a, {"t": "policy", "version": 2, "error": None})
+    assert state.ready
+
+
 def test_records_from_workers_enter_the_one_access_log_and_the_counters(tmp_path):
     reactor = MemoryReactorClock()
     pool, _store, records, _state, _spawned = _pool(tmp_path, reactor)
