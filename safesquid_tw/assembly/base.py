@@ -23,7 +23,7 @@ from safesquid_tw.config import NodeConfig
 from safesquid_tw.metrics import NodeMetrics
 from safesquid_tw.metrics.collectors import NodeCollector, PolicyCollector
 from safesquid_tw.nodestate import NodeState
-from safesquid_tw.policy.applier import PolicyApplier, policy_thread_pool, thread_runner
+from safesquid_tw.policy.applier import POLICY_SWITCH_INTERVAL, PolicyApplier, policy_thread_pool, thread_runner
 from safesquid_tw.policy.history import PolicyHistory
 from safesquid_tw.policy.shadowing import policy_warnings
 from safesquid_tw.policy.store import PolicyCacheCorrupt, PolicyStore, source_kind
@@ -35,9 +35,6 @@ from safesquid_tw.util.threads import ThreadRunner, pool_runner, reactor_pool
 log = Logger()
 
 PORTAL_IDLE_TIMEOUT = 15.0
-# Seconds: the GIL's switch interval while a policy is prepared. Each system call of a request
-# hands the GIL to the policy thread, and the reactor thread waits up to this long to get it back.
-POLICY_SWITCH_INTERVAL = 0.0001
 LOGGED_SHADOW_WARNINGS = 10  # shadowed-rule warnings logged one by one per version; the rest counted
 
 

@@ -31,6 +31,10 @@ from twisted.logger import Logger
 from safesquid_tw.policy.release import release_in_pieces
 
 _log = Logger()
+
+# Seconds: the GIL's switch interval while a policy is prepared. Each system call of a request
+# hands the GIL to the policy thread, and the reactor thread waits up to this long to get it back.
+POLICY_SWITCH_INTERVAL = 0.0001
 T = TypeVar("T")
 Runner = Callable[..., defer.Deferred]
 

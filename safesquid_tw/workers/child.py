@@ -25,10 +25,10 @@ from twisted.logger import FileLogObserver, Logger, eventAsText, globalLogBeginn
 
 from safesquid_tw.accesslog.record import AccessRecord
 from safesquid_tw.config import Limits, NodeConfig
-from safesquid_tw.policy.codec import digest
+from safesquid_tw.policy.applier import POLICY_SWITCH_INTERVAL
 from safesquid_tw.policy.compiled import Policy, compile_policy
 from safesquid_tw.policy.errors import PolicyError
-from safesquid_tw.policy.validate import validate_document
+from safesquid_tw.policy.release import release_in_pieces
 from safesquid_tw.util.threads import ThreadRunner, pool_runner
 from safesquid_tw.workers.frames import FramedStdio
 
@@ -86,13 +86,15 @@ class PolicyHolder:
 
 
 def compile_sent(message: dict[str, Any]) -> Policy:
-    """The version the parent sent, validated and compiled here (a thread); its digest checked."""
-    canonical = validate_document(message["doc"])
-    actual = digest(canonical)
-    if actual != message["digest"]:
-        raise PolicyError("(worker)", f"digest {actual} is not the {message['digest']} sent")
-    return Policy(version=int(message["version"]), digest=actual, document=canonical,
-                  compiled=compile_policy(canonical))
+    """The version the parent sent, compiled here (a thread). The parent validated it and sends
+    the canonical document it serves itself over a length-framed local pipe, so the worker only
+    compiles: validating again and re-serialising for the digest would double a big version's
+    CPU in every worker (and hold the worker's GIL the longer), for nothing the pipe can lose."""
+    document = message["doc"]
+    if not isinstance(document, dict):
+        raise PolicyError("(worker)", "the version sent is not a policy document")
+    return Policy(version=int(message["version"]), digest=str(message["digest"]), document=document,
+                  compiled=compile_policy(document))
 
 
 class Worker:
@@ -271,11 +273,21 @@ class Worker:
             if self.listen_asked:
                 self.accept()
             return
+        # As the node's own policy thread does (policy/applier.py): the reactor thread gets the
+        # GIL back quickly while a big version compiles.
+        saved_interval = sys.getswitchinterval()
+        sys.setswitchinterval(POLICY_SWITCH_INTERVAL)
         self._applying = self.in_thread(compile_sent, message)
 
         def applied(policy: Policy) -> None:
+            replaced = [self.policy.current]
             self.policy.install(policy)
             self.pipe.send({"t": "policy", "version": policy.version, "error": None})
+            if replaced[0] is not None:
+                # Freed a piece at a time in the thread, not all at once on the reactor.
+                self.in_thread(release_in_pieces, replaced).addErrback(
+                    lambda failure: log.failure("freeing a replaced policy version failed", failure))
+            del replaced
 
         def refused(failure) -> None:
             log.error("policy version {version} refused: {why}", version=message.get("version"),
@@ -284,8 +296,12 @@ class Worker:
             self.pipe.send({"t": "policy", "version": current.version if current else None,
                             "error": failure.getErrorMessage()[:1000]})
 
+        def finished(_ignored) -> None:
+            sys.setswitchinterval(saved_interval)
+            self._apply_next()
+
         self._applying.addCallbacks(applied, refused)
-        self._applying.addBoth(lambda _: self._apply_next())
+        self._applying.addBoth(finished)
 
     def _reload_ca(self) -> None:
         """The node's inspection CA changed (from the master, the portal): read it again."""

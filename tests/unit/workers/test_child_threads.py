@@ -48,4 +48,8 @@ def test_policy_versions_compile_in_the_injected_runner_one_at_a_time():
     runner.run_next()
     assert worker.policy.current.version == 3
     assert sent[-1] == {"t": "policy", "version": 3, "error": None}
+    # The replaced version 1 is freed in the thread too, a piece at a time.
+    assert [job[1].__name__ for job in runner.jobs] == ["release_in_pieces"]
+    assert [p.version for p in runner.jobs[0][2][0]] == [1]
+    runner.run_next()
     assert runner.jobs == []
