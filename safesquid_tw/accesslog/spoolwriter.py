@@ -19,7 +19,7 @@ The promise (README "Operations", docs/ARCHITECTURE.md "Durability of access rec
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
 from twisted.application.service import Service
 from twisted.internet import defer
@@ -68,6 +68,7 @@ class SpoolWriter(Service):
         self._last_sync_error: str | None = None
         self._dropping = False
         self._turn = None  # the pending callLater(0) or retry call
+        self._after: list[Callable[[], None]] = []  # sends waiting for this turn's write (after_records)
         self._syncer = Periodic(fsync_interval, self.sync, clock=reactor, name="spool fsync")
 
     # -- the record path ----------------------------------------------------------------------
@@ -107,6 +108,18 @@ class SpoolWriter(Service):
             turn.cancel()
         self.write_now()
 
+    def after_records(self, send: Callable[[], None]) -> None:
+        """Call `send` once the records appended so far are written: at the end of this turn,
+        with them (one write(2) for every response of the turn), or at once when none wait.
+        Responses sent straight to a socket (proxy/directwrite.py) go through here, so a client
+        never sees a request complete whose record has not reached the kernel. While the disk
+        refuses writes, nothing is held back: the records wait in memory, the responses do not."""
+        turn = self._turn
+        if self.writable and turn is not None and turn.active():
+            self._after.append(send)
+        else:
+            send()
+
     def write_now(self) -> None:
         """Write what is buffered (a piece per turn while a backlog drains); never raises."""
         self._turn = None
@@ -117,11 +130,20 @@ class SpoolWriter(Service):
         except OSError as e:
             self._failed(e)
             self._schedule(self.retry_interval)
-            return
-        if not self.writable:
-            self._recovered()
-        if spool.pending_bytes:
-            self._schedule(0)  # the rest of a backlog, one piece per reactor turn
+        else:
+            if not self.writable:
+                self._recovered()
+            if spool.pending_bytes:
+                self._schedule(0)  # the rest of a backlog, one piece per reactor turn
+        self._send_held()
+
+    def _send_held(self) -> None:
+        held, self._after = self._after, []
+        for send in held:
+            try:
+                send()
+            except Exception:
+                log.failure("sending a response held for its record")
 
     def _failed(self, error: OSError) -> None:
         reason = f"{error.strerror or error}" + (f": {error.filename}" if error.filename else "")
@@ -200,6 +222,7 @@ class SpoolWriter(Service):
         except OSError as e:
             log.error("access record spool: {n} bytes could not be written at shutdown: {why}",
                       n=self.spool.pending_bytes, why=str(e))
+        self._send_held()
         return self._syncer.stopService()
 
 

@@ -85,6 +85,7 @@ def build_proxy_parts(base: NodeBase) -> ProxyParts:
         negotiate=negotiate_acceptor(config),
     )
     factory.records_due = spool_writer.write_due
+    factory.after_records = spool_writer.after_records
     # The anti-virus scanner follows every policy version (its services, self-tests, limits).
     store.add_observer(lambda policy: reactor.callFromThread(factory.antivirus.configure, policy.compiled.antivirus))
     base.state.antivirus = factory.antivirus.health

@@ -94,6 +94,7 @@ class SelfAnswers:
         )
         if close:
             self.state = "closing"
+            self.send_output_now()
             self.transport.loseConnection()
 
     def _must_close(self, ctx: RequestContext) -> bool:
@@ -113,4 +114,5 @@ class SelfAnswers:
         self.factory.log_rejected(self, status, detail, ctx)
         if ctx is None and self.tls_session is not None:
             self.tls_session.rejected(self, status, detail)
+        self.send_output_now()  # the answer and its record before the close
         self.transport.loseConnection()

@@ -78,6 +78,7 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
         self.peek = None  # while the ClientHello of a CONNECT to an IP address is awaited
         self.output = OutputBatch()  # a response head and its body read together leave in one send
         self._reading = False  # inside dataReceived with a batch of output open
+        self._output_held = False  # the open batch waits for this turn's records (send_output)
 
     # -- connection lifetime --------------------------------------------------------------
     def connectionMade(self) -> None:
@@ -208,10 +209,27 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
         self.factory.records_due()
 
     def send_output(self) -> None:
-        """Send the open batch of output, once the records of the requests finished so far are
-        written: a client that saw its response end can count on its record (accesslog/spoolwriter.py)."""
+        """Send the open batch of output once the records of the requests finished so far are
+        written: a client that saw its response end can count on its record. They are written at
+        the end of this reactor turn with the turn's other records, in one write(2)
+        (accesslog/spoolwriter.py); until then whatever this connection writes joins the batch."""
+        if not self.output.pieces:
+            self.output.end(self.transport)
+        elif not self._output_held:
+            self._output_held = True
+            self.factory.after_records(self._release_output)
+
+    def _release_output(self) -> None:
+        if self._output_held:
+            self._output_held = False
+            self.output.end(self.transport)
+
+    def send_output_now(self) -> None:
+        """Send the open batch now, its records written first: before a close, TLS, or a tunnel
+        that writes to the socket directly could overtake it."""
         if self.output.pieces:
             self.factory.records_due()
+        self._output_held = False
         self.output.end(self.transport)
 
     def _pump(self) -> None:
@@ -618,6 +636,7 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
         if self.ctx.status != 200:  # a peeked tunnel (CONNECT to an IP) was answered before
             self.ctx.status = 200
             self.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            self.send_output_now()  # before the tunnel's direct writes
         self.state = "tunnel"
         rest = bytes(self.buf)
         self.buf.clear()
@@ -648,7 +667,7 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
 
     def switch_to_tunnel(self, exchange: Exchange, upstream) -> None:
         """A 101 answer to an Upgrade request: from now on bytes flow unchanged both ways."""
-        self.send_output()  # the 101 head first: the tunnel writes to the socket directly
+        self.send_output_now()  # the 101 head first: the tunnel writes to the socket directly
         self.exchange = None
         tunnel = Tunnel(self, self.ctx)
         self.tunnel = tunnel
@@ -684,9 +703,13 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
         self._after_response(close=close, abort=abort)
 
     def _after_response(self, *, close: bool, abort: bool) -> None:
-        # The response is complete: it leaves now, before a close or the next request (which
-        # may switch this connection to TLS) could overtake it.
-        self.send_output()
+        # The response is complete. It leaves with this turn's records, and at once before a
+        # close; a next request that switches this connection to TLS sends it first itself.
+        factory = self.factory
+        if close or factory.draining or factory.closing or self.state == "closing":
+            self.send_output_now()
+        else:
+            self.send_output()
         if self._reading and self.transport is not None:
             self.output.begin(self.transport)  # a pipelined request's answer: held in turn
         self._dlp_buffer = None
@@ -694,7 +717,6 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
         self._decoder = None
         if self.state == "closing" or self.transport is None:
             return
-        factory = self.factory
         if close or factory.draining or factory.closing:
             self.state = "closing"
             self._disarm()

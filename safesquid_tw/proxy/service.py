@@ -67,8 +67,12 @@ class ProxyFactory(protocol.Factory):
         self.current_policy = current_policy
         self.record_sink = record_sink
         # Called before a batch of response bytes leaves straight for a client socket: writes
-        # the records of requests finished so far (the spool writer's `write_due`).
+        # the records of requests finished so far (the spool writer's `write_due`), for output
+        # that must leave now (before a close or TLS) ...
         self.records_due: Callable[[], None] = _nothing
+        # ... and, for the rest, sends it once they are written with the turn's other records
+        # (the spool writer's `after_records`).
+        self.after_records: Callable[[Callable[[], None]], None] = _at_once
         self.connections: set[ClientConnection] = set()
         self.listening: list[tuple[str, int]] = []
         self.draining = False  # no new connections: refused with 503
@@ -364,3 +368,7 @@ def _sleep(reactor, seconds: float) -> defer.Deferred:
 
 def _nothing() -> None:
     pass
+
+
+def _at_once(send: Callable[[], None]) -> None:
+    send()

@@ -183,6 +183,7 @@ class Worker:
         self.spool_writer.startService()
         # Responses sent straight to a socket leave after their records are written.
         self.factory.records_due = self.spool_writer.write_due
+        self.factory.after_records = self.spool_writer.after_records
         self._sealer = Periodic(SEAL_INTERVAL, self._seal_if_due, clock=self.reactor, name="worker spool seal")
         self._sealer.startService()
 

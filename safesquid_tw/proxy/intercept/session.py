@@ -311,7 +311,7 @@ class Interceptor:
         conn.state = "head"
         rest = bytes(conn.buf)
         conn.buf.clear()
-        conn.send_output()  # the 200 (held in this read's batch) leaves in clear, before TLS starts
+        conn.send_output_now()  # the 200 (held in this read's batch) leaves in clear, before TLS starts
         start_server_tls(conn.transport, _ServerCreator(ssl_ctx))
         conn._arm("idle", self.limits.head_timeout)  # the handshake gets as long as a request head
         conn.gate.resume("decision")

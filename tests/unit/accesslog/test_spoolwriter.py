@@ -92,6 +92,30 @@ def test_write_due_writes_the_turns_records_at_once_and_only_once(tmp_path):
     assert on_disk(spool) == [record(0), record(1)]  # not twice
 
 
+def test_after_records_sends_once_the_turns_records_are_written(tmp_path, monkeypatch):
+    clock = Clock()
+    disk = Disk(monkeypatch)
+    spool, writer = make(tmp_path, clock)
+    sent = []
+    writer.after_records(lambda: sent.append(len(on_disk(spool))))
+    assert sent == [0]  # nothing waits to be written: at once
+    writer.append(record(0))
+    writer.append(record(1))
+    writer.after_records(lambda: sent.append(len(on_disk(spool))))
+    writer.after_records(lambda: sent.append(len(on_disk(spool))))
+    assert sent == [0]
+    writes = len(disk.writes)
+    clock.advance(0)  # the turn's write, then the held sends
+    assert sent == [0, 2, 2]
+    assert len(disk.writes) == writes + 1  # one write(2) for the turn
+    disk.broken = True
+    writer.append(record(2))
+    clock.advance(0)
+    assert not writer.writable
+    writer.after_records(lambda: sent.append("now"))
+    assert sent[-1] == "now"  # the records wait in memory; responses do not
+
+
 def test_write_due_leaves_a_backlog_to_its_own_pace(tmp_path, monkeypatch):
     clock = Clock()
     disk = Disk(monkeypatch)

@@ -109,8 +109,54 @@ def test_bytes_queued_earlier_go_first():
 
 def test_a_local_answer_leaves_only_after_its_record_is_written():
     """A client that saw its answer end can count on the record (the SIGKILL promise of
-    accesslog/spoolwriter.py): on plain TCP the answer is sent directly, so the records of the
-    requests it finished are written first, in the same call."""
+    accesslog/spoolwriter.py): on plain TCP the answer is sent directly, so it waits for the
+    records of the requests it finished, written at the end of the turn in one go."""
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import MemoryReactorClock
+
+    from safesquid_tw.config import Limits
+    from safesquid_tw.policy.codec import policy_from_document
+    from safesquid_tw.proxy.resolver import Resolver
+    from safesquid_tw.proxy.service import ProxyFactory
+
+    policy = policy_from_document({
+        "format": "safesquid-policy/1",
+        "access": {"default_action": "allow",
+                   "rules": [{"name": "no-games", "action": "deny", "domains": ["*.games.test"]}]},
+    }, 3)
+    transport, theirs, _ = _plain_tcp()
+    theirs.setblocking(False)
+    records = []
+    held = []  # sends waiting for the end of the turn (the spool writer's after_records)
+
+    def readable() -> bytes:
+        try:
+            return theirs.recv(65536)
+        except BlockingIOError:
+            return b""
+
+    factory = ProxyFactory(reactor=MemoryReactorClock(), limits=Limits(), node_name="unit",
+                           current_policy=lambda: policy, record_sink=records.append,
+                           resolver=Resolver(MemoryReactorClock()))
+    factory.after_records = held.append
+    proto = factory.buildProtocol(IPv4Address("TCP", "10.1.2.3", 5555))
+    transport.protocol = proto
+    transport.getPeer = lambda: IPv4Address("TCP", "10.1.2.3", 5555)
+    transport.getHost = lambda: IPv4Address("TCP", "10.0.0.1", 3128)
+    proto.makeConnection(transport)
+    proto.dataReceived(b"GET http://www.games.test/ HTTP/1.1\r\nHost: www.games.test\r\n\r\n"
+                       b"GET http://a.games.test/ HTTP/1.1\r\nHost: a.games.test\r\n\r\n")
+    assert len(records) == 2
+    assert readable() == b""  # both answers wait for their records
+    assert len(held) == 1  # one send for the connection's whole batch
+    held.pop()()  # the turn's records are written: the batch leaves
+    sent = readable()
+    assert sent.startswith(b"HTTP/1.1 403") and sent.count(b"HTTP/1.1 403") == 2
+
+
+def test_a_batch_before_a_close_leaves_at_once_after_its_records():
+    """An answer that ends the connection cannot wait for the end of the turn: its records are
+    written first, then it leaves, then the close."""
     from twisted.internet.address import IPv4Address
     from twisted.internet.testing import MemoryReactorClock
 
@@ -128,27 +174,18 @@ def test_a_local_answer_leaves_only_after_its_record_is_written():
     theirs.setblocking(False)
     events = []
     records = []
-
-    def records_due():
-        # What the client can read at the moment the records are written.
-        try:
-            events.append(("records written", len(records), theirs.recv(65536)))
-        except BlockingIOError:
-            events.append(("records written", len(records), b""))
-
     factory = ProxyFactory(reactor=MemoryReactorClock(), limits=Limits(), node_name="unit",
                            current_policy=lambda: policy, record_sink=records.append,
                            resolver=Resolver(MemoryReactorClock()))
-    factory.records_due = records_due
+    factory.after_records = lambda send: events.append("held")
+    factory.records_due = lambda: events.append(("records written", len(records)))
     proto = factory.buildProtocol(IPv4Address("TCP", "10.1.2.3", 5555))
     transport.protocol = proto
     transport.getPeer = lambda: IPv4Address("TCP", "10.1.2.3", 5555)
     transport.getHost = lambda: IPv4Address("TCP", "10.0.0.1", 3128)
     proto.makeConnection(transport)
-    proto.dataReceived(b"GET http://www.games.test/ HTTP/1.1\r\nHost: www.games.test\r\n\r\n"
-                       b"GET http://a.games.test/ HTTP/1.1\r\nHost: a.games.test\r\n\r\n")
-    assert [(what, n, sent) for what, n, sent in events] == [
-        ("records written", 1, b""), ("records written", 2, events[1][2])]
-    # The first answer left between the two record writes, the second after the last one.
-    assert events[1][2].startswith(b"HTTP/1.1 403")
+    proto.dataReceived(b"GET http://www.games.test/ HTTP/1.1\r\nHost: www.games.test\r\n"
+                       b"Connection: close\r\n\r\n")  # 403, then the close
+    assert events == [("records written", 1)]
     assert theirs.recv(65536).startswith(b"HTTP/1.1 403")
+    assert transport.disconnecting
