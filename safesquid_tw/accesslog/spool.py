@@ -337,23 +337,7 @@ class Spool:
         A batch never spans a gap in sequence numbers, so `first_seq + i` is always right.
         The segment is read (disk I/O) at the first `next()`: iterate in a worker thread.
         """
-        records = self._read_sealed(segment)
-        batch: list[bytes] = []
-        first_seq = expected = -1
-        size = 0
-        for seq, payload in records:
-            if batch and (
-                seq != expected or len(batch) >= max_records or size + len(payload) > max_bytes
-            ):
-                yield Batch(self.node, segment, first_seq, batch)
-                batch, size = [], 0
-            if not batch:
-                first_seq = seq
-            batch.append(payload)
-            size += len(payload)
-            expected = seq + 1
-        if batch:
-            yield Batch(self.node, segment, first_seq, batch)
+        yield from batches_of(self.node, segment, self._read_sealed(segment), max_records, max_bytes)
 
     def acknowledge(self, segment: int) -> None:
         """The master stored the whole segment: delete it durably (unknown ids are ignored)."""
@@ -591,6 +575,25 @@ class Spool:
         _log.warn(
             "log spool {kind} (segment {segment}): {detail}", kind=kind, segment=segment, detail=detail
         )
+
+
+def batches_of(node: str, segment: int, records, max_records: int, max_bytes: int) -> Iterator[Batch]:
+    """A segment's (seq, payload) records as shipping batches: runs of consecutive sequence
+    numbers, each of at most `max_records` records and about `max_bytes` bytes."""
+    batch: list[bytes] = []
+    first_seq = expected = -1
+    size = 0
+    for seq, payload in records:
+        if batch and (seq != expected or len(batch) >= max_records or size + len(payload) > max_bytes):
+            yield Batch(node, segment, first_seq, batch)
+            batch, size = [], 0
+        if not batch:
+            first_seq = seq
+        batch.append(payload)
+        size += len(payload)
+        expected = seq + 1
+    if batch:
+        yield Batch(node, segment, first_seq, batch)
 
 
 def _prefix(lines: list[bytes], budget: int | None) -> tuple[int, int]:

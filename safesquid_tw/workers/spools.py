@@ -32,7 +32,7 @@ from typing import Callable, Iterator
 from twisted.logger import Logger
 
 from safesquid_tw.accesslog.segment import fsync_directory, scan_segment
-from safesquid_tw.accesslog.spool import Batch, Spool
+from safesquid_tw.accesslog.spool import Batch, Spool, batches_of
 
 log = Logger()
 
@@ -125,20 +125,7 @@ class SlotSource:
         if scan.bad_lines:
             log.error("worker spool segment {name}: {bad} damaged lines skipped, {good} valid records ship",
                       name=path.name, bad=scan.bad_lines, good=len(scan.records))
-        batch: list[bytes] = []
-        first_seq = expected = -1
-        size = 0
-        for seq, payload in scan.records:
-            if batch and (seq != expected or len(batch) >= max_records or size + len(payload) > max_bytes):
-                yield Batch(self.node, segment, first_seq, batch)
-                batch, size = [], 0
-            if not batch:
-                first_seq = seq
-            batch.append(payload)
-            size += len(payload)
-            expected = seq + 1
-        if batch:
-            yield Batch(self.node, segment, first_seq, batch)
+        yield from batches_of(self.node, segment, scan.records, max_records, max_bytes)
 
     def acknowledge(self, segment: int) -> None:
         path = self._files.get(segment)
