@@ -34,6 +34,7 @@ from safesquid_tw.proxy.inspection import BodyInspection
 from safesquid_tw.proxy.intercept.tlsmode import tls_mode
 from safesquid_tw.proxy.target import host_header_for, is_asterisk_options, parse_target
 from safesquid_tw.proxy.tunnel import Tunnel
+from safesquid_tw.proxy.tunnelfast import open_tunnel
 from safesquid_tw.proxy.urlnorm import blocked_request_any, strictest_decision
 
 if TYPE_CHECKING:
@@ -628,7 +629,7 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
     # -- CONNECT --------------------------------------------------------------------------
     def _open_tunnel(self, ctx: RequestContext) -> None:
         self.state = "waiting"
-        tunnel = Tunnel(self, ctx)
+        tunnel = open_tunnel(self, ctx)
         self.tunnel = tunnel
         tunnel.open()
 

@@ -21,6 +21,7 @@ from safesquid_tw.proxy.guessing import GuessingBrake
 from safesquid_tw.proxy.headers import append_via
 from safesquid_tw.proxy.proxyheader import ProxyHeaderFactory, parse_networks, split_endpoint
 from safesquid_tw.proxy.resolver import Resolver
+from safesquid_tw.proxy.tunnelfast import TunnelSweep
 from safesquid_tw.proxy.upstream import UpstreamPool
 
 log = Logger()
@@ -93,6 +94,7 @@ class ProxyFactory(protocol.Factory):
         self._limit_logged = float("-inf")
         self.antivirus = Scanner(reactor)  # ICAP services of the policy's antivirus section
         self.node_counts = None  # in a worker: the node's shared connection counts (workers/limits.py)
+        self.tunnel_sweep = TunnelSweep(reactor, limits)  # connect and idle deadlines of CONNECT tunnels
 
     def buildProtocol(self, addr):
         shared = self.node_counts
