@@ -8,6 +8,7 @@ single query, and every lookup has a deadline after which the waiting requests g
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 from typing import Callable
@@ -161,6 +162,7 @@ def _nxdomain(host: str) -> ProxyFailure:
     return ProxyFailure(502, "dns_error", f"the name {host} does not exist", 'rcode="NXDOMAIN"')
 
 
+@functools.lru_cache(maxsize=4096)  # parsing an address costs more than a tunnel's own bookkeeping
 def _literal(host: str) -> Address | None:
     if not host or not (host[0].isdigit() or ":" in host):
         return None

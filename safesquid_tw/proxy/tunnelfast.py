@@ -227,8 +227,11 @@ class FastTunnel:
 
     # -- opening ----------------------------------------------------------------------------
     def open(self) -> None:
-        host = self.ctx.target.host
-        self.conn.factory.pool.resolver.resolve(host).addCallbacks(self._resolved, self._fail)
+        d = self.conn.factory.pool.resolver.resolve(self.ctx.target.host)
+        if d.called and isinstance(d.result, list):
+            self._resolved(d.result)  # an address or a cached answer: no callback chain needed
+        else:
+            d.addCallbacks(self._resolved, self._fail)
 
     def _resolved(self, addresses) -> None:
         if self._closed:
