@@ -48,7 +48,7 @@ _Plain = tcp.Connection
 
 def open_tunnel(conn: "ClientConnection", ctx: "RequestContext"):
     """The tunnel for an allowed CONNECT: the direct one on a reactor with real sockets."""
-    if isinstance(conn.factory.reactor, PosixReactorBase):
+    if conn.factory.tunnel_sweep.direct:
         return FastTunnel(conn, ctx)
     return Tunnel(conn, ctx)
 
@@ -435,6 +435,8 @@ class TunnelSweep:
 
     def __init__(self, reactor, limits) -> None:
         self.reactor = reactor
+        # Direct sockets need a reactor that watches file descriptors (not a test's memory reactor).
+        self.direct = isinstance(reactor, PosixReactorBase)
         self.period = max(0.05, min(1.0, limits.tunnel_idle_timeout / 4, limits.connect_timeout / 4))
         self.live: set[FastTunnel] = set()
         self._call = None

@@ -1,0 +1,277 @@
+"""CONNECT tunnels on directly connected origin sockets (proxy/tunnelfast.py).
+
+The client side is a memory transport driven by hand; the origin side is a real loopback socket
+(the point of the module is what it does with one), with the test playing the reactor: it calls
+the origin socket's doWrite/doRead once select() says the event is there, and moves the clock for
+the sweep. Half-close, exact byte counts, failures, deadlines and back-pressure.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+
+import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+from safesquid_tw.config import Limits
+from safesquid_tw.policy.codec import policy_from_document
+from safesquid_tw.proxy.resolver import Resolver
+from safesquid_tw.proxy.service import ProxyFactory
+from safesquid_tw.proxy.tunnel import Tunnel
+from safesquid_tw.proxy.tunnelfast import FastTunnel, OriginSocket, open_tunnel
+
+
+class HalfCloseTransport(StringTransport):
+    write_closed = False
+
+    def loseWriteConnection(self) -> None:
+        self.write_closed = True
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+
+@pytest.fixture
+def listener():
+    skt = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    skt.bind(("127.0.0.1", 0))
+    skt.listen(8)
+    skt.settimeout(5)
+    yield skt
+    skt.close()
+
+
+class Rig:
+    def __init__(self, port: int, **limits) -> None:
+        self.reactor = MemoryReactorClock()
+        policy = policy_from_document({
+            "format": "safesquid-policy/1",
+            "access": {"default_action": "allow", "rules": []},
+            "connect": {"allowed_ports": [port]},
+        }, 7)
+        self.records = []
+        self.factory = ProxyFactory(
+            reactor=self.reactor, limits=Limits(**limits), node_name="unit", current_policy=lambda: policy,
+            record_sink=self.records.append, resolver=Resolver(self.reactor),
+        )
+        self.factory.tunnel_sweep.direct = True  # as on a real reactor
+        self.port = port
+        self.client = self.factory.buildProtocol(IPv4Address("TCP", "10.1.2.3", 5555))
+        self.client_transport = HalfCloseTransport(peerAddress=IPv4Address("TCP", "10.1.2.3", 5555))
+        self.client.makeConnection(self.client_transport)
+
+    def connect(self, authority: str | None = None) -> None:
+        authority = authority or f"127.0.0.1:{self.port}"
+        self.client.dataReceived(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+
+    @property
+    def tunnel(self) -> FastTunnel:
+        assert isinstance(self.client.tunnel, FastTunnel)
+        return self.client.tunnel
+
+    @property
+    def origin(self) -> OriginSocket:
+        return self.tunnel.origin
+
+    def finish_connect(self) -> None:
+        origin = self.origin
+        assert origin in self.reactor.getWriters()
+        select.select([], [origin.socket], [], 5)
+        origin.doWrite()
+
+    def origin_event(self) -> None:
+        origin = self.origin
+        assert origin in self.reactor.getReaders()
+        ready, _, _ = select.select([origin.socket], [], [], 5)
+        assert ready, "nothing arrived from the origin"
+        origin.doRead()
+
+
+def open_tunnel_to(listener) -> tuple[Rig, socket.socket]:
+    rig = Rig(listener.getsockname()[1])
+    rig.connect()
+    far, _ = listener.accept()
+    far.settimeout(5)
+    rig.finish_connect()
+    assert rig.client_transport.value() == b"HTTP/1.1 200 Connection established\r\n\r\n"
+    rig.client_transport.clear()
+    return rig, far
+
+
+def read_exactly(skt: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        piece = skt.recv(n - len(data))
+        assert piece, "closed early"
+        data += piece
+    return data
+
+
+def test_a_memory_reactor_keeps_the_pooled_tunnel():
+    rig = Rig(443)
+    rig.factory.tunnel_sweep.direct = False
+    assert isinstance(open_tunnel(rig.client, None), Tunnel)
+
+
+def test_bytes_flow_both_ways_and_the_record_counts_them(listener):
+    rig, far = open_tunnel_to(listener)
+    rig.client.dataReceived(b"hello origin")
+    assert read_exactly(far, 12) == b"hello origin"
+    far.sendall(b"hello client, at length")
+    rig.origin_event()
+    assert rig.client_transport.value() == b"hello client, at length"
+    # The origin ends first: the client's read side ends, the upload goes on.
+    far.shutdown(socket.SHUT_WR)
+    rig.origin_event()
+    assert rig.client_transport.write_closed and not rig.client_transport.disconnecting
+    assert rig.origin not in rig.reactor.getReaders()
+    rig.client.dataReceived(b"more")
+    assert read_exactly(far, 4) == b"more"
+    rig.client.readConnectionLost()
+    assert far.recv(10) == b""  # the origin socket is closed
+    assert rig.client_transport.disconnecting
+    (record,) = rig.records
+    assert record.method == "CONNECT" and record.status == 200
+    assert record.bytes_out == len(b"hello client, at length")
+    assert record.bytes_in == len(b"CONNECT 127.0.0.1:%d HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n"
+                                  % (rig.port, rig.port)) + len(b"hello origin") + 4
+    far.close()
+
+
+def test_client_half_close_is_passed_on_and_the_answer_still_comes(listener):
+    rig, far = open_tunnel_to(listener)
+    rig.client.dataReceived(b"request")
+    rig.client.readConnectionLost()  # the client shut down its sending half
+    assert read_exactly(far, 7) == b"request"
+    assert far.recv(10) == b""  # the FIN reached the origin
+    assert not rig.client_transport.disconnecting
+    far.sendall(b"answer after the upload ended")
+    rig.origin_event()
+    assert rig.client_transport.value() == b"answer after the upload ended"
+    far.close()
+    rig.origin_event()  # the origin's end: now the tunnel closes
+    assert rig.client_transport.disconnecting
+    assert rig.records[-1].bytes_out == len(b"answer after the upload ended")
+    assert not rig.factory.tunnel_sweep.live
+
+
+def test_bytes_sent_while_connecting_and_an_early_half_close_are_passed_on(listener):
+    rig = Rig(listener.getsockname()[1])
+    rig.connect()
+    rig.client.dataReceived(b"early bytes")
+    rig.client.readConnectionLost()
+    far, _ = listener.accept()
+    far.settimeout(5)
+    rig.finish_connect()
+    assert read_exactly(far, 11) == b"early bytes"
+    assert far.recv(10) == b""
+    far.close()
+
+
+def test_a_refused_connect_answers_502_records_and_closes(listener):
+    port = listener.getsockname()[1]
+    listener.close()  # nobody listens there any more
+    rig = Rig(port)
+    rig.connect()
+    rig.client.dataReceived(b"GET http://10.9.9.9/smuggled HTTP/1.1\r\nHost: 10.9.9.9\r\n\r\n")
+    origin = rig.client.tunnel.origin if rig.client.tunnel is not None else None
+    if origin is not None:  # the refusal comes as an event (else connect() said so at once)
+        select.select([], [origin.socket], [], 5)
+        origin.doWrite()
+    written = rig.client_transport.value()
+    assert written.startswith(b"HTTP/1.1 502 ") and b"smuggled" not in written
+    assert rig.client_transport.disconnecting
+    (record,) = rig.records
+    assert record.method == "CONNECT" and record.action == "error" and "refused" in record.detail
+
+
+def test_a_connect_to_this_proxy_itself_is_a_loop(listener):
+    rig = Rig(listener.getsockname()[1])
+    rig.factory.listening.append(("127.0.0.1", rig.port))
+    rig.connect()
+    assert rig.client_transport.value().startswith(b"HTTP/1.1 508 ")
+    assert rig.records[-1].detail.endswith("is this proxy itself")
+
+
+def test_a_connect_that_takes_too_long_answers_504(listener):
+    rig = Rig(listener.getsockname()[1], connect_timeout=3.0)
+    rig.connect()
+    origin = rig.origin
+    rig.reactor.advance(2.5)
+    assert rig.client.tunnel is not None and not rig.client_transport.value()
+    for _ in range(3):
+        rig.reactor.advance(0.75)
+    assert rig.client_transport.value().startswith(b"HTTP/1.1 504 ")
+    assert "took longer than 3 s" in rig.records[-1].detail
+    assert origin not in rig.reactor.getWriters() and origin.fileno() == -1
+
+
+def test_an_idle_tunnel_is_closed_and_a_busy_one_is_not(listener):
+    rig = Rig(listener.getsockname()[1], tunnel_idle_timeout=4.0)
+    rig.connect()
+    far, _ = listener.accept()
+    far.settimeout(5)
+    rig.finish_connect()
+    for _ in range(12):  # busy for 12 s: never idle for 4
+        rig.client.dataReceived(b"x")
+        rig.reactor.advance(1.0)
+    assert not rig.client_transport.disconnecting
+    assert read_exactly(far, 12) == b"x" * 12
+    for _ in range(6):  # idle for 4 s: closed within one sweep period of that
+        rig.reactor.advance(1.0)
+    assert rig.client_transport.disconnecting
+    assert rig.records[-1].detail.startswith("tunnel idle (4 s")
+    with pytest.raises(ConnectionResetError):  # the origin was cut off (a reset, as before)
+        far.recv(10)
+    far.close()
+
+
+def test_the_sweep_stops_once_no_tunnel_is_left(listener):
+    rig, far = open_tunnel_to(listener)
+    sweep = rig.factory.tunnel_sweep
+    assert sweep.live
+    far.close()
+    rig.origin_event()
+    rig.client.readConnectionLost()
+    assert not sweep.live
+    rig.reactor.advance(sweep.period)
+    assert sweep._call is None
+
+
+def test_an_origin_that_reads_slowly_pauses_the_client_until_it_drains(listener):
+    rig, far = open_tunnel_to(listener)
+    origin = rig.origin
+    chunk = b"u" * 65536
+    sent = 0
+    while not origin.dataBuffer and not origin._tempDataBuffer:
+        rig.client.dataReceived(chunk)  # until the kernel's buffers are full
+        sent += len(chunk)
+        assert sent < 64 << 20
+    for _ in range(4):
+        rig.client.dataReceived(chunk)
+        sent += len(chunk)
+    assert rig.client_transport.producerState == "paused"  # the client is not read meanwhile
+    received = 0
+    while received < sent:
+        received += len(far.recv(1 << 20))
+        if (origin.dataBuffer or origin._tempDataBuffer) and select.select([], [origin.socket], [], 0)[1]:
+            origin.doWrite()
+    assert received == sent
+    assert rig.client_transport.producerState == "producing"
+    assert rig.tunnel.bytes_from_client == sent
+    far.close()
+
+
+def test_a_slow_client_pauses_reading_from_the_origin(listener):
+    rig, far = open_tunnel_to(listener)
+    far.sendall(b"answer")
+    rig.origin_event()
+    producer = rig.client_transport.producer  # a memory transport is not plain TCP: registered at once
+    assert producer is not None
+    producer.pauseProducing()
+    assert rig.origin not in rig.reactor.getReaders()
+    producer.resumeProducing()
+    assert rig.origin in rig.reactor.getReaders()
+    far.close()
