@@ -27,6 +27,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import struct
 from typing import TYPE_CHECKING
 
 from twisted.internet import abstract, error, main, tcp
@@ -44,6 +45,7 @@ _EAGAIN = errno.EAGAIN
 _IN_PROGRESS = frozenset({0, errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK})
 _SOCKET_FLAGS = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
 _Plain = tcp.Connection
+_RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close sends a reset
 
 
 def open_tunnel(conn: "ClientConnection", ctx: "RequestContext"):
@@ -167,7 +169,7 @@ class OriginSocket(tcp.Connection):
         self.fileno = _no_fileno
         try:
             if linger:  # a reset, as abortConnection sends
-                skt.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                skt.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
             skt.close()
         except OSError:
             pass
