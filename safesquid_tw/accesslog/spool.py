@@ -144,9 +144,17 @@ class Spool:
         self.dropped_records = 0
         self._persisted_next = 0
         self._next_segment = 0
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self._directory_missing = False
         with self._disk_lock:
-            self._recover()
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                # Nothing to recover; the first segment creates the directory once it can.
+                self._directory_missing = True
+                self._next_segment = int(self._wall_clock() * 1000)
+                self._report("unwritable", None, f"cannot create the spool directory: {e}")
+            else:
+                self._recover()
 
     # -- reactor-side API (memory only) -------------------------------------------------------
 
@@ -381,6 +389,9 @@ class Spool:
     def _write_pending(self, pending: _Pending) -> None:
         path = self._open_path(pending.segment)
         if self._open_fd is None:
+            if self._directory_missing:  # it could not be created at start
+                self.directory.mkdir(parents=True, exist_ok=True)
+                self._directory_missing = False
             if pending.segment >= self._persisted_next:
                 # The id is on disk before any file carries it: it can never be handed out again.
                 # Reserved in blocks, so this fsync is rare (see `sync()`).
@@ -489,17 +500,26 @@ class Spool:
         for path in sorted(self.directory.iterdir()):
             name = path.name
             if name.startswith(f".{STATE_FILE}.") and name.endswith(".tmp"):
-                path.unlink()  # an interrupted state write; the old state is intact
+                try:
+                    path.unlink()  # an interrupted state write; the old state is intact
+                except OSError:
+                    pass  # harmless; removed at a start that can write
                 continue
             head = name.split(".", 1)[0]
             if not head.isdigit():
                 continue
             segment = int(head)
             highest = max(highest, segment)
-            if name.endswith(".seg.tmp"):
-                self._recover_set_aside(segment, path)
-            elif name.endswith(".open"):
-                self._recover_open(segment, path)
+            if name.endswith((".seg.tmp", ".open")):
+                # Finishing an interrupted write renames or cuts files. Where the directory cannot
+                # be written now, the file stays as it is (its id stays taken) for a start that can.
+                try:
+                    if name.endswith(".seg.tmp"):
+                        self._recover_set_aside(segment, path)
+                    else:
+                        self._recover_open(segment, path)
+                except OSError as e:
+                    self._report("unwritable", segment, f"cannot recover {name} now: {e}")
             elif name.endswith(".seg"):
                 parts = name.split(".")
                 if len(parts) == 3 and parts[1].isdigit():
@@ -556,11 +576,15 @@ class Spool:
             pass
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             aside = path.with_name(f"{STATE_FILE}.{int(self._wall_clock())}.corrupt")
-            os.replace(path, aside)
-            self._report("corrupt-state", None, f"unreadable spool state ({e}); set aside as {aside.name}")
+            try:
+                os.replace(path, aside)
+            except OSError as unwritable:
+                self._report("corrupt-state", None, f"unreadable spool state ({e}); not set aside: {unwritable}")
+            else:
+                self._report("corrupt-state", None, f"unreadable spool state ({e}); set aside as {aside.name}")
         # New or lost state: ids from the wall clock are above anything this node used before.
+        # `_recover` writes the state once it has seen the segments on disk.
         self._persisted_next = int(self._wall_clock() * 1000)
-        self._save_state()
 
     def _save_state(self) -> None:
         state = {

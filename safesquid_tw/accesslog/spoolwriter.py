@@ -65,7 +65,7 @@ class SpoolWriter(Service):
         self.failing_since: float | None = None
         self.dropped_in_memory = 0  # records refused because the memory bound was reached
         self.sync_failures = 0
-        self._last_sync_error: str | None = None
+        self._last_sync_error: object = None  # the last problem told: (errno, strerror) or a message
         self._dropping = False
         self._turn = None  # the pending callLater(0) or retry call
         self._after: list[Callable[[], None]] = []  # sends waiting for this turn's write (after_records)
@@ -181,9 +181,11 @@ class SpoolWriter(Service):
     def _sync_failed(self, reason) -> None:
         self.sync_failures += 1
         why = reason.getErrorMessage()
-        if (reason.check(OSError) and not self.writable) or why == self._last_sync_error:
+        # The same problem on another temporary file name is the same problem.
+        kind = (reason.value.errno, reason.value.strerror) if reason.check(OSError) else why
+        if (reason.check(OSError) and not self.writable) or kind == self._last_sync_error:
             return  # already told: once per distinct problem, not once a second
-        self._last_sync_error = why
+        self._last_sync_error = kind
         log.error("access record spool: fsync failed: {why}", why=why)
 
     def _synced(self, _ignored) -> None:

@@ -102,34 +102,25 @@ class LogShipper(Service):
                 writer.write_now()
         if self.sender is None:
             return
-        for segment in spool.sealed_segments():
-            batches = await self.in_thread(lambda: list(spool.read_batches(segment)))
-            for batch in batches:
-                sender = self.sender
-                if sender is None:
-                    return
-                await sender(batch)
-                self.shipped_records += len(batch.records)
-            await self.in_thread(spool.acknowledge, segment)
-            if self.last_error is not None:
-                log.info("shipping access records resumed")
-                self.last_error = None
-        for source in list(self.sources):
-            await self._ship_source(source)
+        for source in [spool, *self.sources]:
+            if not await self._ship_source(source):
+                return
 
-    async def _ship_source(self, source) -> None:
+    async def _ship_source(self, source) -> bool:
+        """Ship `source`'s sealed segments in order; False when the link went away meanwhile."""
         for segment in await self.in_thread(source.sealed_segments):
             batches = await self.in_thread(lambda: list(source.read_batches(segment)))
             for batch in batches:
                 sender = self.sender
                 if sender is None:
-                    return
+                    return False
                 await sender(batch)
                 self.shipped_records += len(batch.records)
             await self.in_thread(source.acknowledge, segment)
             if self.last_error is not None:
                 log.info("shipping access records resumed")
                 self.last_error = None
+        return True
 
     async def _drain(self) -> None:
         self._stopping = True

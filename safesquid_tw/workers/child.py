@@ -424,6 +424,18 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, lambda *_: reactor.callFromThread(worker.stop))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C goes to the node, which stops us
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the node reloads and tells us
-    reactor.callWhenRunning(worker.start)
+    failed: list[bool] = []
+
+    def start() -> None:
+        try:
+            worker.start()
+        except Exception:
+            # A worker that cannot start must not linger half-built: the node restarts it (with
+            # back-off) and keeps serving on the others meanwhile.
+            log.failure("worker could not start")
+            failed.append(True)
+            reactor.stop()
+
+    reactor.callWhenRunning(start)
     reactor.run(installSignalHandlers=False)
-    return 0
+    return 1 if failed else 0

@@ -37,7 +37,6 @@ from safesquid_tw.accesslog.spool import Batch, Spool, batches_of
 log = Logger()
 
 SLOT_STRIDE = 1024  # above --workers' maximum (256): a shipped id names its slot
-LOCK_FILE = "worker.lock"
 
 
 def slot_directory(state_root: Path, slot: int) -> Path:
@@ -48,11 +47,17 @@ def shipped_segment(local: int, slot: int) -> int:
     return local * SLOT_STRIDE + slot
 
 
+def _open_for_lock(directory: Path) -> int:
+    # The lock is taken on the slot directory itself: no file has to be created, so a worker
+    # starts (and holds its records in memory) even while the directory cannot be written.
+    return os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+
+
 def lock_slot(directory: Path, *, wait: float = 120.0, sleep=time.sleep) -> int:
     """Take the slot's lock (an open fd, held for the process's life). A worker of an earlier
     node that is still finishing its requests (its node was killed) holds it until it exits."""
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = _open_for_lock(directory)
     deadline = time.monotonic() + wait
     while True:
         try:
@@ -67,7 +72,7 @@ def lock_slot(directory: Path, *, wait: float = 120.0, sleep=time.sleep) -> int:
 
 def slot_is_locked(directory: Path) -> bool:
     try:
-        fd = os.open(directory / LOCK_FILE, os.O_RDWR)
+        fd = _open_for_lock(directory)
     except FileNotFoundError:
         return False
     try:

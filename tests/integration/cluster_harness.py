@@ -223,18 +223,7 @@ class ClusterNode:
     def health(self, timeout: float = 2.0) -> tuple[int, dict | None]:
         if self.portal is None:
             raise ConnectionRefusedError(f"{self.name} has no known portal address")
-        conn = http.client.HTTPConnection(*self.portal, timeout=timeout)
-        try:
-            conn.request("GET", "/health")
-            response = conn.getresponse()
-            body = response.read()
-        finally:
-            conn.close()
-        try:
-            document = json.loads(body)
-        except ValueError:
-            document = None
-        return response.status, document
+        return harness.fetch_health(self.portal, timeout)
 
     def extended_text(self) -> str:
         try:

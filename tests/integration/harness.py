@@ -115,6 +115,22 @@ def read_rss_bytes(pid: int) -> int:
     raise HarnessError(f"no VmRSS for pid {pid}")
 
 
+def fetch_health(portal: tuple[str, int], timeout: float) -> tuple[int, dict | None]:
+    """GET /health from a node's portal: the status code and the JSON body (None if not JSON)."""
+    conn = http.client.HTTPConnection(*portal, timeout=timeout)
+    try:
+        conn.request("GET", "/health")
+        response = conn.getresponse()
+        body = response.read()
+    finally:
+        conn.close()
+    try:
+        document = json.loads(body)
+    except ValueError:
+        document = None
+    return response.status, document
+
+
 class Node:
     """One running `twistd -n safesquid` process and its state directory."""
 
@@ -224,18 +240,7 @@ class Node:
     # -- portal ------------------------------------------------------------------------------
 
     def health(self, timeout: float = 3.0) -> tuple[int, dict | None]:
-        conn = http.client.HTTPConnection(*self.portal, timeout=timeout)
-        try:
-            conn.request("GET", "/health")
-            response = conn.getresponse()
-            body = response.read()
-        finally:
-            conn.close()
-        try:
-            document = json.loads(body)
-        except ValueError:
-            document = None
-        return response.status, document
+        return fetch_health(self.portal, timeout)
 
     # -- logs --------------------------------------------------------------------------------
 

@@ -134,6 +134,34 @@ def test_unwritable_spool_holds_records_in_memory_then_catches_up(cluster, origi
                       not any("spool not writable" in w for w in e["warnings"]), 10, "drops counted, problem gone")
 
 
+@pytest.mark.skipif(CHATTR is None, reason="chattr (e2fsprogs) is needed to make a directory unwritable for root")
+def test_a_slave_started_with_an_unwritable_spool_serves_and_ships_once_it_can(cluster, origins):
+    """A node (and each of its workers) starting while its spool cannot be written serves at once,
+    holds the records in memory, and ships every one of them once writing works again."""
+    cluster.start_master(harness.make_policy())
+    slave = cluster.slave(keepalive=1).start()
+    slave.stop()
+    locked = [slave.state_dir / "spool", *(slave.state_dir / "spool").iterdir()]
+    for slot_dir in sorted((slave.state_dir / "spool-workers").glob("*")):
+        locked += [slot_dir, *slot_dir.iterdir()]
+    if not _immutable(locked, True):
+        pytest.skip("this file system or container does not allow chattr +i (CAP_LINUX_IMMUTABLE)")
+    marker = f"/ro-start-{uuid.uuid4().hex[:12]}/"
+    try:
+        mark = slave.extended_mark()
+        slave.start()
+        statuses = [status_of(slave, origins.url(f"{marker}{i}")) for i in range(40)]
+        assert statuses == [200] * 40
+        harness.wait_until(lambda: (h := slave.health()[1]) and not h["spool"]["writable"]
+                           and h["spool"]["memory_records"] == 40, 15, "40 records held in memory")
+        assert not slave.extended_lines(lambda line: "Traceback" in line or "Unhandled error" in line, since=mark)
+        assert cluster.report_rows(marker) == []
+    finally:
+        assert _immutable(locked, False)
+    rows = _stored(cluster, marker, 40)
+    assert len(rows) == 40 and len({row[3] for row in rows}) == 40
+
+
 def test_sigkill_under_load_loses_nothing_on_a_standalone_node(tmp_path, origins):
     import sqlite3
 

@@ -386,3 +386,77 @@ def test_failed_seal_is_retried_without_writing_lines_twice(tmp_path: Path, monk
     monkeypatch.undo()
     assert [(s, q) for s, q, _ in shipped(spool)] == names
     assert not spool.problems
+
+
+def _refuse_writes_under(directory: Path, monkeypatch) -> None:
+    """Every create, rename or delete below `directory` fails as on a read-only file system."""
+    real_open, real_replace, real_unlink = os.open, os.replace, Path.unlink
+    denied = OSError(30, "Read-only file system")
+
+    def below(path) -> bool:
+        return str(path).startswith(str(directory))
+
+    def refusing_open(path, flags, *args, **kwargs):
+        if below(path) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise denied
+        return real_open(path, flags, *args, **kwargs)
+
+    def refusing_replace(src, dst) -> None:
+        if below(src) or below(dst):
+            raise denied
+        real_replace(src, dst)
+
+    def refusing_unlink(self, *args, **kwargs) -> None:
+        if below(self):
+            raise denied
+        real_unlink(self, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    monkeypatch.setattr(spool_module.os, "replace", refusing_replace)
+    monkeypatch.setattr(Path, "unlink", refusing_unlink)
+
+
+def test_a_spool_opened_where_nothing_can_be_written_holds_records_until_it_can(tmp_path: Path, monkeypatch) -> None:
+    """A worker or node starting while its state dir cannot be written (full disk, read-only,
+    an immutable directory) keeps its records in memory instead of failing to start."""
+    (tmp_path / "spool").mkdir()
+    _refuse_writes_under(tmp_path / "spool", monkeypatch)
+    spool = make(tmp_path)
+    assert [p.kind for p in spool.problems] == ["unwritable"]
+    names = [spool.append(record(i)) for i in range(3)]
+    with pytest.raises(OSError):
+        spool.flush()
+    monkeypatch.undo()
+    spool.seal()
+    assert [(s, q) for s, q, _ in shipped(spool)] == names
+
+
+def test_recovery_that_cannot_write_leaves_crashed_segments_for_the_next_start(tmp_path: Path, monkeypatch) -> None:
+    spool = make(tmp_path)
+    names = [spool.append(record(i)) for i in range(3)]
+    spool.flush()  # on disk in an open segment, then the process dies
+    _refuse_writes_under(tmp_path / "spool", monkeypatch)
+    stuck = make(tmp_path, wall_clock=lambda: 2000.0)
+    assert "unwritable" in [p.kind for p in stuck.problems]
+    later = stuck.append(record(3))
+    assert later[0] > names[0][0], "a new segment never reuses the id of one left on disk"
+    monkeypatch.undo()
+    recovered = make(tmp_path, wall_clock=lambda: 3000.0)
+    assert [(s, q) for s, q, _ in shipped(recovered)] == names
+
+
+def test_a_spool_whose_directory_cannot_be_created_creates_it_once_it_can(tmp_path: Path, monkeypatch) -> None:
+    real_mkdir = Path.mkdir
+
+    def refusing_mkdir(self, *args, **kwargs) -> None:
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(Path, "mkdir", refusing_mkdir)
+    spool = make(tmp_path)
+    assert [p.kind for p in spool.problems] == ["unwritable"]
+    names = [spool.append(record(i)) for i in range(2)]
+    with pytest.raises(OSError):
+        spool.flush()
+    monkeypatch.setattr(Path, "mkdir", real_mkdir)
+    spool.seal()
+    assert [(s, q) for s, q, _ in shipped(spool)] == names

@@ -203,3 +203,26 @@ def test_a_segment_sealed_before_its_fsync_is_fsynced_by_name_even_after_a_faile
     [segment] = spool.sealed_segments()
     assert any(f"{segment:020d}." in path for path in synced), synced  # its data (same inode either name)
     assert str(spool.directory) in synced  # and the rename
+
+
+def test_a_failing_fsync_is_logged_once_per_problem_not_once_per_temporary_file(tmp_path, monkeypatch):
+    from twisted.logger import globalLogPublisher
+
+    clock = Clock()
+    spool, writer = make(tmp_path, clock)
+    names = iter(range(1000))
+
+    def failing_sync():
+        raise OSError(errno.EPERM, "Operation not permitted", f"spool/.spool-state.json.{next(names)}.tmp")
+
+    monkeypatch.setattr(spool, "sync", failing_sync)
+    told: list[str] = []
+    observer = lambda event: told.append(event.get("log_format", "")) if "fsync failed" in event.get("log_format", "") else None  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    try:
+        for _ in range(5):
+            writer.sync()
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert writer.sync_failures == 5
+    assert len(told) == 1
