@@ -41,6 +41,27 @@ def canonical_bytes_in_pieces(value: Any) -> bytes:
     return _dumps(value)
 
 
+def canonical_bytes_reusing(document: dict[str, Any],
+                            kept: dict[str, tuple[Any, bytes]]) -> tuple[bytes, dict[str, tuple[Any, bytes]]]:
+    """`canonical_bytes_in_pieces(document)`, with the bytes of each top-level section that is
+    the very object it was when `kept` was made taken from `kept` (a section reused from the
+    previous version is not serialised again). Returns the bytes and the `kept` for next time."""
+    if not document or not all(isinstance(key, str) for key in document):
+        return canonical_bytes_in_pieces(document), {}
+    parts = []
+    now: dict[str, tuple[Any, bytes]] = {}
+    for key in sorted(document):
+        value = document[key]
+        found = kept.get(key)
+        if found is not None and found[0] is value:
+            data = found[1]
+        else:
+            data = canonical_bytes_in_pieces(value)
+        now[key] = (value, data)
+        parts.append(_dumps(key) + b":" + data)
+    return b"{" + b",".join(parts) + b"}", now
+
+
 def digest_of_bytes(data: bytes) -> str:
     """The policy digest of a document whose canonical bytes are `data` (hashlib releases the
     GIL for large inputs)."""
@@ -56,4 +77,4 @@ def record_bytes(fields: dict[str, Any], key: str, document_bytes: bytes) -> byt
     return b"{" + b",".join(parts) + b"}"
 
 
-__all__ = ["canonical_bytes_in_pieces", "digest_of_bytes", "record_bytes"]
+__all__ = ["canonical_bytes_in_pieces", "canonical_bytes_reusing", "digest_of_bytes", "record_bytes"]

@@ -20,12 +20,13 @@ from twisted.logger import Logger
 from twisted.internet import defer
 
 from safesquid_tw.policy.applier import PolicyApplier, PolicySuperseded
-from safesquid_tw.policy.canonical_io import canonical_bytes_in_pieces, digest_of_bytes, record_bytes
+from safesquid_tw.policy.canonical_io import canonical_bytes_reusing, digest_of_bytes, record_bytes
 from safesquid_tw.policy.codec import canonical_bytes, digest, parse_json
 from safesquid_tw.policy.compiled import Policy, compile_policy
 from safesquid_tw.policy.errors import PolicyError
 from safesquid_tw.policy.fields import expect_int, expect_object, expect_str
 from safesquid_tw.policy.hosts import domain_memo
+from safesquid_tw.policy.incremental import SectionMemo
 from safesquid_tw.policy.shadowing import policy_warnings
 from safesquid_tw.policy.validate import validate_document
 from safesquid_tw.util.atomic import atomic_write
@@ -62,6 +63,10 @@ class PolicyStore:
         # worker thread) for the log and the API. A slave runs what its master checked and
         # warned about already, so it skips them (about a tenth of a big version's CPU).
         self.shadow_warnings = True
+        # Versions after the first reuse what did not change since the one before: validated
+        # sections (by their input), canonical bytes (by section) and compiled pieces.
+        self.sections = SectionMemo()
+        self._kept_bytes: dict[str, tuple[Any, bytes]] = {}
 
     def add_observer(self, fn: Callable[[Policy], None]) -> None:
         """Call `fn(policy)` after every swap (on the caller's thread)."""
@@ -96,12 +101,13 @@ class PolicyStore:
         version = expect_int(wrapper["version"], "(cache).version", minimum=1)
         stored_digest = expect_str(wrapper["digest"], "(cache).digest", max_len=100)
         source = expect_str(wrapper.get("source", "cache"), "(cache).source", max_len=1000)
-        canonical = validate_document(wrapper["policy"])
+        canonical = validate_document(wrapper["policy"], self.sections)
         actual = digest(canonical)
         if actual != stored_digest:
             raise PolicyError("(cache).digest", f"the document's digest is {actual}, not the recorded {stored_digest}")
         assert version is not None
-        return Policy(version=version, digest=actual, document=canonical, compiled=compile_policy(canonical)), source
+        return Policy(version=version, digest=actual, document=canonical,
+                      compiled=compile_policy(canonical, self._previous_compiled())), source
 
     def _set_aside(self) -> str:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self._clock()))
@@ -121,13 +127,14 @@ class PolicyStore:
         A document equal (by digest) to the current one changes nothing and returns the current
         version. On PolicyError (or an OSError writing the cache) nothing changes.
         """
-        canonical = validate_document(doc)
+        canonical = validate_document(doc, self.sections)
         new_digest = digest(canonical)
         current = self.current
         if current is not None and current.digest == new_digest:
             return current
         version = current.version + 1 if current is not None else 1
-        policy = Policy(version=version, digest=new_digest, document=canonical, compiled=compile_policy(canonical))
+        policy = Policy(version=version, digest=new_digest, document=canonical,
+                        compiled=compile_policy(canonical, self._previous_compiled()))
         self._commit(policy, source)
         return policy
 
@@ -158,16 +165,17 @@ class PolicyStore:
     def _prepare_document(self, doc: object, *, source: str) -> "Prepared":
         if callable(doc):  # the document is read in the worker too (a policy file)
             doc = doc()
-        canonical = validate_document(doc)
+        canonical = validate_document(doc, self.sections)
         # Serialised once, in pieces (the GIL changes hands between them): digest, cache file,
         # history file and the master's publication all use these bytes.
-        data = canonical_bytes_in_pieces(canonical)
+        data = self._canonical_bytes(canonical)
         new_digest = digest_of_bytes(data)
         current = self.current
         if current is not None and current.digest == new_digest:
             return Prepared(current, source, changed=False, base=current)
         version = current.version + 1 if current is not None else 1
-        policy = Policy(version=version, digest=new_digest, document=canonical, compiled=compile_policy(canonical))
+        policy = Policy(version=version, digest=new_digest, document=canonical,
+                        compiled=compile_policy(canonical, current.compiled if current is not None else None))
         if self.shadow_warnings:
             policy_warnings(policy)  # here, not in the swap's observers on the reactor thread
         self._write_cache(policy, source, data)
@@ -185,17 +193,27 @@ class PolicyStore:
     def _prepare_blob(self, blob: bytes | Callable[[], bytes], version: int, *, source: str) -> "Prepared":
         if callable(blob):
             blob = blob()
-        canonical = validate_document(parse_json(blob))
-        data = canonical_bytes_in_pieces(canonical)
+        canonical = validate_document(parse_json(blob), self.sections)
+        data = self._canonical_bytes(canonical)
         new_digest = digest_of_bytes(data)
         current = self.current
         if current is not None and current.version == version and current.digest == new_digest:
             return Prepared(current, source, changed=False, base=current)
-        policy = Policy(version=version, digest=new_digest, document=canonical, compiled=compile_policy(canonical))
+        policy = Policy(version=version, digest=new_digest, document=canonical,
+                        compiled=compile_policy(canonical, current.compiled if current is not None else None))
         if self.shadow_warnings:
             policy_warnings(policy)  # here, not in the swap's observers on the reactor thread
         self._write_cache(policy, source, data)
         return Prepared(policy, source, changed=True, base=current, data=data)
+
+    def _previous_compiled(self):
+        return self.current.compiled if self.current is not None else None
+
+    def _canonical_bytes(self, canonical: dict[str, Any]) -> bytes:
+        """The document's canonical bytes; sections kept from the last version are not
+        serialised again (policy thread)."""
+        data, self._kept_bytes = canonical_bytes_reusing(canonical, self._kept_bytes)
+        return data
 
     def commit_prepared(self, prepared: "Prepared") -> Policy:
         """Reactor thread: make a prepared version current (one assignment and the observers)."""

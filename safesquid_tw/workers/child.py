@@ -26,9 +26,9 @@ from twisted.logger import FileLogObserver, Logger, eventAsText, globalLogBeginn
 from safesquid_tw.accesslog.record import AccessRecord
 from safesquid_tw.config import Limits, NodeConfig
 from safesquid_tw.policy.applier import POLICY_SWITCH_INTERVAL
-from safesquid_tw.policy.compiled import Policy, compile_policy
-from safesquid_tw.policy.errors import PolicyError
+from safesquid_tw.policy.compiled import Policy
 from safesquid_tw.policy.release import release_in_pieces
+from safesquid_tw.workers.policydelta import NeedWholeVersion, compile_message, merge_waiting
 from safesquid_tw.util.threads import ThreadRunner, pool_runner
 from safesquid_tw.workers.frames import FramedStdio
 
@@ -85,16 +85,13 @@ class PolicyHolder:
                 log.failure("policy observer failed on version {version}", version=policy.version)
 
 
-def compile_sent(message: dict[str, Any]) -> Policy:
+def compile_sent(message: dict[str, Any], current: Policy | None = None) -> Policy:
     """The version the parent sent, compiled here (a thread). The parent validated it and sends
-    the canonical document it serves itself over a length-framed local pipe, so the worker only
-    compiles: validating again and re-serialising for the digest would double a big version's
-    CPU in every worker (and hold the worker's GIL the longer), for nothing the pipe can lose."""
-    document = message["doc"]
-    if not isinstance(document, dict):
-        raise PolicyError("(worker)", "the version sent is not a policy document")
-    return Policy(version=int(message["version"]), digest=str(message["digest"]), document=document,
-                  compiled=compile_policy(document))
+    the canonical document it serves itself (or the sections that changed since `current`:
+    workers/policydelta.py) over a length-framed local pipe, so the worker only compiles:
+    validating again and re-serialising for the digest would double a big version's CPU in
+    every worker (and hold the worker's GIL the longer), for nothing the pipe can lose."""
+    return compile_message(message, current)
 
 
 class Worker:
@@ -245,7 +242,7 @@ class Worker:
     def received(self, message: dict[str, Any]) -> None:
         kind = message["t"]
         if kind == "policy":
-            self._pending = message
+            self._pending = merge_waiting(self._pending, message)
             if self._applying is None:
                 self._apply_next()
         elif kind == "closing":
@@ -274,11 +271,18 @@ class Worker:
             if self.listen_asked:
                 self.accept()
             return
+        current = self.policy.current
+        if current is not None and current.digest == message.get("digest") and \
+                current.version == message.get("version"):
+            # Already in force (a whole version sent again after a change it could not apply).
+            self.pipe.send({"t": "policy", "version": current.version, "error": None})
+            self._apply_next()
+            return
         # As the node's own policy thread does (policy/applier.py): the reactor thread gets the
         # GIL back quickly while a big version compiles.
         saved_interval = sys.getswitchinterval()
         sys.setswitchinterval(POLICY_SWITCH_INTERVAL)
-        self._applying = self.in_thread(compile_sent, message)
+        self._applying = self.in_thread(compile_sent, message, self.policy.current)
 
         def applied(policy: Policy) -> None:
             replaced = [self.policy.current]
@@ -291,6 +295,12 @@ class Worker:
             del replaced
 
         def refused(failure) -> None:
+            current = self.policy.current
+            if failure.check(NeedWholeVersion):
+                # Not a refusal: the parent sends the whole version (policydelta.py).
+                self.pipe.send({"t": "policy", "version": current.version if current else None,
+                                "error": None, "resend": True})
+                return
             log.error("policy version {version} refused: {why}", version=message.get("version"),
                       why=failure.getErrorMessage())
             current = self.policy.current
