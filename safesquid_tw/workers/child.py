@@ -27,10 +27,11 @@ from safesquid_tw.accesslog.record import AccessRecord
 from safesquid_tw.config import Limits, NodeConfig
 from safesquid_tw.policy.applier import POLICY_SWITCH_INTERVAL
 from safesquid_tw.policy.compiled import Policy
+from safesquid_tw.policy.errors import PolicyError
 from safesquid_tw.policy.release import release_in_pieces
 from safesquid_tw.workers.policydelta import NeedWholeVersion, compile_message, merge_waiting
 from safesquid_tw.util.threads import ThreadRunner, pool_runner
-from safesquid_tw.workers.frames import FramedStdio
+from safesquid_tw.workers.frames import FramedStdio, decode_large
 
 log = Logger()
 
@@ -91,6 +92,11 @@ def compile_sent(message: dict[str, Any], current: Policy | None = None) -> Poli
     workers/policydelta.py) over a length-framed local pipe, so the worker only compiles:
     validating again and re-serialising for the digest would double a big version's CPU in
     every worker (and hold the worker's GIL the longer), for nothing the pipe can lose."""
+    if "frame" in message:
+        # A large frame, still undecoded (frames.py): decoded here, a piece at a time.
+        message = decode_large(message["frame"])
+        if message["t"] != "policy":
+            raise PolicyError("(worker)", f"a large {message['t']!r} frame is not a policy version")
     return compile_message(message, current)
 
 
@@ -113,7 +119,7 @@ class Worker:
         self._failures_sent = 0  # upstream failures the parent has heard of (ProxyCounters)
         self._unchanged_since = 0.0
         self.policy = PolicyHolder()
-        self.pipe = FramedStdio(self.received, self.parent_gone)
+        self.pipe = FramedStdio(self.received, self.parent_gone, self.received_large)
         limits = config.limits
         self.resolver = Resolver(reactor, threads_max=limits.dns_threads, timeout=limits.dns_timeout,
                                  ttl=limits.dns_cache_ttl)
@@ -263,6 +269,11 @@ class Worker:
             self.stop()
         elif kind == "ack":
             self._delete_shipped(int(message["segment"]))
+
+    def received_large(self, body: bytes) -> None:
+        """A frame too big to decode on the reactor thread: only a whole policy version is this
+        big, and it is decoded in the thread that compiles it (in pieces: frames.decode_large)."""
+        self.received({"t": "policy", "frame": body})
 
     def _apply_next(self) -> None:
         message, self._pending = self._pending, None

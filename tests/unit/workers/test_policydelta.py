@@ -158,3 +158,36 @@ def test_the_pool_sends_changes_to_workers_on_the_version_before_and_the_whole_o
     late = _worker(pool, 1, 202)
     _say(late, {"t": "hello", "pid": 202})
     assert "doc" in [m for m in late.transport.messages() if m["t"] == "policy"][0]
+
+
+def test_a_whole_version_in_a_large_frame_is_decoded_in_the_compiling_thread():
+    runner = HeldRunner()
+    worker = Worker(MemoryReactorClock(), NodeConfig(node_name="n1"), [], in_thread=runner)
+    sent: list = []
+    worker.pipe.send = sent.append
+    v1 = policy(1, document(games=tuple(f"site{i}.games.test" for i in range(20000))))
+    frame = encode(whole_message(v1))
+    assert len(frame) > worker.pipe.reader.large_at
+    worker.pipe.dataReceived(frame)
+    # Nothing decoded on the reactor: the undecoded frame waits for the thread.
+    assert worker._pending is None and isinstance(runner.jobs[0][2][0]["frame"], bytes)
+    runner.run_all()
+    assert worker.policy.current.document == v1.document and sent[-1]["version"] == 1
+    assert decisions(worker.policy.current.compiled)[0] is None
+    small: list = []
+    reader = FrameReader(small.append, deliver_large=lambda body: pytest.fail("a small frame"))
+    reader.feed(encode(change_message(v1, policy(2, dict(v1.document, comment="2")))))
+    assert small[0]["changed"] == {"comment": "2"}
+
+
+def test_a_large_frame_that_is_not_json_is_refused_and_the_running_version_stays():
+    runner = HeldRunner()
+    worker = Worker(MemoryReactorClock(), NodeConfig(node_name="n1"), [], in_thread=runner)
+    sent: list = []
+    worker.pipe.send = sent.append
+    worker.received(whole_message(policy(1, document())))
+    runner.run_all()
+    worker.received_large(b"{" + b" " * 10)
+    runner.run_all()
+    assert worker.policy.current.version == 1
+    assert sent[-1]["version"] == 1 and "not JSON" in sent[-1]["error"]
