@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.internet import defer
 
 from safesquid_tw.policy.applier import PolicyApplier, PolicySuperseded
-from safesquid_tw.policy.canonical_io import canonical_bytes_reusing, digest_of_bytes, record_bytes
+from safesquid_tw.policy.canonical_io import canonical_parts_reusing, digest_of_parts, parts_equal, record_parts
 from safesquid_tw.policy.codec import canonical_bytes, digest, parse_json
 from safesquid_tw.policy.compiled import Policy, compile_policy
 from safesquid_tw.policy.errors import PolicyError
@@ -169,8 +169,7 @@ class PolicyStore:
         canonical = validate_document(doc, self.sections)
         # Serialised once, in pieces (the GIL changes hands between them): digest, cache file,
         # history file and the master's publication all use these bytes.
-        data = self._canonical_bytes(canonical)
-        new_digest = digest_of_bytes(data)
+        data, new_digest = self._canonical_bytes(canonical)
         current = self.current
         if current is not None and current.digest == new_digest:
             return Prepared(current, source, changed=False, base=current)
@@ -196,8 +195,7 @@ class PolicyStore:
             blob = blob()
         # Decoded a member at a time: the GIL changes hands between the pieces of 3 MB.
         canonical = validate_document(parse_json_in_pieces(blob), self.sections)
-        data = self._canonical_bytes(canonical)
-        new_digest = digest_of_bytes(data)
+        data, new_digest = self._canonical_bytes(canonical, received=blob)
         current = self.current
         if current is not None and current.version == version and current.digest == new_digest:
             return Prepared(current, source, changed=False, base=current)
@@ -211,11 +209,15 @@ class PolicyStore:
     def _previous_compiled(self):
         return self.current.compiled if self.current is not None else None
 
-    def _canonical_bytes(self, canonical: dict[str, Any]) -> bytes:
-        """The document's canonical bytes; sections kept from the last version are not
-        serialised again (policy thread)."""
-        data, self._kept_bytes = canonical_bytes_reusing(canonical, self._kept_bytes)
-        return data
+    def _canonical_bytes(self, canonical: dict[str, Any], received: bytes | None = None) -> tuple[bytes, str]:
+        """The document's canonical bytes and digest (policy thread); sections kept from the
+        last version are not serialised again, and bytes `received` that are the canonical
+        ones (a master's, the usual case) are used as they are instead of a copy."""
+        parts, self._kept_bytes = canonical_parts_reusing(canonical, self._kept_bytes)
+        new_digest = digest_of_parts(parts)
+        if isinstance(received, bytes) and parts_equal(parts, received):
+            return received, new_digest
+        return b"".join(parts), new_digest
 
     def commit_prepared(self, prepared: "Prepared") -> Policy:
         """Reactor thread: make a prepared version current (one assignment and the observers)."""
@@ -260,7 +262,7 @@ class PolicyStore:
         if data is None:
             data = canonical_bytes(policy.document)
         fields: dict[str, Any] = {"version": policy.version, "digest": policy.digest, "source": source}
-        atomic_write(self.cache_path, record_bytes(fields, "policy", data), mode=0o600)
+        atomic_write(self.cache_path, record_parts(fields, "policy", data), mode=0o600)
         return data
 
     def _swap(self, policy: Policy, source: str, *, from_cache: bool = False) -> None:

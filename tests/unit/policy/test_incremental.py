@@ -206,3 +206,20 @@ def test_changed_sections_and_apply_sections_rebuild_the_document():
     rebuilt = apply_sections(old, changed, removed)
     assert rebuilt == new and rebuilt["categories"] is old["categories"]
     assert json_copy(old) == old and json_copy(old)["categories"] is not old["categories"]
+
+
+def test_pieces_of_canonical_bytes_and_records_join_to_the_whole_forms():
+    from safesquid_tw.policy.canonical_io import (
+        canonical_parts_reusing, digest_of_parts, parts_equal, record_bytes, record_parts)
+
+    first = validate_document(base_document())
+    parts, kept = canonical_parts_reusing(first, {})
+    assert b"".join(parts) == canonical_bytes(first) and digest_of_parts(parts) == digest(first)
+    second = dict(first, comment="changed")
+    again, _kept = canonical_parts_reusing(second, kept)
+    assert b"".join(again) == canonical_bytes(second)
+    assert any(piece is kept["categories"][1] for piece in again)  # not serialised again
+    assert parts_equal(again, canonical_bytes(second)) and not parts_equal(again, canonical_bytes(first))
+    fields = {"version": 3, "digest": digest(first), "source": "master"}
+    assert b"".join(record_parts(fields, "policy", b"{}")) == record_bytes(fields, "policy", b"{}")
+    assert b"".join(record_parts({}, "policy", b"[]")) == record_bytes({}, "policy", b"[]")
