@@ -214,6 +214,10 @@ _ALL = [
     _contract("avatar", "inspection_ca_fingerprint", CA_FINGERPRINT),
     _contract("avatar", "inspection_ca", INSPECTION_CA),
     _contract("mind", "inspection_ca_changed", NoneValue(), ("fingerprint", CA_FINGERPRINT)),
+    # A version as the sections that changed since the version `base` (the policy digest's
+    # SHA-256) that the slave runs; empty when the master has no such change at hand (added after
+    # version 1 of the contract: a slave that gets an error or nothing fetches the whole version).
+    _contract("avatar", "policy_change", Bytes(MAX_CHUNK_BYTES), ("version", VERSION), ("base", DIGEST)),
 ]
 
 CONTRACTS: dict[str, dict[str, MethodContract]] = {}

@@ -91,13 +91,14 @@ def digest_of_bytes(data: bytes) -> str:
     return DIGEST_PREFIX + hashlib.sha256(data).hexdigest()
 
 
-def record_parts(fields: dict[str, Any], key: str, document_bytes: bytes) -> list[bytes]:
-    """`record_bytes(...)` as pieces, the document's bytes one of them (written, never copied)."""
+def record_parts(fields: dict[str, Any], key: str, document_bytes: bytes | list[bytes]) -> list[bytes]:
+    """`record_bytes(...)` as pieces, the document's bytes (or their pieces) among them (written,
+    never copied)."""
     parts: list[bytes] = [b"{"]
     for name in sorted([*fields, key]):
         head = (b"," if len(parts) > 1 else b"") + _dumps(name) + b":"
         if name == key:
-            parts += [head, document_bytes]
+            parts += [head, *document_bytes] if isinstance(document_bytes, list) else [head, document_bytes]
         else:
             parts.append(head + _dumps(fields[name]))
     parts.append(b"}")

@@ -81,7 +81,9 @@ class SectionMemo:
     def validate(self, name: str, raw: Any, check: Callable[[Any], T], context: Hashable = None) -> T:
         with self._lock:
             kept = self._kept.get(name)
-        if kept is not None and kept[1] == context and same_json(kept[0], raw):
+        # The validated form itself counts as the same input: a canonical section is what
+        # validating it again gives (a slave rebuilding a version from its changed sections).
+        if kept is not None and kept[1] == context and (raw is kept[2] or same_json(kept[0], raw)):
             self.reused += 1
             return kept[2]
         result = check(raw)

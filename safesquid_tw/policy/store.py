@@ -28,6 +28,7 @@ from safesquid_tw.policy.fields import expect_int, expect_object, expect_str
 from safesquid_tw.policy.hosts import domain_memo
 from safesquid_tw.policy.incremental import SectionMemo
 from safesquid_tw.policy.piecewise_json import parse_json_in_pieces
+from safesquid_tw.policy.sectionchange import ChangeNotApplicable, SectionChange, rebuild_from_change, section_change
 from safesquid_tw.policy.shadowing import policy_warnings
 from safesquid_tw.policy.validate import validate_document
 from safesquid_tw.util.atomic import atomic_write
@@ -68,6 +69,9 @@ class PolicyStore:
         # sections (by their input), canonical bytes (by section) and compiled pieces.
         self.sections = SectionMemo()
         self._kept_bytes: dict[str, tuple[Any, bytes]] = {}
+        # On a master: the current version as the sections that changed since the one before
+        # (policy/sectionchange.py), for slaves that run that one; None when too big or unknown.
+        self.current_change: SectionChange | None = None
 
     def add_observer(self, fn: Callable[[Policy], None]) -> None:
         """Call `fn(policy)` after every swap (on the caller's thread)."""
@@ -94,6 +98,7 @@ class PolicyStore:
             moved_to = self._set_aside()
             raise PolicyCacheCorrupt(str(self.cache_path), moved_to, str(e)) from None
         self.current_bytes = None
+        self.current_change = None
         self._swap(policy, source, from_cache=True)
         return policy
 
@@ -179,7 +184,8 @@ class PolicyStore:
         if self.shadow_warnings:
             policy_warnings(policy)  # here, not in the swap's observers on the reactor thread
         self._write_cache(policy, source, data)
-        return Prepared(policy, source, changed=True, base=current, data=data, numbered_here=True)
+        change = section_change(current, policy, self._kept_bytes) if current is not None else None
+        return Prepared(policy, source, changed=True, base=current, data=data, numbered_here=True, change=change)
 
     def prepare_blob(self, blob: bytes | Callable[[], bytes], version: int, *, source: str = "master") -> "Prepared":
         """Worker thread: parse, validate and compile a version numbered elsewhere (a slave taking
@@ -219,6 +225,34 @@ class PolicyStore:
             return received, new_digest
         return b"".join(parts), new_digest
 
+    def prepare_change(self, change: bytes, version: int, digest: str, *, source: str = "master") -> "Prepared":
+        """Worker thread: a version numbered elsewhere, sent as the sections that changed since
+        the current one (policy/sectionchange.py). Rebuilt, validated (unchanged sections taken
+        as they are), checked against `digest`, compiled and cached like `prepare_blob`. Raises
+        ChangeNotApplicable (fetch the whole version instead), PolicyError or OSError."""
+        with domain_memo():
+            current = self.current
+            document = rebuild_from_change(change, current)
+            canonical = validate_document(document, self.sections)
+            parts, self._kept_bytes = canonical_parts_reusing(canonical, self._kept_bytes)
+            new_digest = digest_of_parts(parts)
+            if new_digest != digest:
+                raise ChangeNotApplicable(f"the rebuilt document's digest is {new_digest}, not {digest}")
+            assert current is not None
+            policy = Policy(version=version, digest=new_digest, document=canonical,
+                            compiled=compile_policy(canonical, current.compiled))
+            if self.shadow_warnings:
+                policy_warnings(policy)
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fields: dict[str, Any] = {"version": policy.version, "digest": policy.digest, "source": source}
+            atomic_write(self.cache_path, record_parts(fields, "policy", parts), mode=0o600)
+            return Prepared(policy, source, changed=True, base=current)
+
+    def install_change_async(self, change: bytes, version: int, digest: str, *,
+                             source: str = "master") -> defer.Deferred:
+        return self.applier.submit(lambda: self.prepare_change(change, version, digest, source=source),
+                                   self.commit_prepared)
+
     def commit_prepared(self, prepared: "Prepared") -> Policy:
         """Reactor thread: make a prepared version current (one assignment and the observers)."""
         if not prepared.changed:
@@ -234,6 +268,7 @@ class PolicyStore:
         if replaced is not None:
             prepared.policy.compiled.inherit_from(replaced.compiled)
         self.current_bytes = prepared.data
+        self.current_change = prepared.change
         self._swap(prepared.policy, prepared.source)
         if replaced is not None:
             self.applier.retire(replaced)  # freed in pieces in the worker, not here at once
@@ -253,6 +288,7 @@ class PolicyStore:
         if self.current is not None:
             policy.compiled.inherit_from(self.current.compiled)
         self.current_bytes = self._write_cache(policy, source)
+        self.current_change = None
         self._swap(policy, source)
 
     def _write_cache(self, policy: Policy, source: str, data: bytes | None = None) -> bytes:
@@ -281,10 +317,12 @@ class PolicyStore:
 class Prepared:
     """A version made ready in a worker thread, waiting for its swap."""
 
-    __slots__ = ("policy", "source", "changed", "base", "data", "numbered_here")
+    __slots__ = ("policy", "source", "changed", "base", "data", "numbered_here", "change")
 
     def __init__(self, policy: Policy, source: str, *, changed: bool, base: Policy | None,
-                 data: bytes | None = None, numbered_here: bool = False) -> None:
+                 data: bytes | None = None, numbered_here: bool = False,
+                 change: SectionChange | None = None) -> None:
+        self.change = change  # the version as the sections changed since `base` (a master's)
         self.numbered_here = numbered_here  # its version number is the base's plus one
         self.policy = policy
         self.source = source
