@@ -18,6 +18,7 @@ from safesquid_tw.policy.codec import _refuse_constant, _refuse_duplicate_keys, 
 from safesquid_tw.policy.errors import PolicyError
 
 _DECODER = json.JSONDecoder(object_pairs_hook=_refuse_duplicate_keys, parse_constant=_refuse_constant)
+_PLAIN = json.JSONDecoder()
 
 
 class _NotTaken(Exception):
@@ -36,17 +37,30 @@ def parse_json_in_pieces(data: bytes, depth: int = 3) -> object:
         return parse_json(data)  # its message, with the line and column
 
 
+def loads_in_pieces(data: bytes, depth: int = 3) -> Any:
+    """`json.loads(data)` (repeated keys: the last wins; errors: json's), with objects down to
+    `depth` levels decoded member by member. For request bodies that are not yet a policy."""
+    try:
+        text = data.decode("utf-8")
+        value, end = _value(text, _skip(text, 0), depth, _PLAIN)
+        if _skip(text, end) != len(text):
+            raise _NotTaken()
+        return value
+    except (_NotTaken, ValueError, IndexError, RecursionError, UnicodeDecodeError):
+        return json.loads(data)  # what json says, or its exact value where this walk gave up
+
+
 def _skip(text: str, index: int) -> int:
     return WHITESPACE.match(text, index).end()
 
 
-def _value(text: str, index: int, depth: int) -> tuple[Any, int]:
+def _value(text: str, index: int, depth: int, decoder: json.JSONDecoder = _DECODER) -> tuple[Any, int]:
     if depth > 0 and text.startswith("{", index):
-        return _object(text, index + 1, depth - 1)
-    return _DECODER.raw_decode(text, index)
+        return _object(text, index + 1, depth - 1, decoder)
+    return decoder.raw_decode(text, index)
 
 
-def _object(text: str, index: int, depth: int) -> tuple[dict[str, Any], int]:
+def _object(text: str, index: int, depth: int, decoder: json.JSONDecoder) -> tuple[dict[str, Any], int]:
     out: dict[str, Any] = {}
     index = _skip(text, index)
     if text.startswith("}", index):
@@ -54,13 +68,13 @@ def _object(text: str, index: int, depth: int) -> tuple[dict[str, Any], int]:
     while True:
         if not text.startswith('"', index):
             raise _NotTaken()
-        key, index = _DECODER.raw_decode(text, index)
+        key, index = decoder.raw_decode(text, index)
         index = _skip(text, index)
         if not text.startswith(":", index):
             raise _NotTaken()
-        value, index = _value(text, _skip(text, index + 1), depth)
+        value, index = _value(text, _skip(text, index + 1), depth, decoder)
         if key in out:
-            raise _NotTaken()  # parse_json names the repeated key
+            raise _NotTaken()  # parse_json names the repeated key (json.loads keeps the last)
         out[key] = value
         index = _skip(text, index)
         if text.startswith(",", index):
@@ -71,4 +85,4 @@ def _object(text: str, index: int, depth: int) -> tuple[dict[str, Any], int]:
         raise _NotTaken()
 
 
-__all__ = ["parse_json_in_pieces"]
+__all__ = ["loads_in_pieces", "parse_json_in_pieces"]

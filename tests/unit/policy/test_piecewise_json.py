@@ -42,3 +42,26 @@ def test_errors_are_parse_jsons(data):
     with pytest.raises(PolicyError) as pieces:
         parse_json_in_pieces(data, 3)
     assert str(pieces.value) == str(whole.value)
+
+
+@pytest.mark.parametrize("data", [
+    json.dumps({"document": DOC, "comment": "c"}).encode(),
+    b'{"a": 1, "a": {"b": 2}}',  # json keeps the last of repeated keys
+    b'{"a": NaN, "b": [Infinity]}',
+    "{\"\u00e9\": 1}".encode("utf-16"),
+])
+def test_loads_in_pieces_is_json_loads(data):
+    from safesquid_tw.policy.piecewise_json import loads_in_pieces
+
+    assert repr(loads_in_pieces(data, 4)) == repr(json.loads(data))
+
+
+@pytest.mark.parametrize("data", [b'{"a": 1,}', b"\xff", b"[1, 2", b'{"a": {"b": }}'])
+def test_loads_in_pieces_fails_as_json_loads_does(data):
+    from safesquid_tw.policy.piecewise_json import loads_in_pieces
+
+    with pytest.raises(ValueError) as whole:
+        json.loads(data)
+    with pytest.raises(ValueError) as pieces:
+        loads_in_pieces(data, 4)
+    assert str(pieces.value) == str(whole.value)
