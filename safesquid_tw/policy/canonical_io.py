@@ -114,4 +114,12 @@ def record_bytes(fields: dict[str, Any], key: str, document_bytes: bytes) -> byt
     return b"{" + b",".join(parts) + b"}"
 
 
-__all__ = ["canonical_bytes_in_pieces", "canonical_parts_reusing", "digest_of_parts", "parts_equal", "record_parts", "digest_of_bytes", "record_bytes"]
+__all__ = [
+    "canonical_bytes_in_pieces",
+    "canonical_parts_reusing",
+    "digest_of_parts",
+    "parts_equal",
+    "record_parts",
+    "digest_of_bytes",
+    "record_bytes",
+]
