@@ -174,6 +174,13 @@ def test_a_document_changed_in_place_after_it_was_applied_is_validated_again(tmp
         store.apply_document(doc, source="test")
 
 
+def test_a_canonical_document_is_what_validating_it_again_gives():
+    # What lets a slave's memo take a canonical section as the input it was made from.
+    for doc in versions():
+        canonical = validate_document(doc)
+        assert same_json(validate_document(canonical), canonical)
+
+
 def test_same_json_tells_types_and_key_order_apart():
     assert same_json({"a": [1, "x", {"b": True}]}, {"a": [1, "x", {"b": True}]})
     assert not same_json([True], [1])
@@ -223,3 +230,28 @@ def test_pieces_of_canonical_bytes_and_records_join_to_the_whole_forms():
     fields = {"version": 3, "digest": digest(first), "source": "master"}
     assert b"".join(record_parts(fields, "policy", b"{}")) == record_bytes(fields, "policy", b"{}")
     assert b"".join(record_parts({}, "policy", b"[]")) == record_bytes({}, "policy", b"[]")
+
+
+def test_the_sample_policy_changed_section_by_section_prepares_as_a_full_preparation(tmp_path):
+    from safesquid_tw.resources import sample_policy_path
+
+    sample = json.loads(open(sample_policy_path(), encoding="utf-8").read())
+    assert same_json(validate_document(validate_document(sample)), validate_document(sample))
+    store = PolicyStore(tmp_path)
+    store.apply_document(sample, source="test")
+    for key in [k for k in sample if k != "format"]:
+        doc = copy.deepcopy(sample)
+        doc.pop(key)  # every section in turn back to its default (or, for access, refused)
+        try:
+            canonical = validate_document(doc)
+        except PolicyError as e:
+            with pytest.raises(PolicyError) as refused:
+                store.apply_document(doc, source="test")
+            assert str(refused.value) == str(e)
+            continue
+        policy = store.apply_document(doc, source="test")
+        assert policy.digest == digest(canonical)
+        full = compile_policy(canonical)
+        assert outcome(policy.compiled) == outcome(full) and tables(policy.compiled) == tables(full)
+        policy = store.apply_document(sample, source="test")
+        assert policy.digest == digest(validate_document(sample))
