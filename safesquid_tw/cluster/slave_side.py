@@ -415,7 +415,7 @@ class ClusterClient(MultiService):
             return
         taken = await self._sync_change(version, digest, why)
         if taken is not False:
-            return  # applied (or superseded, or refused) from the changed sections alone
+            return  # applied from the changed sections alone (or a newer version is being prepared)
         assembler = wire.BlobAssembler(manifest)
         # Several chunk calls in flight at a time, not one round trip per chunk: a big policy
         # is a dozen chunks or more, and a loaded master answers each after a while.
