@@ -121,6 +121,42 @@ def thread_cpu_seconds(pid: int, tid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) of a whole process, every thread, from /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_of(pid: int) -> list[int]:
+    """The process's direct children (a slave's workers), from /proc."""
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                found += [int(c) for c in f.read().split()]
+        except OSError:
+            pass
+    return found
+
+
+def node_processes(cluster, slaves) -> dict[str, int]:
+    """name -> pid for the master, every slave's node process and each of its workers."""
+    processes = {"master": cluster.master.pid}
+    for slave in slaves:
+        processes[slave.name] = slave.pid
+        for n, child in enumerate(sorted(children_of(slave.pid))):
+            processes[f"{slave.name}.worker{n + 1}"] = child
+    return processes
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
@@ -151,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=50.0, help="client requests per second")
     parser.add_argument("--worst", type=int, default=0, help="list this many of the slowest answers")
     args = parser.parse_args(argv)
+    # The paced client is a thread of this process: each answer it waits for comes back through
+    # a system call after which it needs this process's GIL, held meanwhile by the thread that
+    # pushes (3 MB bodies, polling the cluster view). The default 5 ms switch interval would add
+    # the bench's own waits to the proxy's latency.
+    sys.setswitchinterval(0.0002)
 
     base = build_policy(args.rules, args.domains)
     workdir = Path(tempfile.mkdtemp(prefix="push-bench-"))
@@ -177,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         pushes: list[float] = []
         push_times: list[float] = []  # when each push was sent, to place the slowest answers
         version = 1
+        processes = node_processes(cluster, slaves)
+        push_cpu = {name: 0.0 for name in processes}
         for _round in range(args.rounds):
             start, cpu = time.monotonic(), thread_cpu_seconds(pid, pid)
             time.sleep(args.phase)
@@ -184,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             reactor_cpu["quiet"] += thread_cpu_seconds(pid, pid) - cpu
             phase_time["quiet"] += time.monotonic() - start
             start, cpu = time.monotonic(), thread_cpu_seconds(pid, pid)
+            cpu_before = {name: process_cpu_seconds(p) for name, p in processes.items()}
             while time.monotonic() - start < args.phase:
                 data = request_template.replace(placeholder, f"bench push {version + 1}".encode(), 1)
                 sent = time.monotonic()
@@ -199,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
                     return 1
                 pushes.append(reached - sent)
             phases.append(("pushes", start, time.monotonic()))
+            for name, p in processes.items():
+                push_cpu[name] += process_cpu_seconds(p) - cpu_before[name]
             reactor_cpu["pushes"] += thread_cpu_seconds(pid, pid) - cpu
             phase_time["pushes"] += time.monotonic() - start
         client.stopping.set()
@@ -228,6 +274,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"push latency to {args.slaves} slaves (API call -> the master has every slave's acknowledgement), "
                   f"{len(pushes)} pushes: min {min(pushes):.2f} s, median {statistics.median(pushes):.2f} s, "
                   f"max {max(pushes):.2f} s")
+        if pushes:
+            # The steadier figure on a shared machine: CPU per version, whole processes, read from
+            # /proc over the pushes phases (quiet-phase traffic of the measured slave included).
+            per = {name: cpu / len(pushes) for name, cpu in push_cpu.items()}
+            print(f"CPU seconds per version per process (pushes phases / {len(pushes)} versions): "
+                  + ", ".join(f"{name} {value:.3f}" for name, value in per.items())
+                  + f"; all {sum(per.values()):.2f}")
         text = _metrics_text(cluster)
         for line in text.splitlines():
             if line.startswith(("safesquid_policy_last_apply", "safesquid_policy_push_latency_seconds")):

@@ -32,6 +32,7 @@ from safesquid_tw.cluster.tlsconfig import ChannelBindingUnavailable, channel_bi
 from safesquid_tw.master.registry import SlaveRegistry
 from safesquid_tw.policy.codec import canonical_bytes
 from safesquid_tw.policy.compiled import Policy
+from safesquid_tw.policy.sectionchange import SectionChange
 from safesquid_tw.policy.store import PolicyStore
 
 log = Logger()
@@ -44,11 +45,13 @@ class ClusterRefused(pb.Error):
 class PolicyPublication:
     """The current policy cut into wire chunks, made once per version."""
 
-    def __init__(self, policy: Policy, data: bytes | None = None) -> None:
+    def __init__(self, policy: Policy, data: bytes | None = None, change: SectionChange | None = None) -> None:
         """`data`: the document's canonical bytes when the store has them already (made in its
-        worker thread), so the reactor does not serialise a big policy again."""
+        worker thread), so the reactor does not serialise a big policy again. `change`: the
+        version as the sections changed since the one before (policy/sectionchange.py)."""
         self.version = policy.version
         self.digest = policy.digest
+        self.change = change if change is not None and change.digest == policy.digest else None
         manifest, self.chunks = wire.split_blob(data if data is not None else canonical_bytes(policy.document))
         self.manifest = dict(manifest.to_wire(), version=policy.version)
 
@@ -111,8 +114,9 @@ class ControlPlane:
 
     # -- policy ---------------------------------------------------------------------------
     def policy_changed(self, policy: Policy) -> None:
-        data = self.store.current_bytes if self.store.current is policy else None
-        self.publication = PolicyPublication(policy, data)
+        current = self.store.current is policy
+        data = self.store.current_bytes if current else None
+        self.publication = PolicyPublication(policy, data, self.store.current_change if current else None)
         self.announced_at = {policy.version: self.reactor.seconds()}
         for name, avatar in list(self.avatars.items()):
             avatar.notify_policy(policy.version)
@@ -363,6 +367,19 @@ class SlaveAvatar(pb.Referenceable):
         if index >= len(publication.chunks):
             raise ClusterRefused(f"version {version} has no chunk {index}")
         return publication.chunks[index]
+
+    @wire.checked("avatar")
+    def remote_policy_change(self, version, base):
+        """The current version as the sections changed since `base`, or b"" when this master has
+        no such change (the slave then fetches the whole version in chunks)."""
+        self._heard()
+        publication = self.plane.publication
+        if publication is None or publication.version != version:
+            raise ClusterRefused(f"version {version} is no longer current; ask for the manifest again")
+        change = publication.change
+        if change is None or change.base != "sha256:" + base.hex() or len(change.data) > wire.MAX_CHUNK_BYTES:
+            return b""
+        return change.data
 
     @wire.checked("avatar")
     def remote_policy_applied(self, version, ok, detail):

@@ -410,8 +410,12 @@ class ClusterClient(MultiService):
         wire.check_result("avatar", "policy_manifest", manifest_value)
         version = manifest_value["version"]
         manifest = wire.BlobManifest.from_wire(manifest_value)
-        if self._runs(version, "sha256:" + manifest.sha256.hex()):
+        digest = "sha256:" + manifest.sha256.hex()
+        if self._runs(version, digest):
             return
+        taken = await self._sync_change(version, digest, why)
+        if taken is not False:
+            return  # applied from the changed sections alone (or a newer version is being prepared)
         assembler = wire.BlobAssembler(manifest)
         # Several chunk calls in flight at a time, not one round trip per chunk: a big policy
         # is a dozen chunks or more, and a loaded master answers each after a while.
@@ -438,6 +442,38 @@ class ClusterClient(MultiService):
                  version=version, digest=policy.digest, why=why)
         await self._call("policy_applied", version, True, "")
         self.report_status()
+
+    async def _sync_change(self, version: int, digest: str, why: str) -> bool | None:
+        """Take the version as the sections changed since the one this slave runs, when the
+        master has that change (policy/sectionchange.py): nothing of 3 MB crosses the wire or
+        gets decoded. False: fetch the whole version instead (no change at hand, an older master,
+        or a change that does not make the announced digest)."""
+        current = self.store.current
+        if current is None or not current.digest.startswith("sha256:"):
+            return False
+        base = bytes.fromhex(current.digest[len("sha256:"):])
+        del current  # not kept across the awaits: the replaced version is freed in pieces
+        try:
+            change = await self._call("policy_change", version, base)
+            wire.check_result("avatar", "policy_change", change)
+        except Exception as e:
+            log.debug("no policy change from the master ({why}); fetching the whole version", why=str(e))
+            return False
+        if not change:
+            return False
+        try:
+            policy = await self.store.install_change_async(change, version, digest, source="master")
+        except PolicySuperseded:
+            return None
+        except Exception as e:
+            log.info("the changed sections of policy version {version} did not apply ({why}); "
+                     "fetching the whole version", version=version, why=str(e)[:500])
+            return False
+        log.info("policy version {version} ({digest}) from the master is in force ({why}; changed sections only)",
+                 version=version, digest=policy.digest, why=why)
+        await self._call("policy_applied", version, True, "")
+        self.report_status()
+        return True
 
     def _runs(self, version: int, digest: str) -> bool:
         # Not a local of `_sync`: that coroutine lives on after the swap, and the version it

@@ -8,7 +8,8 @@ port). Three kinds of object answer remote calls:
   ``prove(proof, mind) -> {"proof", "avatar"}``.
 - ``avatar``: the master's object for one authenticated slave (``mind`` above is the slave's).
   ``ping()``, ``report_status(status)``, ``policy_manifest()``, ``policy_chunk(version, index)``,
-  ``policy_applied(version, ok, detail)``, ``ship_log_batch(segment, first_seq, records)``.
+  ``policy_applied(version, ok, detail)``, ``ship_log_batch(segment, first_seq, records)``,
+  ``policy_change(version, base)`` (the sections changed since the slave's version, or nothing).
 - ``mind``: the slave's object, handed to the master in ``prove``.
   ``ping()``, ``policy_changed(version)``.
 
@@ -214,6 +215,10 @@ _ALL = [
     _contract("avatar", "inspection_ca_fingerprint", CA_FINGERPRINT),
     _contract("avatar", "inspection_ca", INSPECTION_CA),
     _contract("mind", "inspection_ca_changed", NoneValue(), ("fingerprint", CA_FINGERPRINT)),
+    # A version as the sections that changed since the version `base` (the policy digest's
+    # SHA-256) that the slave runs; empty when the master has no such change at hand (added after
+    # version 1 of the contract: a slave that gets an error or nothing fetches the whole version).
+    _contract("avatar", "policy_change", Bytes(MAX_CHUNK_BYTES), ("version", VERSION), ("base", DIGEST)),
 ]
 
 CONTRACTS: dict[str, dict[str, MethodContract]] = {}

@@ -20,6 +20,7 @@ from safesquid_tw.policy.credentials import Credentials
 from safesquid_tw.policy.dlp import DlpRules
 from safesquid_tw.policy.forwarding import Forwarding
 from safesquid_tw.policy.hosts import normalise_host, suffixes
+from safesquid_tw.policy.incremental import reuse_or_build
 from safesquid_tw.policy.model import CachedIdentity, Decision, Identity, RequestFacts
 from safesquid_tw.policy.networks import NetworkSet, parse_address
 from safesquid_tw.policy.rules import CompiledRule, RuleTable, full_url
@@ -31,14 +32,19 @@ _MEMO_LIMIT = 65536
 
 
 class CompiledPolicy:
-    def __init__(self, document: dict[str, Any]) -> None:
+    def __init__(self, document: dict[str, Any], previous: CompiledPolicy | None = None) -> None:
+        # The big pieces of a version whose sections equal the previous version's are taken from
+        # it as they are: they depend on nothing else (policy/incremental.py).
+        before = previous._pieces if previous is not None else None
+        self._pieces: dict[str, tuple[Any, Any]] = {}
         access = document["access"]
         self.default_action: str = access["default_action"]
         self._default_reason = f"no rule matched; the default action is {self.default_action}"
-        self._rules = RuleTable(access["rules"])
+        self._rules = reuse_or_build(before, self._pieces, "rules", access["rules"], RuleTable)
         self.rule_names = tuple(rule.name for rule in self._rules.rules)
-        self._categories = CategoryIndex(document["categories"])
-        self._applications = ApplicationIndex(document["applications"])
+        self._categories = reuse_or_build(before, self._pieces, "categories", document["categories"], CategoryIndex)
+        self._applications = reuse_or_build(before, self._pieces, "applications", document["applications"],
+                                            ApplicationIndex)
         authentication = document["authentication"]
         self.auth_enabled: bool = authentication["enabled"]
         self.realm: str = authentication["realm"]
@@ -213,9 +219,10 @@ def _reported_category(rule: CompiledRule, categories: tuple[str, ...]) -> str |
     return categories[0] if categories else None
 
 
-def compile_policy(document: dict[str, Any]) -> CompiledPolicy:
-    """Compile a validated (canonical) document."""
-    return CompiledPolicy(document)
+def compile_policy(document: dict[str, Any], previous: CompiledPolicy | None = None) -> CompiledPolicy:
+    """Compile a validated (canonical) document; with `previous` (the version it replaces), its
+    unchanged sections' compiled pieces are reused (exactly what compiling them again gives)."""
+    return CompiledPolicy(document, previous)
 
 
 @attrs.frozen(eq=False)

@@ -223,6 +223,7 @@ def shadowed_rules(document: dict[str, Any]) -> list[ShadowWarning]:
 # them again on the reactor thread. Keyed by the version's object; forgotten with it.
 _by_policy: "weakref.WeakKeyDictionary[Any, list[ShadowWarning]]" = weakref.WeakKeyDictionary()
 _by_policy_lock = threading.Lock()
+_last_rules: list[tuple[Any, list[ShadowWarning]] | None] = [None]  # (rules list, its warnings)
 
 
 def policy_warnings(policy: Any) -> list[ShadowWarning]:
@@ -231,7 +232,15 @@ def policy_warnings(policy: Any) -> list[ShadowWarning]:
     with _by_policy_lock:
         found = _by_policy.get(policy)
     if found is None:
-        found = shadowed_rules(policy.document)
+        # They depend on the rules alone: a version whose rules are the very list of the last
+        # one computed (a section reused unchanged, policy/incremental.py) has the same warnings.
+        rules = policy.document.get("access", {}).get("rules")
+        last = _last_rules[0]
+        if last is not None and rules is not None and last[0] is rules:
+            found = last[1]
+        else:
+            found = shadowed_rules(policy.document)
+            _last_rules[0] = (rules, found) if rules is not None else None
         with _by_policy_lock:
             found = _by_policy.setdefault(policy, found)
     return found

@@ -20,12 +20,15 @@ from twisted.logger import Logger
 from twisted.internet import defer
 
 from safesquid_tw.policy.applier import PolicyApplier, PolicySuperseded
-from safesquid_tw.policy.canonical_io import canonical_bytes_in_pieces, digest_of_bytes, record_bytes
+from safesquid_tw.policy.canonical_io import canonical_parts_reusing, digest_of_parts, parts_equal, record_parts
 from safesquid_tw.policy.codec import canonical_bytes, digest, parse_json
 from safesquid_tw.policy.compiled import Policy, compile_policy
 from safesquid_tw.policy.errors import PolicyError
 from safesquid_tw.policy.fields import expect_int, expect_object, expect_str
 from safesquid_tw.policy.hosts import domain_memo
+from safesquid_tw.policy.incremental import SectionMemo
+from safesquid_tw.policy.piecewise_json import parse_json_in_pieces
+from safesquid_tw.policy.sectionchange import ChangeNotApplicable, SectionChange, rebuild_from_change, section_change
 from safesquid_tw.policy.shadowing import policy_warnings
 from safesquid_tw.policy.validate import validate_document
 from safesquid_tw.util.atomic import atomic_write
@@ -62,6 +65,13 @@ class PolicyStore:
         # worker thread) for the log and the API. A slave runs what its master checked and
         # warned about already, so it skips them (about a tenth of a big version's CPU).
         self.shadow_warnings = True
+        # Versions after the first reuse what did not change since the one before: validated
+        # sections (by their input), canonical bytes (by section) and compiled pieces.
+        self.sections = SectionMemo()
+        self._kept_bytes: dict[str, tuple[Any, bytes]] = {}
+        # On a master: the current version as the sections that changed since the one before
+        # (policy/sectionchange.py), for slaves that run that one; None when too big or unknown.
+        self.current_change: SectionChange | None = None
 
     def add_observer(self, fn: Callable[[Policy], None]) -> None:
         """Call `fn(policy)` after every swap (on the caller's thread)."""
@@ -88,6 +98,7 @@ class PolicyStore:
             moved_to = self._set_aside()
             raise PolicyCacheCorrupt(str(self.cache_path), moved_to, str(e)) from None
         self.current_bytes = None
+        self.current_change = None
         self._swap(policy, source, from_cache=True)
         return policy
 
@@ -96,12 +107,13 @@ class PolicyStore:
         version = expect_int(wrapper["version"], "(cache).version", minimum=1)
         stored_digest = expect_str(wrapper["digest"], "(cache).digest", max_len=100)
         source = expect_str(wrapper.get("source", "cache"), "(cache).source", max_len=1000)
-        canonical = validate_document(wrapper["policy"])
+        canonical = validate_document(wrapper["policy"], self.sections)
         actual = digest(canonical)
         if actual != stored_digest:
             raise PolicyError("(cache).digest", f"the document's digest is {actual}, not the recorded {stored_digest}")
         assert version is not None
-        return Policy(version=version, digest=actual, document=canonical, compiled=compile_policy(canonical)), source
+        return Policy(version=version, digest=actual, document=canonical,
+                      compiled=compile_policy(canonical, self._previous_compiled())), source
 
     def _set_aside(self) -> str:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self._clock()))
@@ -121,13 +133,14 @@ class PolicyStore:
         A document equal (by digest) to the current one changes nothing and returns the current
         version. On PolicyError (or an OSError writing the cache) nothing changes.
         """
-        canonical = validate_document(doc)
+        canonical = validate_document(doc, self.sections)
         new_digest = digest(canonical)
         current = self.current
         if current is not None and current.digest == new_digest:
             return current
         version = current.version + 1 if current is not None else 1
-        policy = Policy(version=version, digest=new_digest, document=canonical, compiled=compile_policy(canonical))
+        policy = Policy(version=version, digest=new_digest, document=canonical,
+                        compiled=compile_policy(canonical, self._previous_compiled()))
         self._commit(policy, source)
         return policy
 
@@ -158,20 +171,21 @@ class PolicyStore:
     def _prepare_document(self, doc: object, *, source: str) -> "Prepared":
         if callable(doc):  # the document is read in the worker too (a policy file)
             doc = doc()
-        canonical = validate_document(doc)
+        canonical = validate_document(doc, self.sections)
         # Serialised once, in pieces (the GIL changes hands between them): digest, cache file,
         # history file and the master's publication all use these bytes.
-        data = canonical_bytes_in_pieces(canonical)
-        new_digest = digest_of_bytes(data)
+        data, new_digest = self._canonical_bytes(canonical)
         current = self.current
         if current is not None and current.digest == new_digest:
             return Prepared(current, source, changed=False, base=current)
         version = current.version + 1 if current is not None else 1
-        policy = Policy(version=version, digest=new_digest, document=canonical, compiled=compile_policy(canonical))
+        policy = Policy(version=version, digest=new_digest, document=canonical,
+                        compiled=compile_policy(canonical, current.compiled if current is not None else None))
         if self.shadow_warnings:
             policy_warnings(policy)  # here, not in the swap's observers on the reactor thread
         self._write_cache(policy, source, data)
-        return Prepared(policy, source, changed=True, base=current, data=data, numbered_here=True)
+        change = section_change(current, policy, self._kept_bytes) if current is not None else None
+        return Prepared(policy, source, changed=True, base=current, data=data, numbered_here=True, change=change)
 
     def prepare_blob(self, blob: bytes | Callable[[], bytes], version: int, *, source: str = "master") -> "Prepared":
         """Worker thread: parse, validate and compile a version numbered elsewhere (a slave taking
@@ -185,17 +199,59 @@ class PolicyStore:
     def _prepare_blob(self, blob: bytes | Callable[[], bytes], version: int, *, source: str) -> "Prepared":
         if callable(blob):
             blob = blob()
-        canonical = validate_document(parse_json(blob))
-        data = canonical_bytes_in_pieces(canonical)
-        new_digest = digest_of_bytes(data)
+        # Decoded a member at a time: the GIL changes hands between the pieces of 3 MB.
+        canonical = validate_document(parse_json_in_pieces(blob), self.sections)
+        data, new_digest = self._canonical_bytes(canonical, received=blob)
         current = self.current
         if current is not None and current.version == version and current.digest == new_digest:
             return Prepared(current, source, changed=False, base=current)
-        policy = Policy(version=version, digest=new_digest, document=canonical, compiled=compile_policy(canonical))
+        policy = Policy(version=version, digest=new_digest, document=canonical,
+                        compiled=compile_policy(canonical, current.compiled if current is not None else None))
         if self.shadow_warnings:
             policy_warnings(policy)  # here, not in the swap's observers on the reactor thread
         self._write_cache(policy, source, data)
         return Prepared(policy, source, changed=True, base=current, data=data)
+
+    def _previous_compiled(self):
+        return self.current.compiled if self.current is not None else None
+
+    def _canonical_bytes(self, canonical: dict[str, Any], received: bytes | None = None) -> tuple[bytes, str]:
+        """The document's canonical bytes and digest (policy thread); sections kept from the
+        last version are not serialised again, and bytes `received` that are the canonical
+        ones (a master's, the usual case) are used as they are instead of a copy."""
+        parts, self._kept_bytes = canonical_parts_reusing(canonical, self._kept_bytes)
+        new_digest = digest_of_parts(parts)
+        if isinstance(received, bytes) and parts_equal(parts, received):
+            return received, new_digest
+        return b"".join(parts), new_digest
+
+    def prepare_change(self, change: bytes, version: int, digest: str, *, source: str = "master") -> "Prepared":
+        """Worker thread: a version numbered elsewhere, sent as the sections that changed since
+        the current one (policy/sectionchange.py). Rebuilt, validated (unchanged sections taken
+        as they are), checked against `digest`, compiled and cached like `prepare_blob`. Raises
+        ChangeNotApplicable (fetch the whole version instead), PolicyError or OSError."""
+        with domain_memo():
+            current = self.current
+            document = rebuild_from_change(change, current)
+            canonical = validate_document(document, self.sections)
+            parts, self._kept_bytes = canonical_parts_reusing(canonical, self._kept_bytes)
+            new_digest = digest_of_parts(parts)
+            if new_digest != digest:
+                raise ChangeNotApplicable(f"the rebuilt document's digest is {new_digest}, not {digest}")
+            assert current is not None
+            policy = Policy(version=version, digest=new_digest, document=canonical,
+                            compiled=compile_policy(canonical, current.compiled))
+            if self.shadow_warnings:
+                policy_warnings(policy)
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fields: dict[str, Any] = {"version": policy.version, "digest": policy.digest, "source": source}
+            atomic_write(self.cache_path, record_parts(fields, "policy", parts), mode=0o600)
+            return Prepared(policy, source, changed=True, base=current)
+
+    def install_change_async(self, change: bytes, version: int, digest: str, *,
+                             source: str = "master") -> defer.Deferred:
+        return self.applier.submit(lambda: self.prepare_change(change, version, digest, source=source),
+                                   self.commit_prepared)
 
     def commit_prepared(self, prepared: "Prepared") -> Policy:
         """Reactor thread: make a prepared version current (one assignment and the observers)."""
@@ -212,6 +268,7 @@ class PolicyStore:
         if replaced is not None:
             prepared.policy.compiled.inherit_from(replaced.compiled)
         self.current_bytes = prepared.data
+        self.current_change = prepared.change
         self._swap(prepared.policy, prepared.source)
         if replaced is not None:
             self.applier.retire(replaced)  # freed in pieces in the worker, not here at once
@@ -231,6 +288,7 @@ class PolicyStore:
         if self.current is not None:
             policy.compiled.inherit_from(self.current.compiled)
         self.current_bytes = self._write_cache(policy, source)
+        self.current_change = None
         self._swap(policy, source)
 
     def _write_cache(self, policy: Policy, source: str, data: bytes | None = None) -> bytes:
@@ -240,7 +298,7 @@ class PolicyStore:
         if data is None:
             data = canonical_bytes(policy.document)
         fields: dict[str, Any] = {"version": policy.version, "digest": policy.digest, "source": source}
-        atomic_write(self.cache_path, record_bytes(fields, "policy", data), mode=0o600)
+        atomic_write(self.cache_path, record_parts(fields, "policy", data), mode=0o600)
         return data
 
     def _swap(self, policy: Policy, source: str, *, from_cache: bool = False) -> None:
@@ -259,10 +317,12 @@ class PolicyStore:
 class Prepared:
     """A version made ready in a worker thread, waiting for its swap."""
 
-    __slots__ = ("policy", "source", "changed", "base", "data", "numbered_here")
+    __slots__ = ("policy", "source", "changed", "base", "data", "numbered_here", "change")
 
     def __init__(self, policy: Policy, source: str, *, changed: bool, base: Policy | None,
-                 data: bytes | None = None, numbered_here: bool = False) -> None:
+                 data: bytes | None = None, numbered_here: bool = False,
+                 change: SectionChange | None = None) -> None:
+        self.change = change  # the version as the sections changed since `base` (a master's)
         self.numbered_here = numbered_here  # its version number is the base's plus one
         self.policy = policy
         self.source = source

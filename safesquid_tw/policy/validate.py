@@ -41,6 +41,7 @@ from safesquid_tw.policy.fields import (
     time_to_minutes,
 )
 from safesquid_tw.policy.hosts import parse_domain_pattern
+from safesquid_tw.policy.incremental import SectionMemo
 from safesquid_tw.policy.model import ACTIONS
 from safesquid_tw.policy.tlsinspection import DEFAULTS as TLS_INSPECTION_DEFAULTS
 from safesquid_tw.policy.tlsinspection import validate_tls_inspection
@@ -72,16 +73,20 @@ def _fold(text: str) -> str:
     return text.casefold()
 
 
-def validate_document(doc: object) -> dict[str, Any]:
-    """Check a whole policy document; return its canonical form or raise PolicyError."""
+def validate_document(doc: object, memo: SectionMemo | None = None) -> dict[str, Any]:
+    """Check a whole policy document; return its canonical form or raise PolicyError.
+
+    With a `memo` (policy/incremental.py), the big sections that are the same as when last
+    validated are taken from it instead of being checked again."""
     top = expect_object(doc, "(document)", _TOP)
     if top["format"] != FORMAT:
         raise PolicyError("format", f"must be {FORMAT!r}, not {top['format']!r}")
-    groups = _groups(top.get("groups", []))
+    check = memo.validate if memo is not None else _check_now
+    groups = check("groups", top.get("groups", []), _groups)
     group_names = {g["name"] for g in groups}
-    users = _users(top.get("users", []), group_names)
-    categories = _categories(top.get("categories", {}))
-    applications = _applications(top.get("applications", []))
+    users = check("users", top.get("users", []), lambda v: _users(v, group_names), frozenset(group_names))
+    categories = check("categories", top.get("categories", {}), _categories)
+    applications = check("applications", top.get("applications", []), _applications)
     known = {
         "groups": group_names,
         "users": {u["name"] for u in users},
@@ -91,7 +96,8 @@ def validate_document(doc: object) -> dict[str, Any]:
     canonical = {
         "format": FORMAT,
         "comment": expect_str(top.get("comment", ""), "comment", max_len=65536, allow_empty=True),
-        "access": _access(top["access"], known),
+        "access": check("access", top["access"], lambda v: _access(v, known),
+                        tuple(frozenset(known[k]) for k in sorted(known))),
         "authentication": _authentication(top.get("authentication", {})),
         "groups": groups,
         "users": users,
@@ -121,6 +127,10 @@ def validate_document(doc: object) -> dict[str, Any]:
         # Left out while it holds only its defaults, like access_restriction (digests stay valid).
         canonical["antivirus"] = antivirus
     return canonical
+
+
+def _check_now(_name: str, raw: Any, check: Any, _context: Any = None) -> Any:
+    return check(raw)
 
 
 def _named_items(value: object, path: str) -> list[tuple[str, dict[str, Any], str]]:

@@ -10,8 +10,9 @@ import os
 import tempfile
 
 
-def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -> None:
-    """Write `data` to `path` atomically and durably, with permissions `mode`.
+def atomic_write(path: str | os.PathLike[str], data: bytes | list[bytes], mode: int = 0o600) -> None:
+    """Write `data` (bytes, or a list of pieces written one after the other) to `path`
+    atomically and durably, with permissions `mode`.
 
     The temporary file lives in the same directory (a rename is only atomic within one file
     system) and gets its final mode before any byte is written, so secrets are never readable
@@ -24,7 +25,10 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             fd = -1  # owned by the file object now
-            f.write(data)
+            if isinstance(data, list):
+                f.writelines(data)
+            else:
+                f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_path, path)

@@ -26,11 +26,12 @@ from twisted.logger import FileLogObserver, Logger, eventAsText, globalLogBeginn
 from safesquid_tw.accesslog.record import AccessRecord
 from safesquid_tw.config import Limits, NodeConfig
 from safesquid_tw.policy.applier import POLICY_SWITCH_INTERVAL
-from safesquid_tw.policy.compiled import Policy, compile_policy
+from safesquid_tw.policy.compiled import Policy
 from safesquid_tw.policy.errors import PolicyError
 from safesquid_tw.policy.release import release_in_pieces
+from safesquid_tw.workers.policydelta import NeedWholeVersion, compile_message, merge_waiting
 from safesquid_tw.util.threads import ThreadRunner, pool_runner
-from safesquid_tw.workers.frames import FramedStdio
+from safesquid_tw.workers.frames import FramedStdio, decode_large
 
 log = Logger()
 
@@ -85,16 +86,18 @@ class PolicyHolder:
                 log.failure("policy observer failed on version {version}", version=policy.version)
 
 
-def compile_sent(message: dict[str, Any]) -> Policy:
+def compile_sent(message: dict[str, Any], current: Policy | None = None) -> Policy:
     """The version the parent sent, compiled here (a thread). The parent validated it and sends
-    the canonical document it serves itself over a length-framed local pipe, so the worker only
-    compiles: validating again and re-serialising for the digest would double a big version's
-    CPU in every worker (and hold the worker's GIL the longer), for nothing the pipe can lose."""
-    document = message["doc"]
-    if not isinstance(document, dict):
-        raise PolicyError("(worker)", "the version sent is not a policy document")
-    return Policy(version=int(message["version"]), digest=str(message["digest"]), document=document,
-                  compiled=compile_policy(document))
+    the canonical document it serves itself (or the sections that changed since `current`:
+    workers/policydelta.py) over a length-framed local pipe, so the worker only compiles:
+    validating again and re-serialising for the digest would double a big version's CPU in
+    every worker (and hold the worker's GIL the longer), for nothing the pipe can lose."""
+    if "frame" in message:
+        # A large frame, still undecoded (frames.py): decoded here, a piece at a time.
+        message = decode_large(message["frame"])
+        if message["t"] != "policy":
+            raise PolicyError("(worker)", f"a large {message['t']!r} frame is not a policy version")
+    return compile_message(message, current)
 
 
 class Worker:
@@ -116,7 +119,7 @@ class Worker:
         self._failures_sent = 0  # upstream failures the parent has heard of (ProxyCounters)
         self._unchanged_since = 0.0
         self.policy = PolicyHolder()
-        self.pipe = FramedStdio(self.received, self.parent_gone)
+        self.pipe = FramedStdio(self.received, self.parent_gone, self.received_large)
         limits = config.limits
         self.resolver = Resolver(reactor, threads_max=limits.dns_threads, timeout=limits.dns_timeout,
                                  ttl=limits.dns_cache_ttl)
@@ -245,7 +248,7 @@ class Worker:
     def received(self, message: dict[str, Any]) -> None:
         kind = message["t"]
         if kind == "policy":
-            self._pending = message
+            self._pending = merge_waiting(self._pending, message)
             if self._applying is None:
                 self._apply_next()
         elif kind == "closing":
@@ -267,6 +270,11 @@ class Worker:
         elif kind == "ack":
             self._delete_shipped(int(message["segment"]))
 
+    def received_large(self, body: bytes) -> None:
+        """A frame too big to decode on the reactor thread: only a whole policy version is this
+        big, and it is decoded in the thread that compiles it (in pieces: frames.decode_large)."""
+        self.received({"t": "policy", "frame": body})
+
     def _apply_next(self) -> None:
         message, self._pending = self._pending, None
         if message is None:
@@ -274,11 +282,18 @@ class Worker:
             if self.listen_asked:
                 self.accept()
             return
+        current = self.policy.current
+        if current is not None and current.digest == message.get("digest") and \
+                current.version == message.get("version"):
+            # Already in force (a whole version sent again after a change it could not apply).
+            self.pipe.send({"t": "policy", "version": current.version, "error": None})
+            self._apply_next()
+            return
         # As the node's own policy thread does (policy/applier.py): the reactor thread gets the
         # GIL back quickly while a big version compiles.
         saved_interval = sys.getswitchinterval()
         sys.setswitchinterval(POLICY_SWITCH_INTERVAL)
-        self._applying = self.in_thread(compile_sent, message)
+        self._applying = self.in_thread(compile_sent, message, self.policy.current)
 
         def applied(policy: Policy) -> None:
             replaced = [self.policy.current]
@@ -291,6 +306,12 @@ class Worker:
             del replaced
 
         def refused(failure) -> None:
+            current = self.policy.current
+            if failure.check(NeedWholeVersion):
+                # Not a refusal: the parent sends the whole version (policydelta.py).
+                self.pipe.send({"t": "policy", "version": current.version if current else None,
+                                "error": None, "resend": True})
+                return
             log.error("policy version {version} refused: {why}", version=message.get("version"),
                       why=failure.getErrorMessage())
             current = self.policy.current

@@ -32,6 +32,7 @@ import safesquid_tw
 from safesquid_tw.accesslog.record import AccessRecord
 from safesquid_tw.config import NodeConfig
 from safesquid_tw.policy.compiled import Policy
+from safesquid_tw.workers.policydelta import change_message, whole_message
 from safesquid_tw.proxy.proxyheader import split_endpoint
 from safesquid_tw.proxy.service import ProxyFactory, with_backlog
 from safesquid_tw.workers.child import config_to_json, record_from_json
@@ -75,6 +76,7 @@ class WorkerProcess(protocol.ProcessProtocol):
         self.state = "starting"  # starting, running, draining, stopping, exited
         self.policy_version: int | None = None
         self.policy_error: str | None = None
+        self.sent_digest: str | None = None  # the version last sent to it (policydelta.py)
         self.connections = 0
         self.requests = 0
         self.started_at = pool.reactor.seconds()
@@ -143,6 +145,8 @@ class WorkerProcess(protocol.ProcessProtocol):
         elif kind == "policy":
             self.policy_version = message.get("version")
             self.policy_error = message.get("error")
+            if message.get("resend"):
+                self.pool.resend_whole(self)
         elif kind == "hello":
             self.greeted = True
             source = self.pool.sources.get(self.slot)
@@ -201,6 +205,7 @@ class WorkerPool(Service):
         self._failures: dict[int, int] = {}
         self._pending_starts: dict[int, Any] = {}
         self.sources: dict[int, Any] = {}  # slot -> its spool as the shipper reads it (SlotSource)
+        self._last_policy: Policy | None = store.current  # the version last sent to workers
         store.add_observer(self._policy_swapped)
 
     def ask_delete(self, slot: int, local_segment: int) -> bool:
@@ -267,7 +272,7 @@ class WorkerPool(Service):
     def worker_ready(self, worker: WorkerProcess) -> None:
         policy = self.store.current
         if policy is not None:
-            worker.send(_policy_message(policy))
+            self._send_policy(worker, policy)
         if self.draining:
             worker.send({"t": "drain"})
         worker.send({"t": "listen"})  # accepts once the version above is in force
@@ -331,8 +336,31 @@ class WorkerPool(Service):
     access_log = None  # the node's AccessLogWriter (set by the assembly)
 
     def _policy_swapped(self, policy: Policy) -> None:
-        # The store swaps versions on the reactor thread (PolicyStore.commit_prepared).
-        self._send_all(_policy_message(policy))
+        # The store swaps versions on the reactor thread (PolicyStore.commit_prepared). Workers
+        # that run the version before get only what changed since (workers/policydelta.py).
+        previous, self._last_policy = self._last_policy, policy
+        change = None
+        for worker in self.workers.values():
+            if worker.greeted and worker.state != "exited":
+                if previous is not None and worker.sent_digest == previous.digest:
+                    if change is None:
+                        change = change_message(previous, policy)
+                    worker.send(change)
+                    worker.sent_digest = policy.digest
+                else:
+                    self._send_policy(worker, policy)
+
+    def _send_policy(self, worker: WorkerProcess, policy: Policy) -> None:
+        worker.send(whole_message(policy))
+        worker.sent_digest = policy.digest
+
+    def resend_whole(self, worker: WorkerProcess) -> None:
+        """The worker got a change against a version it does not run: the whole version."""
+        policy = self.store.current
+        if policy is not None and worker.state != "exited":
+            log.info("worker {pid} needs the whole policy version {version}", pid=worker.pid,
+                     version=policy.version)
+            self._send_policy(worker, policy)
 
     def _send_all(self, message: dict[str, Any]) -> None:
         for worker in self.workers.values():
@@ -515,10 +543,6 @@ def merge_spool(reports: list[dict]) -> dict[str, Any]:
     since = [r["failing_since"] for r in unwritable if r.get("failing_since") is not None]
     merged["failing_since"] = min(since) if since else None
     return merged
-
-
-def _policy_message(policy: Policy) -> dict[str, Any]:
-    return {"t": "policy", "version": policy.version, "digest": policy.digest, "doc": policy.document}
 
 
 __all__ = ["WorkerPool", "cpu_count", "signal"]
