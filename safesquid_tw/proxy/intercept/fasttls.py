@@ -74,18 +74,12 @@ class _Turn:
     def end(self) -> None:
         while self.dirty:
             dirty, self.dirty = self.dirty, []
-            # A client that sees a response end can count on its record: the records of the
-            # requests this turn finished are written before any of its output is sent.
-            for tls in dirty:
-                records_due = getattr(tls.wrappedProtocol, "records_due", None)
-                if records_due is not None:
-                    records_due()
-                    break
             for tls in dirty:
                 try:
-                    tls._flush_held()
+                    tls._turn_ended()
                 except Exception:  # one connection's failure must not strand the others' output
                     tls._held = None
+                    tls._waiting = False
                     log.failure("sending TLS output")
 
 
@@ -147,8 +141,20 @@ def _provide_like(obj, transport, every: bool) -> None:
         obj.__provides__ = provides
 
 
+def _after_records_of(wrapped):
+    """The client side's `after_records` (proxy/service.py): a protocol that finishes requests
+    (it has `records_due`) sends their output once the records are written."""
+    if getattr(wrapped, "records_due", None) is None:
+        return None
+    return getattr(getattr(wrapped, "factory", None), "after_records", None)
+
+
 class CoalescingTLS(TLSMemoryBIOProtocol):
     _held: list[bytes] | None = None
+    # Held output waits for the records of the requests it finishes, written once at the end of
+    # the reactor turn with every other connection's (as plain TCP's output does, proxy/frontdoor.py
+    # `send_output`): what is written meanwhile joins it, so nothing overtakes it.
+    _waiting = False
 
     def makeConnection(self, transport) -> None:
         """`TLSMemoryBIOProtocol.makeConnection` with its interface declarations cached."""
@@ -209,11 +215,12 @@ class CoalescingTLS(TLSMemoryBIOProtocol):
             return  # as Twisted's: writes after loseConnection are dropped
         if not data:
             return
-        if _TURN.depth:
+        if _TURN.depth or self._waiting:
             held = self._held
             if held is None:
                 self._held = [data]
-                _TURN.dirty.append(self)
+                if _TURN.depth:
+                    _TURN.dirty.append(self)
             else:
                 held.append(data)
             return
@@ -221,6 +228,30 @@ class CoalescingTLS(TLSMemoryBIOProtocol):
 
     def writeSequence(self, iovec) -> None:
         self.write(b"".join(iovec))
+
+    def _turn_ended(self) -> None:
+        if self._waiting:
+            return  # a send after the records is pending already: it takes this turn's output too
+        after_records = _after_records_of(self.wrappedProtocol) if self._held else None
+        if after_records is None:
+            self._flush_held()
+            return
+        self._waiting = True
+        after_records(self._records_written)
+
+    def _records_written(self) -> None:
+        if self._waiting:
+            self._waiting = False
+            self._flush_held()
+
+    def _flush_now(self) -> None:
+        """Before a close: what is held leaves now, the records it finishes written first."""
+        if self._held:
+            records_due = getattr(self.wrappedProtocol, "records_due", None)
+            if records_due is not None:
+                records_due()
+        self._waiting = False
+        self._flush_held()
 
     def _flush_held(self) -> None:
         held, self._held = self._held, None
@@ -267,19 +298,22 @@ class CoalescingTLS(TLSMemoryBIOProtocol):
                 return
 
     def loseConnection(self) -> None:
-        self._flush_held()
+        self._flush_now()
         super().loseConnection()
 
     def unregisterProducer(self) -> None:
-        self._flush_held()  # ending the producer may start the TLS shutdown
+        if self.disconnecting:
+            self._flush_now()  # ending the producer starts the TLS shutdown
         super().unregisterProducer()
 
     def abortConnection(self) -> None:
         self._held = None
+        self._waiting = False
         super().abortConnection()
 
     def connectionLost(self, reason) -> None:
         self._held = None
+        self._waiting = False
         super().connectionLost(reason)
 
 
