@@ -35,7 +35,7 @@ from OpenSSL.SSL import WantReadError
 from twisted.internet import tcp
 from twisted.internet._newtls import _BypassTLS
 from twisted.internet.abstract import FileDescriptor
-from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.interfaces import IHandshakeListener, ISSLTransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
@@ -175,14 +175,41 @@ class CoalescingTLS(TLSMemoryBIOProtocol):
         turn = _TURN
         turn.depth += 1
         try:
-            if _FAST and self._handshakeDone and not self._appSendBuffer and not self._lostTLSConnection:
-                self._read_records(data)
-            else:
+            if not _FAST or self._appSendBuffer or self._lostTLSConnection:
                 super().dataReceived(data)
+            elif self._handshakeDone:
+                self._read_records(data)
+            elif not self._aborted:
+                self._handshake(data)
         finally:
             turn.depth -= 1
             if not turn.depth and turn.dirty:
                 turn.end()
+
+    def _handshake(self, data: bytes) -> None:
+        """`TLSMemoryBIOProtocol.dataReceived` during the handshake, without a raise per step.
+
+        What the handshake writes leaves at once, a TLS 1.3 server's session tickets included:
+        held back for the first response, they would leave the client's Finished unanswered, and
+        a client without TCP_NODELAY then holds its first request for our delayed ACK (Nagle)."""
+        conn = self._tlsConnection
+        if _lib.BIO_write(conn._into_ssl, data, len(data)) != len(data):
+            conn.bio_write(data)
+        ssl = conn._ssl
+        done = _lib.SSL_do_handshake(ssl)
+        if done <= 0:
+            if _lib.SSL_get_error(ssl, done) == _WANT_READ:
+                self._flushSendBIO()
+                return
+            try:
+                conn._raise_ssl_error(ssl, done)
+            except SSL.Error:
+                self._tlsShutdownFinished(Failure())
+            return
+        self._handshakeDone = True
+        if IHandshakeListener.providedBy(self.wrappedProtocol):
+            self.wrappedProtocol.handshakeCompleted()
+        self._drain()
 
     def _read_records(self, data: bytes) -> None:
         """`TLSMemoryBIOProtocol.dataReceived` after the handshake, without a raise per call."""
@@ -190,6 +217,12 @@ class CoalescingTLS(TLSMemoryBIOProtocol):
         if _lib.BIO_write(conn._into_ssl, data, len(data)) != len(data):
             # A memory BIO takes all or (out of memory) nothing: pyOpenSSL retries and raises.
             conn.bio_write(data)
+        self._drain()
+
+    def _drain(self) -> None:
+        """Deliver the plaintext of every whole record received; then send what reading made
+        OpenSSL say (alerts, key updates, session tickets)."""
+        conn = self._tlsConnection
         ssl = conn._ssl
         while not self._lostTLSConnection:
             n = _lib.SSL_read(ssl, _PLAIN_BUF, _BIO_CHUNK)
@@ -208,7 +241,7 @@ class CoalescingTLS(TLSMemoryBIOProtocol):
             except SSL.Error:
                 self._tlsShutdownFinished(Failure())
             break
-        self._flushSendBIO()  # what reading made OpenSSL say (alerts, key updates)
+        self._flushSendBIO()
 
     def write(self, data: bytes) -> None:
         if self.disconnecting and self._producer is None:

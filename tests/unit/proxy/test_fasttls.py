@@ -64,6 +64,9 @@ def connected_pair():
         _to_server(client, tls)
         _to_client(wire, client)
     assert tls._handshakeDone
+    tls._flushSendBIO()  # the session tickets, which otherwise leave with the first response
+    _to_client(wire, client)
+    _read_all(client)
     wire.writes.clear()
     return app, tls, wire, client
 
@@ -286,3 +289,82 @@ def test_ciphertext_goes_straight_to_a_tcp_client_socket():
     finally:
         ours.close()
         theirs.close()
+
+
+def test_session_tickets_leave_when_the_handshake_ends():
+    """Held back for the first response, they would leave the client's Finished unanswered: a
+    client without TCP_NODELAY then holds its first request for the server's delayed ACK."""
+    app = App()
+    factory = CoalescingTLSFactory(_ServerCreator(_server_context()), False, protocol.Factory.forProtocol(lambda: app))
+    tls = factory.buildProtocol(None)
+    wire = Recorder()
+    tls.makeConnection(wire)
+    client = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD), None)
+    client.set_connect_state()
+    answered_finished = None
+    for _ in range(10):
+        try:
+            client.do_handshake()
+        except SSL.WantReadError:
+            pass
+        was_done, sent = tls._handshakeDone, len(wire.writes)
+        _to_server(client, tls)
+        if tls._handshakeDone and not was_done:
+            answered_finished = len(wire.writes) > sent
+        _to_client(wire, client)
+    assert tls._handshakeDone and client.get_protocol_version_name() == "TLSv1.3"
+    assert answered_finished  # the tickets left when the client's Finished arrived
+    _read_all(client)
+    assert client.get_session() is not None
+
+
+def test_a_tls12_handshake_sends_its_last_flight_at_once():
+    app = App()
+    factory = CoalescingTLSFactory(_ServerCreator(_server_context()), False, protocol.Factory.forProtocol(lambda: app))
+    tls = factory.buildProtocol(None)
+    wire = Recorder()
+    tls.makeConnection(wire)
+    ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    ctx.set_max_proto_version(SSL.TLS1_2_VERSION)
+    client = SSL.Connection(ctx, None)
+    client.set_connect_state()
+    for _ in range(10):
+        try:
+            client.do_handshake()
+        except SSL.WantReadError:
+            pass
+        _to_server(client, tls)
+        _to_client(wire, client)
+    assert tls._handshakeDone and client.get_protocol_version_name() == "TLSv1.2"
+    client.do_handshake()  # the server's Finished arrived: nothing left to wait for
+
+
+def test_a_handshake_failure_reaches_the_protocol_with_the_alert():
+    reasons = []
+
+    class Watcher(App):
+        def connectionLost(self, reason):
+            reasons.append(reason)
+
+    app = Watcher()
+    factory = CoalescingTLSFactory(_ServerCreator(_server_context()), False, protocol.Factory.forProtocol(lambda: app))
+    tls = factory.buildProtocol(None)
+    wire = Recorder()
+    tls.makeConnection(wire)
+    ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    ctx.set_verify(SSL.VERIFY_PEER, lambda *args: False)  # rejects the leaf: sends an alert
+    client = SSL.Connection(ctx, None)
+    client.set_connect_state()
+    for _ in range(10):
+        try:
+            client.do_handshake()
+        except SSL.WantReadError:
+            pass
+        except SSL.Error:
+            pass
+        _to_server(client, tls)
+        _to_client(wire, client)
+        if reasons:
+            break
+    tls.connectionLost(protocol.connectionDone)
+    assert reasons and isinstance(reasons[0].value, SSL.Error)
