@@ -188,13 +188,24 @@ class CoalescingTLS(TLSMemoryBIOProtocol):
 
     def _handshake(self, data: bytes) -> None:
         """`TLSMemoryBIOProtocol.dataReceived` during the handshake, without a raise per step.
-
         What the handshake writes leaves at once, a TLS 1.3 server's session tickets included:
         held back for the first response, they would leave the client's Finished unanswered, and
         a client without TCP_NODELAY then holds its first request for our delayed ACK (Nagle)."""
         conn = self._tlsConnection
         if _lib.BIO_write(conn._into_ssl, data, len(data)) != len(data):
             conn.bio_write(data)
+        self._checkHandshakeStatus()
+        if self._handshakeDone:
+            self._drain()
+
+    def _checkHandshakeStatus(self) -> None:
+        """Twisted's, with OpenSSL called directly: "not yet" is an answer, not an exception."""
+        if not _FAST:
+            super()._checkHandshakeStatus()
+            return
+        if self._aborted:
+            return
+        conn = self._tlsConnection
         ssl = conn._ssl
         done = _lib.SSL_do_handshake(ssl)
         if done <= 0:
@@ -209,7 +220,6 @@ class CoalescingTLS(TLSMemoryBIOProtocol):
         self._handshakeDone = True
         if IHandshakeListener.providedBy(self.wrappedProtocol):
             self.wrappedProtocol.handshakeCompleted()
-        self._drain()
 
     def _read_records(self, data: bytes) -> None:
         """`TLSMemoryBIOProtocol.dataReceived` after the handshake, without a raise per call."""
