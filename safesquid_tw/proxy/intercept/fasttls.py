@@ -18,11 +18,15 @@ and four epoll_ctl calls around two sends.
   `directwrite.write_now` does for plain TCP), handing what the kernel did not take to Twisted's
   buffer, so flow control, producers and closes stay Twisted's.
 
-Held data always leaves before a close (`loseConnection`, or the end of a producer that asked
-for one); an abort drops it, as it drops everything else.
+What a turn finished on the client side (a response) waits for the records of the requests it
+finishes: they are written once at the end of the reactor turn with every other connection's
+(`SpoolWriter.after_records`, as plain TCP's output does), then it leaves; what is written
+meanwhile joins it. Held data always leaves before a close (`loseConnection`, or the end of a
+producer that asked for one), its records written first; an abort drops it, as it drops
+everything else.
 
-Once the handshake is done, records are read and written by calling OpenSSL through pyOpenSSL's
-own cffi binding with buffers allocated once: pyOpenSSL's `recv`, `send` and `bio_read` allocate
+The handshake, and once it is done every record read and written, calls OpenSSL through
+pyOpenSSL's own cffi binding with buffers allocated once: pyOpenSSL's `recv`, `send` and `bio_read` allocate
 a buffer per call and signal "nothing more" by raising, which cost more than the cipher itself
 for the small records of a web request. Anything unusual (an error, a close alert, a write
 OpenSSL cannot take now) goes back to Twisted's code path, which raises and handles it as always.
