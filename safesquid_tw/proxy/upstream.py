@@ -106,6 +106,7 @@ class UpstreamConnection(protocol.Protocol):
             self.transport.abortConnection()
             return
         if factory is not None:
+            self.tls_session_kept = self.tls_tolerated  # verified: its session may be resumed (pool.release)
             factory.connected(self)
 
     def connectionLost(self, reason=protocol.connectionDone) -> None:
@@ -545,6 +546,9 @@ class UpstreamPool:
             return
         if conn.gate is not None:
             conn.gate.resume_all()
+        if self.tls is not None and conn.key[0] == "https" and not getattr(conn, "tls_session_kept", True):
+            conn.tls_session_kept = True  # once: its first response brought a TLS 1.3 ticket along
+            self.tls.remember(conn.transport, conn.key[1], conn.key[2])
         idle.append(conn)
         conn.go_idle()
 

@@ -6,13 +6,22 @@ connection is handed out only after `check` found none (or the policy tolerates 
 host, which is logged every time). So a certificate error becomes a precise answer to the
 client (`502`, `Proxy-Status: ...; error=tls_certificate_error; details="..."`), and no request
 byte ever reaches an origin that failed verification.
+
+Sessions are resumed per origin (host name and port): the session of a connection that passed
+verification (not one merely tolerated) is kept once it goes idle, when a TLS 1.3 origin has sent
+its ticket, and offered only to the next new connection to that same host and port, under the
+same SNI and trust store. A resumed handshake skips the origin's signature and the chain check;
+the host name is still checked on the certificate the session carries, and an expired one is
+refused as in a full handshake.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Callable
 
 from OpenSSL import SSL
+from OpenSSL._util import lib as _lib
 from service_identity import VerificationError
 from service_identity.pyopenssl import verify_hostname, verify_ip_address
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
@@ -39,6 +48,7 @@ _VERIFY_ERRORS = {
     7: "certificate signature failure",
 }
 _MAX_CREATORS = 4096
+_MAX_SESSIONS = 4096
 
 
 def verify_error_text(code: int) -> str:
@@ -80,6 +90,22 @@ class _OriginCreator:
         return conn
 
 
+@implementer(IOpenSSLClientConnectionCreator)
+class _Resuming:
+    """The host's creator, offering the session kept for this host and port."""
+
+    __slots__ = ("_creator", "_session")
+
+    def __init__(self, creator: _OriginCreator, session: SSL.Session) -> None:
+        self._creator = creator
+        self._session = session
+
+    def clientConnectionForTLS(self, tls_protocol) -> SSL.Connection:
+        conn = self._creator.clientConnectionForTLS(tls_protocol)
+        conn.set_session(self._session)
+        return conn
+
+
 class UpstreamTLS:
     def __init__(self, ca_file: str | None = None, *, tolerated: Callable[[str], bool] = lambda host: False) -> None:
         ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
@@ -93,6 +119,8 @@ class UpstreamTLS:
         self.ca_file = ca_file
         self.tolerated = tolerated
         self._creators: dict[str, _OriginCreator] = {}
+        self._sessions: OrderedDict[tuple[str, int], SSL.Session] = OrderedDict()
+        self.resumed = 0
 
     def creator_for(self, host: str) -> _OriginCreator:
         creator = self._creators.get(host)
@@ -104,7 +132,32 @@ class UpstreamTLS:
 
     def connect(self, reactor, ip: str, port: int, factory, host: str, *, timeout: float) -> None:
         """A new verified TLS connection to `host` at `ip`:`port` (its writes coalesced per turn)."""
-        connect_tls(reactor, ip, port, factory, self.creator_for(host), timeout=timeout)
+        connect_tls(reactor, ip, port, factory, self.connection_creator(host, port), timeout=timeout)
+
+    def connection_creator(self, host: str, port: int):
+        """What makes the next connection to `host`:`port`: resuming its kept session, if any."""
+        creator = self.creator_for(host)
+        session = self._sessions.get((host, port))
+        return creator if session is None else _Resuming(creator, session)
+
+    def remember(self, transport, host: str, port: int) -> None:
+        """Keep the session of a verified origin connection for the next one to `host`:`port`.
+        Call it when the connection first goes idle (a TLS 1.3 ticket arrives after the
+        handshake) and only for one whose certificate `check` found good, never a tolerated one."""
+        handle = transport.getHandle()
+        if getattr(handle.get_app_data(), "safesquid_verify_problems", None):
+            return
+        session = handle.get_session()
+        if session is None:
+            return
+        key = (host, port)
+        self._sessions[key] = session
+        self._sessions.move_to_end(key)
+        while len(self._sessions) > _MAX_SESSIONS:
+            self._sessions.popitem(last=False)
+
+    def forget(self, host: str, port: int) -> None:
+        self._sessions.pop((host, port), None)
 
     def check(self, transport, host: str, peer: str) -> tuple[ProxyFailure | None, bool]:
         """After the handshake: (None, False) when the certificate is good, (None, True) when it is
@@ -116,6 +169,8 @@ class UpstreamTLS:
         if problems:
             errno, _depth = problems[0]
             detail = verify_error_text(errno)
+        elif _resumed(handle) and _expired(handle):
+            detail = verify_error_text(10)
         else:
             try:
                 if _is_ip(host):
@@ -126,6 +181,8 @@ class UpstreamTLS:
                 detail = f"certificate does not name {host}{_names_of(handle)}"
         if detail is None:
             return None, False
+        for key in [key for key in self._sessions if key[0] == host]:
+            del self._sessions[key]  # nothing of a certificate that fails any more is resumed
         if self.tolerated(host):
             log.warn("tolerated an invalid certificate from {host} ({peer}): {detail}", host=host, peer=peer, detail=detail)
             return None, True
@@ -141,6 +198,16 @@ class UpstreamTLS:
             text = "the origin closed the connection during the handshake"
         detail = f"TLS handshake with {host} ({peer}) failed: {text}"
         return ProxyFailure(502, "tls_protocol_error", detail, extra=_details(text))
+
+
+def _resumed(handle: SSL.Connection) -> bool:
+    return bool(_lib.SSL_session_reused(handle._ssl))
+
+
+def _expired(handle: SSL.Connection) -> bool:
+    """A resumed session skips the chain check: its certificate may have expired since."""
+    cert = handle.get_peer_certificate()
+    return cert is None or cert.has_expired()
 
 
 def _names_of(handle: SSL.Connection) -> str:

@@ -64,6 +64,9 @@ def connected_pair():
         _to_server(client, tls)
         _to_client(wire, client)
     assert tls._handshakeDone
+    tls._flushSendBIO()  # the session tickets, which otherwise leave with the first response
+    _to_client(wire, client)
+    _read_all(client)
     wire.writes.clear()
     return app, tls, wire, client
 
@@ -162,27 +165,206 @@ def test_the_factory_builds_coalescing_connections():
     assert CoalescingTLSFactory.protocol is CoalescingTLS
 
 
+def _client_leg_with_records():
+    """A pair whose protocol above finishes requests: its output waits for their records."""
+    app, tls, wire, client = connected_pair()
+    events: list[str] = []
+    waiting: list = []
+    app.records_due = lambda: events.append("records written")
+    app.factory.after_records = lambda send: (events.append("waits for the records"), waiting.append(send))
+    return app, tls, wire, client, events, waiting
+
+
 def test_a_turns_output_leaves_after_the_records_it_finished_are_written():
-    """As on plain TCP: a client that saw its response end can count on its access record."""
-    from safesquid_tw.proxy.intercept.fasttls import _Turn
+    """As on plain TCP: a client that saw its response end can count on its access record; the
+    records of every connection's turn are written once, then the held output leaves."""
+    app, tls, wire, client, events, waiting = _client_leg_with_records()
+    app.on_data = lambda a: (a.transport.write(b"HTTP/1.1 200 OK\r\n"), a.transport.write(b"\r\n"))
+    client.send(b"GET / HTTP/1.1\r\n\r\n")
+    _to_server(client, tls)
+    assert events == ["waits for the records"] and wire.writes == []
+    tls.write(b"later")  # written meanwhile: joins the held output, never overtakes it
+    assert wire.writes == []
+    waiting.pop()()
+    assert len(wire.writes) == 1 and _records(wire.writes[0]) == 1
+    _to_client(wire, client)
+    assert _read_all(client) == b"HTTP/1.1 200 OK\r\n\r\nlater"
+    tls.write(b"after")  # nothing waits any more: at once
+    assert len(wire.writes) == 2
 
-    events = []
 
-    class Client:
-        def records_due(self):
-            events.append("records written")
+def test_a_second_turn_before_the_records_joins_the_waiting_output():
+    app, tls, wire, client, events, waiting = _client_leg_with_records()
+    app.on_data = lambda a: a.transport.write(b"answer;")
+    for _ in range(2):
+        client.send(b"GET / HTTP/1.1\r\n\r\n")
+        _to_server(client, tls)
+    assert len(waiting) == 1 and wire.writes == []
+    waiting.pop()()
+    _to_client(wire, client)
+    assert _read_all(client) == b"answer;answer;"
 
-    class Upstream:
+
+def test_a_close_sends_the_held_output_after_its_records_and_before_the_close():
+    app, tls, wire, client, events, waiting = _client_leg_with_records()
+
+    def answer_and_close(a):
+        a.transport.write(b"bye")
+        a.transport.loseConnection()
+
+    app.on_data = answer_and_close
+    client.send(b"GET / HTTP/1.1\r\n\r\n")
+    _to_server(client, tls)
+    assert events == ["records written"] and not waiting
+    _to_client(wire, client)
+    assert _read_all(client) == b"bye"
+
+
+def test_an_abort_while_output_waits_drops_it():
+    app, tls, wire, client, events, waiting = _client_leg_with_records()
+    app.on_data = lambda a: a.transport.write(b"never")
+    client.send(b"GET / HTTP/1.1\r\n\r\n")
+    _to_server(client, tls)
+    tls.abortConnection()
+    waiting.pop()()
+    assert not any(b"never" in w for w in wire.writes)
+
+
+def test_the_origin_leg_sends_when_its_turn_ends():
+    """A protocol that finishes no requests (the origin side) does not wait for records."""
+    app, tls, wire, client = connected_pair()
+    app.on_data = lambda a: a.transport.write(b"request")
+    client.send(b"x")
+    _to_server(client, tls)
+    assert len(wire.writes) == 1
+
+
+def test_interfaces_are_declared_as_twisteds_tls_layer_declares_them():
+    from twisted.internet import tcp
+    from twisted.internet.interfaces import ISSLTransport
+    from zope.interface import directlyProvides, providedBy
+
+    from safesquid_tw.proxy.intercept.fasttls import _provide_like
+
+    class Transport(tcp.Server):
+        def __init__(self) -> None:
+            pass
+
+    class Layer:
         pass
 
-    class Held:
-        def __init__(self, name, wrapped):
-            self.name, self.wrappedProtocol = name, wrapped
+    for every in (False, True):
+        for _ in range(3):  # the first computes, the others come from the cache
+            transport = Transport()
+            directlyProvides(transport, ISSLTransport)
+            twisteds, ours = Layer(), Layer()
+            if every:
+                directlyProvides(twisteds, providedBy(transport))
+            else:
+                for interface in providedBy(transport):
+                    directlyProvides(twisteds, interface)
+            _provide_like(ours, transport, every)
+            assert list(providedBy(ours)) == list(providedBy(twisteds))
 
-        def _flush_held(self):
-            events.append(f"{self.name} sent")
 
-    turn = _Turn()
-    turn.dirty = [Held("origin leg", Upstream()), Held("client leg", Client())]
-    turn.end()
-    assert events == ["records written", "origin leg sent", "client leg sent"]
+def test_ciphertext_goes_straight_to_a_tcp_client_socket():
+    """The origin leg's TLS layer is the protocol of a plain TCP client: its ciphertext is sent
+    at once too, not queued for the next reactor turn."""
+    import socket
+
+    from twisted.internet import tcp
+    from twisted.internet.testing import MemoryReactor
+
+    from safesquid_tw.proxy.intercept.fasttls import _send_now
+
+    ours, theirs = socket.socketpair()
+    try:
+        ours.setblocking(False)
+        theirs.settimeout(2)
+        conn = tcp.Connection(ours, protocol.Protocol(), reactor=MemoryReactor())
+        conn.connected = True
+        _send_now(conn, b"ciphertext")
+        assert theirs.recv(100) == b"ciphertext"
+        assert not conn.dataBuffer and not conn._tempDataBuffer
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_session_tickets_leave_when_the_handshake_ends():
+    """Held back for the first response, they would leave the client's Finished unanswered: a
+    client without TCP_NODELAY then holds its first request for the server's delayed ACK."""
+    app = App()
+    factory = CoalescingTLSFactory(_ServerCreator(_server_context()), False, protocol.Factory.forProtocol(lambda: app))
+    tls = factory.buildProtocol(None)
+    wire = Recorder()
+    tls.makeConnection(wire)
+    client = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD), None)
+    client.set_connect_state()
+    answered_finished = None
+    for _ in range(10):
+        try:
+            client.do_handshake()
+        except SSL.WantReadError:
+            pass
+        was_done, sent = tls._handshakeDone, len(wire.writes)
+        _to_server(client, tls)
+        if tls._handshakeDone and not was_done:
+            answered_finished = len(wire.writes) > sent
+        _to_client(wire, client)
+    assert tls._handshakeDone and client.get_protocol_version_name() == "TLSv1.3"
+    assert answered_finished  # the tickets left when the client's Finished arrived
+    _read_all(client)
+    assert client.get_session() is not None
+
+
+def test_a_tls12_handshake_sends_its_last_flight_at_once():
+    app = App()
+    factory = CoalescingTLSFactory(_ServerCreator(_server_context()), False, protocol.Factory.forProtocol(lambda: app))
+    tls = factory.buildProtocol(None)
+    wire = Recorder()
+    tls.makeConnection(wire)
+    ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    ctx.set_max_proto_version(SSL.TLS1_2_VERSION)
+    client = SSL.Connection(ctx, None)
+    client.set_connect_state()
+    for _ in range(10):
+        try:
+            client.do_handshake()
+        except SSL.WantReadError:
+            pass
+        _to_server(client, tls)
+        _to_client(wire, client)
+    assert tls._handshakeDone and client.get_protocol_version_name() == "TLSv1.2"
+    client.do_handshake()  # the server's Finished arrived: nothing left to wait for
+
+
+def test_a_handshake_failure_reaches_the_protocol_with_the_alert():
+    reasons = []
+
+    class Watcher(App):
+        def connectionLost(self, reason):
+            reasons.append(reason)
+
+    app = Watcher()
+    factory = CoalescingTLSFactory(_ServerCreator(_server_context()), False, protocol.Factory.forProtocol(lambda: app))
+    tls = factory.buildProtocol(None)
+    wire = Recorder()
+    tls.makeConnection(wire)
+    ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    ctx.set_verify(SSL.VERIFY_PEER, lambda *args: False)  # rejects the leaf: sends an alert
+    client = SSL.Connection(ctx, None)
+    client.set_connect_state()
+    for _ in range(10):
+        try:
+            client.do_handshake()
+        except SSL.WantReadError:
+            pass
+        except SSL.Error:
+            pass
+        _to_server(client, tls)
+        _to_client(wire, client)
+        if reasons:
+            break
+    tls.connectionLost(protocol.connectionDone)
+    assert reasons and isinstance(reasons[0].value, SSL.Error)

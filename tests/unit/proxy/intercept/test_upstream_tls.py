@@ -10,6 +10,7 @@ import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL, crypto
+from OpenSSL._util import lib as _lib
 from twisted.python.failure import Failure
 
 from safesquid_tw.proxy.intercept.upstream_tls import UpstreamTLS, verify_error_text
@@ -100,3 +101,81 @@ def test_handshake_failure_is_a_tls_protocol_error():
                                             "old.test", "192.0.2.1:443")
     assert failure.status == 502 and failure.error_type == "tls_protocol_error"
     assert "unsupported protocol" in failure.detail and 'details="unsupported protocol"' == failure.extra
+
+
+class _Transport:
+    """What `check` and `remember` read: the TLS connection (its app data: the TLS protocol)."""
+
+    def __init__(self, conn: SSL.Connection, proto) -> None:
+        self._conn = conn
+        conn.set_app_data(proto)
+
+    def getHandle(self) -> SSL.Connection:
+        return self._conn
+
+
+def _origin(ca: trustme.CA, name: str = "origin.test") -> SSL.Context:
+    cert = ca.issue_cert(name)
+    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    ctx.use_privatekey(serialization.load_pem_private_key(cert.private_key_pem.bytes(), None))
+    ctx.use_certificate(x509.load_pem_x509_certificate(cert.cert_chain_pems[0].bytes()))
+    ctx.set_session_id(b"origin")
+    return ctx
+
+
+def _connect(tls: UpstreamTLS, origin: SSL.Context, host: str, port: int = 443):
+    proto = _Proto()
+    client = tls.connection_creator(host, port).clientConnectionForTLS(proto)
+    client.set_connect_state()
+    server = SSL.Connection(origin, None)
+    server.set_accept_state()
+    _handshake(client, server)
+    # A TLS 1.3 ticket comes after the handshake: the first response brings it along.
+    server.send(b"HTTP/1.1 204 No Content\r\n\r\n")
+    client.bio_write(server.bio_read(65536))
+    assert client.recv(65536).startswith(b"HTTP/1.1 204")
+    return _Transport(client, proto)
+
+
+def test_a_verified_origins_session_is_resumed_for_the_same_host_and_port_only(tmp_path):
+    ca = trustme.CA()
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    tls = UpstreamTLS(str(ca_file))
+    origin = _origin(ca)
+    first = _connect(tls, origin, "origin.test")
+    assert not _lib.SSL_session_reused(first.getHandle()._ssl)
+    assert tls.check(first, "origin.test", "192.0.2.1:443") == (None, False)
+    tls.remember(first, "origin.test", 443)
+
+    again = _connect(tls, origin, "origin.test")
+    assert _lib.SSL_session_reused(again.getHandle()._ssl)
+    assert tls.check(again, "origin.test", "192.0.2.1:443") == (None, False)  # the name still checked
+    # Never offered to another port or another host name (which would also be another SNI).
+    for host, port in (("origin.test", 8443), ("other.test", 443)):
+        assert tls.connection_creator(host, port) is tls.creator_for(host)
+
+
+def test_a_connection_with_certificate_problems_leaves_no_session(tmp_path):
+    trusted, untrusted = trustme.CA(), trustme.CA()
+    ca_file = tmp_path / "ca.pem"
+    trusted.cert_pem.write_to_path(str(ca_file))
+    tls = UpstreamTLS(str(ca_file), tolerated=lambda host: True)
+    bad = _connect(tls, _origin(untrusted), "origin.test")
+    failure, tolerated = tls.check(bad, "origin.test", "192.0.2.1:443")
+    assert failure is None and tolerated  # tolerated by the policy: still never resumed
+    tls.remember(bad, "origin.test", 443)
+    assert tls.connection_creator("origin.test", 443) is tls.creator_for("origin.test")
+
+
+def test_a_name_that_fails_drops_the_hosts_sessions(tmp_path):
+    ca = trustme.CA()
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    tls = UpstreamTLS(str(ca_file))
+    good = _connect(tls, _origin(ca), "origin.test")
+    tls.remember(good, "origin.test", 443)
+    wrong = _connect(tls, _origin(ca, "elsewhere.test"), "origin.test", 8443)
+    failure, _ = tls.check(wrong, "origin.test", "192.0.2.1:8443")
+    assert failure is not None and "does not name origin.test" in failure.detail
+    assert tls.connection_creator("origin.test", 443) is tls.creator_for("origin.test")
