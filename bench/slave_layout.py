@@ -24,6 +24,8 @@ def _cluster_harness():
     if "bench_cluster_harness" in sys.modules:
         return sys.modules["bench_cluster_harness"]
     saved = sys.modules.get("harness")
+    if str(INTEGRATION) not in sys.path:
+        sys.path.append(str(INTEGRATION))  # its helpers (rawhttp...); the bench's modules come first
     try:
         spec = importlib.util.spec_from_file_location("harness", INTEGRATION / "harness.py")
         integration_harness = importlib.util.module_from_spec(spec)
@@ -47,6 +49,7 @@ class SlaveLayout:
 
     def __init__(self, workdir: Path, policy: dict) -> None:
         self.ch = _cluster_harness()
+        workdir.mkdir(parents=True, exist_ok=True)
         self.cluster = self.ch.Cluster(workdir)
         self.cluster.start_master(policy, args=["--workers", "1"])
 
