@@ -195,3 +195,30 @@ def test_keepalive_requests_in_a_row_reuse_the_pooled_origin(monkeypatch):
 def test_a_value_that_would_split_the_head_is_refused():
     with pytest.raises(ValueError):
         leanpath._checked([b"GET / HTTP/1.1\r\n", b"X: a\r\nInjected: b\r\n", b"\r\n"], 3)
+
+
+def test_field_lines_parsed_from_the_cache_are_exactly_those_parsed_anew():
+    from safesquid_tw.proxy import http1
+
+    raw = (b"HTTP/1.1 200 OK\r\nServer: nginx  \r\nX-A:\tb\t\r\nx-a: c\r\nContent-Length: 5\r\n\r\n")
+    http1._LINE_CACHE.clear()
+    first = http1.parse_response_head(raw)
+    assert b"Server: nginx  " in http1._LINE_CACHE
+    second = http1.parse_response_head(raw)
+    assert first == second and first.get_all(b"x-a") == second.get_all(b"x-a") == [b"b", b"c"]
+    assert second.headers[0] == (b"Server", b"nginx")
+    # A line that fails the syntax is never cached: it fails every time.
+    for _ in range(2):
+        with pytest.raises(http1.ProtocolError):
+            http1.parse_response_head(b"HTTP/1.1 200 OK\r\nBad Name: x\r\n\r\n")
+    assert b"Bad Name: x" not in http1._LINE_CACHE
+
+
+def test_the_field_line_cache_stays_bounded():
+    from safesquid_tw.proxy import http1
+
+    for i in range(http1._LINE_CACHE_SIZE + 10):
+        http1.parse_request_head(b"GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\nX-N: %d\r\n\r\n" % i)
+    assert len(http1._LINE_CACHE) <= http1._LINE_CACHE_SIZE
+    http1.parse_request_head(b"GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\nX-Long: " + b"v" * 300 + b"\r\n\r\n")
+    assert not any(len(line) > http1._LINE_CACHE_MAX_LINE for line in http1._LINE_CACHE)
