@@ -222,3 +222,19 @@ def test_the_field_line_cache_stays_bounded():
     assert len(http1._LINE_CACHE) <= http1._LINE_CACHE_SIZE
     http1.parse_request_head(b"GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\nX-Long: " + b"v" * 300 + b"\r\n\r\n")
     assert not any(len(line) > http1._LINE_CACHE_MAX_LINE for line in http1._LINE_CACHE)
+
+
+@pytest.mark.parametrize("version", [b"HTTP/1.1", b"HTTP/1.0"])
+@pytest.mark.parametrize("connection", [None, b"close", b"keep-alive", b"Keep-Alive, X", b"x, CLOSE", b""])
+def test_the_context_reads_connection_close_as_client_wants_close(version, connection):
+    from safesquid_tw.proxy import http1
+    from safesquid_tw.proxy.context import RequestContext
+    from safesquid_tw.proxy.headers import client_wants_close
+    from safesquid_tw.proxy.target import parse_target
+
+    raw = b"GET http://a.test/ " + version + b"\r\nHost: a.test\r\n"
+    if connection is not None:
+        raw += b"connection: " + connection + b"\r\n"
+    head = http1.parse_request_head(raw + b"\r\n")
+    ctx = RequestContext(0.0, head, parse_target(b"GET", head.target), None, http1.NO_BODY)
+    assert ctx.client_close is client_wants_close(version, head.headers)
