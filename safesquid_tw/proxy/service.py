@@ -200,7 +200,7 @@ class ProxyFactory(protocol.Factory):
             node=self.node_name,
             client=conn.client_ip,
             user=ctx.user,
-            groups=tuple(sorted(ctx.groups)),
+            groups=tuple(sorted(ctx.groups)) if ctx.groups else (),
             method=ctx.method.decode("ascii", "replace"),
             url=ctx.url,
             status=ctx.status,
