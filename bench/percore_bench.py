@@ -184,12 +184,22 @@ def _accepts(host: str, port: int) -> bool:
         return True
 
 
-def start_ours(workdir: Path, origin: Running, rules: int, domains: int, node_args: list[str],
-               source_root: Path | None = None) -> Running:
-    """A standalone node with the big policy (CONNECT also allowed to the origin's port);
-    `source_root`: the code of another checkout, named "baseline"."""
+def bench_policy(origin: Running, rules: int, domains: int) -> dict:
     policy = build_policy(rules, domains)
     policy["connect"]["allowed_ports"] = [443, origin.port]  # the tunnels go to the origin's port
+    return policy
+
+
+def start_ours(workdir: Path, origin: Running, rules: int, domains: int, node_args: list[str],
+               source_root: Path | None = None, slaves=None) -> Running:
+    """A standalone node with the big policy (CONNECT also allowed to the origin's port), or a
+    slave of `slaves` (a slave_layout.SlaveLayout, whose master has that policy);
+    `source_root`: the code of another checkout, named "baseline"."""
+    name = "baseline" if source_root is not None else "safesquid-tw"
+    if slaves is not None:
+        popen, host, port, log = slaves.slave(name, node_args, source_root)
+        return Running(name, popen, host, port, log)
+    policy = bench_policy(origin, rules, domains)
     path = workdir / "policy.json"
     path.write_text(json.dumps(policy), encoding="utf-8")
     if source_root is not None:
@@ -361,6 +371,9 @@ def parse_args(argv):
     parser.add_argument("--rules", type=int, default=200)
     parser.add_argument("--domains", type=int, default=10000)
     parser.add_argument("--node-args", default="", help="extra options for the node")
+    parser.add_argument("--role", choices=("standalone", "slave"), default="standalone",
+                        help="measure a standalone node (its own report store in-process) or a slave "
+                             "of a master started for the run (records shipped; the master unpinned, not measured)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     parser.add_argument("--baseline", metavar="DIR",
                         help="also measure a node running another checkout's code (`git archive BASE | tar -x -C DIR`)")
@@ -370,11 +383,18 @@ def parse_args(argv):
 
 def start_all(args, workdir: Path, origin: Running, started: list[Running]) -> list[Running]:
     proxies = []
+    slaves = None
+    if args.role == "slave":
+        from slave_layout import SlaveLayout
+
+        slaves = SlaveLayout(workdir / "cluster", bench_policy(origin, args.rules, args.domains))
+        started.append(Running("master", slaves.cluster.master.node.process, "127.0.0.1", 0))
     if args.baseline:
-        base = start_ours(workdir, origin, args.rules, args.domains, args.node_args.split(), Path(args.baseline).resolve())
+        base = start_ours(workdir, origin, args.rules, args.domains, args.node_args.split(), Path(args.baseline).resolve(),
+                          slaves=slaves)
         started.append(base)
         proxies.append(base)
-    node = start_ours(workdir, origin, args.rules, args.domains, args.node_args.split())
+    node = start_ours(workdir, origin, args.rules, args.domains, args.node_args.split(), slaves=slaves)
     started.append(node)
     proxies.append(node)
     if args.no_anchors:

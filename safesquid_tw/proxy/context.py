@@ -7,7 +7,7 @@ import binascii
 from collections.abc import Mapping
 
 from safesquid_tw.proxy import http1
-from safesquid_tw.proxy.headers import client_wants_close
+from safesquid_tw.proxy.headers import connection_options
 from safesquid_tw.proxy.target import Target
 
 
@@ -29,7 +29,9 @@ class RequestContext:
         self.url = target.url_for_log()
         self.policy = policy
         self.framing = framing
-        self.client_close = client_wants_close(head.version, head.headers)
+        # As client_wants_close, from the head's field index rather than a walk over every field.
+        tokens = connection_options(head.values(b"connection"))
+        self.client_close = b"close" in tokens or (head.version != b"HTTP/1.1" and b"keep-alive" not in tokens)
         self.user: str | None = None
         self.status = 0
         self.action = "allow"

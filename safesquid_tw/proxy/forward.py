@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from twisted.logger import Logger
 
-from safesquid_tw.proxy import avscan, http1
+from safesquid_tw.proxy import avscan, http1, leanpath
 from safesquid_tw.proxy.errors import ProxyFailure
 from safesquid_tw.proxy.headers import names_not_forwarded, strip_hop_by_hop
 from safesquid_tw.proxy.upstream import UpstreamConnection
@@ -48,6 +48,7 @@ class Exchange:
         self._finished = False
         self._retried = False
         self.upgrade = False
+        self._body_in_hand = False  # the whole response body was read with its head: no producer
         self.av: avscan.DownloadHold | None = None  # a response body held for its virus scan
         self.av_upload: avscan.UploadHold | None = None  # a request body held for its virus scan
 
@@ -156,6 +157,12 @@ class Exchange:
             self.av = avscan.hold_download(self, head, framing)
             if self.av is not None:
                 return  # the head goes out with the body, after the verdict
+        lean_head = leanpath.response_head(self, head, framing)
+        if lean_head is not None:
+            self._response_started = True
+            self.conn.write(lean_head)
+            self._watch_client(framing)
+            return
         # The framing headers are the proxy's to set: the origin's Content-Length must not
         # travel beside ours (two lengths are exactly what request smugglers look for).
         # (A response without a body, to HEAD or a 304, keeps the origin's validated length.)
@@ -179,8 +186,19 @@ class Exchange:
         self._response_close = client_close
         self._response_started = True
         self.conn.write(http1.serialize_response_head(head.status, head.reason, headers, ctx.version))
-        if framing.kind != "none" and self.upstream is not None and self.upstream.gate is not None:
-            self.conn.transport.registerProducer(self.upstream.gate.producer("client-full"), True)
+        self._watch_client(framing)
+
+    def _watch_client(self, framing: http1.Framing) -> None:
+        """Pause the origin while the client's buffer is full; not needed when the whole body is
+        read already (a small response in one read: it goes out at once, and the producer's
+        registration and removal would cost more than the rest of its relaying)."""
+        upstream = self.upstream
+        if framing.kind == "none" or upstream is None or upstream.gate is None:
+            return
+        if framing.kind == "length" and len(upstream._buf) >= framing.length:
+            self._body_in_hand = True
+            return
+        self.conn.transport.registerProducer(upstream.gate.producer("client-full"), True)
 
     def upstream_data(self, data: bytes) -> None:
         if self.upgrade:
@@ -208,7 +226,7 @@ class Exchange:
         if self.av is not None and self.av.holding:
             self.av.done()
             return
-        if self._response_started:
+        if self._response_started and not self._body_in_hand:
             self.conn.transport.unregisterProducer()
         if self.upgrade:
             self._end(close=True)

@@ -22,7 +22,7 @@ from safesquid_tw.identity.errors import DirectoryUnavailable, NegotiateError
 from safesquid_tw.identity.negotiate import negotiate_token
 from safesquid_tw.policy.forwarding import rewrite as rewrite_forwarded
 from safesquid_tw.policy.model import MISS, RequestFacts
-from safesquid_tw.proxy import avscan, http1
+from safesquid_tw.proxy import avscan, http1, leanpath
 from safesquid_tw.proxy.answers import SelfAnswers
 from safesquid_tw.proxy.context import HeaderView, RequestContext, basic_credentials
 from safesquid_tw.proxy.directwrite import OutputBatch, write_now
@@ -552,6 +552,16 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
         self._forward(ctx)
 
     def _forward(self, ctx: RequestContext) -> None:
+        lean_head = leanpath.request_head(self, ctx)
+        if lean_head is not None:
+            # A common request (proxy/leanpath.py): no body, nothing to upgrade or expect.
+            exchange = self.exchange = Exchange(self, ctx, lean_head, body=False)
+            self.state = "waiting"
+            exchange.start()
+            self.gate.resume("decision")
+            if self.buf and not self._pumping:
+                self._pump()
+            return
         head = ctx.head
         target = ctx.target
         compiled = ctx.policy.compiled

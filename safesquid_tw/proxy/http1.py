@@ -171,6 +171,15 @@ def _head_lines(raw: bytes, status: int) -> list[bytes]:
     return raw[start:-4].split(b"\r\n")
 
 
+# Field lines seen recently, parsed: (name, value, lower-case name). Most lines of the heads a
+# proxy sees repeat verbatim (an origin's Server, Content-Type, ETag; a client's Host, User-Agent,
+# Accept), and a dict look-up costs a fraction of the match. The entry is a pure function of the
+# line's bytes, so a hit is exactly what matching would give; the cache is emptied when full.
+_LINE_CACHE: dict[bytes, tuple[bytes, bytes, bytes]] = {}
+_LINE_CACHE_SIZE = 4096
+_LINE_CACHE_MAX_LINE = 256  # longer lines (cookies, tokens) seldom repeat
+
+
 def _parse_fields(
     lines: list[bytes], max_fields: int, status: int, too_many_status: int
 ) -> tuple[Fields, dict[bytes, list[bytes]]]:
@@ -179,14 +188,22 @@ def _parse_fields(
     fields = []
     index: dict[bytes, list[bytes]] = {}
     match = FIELD_LINE.fullmatch
+    cache = _LINE_CACHE
     for i in range(1, len(lines)):
-        m = match(lines[i])
-        if m is None:
-            raise ProtocolError(status, diagnose_field_line(lines[i]))
-        name, value = m.groups()
-        value = value.rstrip(b" \t")
+        line = lines[i]
+        parsed = cache.get(line)
+        if parsed is None:
+            m = match(line)
+            if m is None:
+                raise ProtocolError(status, diagnose_field_line(line))
+            name, value = m.groups()
+            parsed = (name, value.rstrip(b" \t"), name.lower())
+            if len(line) <= _LINE_CACHE_MAX_LINE:
+                if len(cache) >= _LINE_CACHE_SIZE:
+                    cache.clear()
+                cache[line] = parsed
+        name, value, lname = parsed
         fields.append((name, value))
-        lname = name.lower()
         seen = index.get(lname)
         if seen is None:
             index[lname] = [value]

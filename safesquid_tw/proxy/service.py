@@ -12,6 +12,7 @@ from twisted.python.threadpool import ThreadPool
 
 from safesquid_tw.accesslog.record import AccessRecord
 from safesquid_tw.config import Limits
+from safesquid_tw.proxy import fastdispatch
 from safesquid_tw.proxy.counters import ProxyCounters
 from safesquid_tw.icap.scanner import Scanner
 from safesquid_tw.proxy.errors import ProxyFailure, error_response, proxy_status_value
@@ -201,7 +202,7 @@ class ProxyFactory(protocol.Factory):
             node=self.node_name,
             client=conn.client_ip,
             user=ctx.user,
-            groups=tuple(sorted(ctx.groups)),
+            groups=tuple(sorted(ctx.groups)) if ctx.groups else (),
             method=ctx.method.decode("ascii", "replace"),
             url=ctx.url,
             status=ctx.status,
@@ -265,6 +266,7 @@ class ProxyService(Service):
 
     def startService(self) -> None:
         super().startService()
+        fastdispatch.install(self.reactor)  # read events without the per-event log context
         self.resolver.start()
         self.factory.auth_pool.start()
         allowed = parse_networks(self.proxy_protocol_from) if self.proxy_protocol_from else None

@@ -48,6 +48,8 @@ class ResponseSink(TypingProtocol):
 
 @implementer(IHalfCloseableProtocol, IHandshakeListener)
 class UpstreamConnection(protocol.Protocol):
+    tls_tolerated = False  # set after a TLS handshake (a class default: no failed look-up per request)
+
     def __init__(self, pool: "UpstreamPool", key: PoolKey, peer: str) -> None:
         self.pool = pool
         self.key = key
@@ -161,7 +163,8 @@ class UpstreamConnection(protocol.Protocol):
 
     # -- the request ----------------------------------------------------------------------
     def start_request(self, sink: ResponseSink, head: bytes, method: bytes) -> None:
-        self._cancel_timer()
+        if self._timer_info is not None:  # (a connection just taken from the pool has none)
+            self._cancel_timer()
         self.sink = sink
         self._state = "head"
         self._method = method
@@ -327,10 +330,15 @@ class UpstreamConnection(protocol.Protocol):
                 sink.upstream_data(data)
 
     def _finish(self) -> None:
-        self._cancel_timer()
         sink, self.sink = self.sink, None
         self.requests_served += 1
         reusable = self._keep_alive and self._request_complete and not self._buf
+        if reusable:
+            # No deadline any more; the call stays where it is (a fire without one does nothing)
+            # until the pool moves it to the idle deadline: one move instead of two.
+            self._timer_info = None
+        else:
+            self._cancel_timer()
         self._state = "idle"
         if sink is not None:
             sink.upstream_done()
@@ -464,7 +472,7 @@ class UpstreamPool:
                     conn._state = "closed"
                     conn.transport.abortConnection()
                     continue
-                conn._cancel_timer()
+                conn._timer_info = None  # its idle deadline no longer applies; start_request sets the next
                 return conn
         return None
 
