@@ -21,6 +21,7 @@ writer.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import sqlite3
@@ -31,6 +32,7 @@ from typing import Any, Callable, Iterable
 
 import attrs
 
+from safesquid_tw.reporting import fastrows
 from safesquid_tw.reporting.recordcheck import check_record
 from safesquid_tw.reporting.rows import MalformedRecord, host_of, record_row
 from safesquid_tw.reporting.sqliteview import create_view, drop_view
@@ -233,8 +235,11 @@ def _prepare(node: str, segment: int, first_seq: int, records: list[bytes], rece
     rows: list[tuple[Any, ...]] = []
     quarantine: list[tuple[Any, ...]] = []
     loads = json.loads
-    for seq, raw in enumerate(records, first_seq):
-        try:
+    for seq, raw, row in zip(itertools.count(first_seq), records, fastrows.decode(records)):
+        if row is not None:  # the proxy's usual shape, checked while decoding
+            rows.append((node, segment, seq, *row))
+            continue
+        try:  # anything else: the generic checks store it or say why not
             rows.append((node, segment, seq, *record_row(check_record(loads(raw)))))
             continue
         except MalformedRecord as e:
