@@ -363,6 +363,12 @@ def _int_array(values: Iterable[int]) -> str:
 def _text_array(values: Iterable[str]) -> str:
     """The array input form of `values` (psycopg's list adapter costs a Python call per element;
     this one string is parsed by the server)."""
+    values = list(values)
+    if not values:
+        return "{}"
+    joined = '","'.join(values)
+    if "\\" not in joined and '"' not in joined:  # the usual case: nothing to escape, one join
+        return '{"' + joined + '"}'
     return "{" + ",".join('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values) + "}"
 
 
