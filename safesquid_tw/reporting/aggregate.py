@@ -266,7 +266,8 @@ _NODE_HOURS_SQL = (
     " SELECT d.dimension, d.key COLLATE \"C\", count(*), count(*) FILTER (WHERE action IN " + _BLOCKED_SQL + "),"
     " sum(bytes_in + bytes_out) FROM generate_series(?2::bigint, ?3::bigint - 3600, 3600) AS h(bucket)"
     " CROSS JOIN LATERAL (SELECT host, \"user\", category, application, rule, action, bytes_in, bytes_out"
-    " FROM requests WHERE node = ?1 AND time >= to_timestamp(h.bucket) AND time < to_timestamp(h.bucket + 3600)) AS r"
+    " FROM requests WHERE node = ?1 AND time >= to_timestamp(h.bucket) AND time < to_timestamp(h.bucket + 3600)"
+    " OFFSET 0) AS r"  # (not pulled up: an index range per uncounted hour, not a join over the node's records)
     " CROSS JOIN LATERAL (VALUES ('domain', r.host), ('user', r.\"user\"), ('category', r.category),"
     " ('application', r.application), ('rule', r.rule)) AS d(dimension, key)"
     " WHERE h.bucket NOT IN (SELECT bucket FROM filled) AND d.key IS NOT NULL GROUP BY 1, 2"
