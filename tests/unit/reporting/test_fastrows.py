@@ -49,6 +49,7 @@ TAKEN = [
     line(url="http://ex.test#frag/x"),
     line(user="é" * 1024),
     line(url="http://a.test/" + "x" * 60000),
+    b'{"ts": 1796292000.0, "ts": 1796292001.5, "user": "a", "user": "b"}',  # the last one counts, as in json
 ]
 # Records it leaves to the generic path (stored or refused there, as before).
 LEFT = [
