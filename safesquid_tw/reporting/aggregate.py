@@ -193,11 +193,14 @@ def top(
     elif getattr(store, "backend", "sqlite") == "postgresql":
         rows = _node_top_from_records(store, dimension, period, node, limit, by)
     else:
+        # Each hour named: with the key (dimension, bucket, node, key), one index range per hour
+        # holds just this node's rows, where a range of buckets would read every node's.
+        hours = range(period.start, period.end, HOUR)
         rows = store.reader().execute(
             "SELECT key, sum(requests) AS requests, sum(blocked) AS blocked, sum(bytes) AS bytes"
-            " FROM rollup_top WHERE dimension = ? AND bucket >= ? AND bucket < ? AND node = ?"
+            f" FROM rollup_top WHERE dimension = ? AND bucket IN ({', '.join('?' * len(hours))}) AND node = ?"
             f" GROUP BY key ORDER BY {by} DESC, key LIMIT ?",
-            (dimension, period.start, period.end, node, limit),
+            (dimension, *hours, node, limit),
         )
     entries = tuple(TopEntry(*row) for row in rows)
     if by == "blocked":
