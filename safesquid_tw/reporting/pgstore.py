@@ -861,8 +861,10 @@ class PostgresReportStore:
                         conn.execute(f"DELETE FROM {table} WHERE bucket <= %s", (older_than - span,))
                     # One node's hours that lost records (the whole hour, or the part before a
                     # cut inside it) are counted from what is left of them when next asked.
+                    # (whole days went with their partitions: only the cut's own day is left)
                     conn.execute("DELETE FROM rollup_top_node_filled WHERE bucket < %s", (older_than,))
-                    conn.execute("DELETE FROM rollup_top_node_hour WHERE bucket < %s", (older_than,))
+                    conn.execute("DELETE FROM rollup_top_node_hour WHERE bucket >= %s AND bucket < %s",
+                                 (cutoff_day * pgschema.DAY, older_than))
                     # Names of records all older than the cut: a shipment of them again would be
                     # stored again, as it would have been with the records' own unique key.
                     conn.execute("DELETE FROM ingest_ledger WHERE last_time < %s", (older_than,))
