@@ -8,7 +8,8 @@ port). Three kinds of object answer remote calls:
   ``prove(proof, mind) -> {"proof", "avatar"}``.
 - ``avatar``: the master's object for one authenticated slave (``mind`` above is the slave's).
   ``ping()``, ``report_status(status)``, ``policy_manifest()``, ``policy_chunk(version, index)``,
-  ``policy_applied(version, ok, detail)``, ``ship_log_batch(segment, first_seq, records)``.
+  ``policy_applied(version, ok, detail)``, ``ship_log_batch(segment, first_seq, records)``,
+  ``ship_log_lines(segment, first_seq, lines)`` (the same batch as newline-joined spool lines).
 - ``mind``: the slave's object, handed to the master in ``prove``.
   ``ping()``, ``policy_changed(version)``.
 
