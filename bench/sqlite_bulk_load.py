@@ -17,6 +17,7 @@ retention timings as `pg_report_bench.py`.
 from __future__ import annotations
 
 import argparse
+import sqlite3
 import sys
 import tempfile
 import time
@@ -27,7 +28,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]
 
 from pg_report_bench import DAY, queries  # noqa: E402
 
-from safesquid_tw.reporting.store import ReportStore  # noqa: E402
+from safesquid_tw.reporting.store import _SCHEMA, ReportStore  # noqa: E402
 
 INDEXES = ("requests_time", "requests_user", "requests_client", "requests_host", "requests_rule")
 
@@ -113,8 +114,6 @@ def load(path: Path, args: argparse.Namespace, now: float) -> int:
     """Fill a new store at `path` in bulk; the number of records loaded."""
     began = time.perf_counter()
     ReportStore(path).close()  # the schema, as the master makes it
-    import sqlite3
-
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA journal_mode = DELETE")
     conn.execute("PRAGMA journal_mode = OFF")
@@ -137,8 +136,6 @@ def load(path: Path, args: argparse.Namespace, now: float) -> int:
         conn.execute("COMMIT")
         print(f"day {d + 1}/{args.days}: {(d + 1) * per_day:,} records, {time.perf_counter() - began:.0f} s",
               flush=True)
-    from safesquid_tw.reporting.store import _SCHEMA
-
     conn.executescript(_SCHEMA)  # the dropped indexes again (IF NOT EXISTS: the rest stays)
     print(f"indexes built, {time.perf_counter() - began:.0f} s", flush=True)
     conn.execute("BEGIN")
@@ -180,8 +177,6 @@ def main(argv: list[str] | None = None) -> None:
     path = Path(args.dir) / "reports.sqlite3"
     try:
         if args.skip_load:
-            import sqlite3
-
             with sqlite3.connect(path) as conn:
                 now = conn.execute("SELECT max(time) FROM requests").fetchone()[0] + 1
                 total = conn.execute("SELECT sum(requests) FROM rollup_hour").fetchone()[0]
