@@ -422,6 +422,16 @@ class SlaveAvatar(pb.Referenceable):
         d.addCallback(self._ingested)
         return d
 
+    @wire.checked("avatar")
+    def remote_ship_log_lines(self, segment, first_seq, lines):
+        self._heard()
+        ingest = self.plane.ingest
+        if ingest is None:
+            raise ClusterRefused("this master keeps no reports")
+        d = self.plane.in_thread(ingest, self.name, segment, first_seq, wire.split_log_lines(lines))
+        d.addCallback(self._ingested)
+        return d
+
 
     def _ingested(self, result):
         counts = self.plane.ingested_records

@@ -155,6 +155,9 @@ class ClusterClient(MultiService):
         self.keepalive = keepalive
         self.poll_interval = poll_interval
         self.avatar = None
+        # Whether the master takes a batch as its joined lines (ship_log_lines); found out per
+        # connection, since an older master answers that call with "no such method".
+        self._ship_lines = True
         self.connected_since: float | None = None
         self.disconnected_since: float | None = wall_clock()  # not connected yet, since start
         self._syncing: defer.Deferred | None = None
@@ -266,6 +269,7 @@ class ClusterClient(MultiService):
             _drop(broker)
             raise
         self.avatar = answer["avatar"]
+        self._ship_lines = True
         self.connected_since = self.wall_clock()
         self._endpoint.reached()
         broker.notifyOnDisconnect(lambda: self._lost(broker))
@@ -491,6 +495,19 @@ class ClusterClient(MultiService):
         return result
 
     def _ship(self, batch: Batch) -> defer.Deferred:
+        lines = wire.join_log_lines(batch.records) if self._ship_lines else None
+        if lines is None:
+            return self._call("ship_log_batch", batch.segment, batch.first_seq, batch.records, timeout=60.0)
+        d = self._call("ship_log_lines", batch.segment, batch.first_seq, lines, timeout=60.0)
+        d.addErrback(self._lines_refused, batch)
+        return d
+
+    def _lines_refused(self, reason, batch: Batch):
+        """A master from before ship_log_lines: ship this batch, and the next ones, as lists."""
+        if not reason.check(pb.NoSuchMethod, "twisted.spread.flavors.NoSuchMethod"):
+            return reason
+        self._ship_lines = False
+        log.info("the master takes access records only as lists: shipping them so")
         return self._call("ship_log_batch", batch.segment, batch.first_seq, batch.records, timeout=60.0)
 
 

@@ -193,11 +193,14 @@ def top(
     elif getattr(store, "backend", "sqlite") == "postgresql":
         rows = _node_top_from_records(store, dimension, period, node, limit, by)
     else:
+        # Each hour named: with the key (dimension, bucket, node, key), one index range per hour
+        # holds just this node's rows, where a range of buckets would read every node's.
+        hours = range(period.start, period.end, HOUR)
         rows = store.reader().execute(
             "SELECT key, sum(requests) AS requests, sum(blocked) AS blocked, sum(bytes) AS bytes"
-            " FROM rollup_top WHERE dimension = ? AND bucket >= ? AND bucket < ? AND node = ?"
+            f" FROM rollup_top WHERE dimension = ? AND bucket IN ({', '.join('?' * len(hours))}) AND node = ?"
             f" GROUP BY key ORDER BY {by} DESC, key LIMIT ?",
-            (dimension, period.start, period.end, node, limit),
+            (dimension, *hours, node, limit),
         )
     entries = tuple(TopEntry(*row) for row in rows)
     if by == "blocked":
@@ -254,24 +257,38 @@ def _cluster_top(dimension: str, period: Period) -> tuple[str, list[Any]]:
 # until the store commits anything new.
 _NODE_TOPS: dict[tuple[Any, ...], dict[str, list[tuple[str, int, int, int]]]] = {}
 _BLOCKED_SQL = "(" + ", ".join(f"'{action}'" for action in sorted(BLOCKED_ACTIONS)) + ")"
-_NODE_TOPS_SQL = (
-    "SELECT d.dimension, d.key COLLATE \"C\", count(*), count(*) FILTER (WHERE action IN " + _BLOCKED_SQL + "),"
-    " sum(bytes_in + bytes_out) FROM requests CROSS JOIN LATERAL (VALUES ('domain', host), ('user', \"user\"),"
-    " ('category', category), ('application', application), ('rule', rule)) AS d(dimension, key)"
-    " WHERE node = ? AND time >= to_timestamp(?) AND time < to_timestamp(?) AND d.key IS NOT NULL GROUP BY 1, 2"
+# The same counts, each hour that `rollup_top_node_hour` holds (named in rollup_top_node_filled)
+# read from there, every other hour counted from the node's records of that hour; one statement,
+# so one snapshot: an hour unnamed by a commit meanwhile is read from its records, not missed.
+_NODE_HOURS_SQL = (
+    "WITH filled AS (SELECT bucket FROM rollup_top_node_filled WHERE node = ?1 AND bucket >= ?2 AND bucket < ?3)"
+    " SELECT dimension, key COLLATE \"C\", sum(requests), sum(blocked), sum(bytes) FROM ("
+    " SELECT dimension, key, requests, blocked, bytes FROM rollup_top_node_hour"
+    " WHERE node = ?1 AND bucket >= ?2 AND bucket < ?3 AND bucket IN (SELECT bucket FROM filled)"
+    " UNION ALL"
+    " SELECT d.dimension, d.key COLLATE \"C\", count(*), count(*) FILTER (WHERE action IN " + _BLOCKED_SQL + "),"
+    " sum(bytes_in + bytes_out) FROM generate_series(?2::bigint, ?3::bigint - 3600, 3600) AS h(bucket)"
+    " CROSS JOIN LATERAL (SELECT host, \"user\", category, application, rule, action, bytes_in, bytes_out"
+    " FROM requests WHERE node = ?1 AND time >= to_timestamp(h.bucket) AND time < to_timestamp(h.bucket + 3600)"
+    " OFFSET 0) AS r"  # (not pulled up: an index range per uncounted hour, not a join over the node's records)
+    " CROSS JOIN LATERAL (VALUES ('domain', r.host), ('user', r.\"user\"), ('category', r.category),"
+    " ('application', r.application), ('rule', r.rule)) AS d(dimension, key)"
+    " WHERE h.bucket NOT IN (SELECT bucket FROM filled) AND d.key IS NOT NULL GROUP BY 1, 2"
+    ") AS parts GROUP BY 1, 2"
 )
 _ORDER = {"requests": 1, "blocked": 2, "bytes": 3}
 
 
 def _node_top_from_records(store: Any, dimension: str, period: Period, node: str, limit: int, by: str) -> Any:
-    """A top list of one node in the PostgreSQL store, which keeps no per-node top roll-up: from
-    the node's records of the period (index on (node, time)), every dimension in one pass."""
+    """A top list of one node in the PostgreSQL store: the hours its per-node hourly top roll-up
+    holds from there, the others (the current hour, hours with late records) from the node's
+    records of the hour (index on (node, time)), every dimension in one pass."""
     key = (id(store), getattr(store, "generation", None), node, period.start, period.end)
     found = _NODE_TOPS.get(key)
     if found is None:
         found = {d: [] for d in TOP_DIMENSIONS}
         for dim, name, requests, blocked, size in store.reader().execute(
-            _NODE_TOPS_SQL, (node, period.start, period.end)
+            _NODE_HOURS_SQL, (node, period.start, period.end)
         ):
             found[dim].append((name, requests, blocked, size))
         if key[1] is not None:  # only a store that says when it changed is remembered

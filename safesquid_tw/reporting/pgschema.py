@@ -22,7 +22,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Iterable
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 DAY = 86400
 # Days kept as real partitions around now; anything further goes to the default partition.
 PAST_DAYS_PARTITIONED = 800
@@ -185,8 +185,37 @@ SELECT dimension, bucket, key, sum(requests), sum(blocked), sum(bytes) FROM roll
 DROP TABLE rollup_top;
 """
 
+# Version 5: one node's top lists without reading its records. `rollup_top_node_hour` (node, hour,
+# dimension, key) is counted from the records of a (node, hour) once the node's records have moved
+# on to a later hour (a GROUP BY of one hour of one node, done by the writer, at most one per
+# commit), and `rollup_top_node_filled` names the (node, hour)s it holds. A commit that stores
+# records in a filled (node, hour) unnames it in the same transaction, so a reader sees either the
+# counts of an hour or none and then counts that hour from the records: always exact. Partitioned
+# by day like the records and dropped with them. Empty after the upgrade; ingest fills the last
+# day's hours as it goes.
+_V5 = """
+CREATE TABLE rollup_top_node_hour (
+    node text NOT NULL, bucket bigint NOT NULL, dimension text NOT NULL, key text COLLATE "C" NOT NULL,
+    requests bigint NOT NULL, blocked bigint NOT NULL, bytes bigint NOT NULL
+) PARTITION BY RANGE (bucket);
+CREATE TABLE rollup_top_node_hour_other PARTITION OF rollup_top_node_hour DEFAULT;
+CREATE INDEX rollup_top_node_hour_node ON rollup_top_node_hour (node, bucket);
+CREATE TABLE rollup_top_node_filled (node text NOT NULL, bucket bigint NOT NULL, PRIMARY KEY (node, bucket));
+DO $$
+DECLARE
+    p record;
+BEGIN
+    FOR p IN SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) AS bound FROM pg_inherits i
+             JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_class t ON t.oid = i.inhparent
+             WHERE t.relname = 'rollup_top_hour' AND c.relname ~ '^rollup_top_hour_[0-9]{8}$' LOOP
+        EXECUTE format('CREATE TABLE %I PARTITION OF rollup_top_node_hour %s',
+                       replace(p.relname, 'rollup_top_hour_', 'rollup_top_node_hour_'), p.bound);
+    END LOOP;
+END $$;
+"""
+
 # Step n brings version n - 1 to version n. Append, never edit a released step.
-MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3, _V4)
+MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3, _V4, _V5)
 
 
 def migrate(conn) -> int:
@@ -247,6 +276,7 @@ def create_day(conn, day: int) -> None:
     for table, column, low, high in (
         ("requests", "time", start, end),
         ("rollup_top_hour", "bucket", day * DAY, (day + 1) * DAY),
+        ("rollup_top_node_hour", "bucket", day * DAY, (day + 1) * DAY),
     ):
         name = partition_name(day, table)
         where = f"{column} >= %s AND {column} < %s"
@@ -265,7 +295,7 @@ def create_day(conn, day: int) -> None:
 
 def drop_day(conn, day: int) -> None:
     """Drop the partitions of `day` (call inside a transaction)."""
-    for table in ("requests", "rollup_top_hour"):
+    for table in ("requests", "rollup_top_hour", "rollup_top_node_hour"):
         conn.execute(f"DROP TABLE IF EXISTS {partition_name(day, table)}")
 
 

@@ -42,7 +42,7 @@ import psycopg
 from psycopg.adapt import Loader
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from safesquid_tw.reporting import pgschema
+from safesquid_tw.reporting import fastrows, pgschema
 from safesquid_tw.reporting.backend import StoreUnavailable
 from safesquid_tw.reporting.recordcheck import check_record
 from safesquid_tw.reporting.rows import MalformedRecord, record_row
@@ -111,6 +111,16 @@ _STORED_RUNS = (
 _INSERT_RUNS = (
     "INSERT INTO ingest_ledger (node, segment, first_seq, last_seq, last_time)"
     " SELECT * FROM unnest(%s::text[], %s::bigint[], %s::bigint[], %s::bigint[], %s::float8[])"
+)
+# One node's top counts of one hour, from its records (index on (node, time)).
+_FILL_NODE_HOUR = (
+    "INSERT INTO rollup_top_node_hour (node, bucket, dimension, key, requests, blocked, bytes)"
+    " SELECT %(node)s, %(hour)s, d.dimension, d.key, count(*),"
+    " count(*) FILTER (WHERE action IN (" + ", ".join(f"'{a}'" for a in sorted(BLOCKED_ACTIONS)) + ")),"
+    " sum(bytes_in + bytes_out) FROM requests CROSS JOIN LATERAL (VALUES ('domain', host), ('user', \"user\"),"
+    " ('category', category), ('application', application), ('rule', rule)) AS d(dimension, key)"
+    " WHERE node = %(node)s AND time >= to_timestamp(%(hour)s) AND time < to_timestamp(%(hour)s + 3600)"
+    " AND d.key IS NOT NULL GROUP BY 3, 4"
 )
 _INSERT_QUARANTINE = (
     "INSERT INTO quarantine (node, segment, seq, received, reason, raw) VALUES (%s, %s, %s, %s, %s, %s)"
@@ -215,6 +225,19 @@ def _timestamp(when: float) -> str:
 _N = "\\N"  # NULL in COPY text
 
 
+def _generic_row(raw: bytes) -> tuple[Any, ...]:
+    """`record_row` of one record the fast decoder declined, with this store's own bounds."""
+    row = record_row(check_record(json.loads(raw)))
+    status, bytes_in, bytes_out, when = row[8], row[9], row[10], row[0]
+    if status is not None and not -_INT32 <= status < _INT32:
+        raise MalformedRecord(f"'status' out of range: {status!r}")
+    if bytes_in >= _INT64 or bytes_out >= _INT64:
+        raise MalformedRecord("byte counts out of range")
+    if not -62135596800.0 <= when < 253402300800.0:  # years 1 to 9999
+        raise MalformedRecord(f"'ts' out of range: {when!r}")
+    return row
+
+
 def _prepare(node: str, segment: int, first_seq: int, records: list[bytes], received: float) -> _Batch:
     """Parse and check a batch outside any lock, into COPY lines and the facts the roll-ups count."""
     batch = _Batch((node, segment, first_seq, first_seq + len(records) - 1))
@@ -225,27 +248,21 @@ def _prepare(node: str, segment: int, first_seq: int, records: list[bytes], rece
     last_day = None
     last_time = 0.0
     N = _N
-    for seq, raw in enumerate(records, first_seq):
-        try:
-            obj = loads(raw)
-            row = record_row(check_record(obj))
-            (when, minute, client, user, method, url, host, host_rev, status, bytes_in, bytes_out,
-             duration, action, rule, category, application, version, dlp, detail, transfer, tls,
-             groups) = row
-            if status is not None and not -_INT32 <= status < _INT32:
-                raise MalformedRecord(f"'status' out of range: {status!r}")
-            if bytes_in >= _INT64 or bytes_out >= _INT64:
-                raise MalformedRecord("byte counts out of range")
-            if not -62135596800.0 <= when < 253402300800.0:  # years 1 to 9999
-                raise MalformedRecord(f"'ts' out of range: {when!r}")
-        except MalformedRecord as e:
-            batch.quarantine.append((node, segment, seq, received, str(e), bytes(raw)))
-            continue
-        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-            batch.quarantine.append((node, segment, seq, received, f"not JSON: {e}", bytes(raw)))
-            continue
+    for seq, raw, row in zip(itertools.count(first_seq), records, fastrows.decode(records)):
+        if row is None:  # not the proxy's usual shape: the generic checks store it or say why not
+            try:
+                row = _generic_row(raw)
+            except MalformedRecord as e:
+                batch.quarantine.append((node, segment, seq, received, str(e), bytes(raw)))
+                continue
+            except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+                batch.quarantine.append((node, segment, seq, received, f"not JSON: {e}", bytes(raw)))
+                continue
+        (when, minute, client, user, method, url, host, host_rev, status, bytes_in, bytes_out,
+         duration, action, rule, category, application, version, dlp, detail, transfer, tls,
+         groups) = row
         if groups is not None:  # record_row checked the list and made its JSON text
-            groups = _ARRAY_LITERALS.get(groups) or _array_literal(groups, obj["groups"])
+            groups = _ARRAY_LITERALS.get(groups) or _array_literal(groups, loads(groups))
         if b"\\" in raw:
             # Escaped characters: maybe a NUL, a lone surrogate, a tab or a backslash; every text
             # is cleaned (for the database and the roll-up keys) and escaped for COPY. The plain
@@ -356,6 +373,12 @@ def _int_array(values: Iterable[int]) -> str:
 def _text_array(values: Iterable[str]) -> str:
     """The array input form of `values` (psycopg's list adapter costs a Python call per element;
     this one string is parsed by the server)."""
+    values = list(values)
+    if not values:
+        return "{}"
+    joined = '","'.join(values)
+    if "\\" not in joined and '"' not in joined:  # the usual case: nothing to escape, one join
+        return '{"' + joined + '"}'
     return "{" + ",".join('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values) + "}"
 
 
@@ -472,6 +495,11 @@ class PostgresReportStore:
         self._days_lock = threading.Lock()
         self._schema_lock = threading.Lock()
         self._days: set[int] = set()
+        # Per node: the latest hour its records reached, and its earlier hours whose top counts
+        # are to be counted (again) from the records (see `_node_hours`). A node is always
+        # served by the same writer, under whose lock its entries change.
+        self._node_latest: dict[str, int] = {}
+        self._node_refill: dict[str, set[int]] = {}
         self._ready = False  # schema checked and upgraded on this run
         with self._write_lock:
             try:
@@ -732,9 +760,60 @@ class PostgresReportStore:
         if tops:
             conn.execute(_UPSERT_TOP_HOUR, _columns(tops, (0, 2)))
             conn.execute(_UPSERT_TOP_DAY, _columns(_coarser(tops, 1, 86400), (0, 2)))
+        touched: dict[str, set[int]] = {}
+        for minute, node in minutes:
+            touched.setdefault(node, set()).add(minute - minute % 3600)
+        if touched:
+            self._node_hours(conn, touched)
         for batch, (kept, _entries), done in zip(batches, counts, quarantined):
             total = len(batch.lines) + len(batch.quarantine)
             batch.result = IngestResult(kept, total - kept - done, done)
+
+    def _node_hours(self, conn: psycopg.Connection, touched: dict[str, set[int]]) -> None:
+        """Keep `rollup_top_node_hour` right for the (node, hour)s this commit stored records in,
+        and count one closed hour of one of these nodes into it (in the caller's transaction).
+
+        An hour of a node is counted once the node's records have reached a later hour; records
+        that arrive afterwards for a counted hour unname it here (DELETE ... RETURNING), so a
+        reader counts it from the records until it is counted again. In-memory notes (which
+        hours wait) are only hints: a lost note leaves an hour uncounted, read from the records,
+        never wrong."""
+        nodes = sorted(touched)
+        flat = [(node, hour) for node in nodes for hour in sorted(touched[node])]
+        unnamed = conn.execute(
+            "DELETE FROM rollup_top_node_filled f USING unnest(%s::text[], %s::bigint[]) AS t(node, bucket)"
+            " WHERE f.node = t.node AND f.bucket = t.bucket RETURNING f.node, f.bucket",
+            (_text_array(n for n, _h in flat), _int_array(h for _n, h in flat))).fetchall()
+        if unnamed:
+            conn.execute(
+                "DELETE FROM rollup_top_node_hour r USING unnest(%s::text[], %s::bigint[]) AS t(node, bucket)"
+                " WHERE r.node = t.node AND r.bucket = t.bucket",
+                (_text_array(n for n, _h in unnamed), _int_array(h for _n, h in unnamed)))
+        for node, hour in unnamed:
+            self._node_refill.setdefault(node, set()).add(hour)
+        for node in nodes:
+            latest = max(touched[node])
+            known = self._node_latest.get(node)
+            refill = self._node_refill.setdefault(node, set())
+            if known is None:  # first commit of this node since start: its last day, where not counted
+                counted = {b for (b,) in conn.execute(
+                    "SELECT bucket FROM rollup_top_node_filled WHERE node = %s AND bucket >= %s",
+                    (node, latest - 86400))}
+                refill.update(h for h in range(latest - 86400 + 3600, latest, 3600) if h not in counted)
+            elif latest > known:
+                refill.add(known)  # the hour this node has just left
+            if known is None or latest > known:
+                self._node_latest[node] = known = latest
+        for node in nodes:  # at most one hour per commit: a GROUP BY of one hour of one node
+            waiting = [h for h in self._node_refill.get(node, ()) if h < self._node_latest[node]]
+            if waiting:
+                hour = max(waiting)
+                conn.execute("DELETE FROM rollup_top_node_hour WHERE node = %s AND bucket = %s", (node, hour))
+                conn.execute(_FILL_NODE_HOUR, {"node": node, "hour": hour})
+                conn.execute("INSERT INTO rollup_top_node_filled (node, bucket) VALUES (%s, %s)"
+                             " ON CONFLICT DO NOTHING", (node, hour))
+                self._node_refill[node].discard(hour)
+                break
 
     def record_dropped(self, node: str, total_dropped: int) -> None:
         """A node's running total of records its spool dropped at its size cap (the larger of
@@ -780,6 +859,12 @@ class PostgresReportStore:
                     conn.execute("DELETE FROM quarantine WHERE received < %s", (older_than,))
                     for table, span in (("rollup_minute", 60), ("rollup_hour", 3600), ("rollup_top_hour", 3600)):
                         conn.execute(f"DELETE FROM {table} WHERE bucket <= %s", (older_than - span,))
+                    # One node's hours that lost records (the whole hour, or the part before a
+                    # cut inside it) are counted from what is left of them when next asked.
+                    # (whole days went with their partitions: only the cut's own day is left)
+                    conn.execute("DELETE FROM rollup_top_node_filled WHERE bucket < %s", (older_than,))
+                    conn.execute("DELETE FROM rollup_top_node_hour WHERE bucket >= %s AND bucket < %s",
+                                 (cutoff_day * pgschema.DAY, older_than))
                     # Names of records all older than the cut: a shipment of them again would be
                     # stored again, as it would have been with the records' own unique key.
                     conn.execute("DELETE FROM ingest_ledger WHERE last_time < %s", (older_than,))

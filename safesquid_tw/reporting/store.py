@@ -21,6 +21,7 @@ writer.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import sqlite3
@@ -31,6 +32,7 @@ from typing import Any, Callable, Iterable
 
 import attrs
 
+from safesquid_tw.reporting import fastrows
 from safesquid_tw.reporting.recordcheck import check_record
 from safesquid_tw.reporting.rows import MalformedRecord, host_of, record_row
 from safesquid_tw.reporting.sqliteview import create_view, drop_view
@@ -233,8 +235,11 @@ def _prepare(node: str, segment: int, first_seq: int, records: list[bytes], rece
     rows: list[tuple[Any, ...]] = []
     quarantine: list[tuple[Any, ...]] = []
     loads = json.loads
-    for seq, raw in enumerate(records, first_seq):
-        try:
+    for seq, raw, row in zip(itertools.count(first_seq), records, fastrows.decode(records)):
+        if row is not None:  # the proxy's usual shape, checked while decoding
+            rows.append((node, segment, seq, *row))
+            continue
+        try:  # anything else: the generic checks store it or say why not
             rows.append((node, segment, seq, *record_row(check_record(loads(raw)))))
             continue
         except MalformedRecord as e:
@@ -271,33 +276,40 @@ def _rollups(rows: list[tuple[Any, ...]]) -> _Rollups:
     """Parameters of the minute, hour, top and daily top roll-up upserts that count `rows`."""
     minutes: dict[tuple[int, str], list[int]] = {}
     tops: dict[tuple[str, int, str, str], list[int]] = {}
+    blocked_actions, error_actions = BLOCKED_ACTIONS, ERROR_ACTIONS
+    columns = _TOP_COLUMNS
     for row in rows:
         node = row[0]
         minute = row[_MINUTE] * 60
-        hour = minute - minute % 3600
-        blocked = 1 if row[_ACTION] in BLOCKED_ACTIONS else 0
+        action = row[_ACTION]
+        blocked = 1 if action in blocked_actions else 0
         bytes_in, bytes_out = row[_BYTES_IN], row[_BYTES_OUT]
         totals = minutes.get((minute, node))
         if totals is None:
-            totals = minutes[(minute, node)] = [0, 0, 0, 0, 0, 0]
-        totals[0] += 1
-        totals[1] += blocked
-        totals[2] += bytes_in
-        totals[3] += bytes_out
-        if row[_ACTION] in ERROR_ACTIONS:
-            totals[4] += 1
-        if row[_TRANSFER] == CLIENT_ABORTED:
-            totals[5] += 1
-        for dimension, column in _TOP_COLUMNS:
+            minutes[(minute, node)] = [1, blocked, bytes_in, bytes_out, 1 if action in error_actions else 0,
+                                       1 if row[_TRANSFER] == CLIENT_ABORTED else 0]
+        else:
+            totals[0] += 1
+            totals[1] += blocked
+            totals[2] += bytes_in
+            totals[3] += bytes_out
+            if action in error_actions:
+                totals[4] += 1
+            if row[_TRANSFER] == CLIENT_ABORTED:
+                totals[5] += 1
+        hour = minute - minute % 3600
+        size = bytes_in + bytes_out
+        for dimension, column in columns:
             key = row[column]
             if key is None:
                 continue
             top = tops.get((dimension, hour, node, key))
             if top is None:
-                top = tops[(dimension, hour, node, key)] = [0, 0, 0]
-            top[0] += 1
-            top[1] += blocked
-            top[2] += bytes_in + bytes_out
+                tops[(dimension, hour, node, key)] = [1, blocked, size]
+            else:
+                top[0] += 1
+                top[1] += blocked
+                top[2] += size
     days: dict[tuple[str, int, str], list[int]] = {}
     cluster_hours: dict[tuple[str, int, str], list[int]] = {}
     for (dimension, hour, _node, key), counts in tops.items():
@@ -486,8 +498,11 @@ class ReportStore:
             (older_than, batch),
         ) == batch:
             pass
-        for table, span in (("rollup_minute", 60), ("rollup_hour", 3600), ("rollup_top", 3600),
-                            ("rollup_top_hour", 3600)):
+        # The minute and hour totals hold one row per node and bucket: a day of them goes in one
+        # short delete each (one transaction per minute bucket cost a sync each, 1,440 a day).
+        for table, span in (("rollup_minute", 60), ("rollup_hour", 3600)):
+            self._write(f"DELETE FROM {table} WHERE bucket <= ?", (older_than - span,))
+        for table, span in (("rollup_top", 3600), ("rollup_top_hour", 3600)):
             buckets = self.reader().execute(
                 f"SELECT DISTINCT bucket FROM {table} WHERE bucket <= ?", (older_than - span,)
             ).fetchall()

@@ -24,7 +24,7 @@ from twisted.web.server import Site
 from twisted.web.test.requesthelper import DummyRequest
 
 from safesquid_tw.accesslog.spool import Spool
-from safesquid_tw.cluster import slave_side, wire
+from safesquid_tw.cluster import master_side, slave_side, wire
 from safesquid_tw.cluster.jellysafety import ClusterServerFactory
 from safesquid_tw.cluster.keyproof import ClusterKey, NodeVersion
 from safesquid_tw.cluster.master_side import ControlPlane, ControlRoot
@@ -458,6 +458,96 @@ def test_records_ship_to_the_report_store_once(master, clock, tmp_path):
     slave.client.avatar.callRemote("ship_log_batch", 1, 0, [_record(0)]).addBoth(answers.append)
     link.flush()
     assert answers == [1, 0]
+
+
+def test_a_slave_ships_its_records_as_joined_lines(master, clock, tmp_path, monkeypatch):
+    calls = []
+    real = master_side.SlaveAvatar.remote_ship_log_lines
+    monkeypatch.setattr(master_side.SlaveAvatar, "remote_ship_log_lines",
+                        lambda self, *args: (calls.append(args[:2]), real(self, *args))[1])
+    slave = Slave(tmp_path, clock, "slave1")
+    link = slave.connect(master)
+    for i in range(25):
+        slave.spool.append(_record(i))
+    for _ in range(6):
+        clock.advance(0.5)
+        link.flush()
+    assert master.reports.count() == 25 and calls
+    assert slave.spool.backlog_records == 0
+    # Sent again, the same lines are recognised and not stored twice; a bad record among them is
+    # set aside alone.
+    answers = []
+    lines = b"\n".join([_record(0), b"not json", _record(2)])
+    slave.client.avatar.callRemote("ship_log_lines", 7, 0, lines).addBoth(answers.append)
+    slave.client.avatar.callRemote("ship_log_lines", 7, 0, lines).addBoth(answers.append)
+    link.flush()
+    assert answers == [2, 0]
+    assert [row["seq"] for row in master.reports.quarantined(node="slave1")] == [1]
+
+
+def test_a_slave_ships_lists_to_a_master_without_joined_lines(master, clock, tmp_path, monkeypatch):
+    monkeypatch.delattr(master_side.SlaveAvatar, "remote_ship_log_lines")
+    slave = Slave(tmp_path, clock, "slave1")
+    link = slave.connect(master)
+    for i in range(25):
+        slave.spool.append(_record(i))
+    for _ in range(6):
+        clock.advance(0.5)
+        link.flush()
+    assert master.reports.count() == 25
+    assert slave.spool.backlog_records == 0 and slave.spool.sealed_segments() == []
+    assert slave.client._ship_lines is False
+
+
+def test_lines_shipped_while_postgresql_is_down_arrive_once_when_it_is_back(
+    clock, tmp_path, postgres_server, monkeypatch
+):
+    import psycopg
+
+    from safesquid_tw.reporting import pgstore
+
+    monkeypatch.setattr(pgstore, "RETRY_CONNECT_AFTER", 0.0)  # reconnect at the next batch
+    store = pgstore.PostgresReportStore(postgres_server.new_database(), writers=1)
+    master = Master(tmp_path / "master", clock)
+    master.reports, master.plane.ingest = store, store.ingest
+    try:
+        slave = Slave(tmp_path, clock, "slave1")
+        link = slave.connect(master)
+        for i in range(10):
+            slave.spool.append(_record(i))
+        for _ in range(6):
+            clock.advance(0.5)
+            link.flush()
+        assert store.count() == 10
+
+        # The database goes away: its writer connection is cut and no new one can be made.
+        with psycopg.connect(store.url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                          " WHERE application_name = 'safesquid-tw' AND pid <> pg_backend_pid()")
+
+        def refused(*args, **kwargs):
+            raise psycopg.OperationalError("connection refused")
+
+        with monkeypatch.context() as down:
+            down.setattr(pgstore.psycopg, "connect", refused)
+            for i in range(10, 25):
+                slave.spool.append(_record(i))
+            for _ in range(6):
+                clock.advance(0.5)
+                link.flush()
+            assert slave.spool.backlog_records == 15  # not acknowledged: kept for the next attempt
+            assert store.count() == 10
+
+        # Back: the store reconnects and the slave's next attempts get through.
+        for _ in range(6):
+            clock.advance(0.5)
+            link.flush()
+        assert slave.spool.backlog_records == 0
+        assert store.count() == 25
+        names = [(r["segment"], r["seq"]) for r in store.search(start=0, end=2e9, limit=100)]
+        assert len(names) == len(set(names)) == 25  # none doubled
+    finally:
+        store.close()
 
 
 def test_dropped_records_reported_by_a_slave_reach_the_master(master, clock, tmp_path):

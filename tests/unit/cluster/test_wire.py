@@ -290,3 +290,44 @@ def test_assembler_refuses_a_conflicting_repeat_and_a_wrong_digest():
 def test_split_refuses_chunk_sizes_out_of_range(chunk_size):
     with pytest.raises(ValueError, match="chunk_size"):
         split_blob(b"abc", chunk_size)
+
+
+# --- ship_log_lines: a batch as its joined spool lines ------------------------------------------
+
+
+def test_log_lines_join_and_split_back_into_the_same_records():
+    from safesquid_tw.cluster.wire import join_log_lines, split_log_lines
+
+    records = [b'{"a":1}', b"", b'{"b":"x y"}']
+    lines = join_log_lines(records)
+    assert lines == b'{"a":1}\n\n{"b":"x y"}'
+    assert split_log_lines(lines) == records
+    check_args("avatar", "ship_log_lines", (1, 0, lines), {})
+
+
+def test_a_batch_that_cannot_travel_as_lines_is_shipped_as_a_list():
+    from safesquid_tw.cluster.wire import MAX_LOG_BATCH_RECORDS, join_log_lines
+
+    assert join_log_lines([b'{"a":1}', b'{"b":\n2}']) is None  # a newline inside a record
+    assert join_log_lines([]) is None
+    assert join_log_lines([b"{}"] * (MAX_LOG_BATCH_RECORDS + 1)) is None
+    assert join_log_lines([b"x" * (200 * 1024)] * 3) is None
+
+
+@pytest.mark.parametrize(
+    "lines, words",
+    [
+        (b"\n".join([b"x"] * 1001), ["1001 records, more than 1000"]),
+        (b"x" * (256 * 1024 + 1), ["more than 262144 bytes"]),
+        (b"x" * (525 * 1024), ["'lines'", "more than 525288"]),
+        (b"\n".join([b"x" * (256 * 1024)] * 2 + [b"x"]), ["more than 524288 bytes"]),
+    ],
+)
+def test_log_lines_are_held_to_the_limits_of_a_list_batch(lines, words):
+    from safesquid_tw.cluster.wire import split_log_lines
+
+    with pytest.raises(WireError) as excinfo:
+        check_args("avatar", "ship_log_lines", (1, 0, lines), {})
+        split_log_lines(lines)
+    for word in words:
+        assert word in str(excinfo.value)
