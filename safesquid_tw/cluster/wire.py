@@ -9,7 +9,7 @@ port). Three kinds of object answer remote calls:
 - ``avatar``: the master's object for one authenticated slave (``mind`` above is the slave's).
   ``ping()``, ``report_status(status)``, ``policy_manifest()``, ``policy_chunk(version, index)``,
   ``policy_applied(version, ok, detail)``, ``ship_log_batch(segment, first_seq, records)``,
-  ``policy_change(version, base)`` (the sections changed since the slave's version, or nothing).
+  ``policy_change(version, base)`` (the sections changed since the slave's version, or nothing),
   ``ship_log_lines(segment, first_seq, lines)`` (the same batch as newline-joined spool lines).
 - ``mind``: the slave's object, handed to the master in ``prove``.
   ``ping()``, ``policy_changed(version)``.
