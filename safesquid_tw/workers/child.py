@@ -243,6 +243,9 @@ class Worker:
         mint = install_interception(self.factory, self.reactor, ca_store, self.policy,
                                     upstream_ca_file=self.config.upstream_ca_file)
         mint.startService()
+        # Its threads are not daemons: left running, they would keep this process alive (and
+        # the proxy's port open) after the reactor stops.
+        self.reactor.addSystemEventTrigger("before", "shutdown", mint.stopService)
 
     # -- from the parent ------------------------------------------------------------------
     def received(self, message: dict[str, Any]) -> None:

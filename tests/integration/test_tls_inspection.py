@@ -337,3 +337,36 @@ def test_a_burst_of_new_hosts_is_minted_off_the_reactor(node, origins):
         results = [f.result(timeout=60) for f in futures]
     assert blocked.status == 403
     assert results == [[f"burst{i}.example"] for i in range(60)]
+
+
+def _processes_using(directory) -> list[int]:
+    """Pids whose command line names `directory` (a node's workers carry its state dir)."""
+    import os
+
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if str(directory).encode() in f.read():
+                    found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+def test_a_stopped_node_leaves_no_worker_behind_after_minting(node_factory, origins):
+    """The minting threads of every worker stop with it: a worker that had minted a leaf used to
+    stay alive after its node stopped, holding the proxy's port."""
+    fresh = node_factory.start(policy=_policy(origins), name="tlsstop",
+                               args=["--upstream-ca-file", str(origins.ca_file), "--workers", "2"])
+    ca_pem = urllib.request.urlopen(f"http://{fresh.portal[0]}:{fresh.portal[1]}/inspection-ca.crt", timeout=5).read()
+    fresh.ca_file = fresh.state_dir / "client-trusts.pem"
+    fresh.ca_file.write_bytes(ca_pem)
+    for i in range(6):  # new connections: both workers take some and mint
+        status, _headers, _body, _der = get(fresh, origins.good, f"/hello?stop={i}")
+        assert status == 200
+    assert len(_processes_using(fresh.state_dir)) >= 2
+    fresh.stop()
+    harness.wait_until(lambda: not _processes_using(fresh.state_dir), 15, "every worker of the stopped node gone")
