@@ -23,7 +23,13 @@ from safesquid_tw.config import NodeConfig
 from safesquid_tw.metrics import NodeMetrics
 from safesquid_tw.metrics.collectors import NodeCollector, PolicyCollector
 from safesquid_tw.nodestate import NodeState
-from safesquid_tw.policy.applier import POLICY_SWITCH_INTERVAL, PolicyApplier, policy_thread_pool, thread_runner
+from safesquid_tw.policy.applier import (
+    BACKGROUND_NICENESS,
+    POLICY_SWITCH_INTERVAL,
+    PolicyApplier,
+    policy_thread_pool,
+    thread_runner,
+)
 from safesquid_tw.policy.history import PolicyHistory
 from safesquid_tw.policy.shadowing import policy_warnings
 from safesquid_tw.policy.store import PolicyCacheCorrupt, PolicyStore, source_kind
@@ -109,7 +115,9 @@ class NodeBase:
         store = PolicyStore(root)
         store.shadow_warnings = config.role != "slave"  # a slave's master warns about its policy
         pool = policy_thread_pool()
-        store.applier = PolicyApplier(thread_runner(reactor, pool), switch_interval=POLICY_SWITCH_INTERVAL)
+        serves_proxy_here = config.role != "master" and config.workers <= 1
+        store.applier = PolicyApplier(thread_runner(reactor, pool), switch_interval=POLICY_SWITCH_INTERVAL,
+                                      niceness=0 if serves_proxy_here else BACKGROUND_NICENESS)
         PolicyPoolService(pool).setServiceParent(top)
 
         state_follows_store(state, store, now=reactor.seconds)

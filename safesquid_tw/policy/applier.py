@@ -18,7 +18,9 @@ thread, so name look-ups in the reactor's pool never wait behind a policy), and
 from __future__ import annotations
 
 import gc
+import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -35,6 +37,10 @@ _log = Logger()
 # Seconds: the GIL's switch interval while a policy is prepared. Each system call of a request
 # hands the GIL to the policy thread, and the reactor thread waits up to this long to get it back.
 POLICY_SWITCH_INTERVAL = 0.0001
+# Niceness of the policy thread in a process that serves no proxy traffic itself (a master, a
+# node whose workers serve): preparing a version is background work, and on a machine it shares
+# with proxy processes it should take the CPU only when they do not need it.
+BACKGROUND_NICENESS = 10
 T = TypeVar("T")
 Runner = Callable[..., defer.Deferred]
 
@@ -64,6 +70,16 @@ def policy_thread_pool() -> ThreadPool:
     return ThreadPool(minthreads=0, maxthreads=1, name="safesquid-policy")
 
 
+def lower_thread_priority(niceness: int) -> bool:
+    """Lower the calling thread's CPU priority (Linux: a thread is a task of its own). False where
+    the system does not allow it; the work runs at normal priority then."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
 class PolicyApplier:
     """Runs policy jobs off the reactor thread, one at a time, newest pending wins.
 
@@ -74,8 +90,12 @@ class PolicyApplier:
     """
 
     def __init__(self, runner: Runner = synchronous_runner, *, clock: Callable[[], float] = time.monotonic,
-                 pause_gc: bool = True, switch_interval: float | None = None) -> None:
+                 pause_gc: bool = True, switch_interval: float | None = None, niceness: int = 0) -> None:
         self.runner = runner
+        # Only for processes whose reactor serves no proxy traffic: in a process that does, the
+        # niced thread could hold the GIL while the scheduler runs others, and the reactor waits.
+        self.niceness = niceness
+        self._niced = threading.local()
         # Python's cyclic garbage collector runs in whichever thread allocates, holding the GIL:
         # compiling a big policy allocates enough to trigger full collections of 30-70 ms each,
         # and every one of them stalls the reactor thread too. Collection waits while a job
@@ -134,6 +154,9 @@ class PolicyApplier:
         started = self._clock()
 
         def timed_work() -> tuple[Any, float]:
+            if self.niceness and not getattr(self._niced, "done", False):
+                self._niced.done = True
+                lower_thread_priority(self.niceness)
             cpu = time.thread_time()
             result = work()
             return result, time.thread_time() - cpu

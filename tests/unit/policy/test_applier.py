@@ -194,3 +194,32 @@ def test_the_pieces_make_the_canonical_bytes_exactly():
         assert digest_of_bytes(data) == digest(document)
         fields = {"version": 3, "digest": "sha256:x", "source": "file é"}
         assert record_bytes(fields, "policy", data) == canonical_bytes(dict(fields, policy=document))
+
+
+def test_a_niced_applier_runs_its_jobs_at_lower_priority_in_its_own_thread_only():
+    import os
+    import threading
+
+    from twisted.internet import defer
+
+    from safesquid_tw.policy.applier import PolicyApplier
+
+    def in_new_thread(fn, *args, **kwargs):
+        box = {}
+        thread = threading.Thread(target=lambda: box.setdefault("value", fn(*args, **kwargs)))
+        thread.start()
+        thread.join()
+        return defer.succeed(box["value"])
+
+    def niceness_here() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    before = niceness_here()
+    applier = PolicyApplier(in_new_thread, niceness=10, pause_gc=False)
+    seen = []
+    applier.submit(niceness_here, seen.append)
+    assert seen == [min(before + 10, 19)] or seen == [10]
+    assert niceness_here() == before, "the calling thread keeps its priority"
+    plain = PolicyApplier(in_new_thread, pause_gc=False)
+    plain.submit(niceness_here, seen.append)
+    assert seen[-1] == before
