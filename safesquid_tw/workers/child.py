@@ -159,6 +159,9 @@ class Worker:
                                     stop_grace=0.0, drain_grace=config.drain_grace)
         self.resolver.start()
         self.factory.auth_pool.start()
+        from safesquid_tw.proxy import fastdispatch
+
+        fastdispatch.install(self.reactor)  # as ProxyService.startService does in a one-process node
         self._interception()
         self.reactor.callLater(STATUS_INTERVAL, self.send_status)
 
