@@ -28,7 +28,7 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from safesquid_tw.reporting import aggregate  # noqa: E402
-from safesquid_tw.reporting.store import ReportStore  # noqa: E402
+from safesquid_tw.reporting.sqlitestore import ReportStore  # noqa: E402
 
 REFERENCE_RATE = 20_000  # records per second the master must sustain
 DAY = 86400

@@ -41,7 +41,7 @@ from ingest_bench import Generator  # noqa: E402
 
 from safesquid_tw.reporting import aggregate  # noqa: E402
 from safesquid_tw.reporting.pgstore import PostgresReportStore  # noqa: E402
-from safesquid_tw.reporting.store import ReportStore  # noqa: E402
+from safesquid_tw.reporting.sqlitestore import ReportStore  # noqa: E402
 
 TARGET_RATE = 60_000
 TODAY_RATE = 29_700  # today's master (SQLite), as measured when the target was set

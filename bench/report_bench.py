@@ -28,7 +28,7 @@ from safesquid_tw.pages import render_template  # noqa: E402
 from safesquid_tw.portal import reportdata as R  # noqa: E402
 from safesquid_tw.portal.pages_reports import TOP_TITLES, charts  # noqa: E402
 from safesquid_tw.portal.svgchart import human_bytes  # noqa: E402
-from safesquid_tw.reporting.store import ReportStore  # noqa: E402
+from safesquid_tw.reporting.sqlitestore import ReportStore  # noqa: E402
 
 TARGET_S = 0.5
 BATCH = 5000

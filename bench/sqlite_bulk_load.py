@@ -28,7 +28,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]
 
 from pg_report_bench import DAY, queries  # noqa: E402
 
-from safesquid_tw.reporting.store import _SCHEMA, ReportStore  # noqa: E402
+from safesquid_tw.reporting.sqlitestore import _SCHEMA, ReportStore  # noqa: E402
 
 INDEXES = ("requests_time", "requests_user", "requests_client", "requests_host", "requests_rule")
 

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import serialization
 
 from safesquid_tw.cluster.fingerprints import spki_fingerprint
 from safesquid_tw.cluster.tlsconfig import CERT_FILE, KEY_FILE, TLS_DIR
-from safesquid_tw.reporting.store import FILL_TOP_DAY, FILL_TOP_HOUR
+from safesquid_tw.reporting.sqlitestore import FILL_TOP_DAY, FILL_TOP_HOUR
 from safesquid_tw.util.atomic import atomic_write
 
 JSON_NAME = "backup.json"

@@ -9,7 +9,7 @@ from __future__ import annotations
 from safesquid_tw import pages
 from safesquid_tw.proxy import http1
 from safesquid_tw.proxy.context import RequestContext
-from safesquid_tw.proxy.errors import ProxyFailure, error_response, simple_response
+from safesquid_tw.proxy.responses import ProxyFailure, error_response, simple_response
 from safesquid_tw.proxy.headers import client_wants_close
 
 SENSITIVE_TRACE_FIELDS = frozenset({b"proxy-authorization", b"authorization", b"cookie"})

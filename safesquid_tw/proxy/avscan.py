@@ -22,7 +22,7 @@ from zope.interface import implementer
 from safesquid_tw.icap.holding import HeldBody
 from safesquid_tw.icap.scanner import Verdict
 from safesquid_tw.proxy import http1
-from safesquid_tw.proxy.errors import ProxyFailure
+from safesquid_tw.proxy.responses import ProxyFailure
 from safesquid_tw.proxy.headers import strip_hop_by_hop
 
 if TYPE_CHECKING:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from twisted.logger import Logger
 
 from safesquid_tw.proxy import avscan, http1, leanpath
-from safesquid_tw.proxy.errors import ProxyFailure
+from safesquid_tw.proxy.responses import ProxyFailure
 from safesquid_tw.proxy.headers import names_not_forwarded, strip_hop_by_hop
 from safesquid_tw.proxy.upstream import UpstreamConnection
 from safesquid_tw.proxy.urlnorm import blocked_request_any

@@ -26,11 +26,11 @@ from safesquid_tw.proxy import avscan, http1, leanpath
 from safesquid_tw.proxy.answers import SelfAnswers
 from safesquid_tw.proxy.context import HeaderView, RequestContext, basic_credentials
 from safesquid_tw.proxy.directwrite import OutputBatch, write_now
-from safesquid_tw.proxy.errors import ProxyFailure
+from safesquid_tw.proxy.responses import ProxyFailure
 from safesquid_tw.proxy.flow import ReadGate
 from safesquid_tw.proxy.forward import Exchange
 from safesquid_tw.proxy.headers import names_not_forwarded, via_contains
-from safesquid_tw.proxy.inspection import BodyInspection
+from safesquid_tw.proxy.bodyinspection import BodyInspection
 from safesquid_tw.proxy.intercept.tlsmode import tls_mode
 from safesquid_tw.proxy.target import host_header_for, is_asterisk_options, parse_target
 from safesquid_tw.proxy.tunnel import Tunnel

@@ -19,7 +19,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from safesquid_tw.proxy.errors import ProxyFailure
+from safesquid_tw.proxy.responses import ProxyFailure
 
 log = Logger()
 

@@ -15,7 +15,7 @@ from safesquid_tw.config import Limits
 from safesquid_tw.proxy import fastdispatch
 from safesquid_tw.proxy.counters import ProxyCounters
 from safesquid_tw.icap.scanner import Scanner
-from safesquid_tw.proxy.errors import ProxyFailure, error_response, proxy_status_value
+from safesquid_tw.proxy.responses import ProxyFailure, error_response, proxy_status_value
 from safesquid_tw.proxy.context import RequestContext
 from safesquid_tw.proxy.frontdoor import ClientConnection
 from safesquid_tw.proxy.guessing import GuessingBrake

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from safesquid_tw.proxy.directwrite import write_now
-from safesquid_tw.proxy.errors import ProxyFailure
+from safesquid_tw.proxy.responses import ProxyFailure
 
 if TYPE_CHECKING:
     from safesquid_tw.proxy.context import RequestContext

@@ -34,7 +34,7 @@ from twisted.internet import abstract, error, main, tcp
 from twisted.internet.posixbase import PosixReactorBase
 
 from safesquid_tw.proxy.directwrite import write_now
-from safesquid_tw.proxy.errors import ProxyFailure
+from safesquid_tw.proxy.responses import ProxyFailure
 from safesquid_tw.proxy.tunnel import Tunnel
 
 if TYPE_CHECKING:

@@ -20,7 +20,7 @@ from zope.interface import implementer
 from safesquid_tw.config import Limits
 from safesquid_tw.proxy import http1
 from safesquid_tw.proxy.directwrite import write_now
-from safesquid_tw.proxy.errors import ProxyFailure
+from safesquid_tw.proxy.responses import ProxyFailure
 from safesquid_tw.proxy.flow import ReadGate
 from safesquid_tw.proxy.headers import connection_options
 from safesquid_tw.proxy.resolver import Resolver

@@ -23,7 +23,7 @@ from typing import Any
 
 import attrs
 
-from safesquid_tw.reporting.store import BLOCKED_ACTIONS, TOP_DIMENSIONS, ReportStore
+from safesquid_tw.reporting.sqlitestore import BLOCKED_ACTIONS, TOP_DIMENSIONS, ReportStore
 
 MINUTE = 60
 HOUR = 3600

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable, Protocol, runtime_checkable
 from urllib.parse import urlsplit, urlunsplit
 
-from safesquid_tw.reporting.store import IngestResult
+from safesquid_tw.reporting.sqlitestore import IngestResult
 
 SQLITE_FILE = "reports.sqlite3"
 
@@ -111,7 +111,7 @@ def open_report_store(
 ) -> ReportStoreBackend:
     """The store `url` names (None or "sqlite": the embedded SQLite file in `state_dir`)."""
     if not url or url == "sqlite":
-        from safesquid_tw.reporting.store import ReportStore
+        from safesquid_tw.reporting.sqlitestore import ReportStore
 
         return ReportStore(Path(state_dir) / SQLITE_FILE, **kwargs)
     check_url("report-store", url)

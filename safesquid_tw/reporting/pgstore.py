@@ -46,7 +46,7 @@ from safesquid_tw.reporting import fastrows, pgschema
 from safesquid_tw.reporting.backend import StoreUnavailable
 from safesquid_tw.reporting.recordcheck import check_record
 from safesquid_tw.reporting.rows import MalformedRecord, record_row
-from safesquid_tw.reporting.store import (
+from safesquid_tw.reporting.sqlitestore import (
     BLOCKED_ACTIONS, CLIENT_ABORTED, ERROR_ACTIONS, IngestResult, recount_after_prune,
 )
 

@@ -264,7 +264,7 @@ class WorkerPool(Service):
         env = dict(os.environ)
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(safesquid_tw.__file__)))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-        self.reactor.spawnProcess(worker, sys.executable, [sys.executable, "-m", "safesquid_tw.worker", spec],
+        self.reactor.spawnProcess(worker, sys.executable, [sys.executable, "-m", "safesquid_tw.workers", spec],
                                   env=env, path=os.getcwd(), childFDs=child_fds)
         self.workers[slot] = worker
         log.info("worker {slot} started: pid {pid}", slot=slot, pid=worker.pid)

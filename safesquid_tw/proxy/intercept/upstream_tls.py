@@ -28,7 +28,7 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from safesquid_tw.proxy.errors import ProxyFailure
+from safesquid_tw.proxy.responses import ProxyFailure
 from safesquid_tw.proxy.intercept.fasttls import connect_tls
 
 log = Logger()

@@ -38,7 +38,7 @@ from safesquid_tw.nodestate import NodeState
 from safesquid_tw.policy.errors import PolicyError
 from safesquid_tw.policy.store import PolicyStore
 from safesquid_tw.portal.health import HealthResource
-from safesquid_tw.reporting.store import ReportStore
+from safesquid_tw.reporting.sqlitestore import ReportStore
 from safesquid_tw.assembly.base import state_follows_store
 from safesquid_tw.assembly.roles import build_node_service
 from safesquid_tw.util.threads import inline

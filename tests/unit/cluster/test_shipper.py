@@ -13,7 +13,7 @@ from twisted.internet.task import Clock
 from safesquid_tw.util.threads import inline
 from safesquid_tw.accesslog.spool import Batch, Spool
 from safesquid_tw.cluster.shipper import LogShipper
-from safesquid_tw.reporting.store import ReportStore
+from safesquid_tw.reporting.sqlitestore import ReportStore
 
 INTERVAL = 0.5
 SEAL_AFTER = 1.0

@@ -9,7 +9,7 @@ from portalkit import POLICY, Portal
 from twisted.internet import defer
 
 from safesquid_tw.master.registry import SlaveRegistry
-from safesquid_tw.reporting.store import ReportStore
+from safesquid_tw.reporting.sqlitestore import ReportStore
 
 
 class FakeSession:

@@ -11,7 +11,7 @@ import tarfile
 from portalkit import Portal
 
 from safesquid_tw.cluster.tlsconfig import load_or_create_master_identity
-from safesquid_tw.reporting.store import ReportStore
+from safesquid_tw.reporting.sqlitestore import ReportStore
 
 NOW = 1_800_000_000.0
 BOUNDARY = "backupBoundary"

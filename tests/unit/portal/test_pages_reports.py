@@ -11,7 +11,7 @@ from portalkit import Portal
 
 from safesquid_tw.portal import reportdata as R
 from safesquid_tw.portal.svgchart import human_bytes, nice_ceiling, share_bar, stacked_bars
-from safesquid_tw.reporting.store import ReportStore
+from safesquid_tw.reporting.sqlitestore import ReportStore
 
 NOW = 1_800_000_000.0
 HOSTILE_URL = "http://evil.test/<script>alert(1)</script>"

@@ -9,7 +9,7 @@ import pytest
 from portalkit import Portal
 
 from safesquid_tw.proxy.intercept.ca import CAStore, create_ca
-from safesquid_tw.reporting.store import ReportStore
+from safesquid_tw.reporting.sqlitestore import ReportStore
 
 
 @pytest.fixture

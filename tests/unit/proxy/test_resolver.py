@@ -5,7 +5,7 @@ import socket
 import pytest
 from twisted.internet import defer, task
 
-from safesquid_tw.proxy.errors import ProxyFailure
+from safesquid_tw.proxy.responses import ProxyFailure
 from safesquid_tw.proxy.resolver import Resolver
 
 

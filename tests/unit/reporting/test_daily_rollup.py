@@ -7,7 +7,7 @@ import sqlite3
 import pytest
 
 from safesquid_tw.reporting import aggregate
-from safesquid_tw.reporting.store import IngestResult, ReportStore
+from safesquid_tw.reporting.sqlitestore import IngestResult, ReportStore
 
 DAY = 86400
 NOW = 1_790_000_000.0 // DAY * DAY + 13 * 3600 + 1234  # a fixed time in the middle of a UTC day

@@ -14,7 +14,7 @@ from portalkit import Portal
 
 from safesquid_tw.accesslog.record import JSON_KEYS, AccessRecord
 from safesquid_tw.reporting import aggregate
-from safesquid_tw.reporting.store import ReportStore
+from safesquid_tw.reporting.sqlitestore import ReportStore
 
 NOW = 1_800_000_000.0
 

@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from safesquid_tw.reporting import aggregate
-from safesquid_tw.reporting.store import IngestResult, ReportStore
+from safesquid_tw.reporting.sqlitestore import IngestResult, ReportStore
 
 T0 = 1_800_000_000.0
 

@@ -9,7 +9,7 @@ import pytest
 
 from safesquid_tw.reporting import aggregate
 from safesquid_tw.reporting.pgstore import PostgresReportStore
-from safesquid_tw.reporting.store import ReportStore
+from safesquid_tw.reporting.sqlitestore import ReportStore
 
 H0 = 1_800_000_000 // 3600 * 3600
 

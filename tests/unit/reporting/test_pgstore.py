@@ -18,7 +18,7 @@ from safesquid_tw.reporting.migrate import main as migrate_main
 from safesquid_tw.reporting.migrate import migrate
 from safesquid_tw.reporting.pgstore import PostgresReportStore
 from safesquid_tw.reporting.sqliteview import ACCESS_RECORD_COLUMNS
-from safesquid_tw.reporting.store import ReportStore
+from safesquid_tw.reporting.sqlitestore import ReportStore
 
 T0 = 1_800_000_000.0
 

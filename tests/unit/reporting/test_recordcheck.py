@@ -11,7 +11,7 @@ import pytest
 
 from safesquid_tw.reporting.recordcheck import MAX_BYTES, QuarantineFile, check_record, quarantining
 from safesquid_tw.reporting.rows import MalformedRecord
-from safesquid_tw.reporting.store import IngestResult, ReportStore
+from safesquid_tw.reporting.sqlitestore import IngestResult, ReportStore
 
 T0 = 1_795_300_000.0
 

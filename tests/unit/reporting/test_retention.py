@@ -12,7 +12,7 @@ from twisted.internet import defer, reactor, task
 from safesquid_tw.config import NodeConfig
 from safesquid_tw.assembly.base import NodeBase
 from safesquid_tw.util.threads import reactor_pool
-from safesquid_tw.reporting.store import ReportStore
+from safesquid_tw.reporting.sqlitestore import ReportStore
 
 
 def record(ts: float, url: str) -> bytes:

@@ -9,7 +9,7 @@ import sqlite3
 import pytest
 
 from safesquid_tw.portal.reportdata import ReportQueryError, parse_search
-from safesquid_tw.reporting.store import ReportStore
+from safesquid_tw.reporting.sqlitestore import ReportStore
 
 T0 = 1_800_000_000.0
 

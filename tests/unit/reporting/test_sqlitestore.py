@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from safesquid_tw.reporting import aggregate
-from safesquid_tw.reporting.store import BLOCKED_ACTIONS, IngestResult, ReportStore, host_of
+from safesquid_tw.reporting.sqlitestore import BLOCKED_ACTIONS, IngestResult, ReportStore, host_of
 
 T0 = 1_800_000_000.0  # an hour boundary (divisible by 3600)
 

@@ -12,7 +12,7 @@ from twisted.logger import Logger
 
 from safesquid_tw import pages
 from safesquid_tw.proxy.context import RequestContext
-from safesquid_tw.proxy.errors import simple_response
+from safesquid_tw.proxy.responses import simple_response
 
 log = Logger()
 

@@ -1,4 +1,4 @@
-"""`python -m safesquid_tw.worker CONFIG-JSON`: one worker process of a node started with
+"""`python -m safesquid_tw.workers CONFIG-JSON`: one worker process of a node started with
 --workers (see safesquid_tw/workers/child.py). Not started by hand."""
 
 from __future__ import annotations
