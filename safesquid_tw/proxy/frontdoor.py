@@ -34,7 +34,7 @@ from safesquid_tw.proxy.bodyinspection import BodyInspection
 from safesquid_tw.proxy.intercept.tlsmode import tls_mode
 from safesquid_tw.proxy.target import host_header_for, is_asterisk_options, parse_target
 from safesquid_tw.proxy.tunnel import Tunnel
-from safesquid_tw.proxy.tunnelfast import open_tunnel
+from safesquid_tw.proxy.tunnelfast import close_now, open_tunnel
 from safesquid_tw.proxy.urlnorm import blocked_request_any, strictest_decision
 
 if TYPE_CHECKING:
@@ -674,7 +674,8 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
         self.tunnel = None
         self.ctx = None
         self.state = "closing"
-        self.transport.loseConnection()
+        if not close_now(self.transport):  # (nothing queued: closed at once, see tunnelfast)
+            self.transport.loseConnection()
 
     def switch_to_tunnel(self, exchange: Exchange, upstream) -> None:
         """A 101 answer to an Upgrade request: from now on bytes flow unchanged both ways."""

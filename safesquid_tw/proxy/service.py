@@ -12,7 +12,7 @@ from twisted.python.threadpool import ThreadPool
 
 from safesquid_tw.accesslog.record import AccessRecord
 from safesquid_tw.config import Limits
-from safesquid_tw.proxy import fastdispatch
+from safesquid_tw.proxy import fastdispatch, leanaccept
 from safesquid_tw.proxy.counters import ProxyCounters
 from safesquid_tw.icap.scanner import Scanner
 from safesquid_tw.proxy.responses import ProxyFailure, error_response, proxy_status_value
@@ -283,6 +283,7 @@ class ProxyService(Service):
     def _listening(self, port, done: defer.Deferred, proxied: bool) -> None:
         if self.port is None:
             self.port = port
+        leanaccept.install(port)  # accept without Twisted's per-connection extras
         self.ports.append(port)
         host = port.getHost()
         self.factory.listening.append((host.host, host.port))

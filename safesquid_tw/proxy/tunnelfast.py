@@ -26,12 +26,21 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import socket
 import struct
 from typing import TYPE_CHECKING
 
 from twisted.internet import abstract, error, main, tcp
 from twisted.internet.posixbase import PosixReactorBase
+from twisted.internet.protocol import connectionDone
+from twisted.python import failure
+
+try:
+    from twisted.internet.epollreactor import EPollReactor
+except ImportError:  # not on Linux: the general calls are used
+    class EPollReactor:  # type: ignore[no-redef]
+        pass
 
 from safesquid_tw.proxy.directwrite import write_now
 from safesquid_tw.proxy.responses import ProxyFailure
@@ -46,6 +55,8 @@ _IN_PROGRESS = frozenset({0, errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK}
 _SOCKET_FLAGS = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
 _Plain = tcp.Connection
 _RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close sends a reset
+_EPOLLIN = getattr(select, "EPOLLIN", 1)
+_CLOSED: failure.Failure = connectionDone  # one shared reason for every orderly close
 
 
 def open_tunnel(conn: "ClientConnection", ctx: "RequestContext"):
@@ -86,7 +97,7 @@ class OriginSocket(tcp.Connection):
             self.tunnel.connect_failed(self, err)
             return None
         self.connected = 1
-        self.startReading()
+        readable_only(self)
         self.tunnel.origin_connected(self)
         return None
 
@@ -177,6 +188,61 @@ class OriginSocket(tcp.Connection):
 
 def _no_fileno() -> int:
     return -1
+
+
+def readable_only(fd_object) -> None:
+    """Watch `fd_object` for reading instead of writing: one epoll_ctl (MOD) where
+    stopWriting + startReading make two (DEL, ADD)."""
+    reactor = fd_object.reactor
+    fd = fd_object.fileno()
+    writes = getattr(reactor, "_writes", None)
+    if not isinstance(reactor, EPollReactor) or not isinstance(writes, set) or fd not in writes \
+            or fd in reactor._reads:
+        fd_object.stopWriting()
+        fd_object.startReading()
+        return
+    reactor._poller.modify(fd, _EPOLLIN)
+    writes.discard(fd)
+    reactor._reads.add(fd)
+
+
+def close_now(transport) -> bool:
+    """Close the client's plain TCP transport at once when nothing is queued for it: the
+    socket closed (which also takes it out of epoll), then the protocol's connectionLost, without
+    the stopReading/stopWriting calls, the new Failure and the reason checks of Twisted's
+    loseConnection -> connectionLost chain. False (nothing done) when the transport is not in
+    that state: the caller then uses loseConnection."""
+    if (not isinstance(transport, _Plain) or transport.TLS or not transport.connected or transport.disconnecting
+            or transport._tempDataBuffer or len(transport.dataBuffer) != transport.offset
+            or transport.producer is not None or not hasattr(transport, "socket")):
+        return False
+    reactor = transport.reactor
+    if not isinstance(reactor, EPollReactor):
+        return False
+    skt = transport.socket
+    fd = skt.fileno()
+    # The descriptor is about to be closed and is not shared (no dup, no fork since accept):
+    # close(2) removes it from the epoll set, so only the reactor's own bookkeeping is updated.
+    reactor._reads.discard(fd)
+    reactor._writes.discard(fd)
+    reactor._selectables.pop(fd, None)
+    transport.disconnected = 1
+    transport.connected = 0
+    try:
+        if transport._shouldShutdown:
+            skt.shutdown(socket.SHUT_RDWR)  # as Twisted's orderly close
+    except OSError:
+        pass
+    try:
+        skt.close()
+    except OSError:
+        pass
+    protocol = transport.protocol
+    del transport.protocol
+    del transport.socket
+    del transport.fileno
+    protocol.connectionLost(_CLOSED)
+    return True
 
 
 class _PauseOrigin:

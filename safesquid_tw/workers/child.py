@@ -29,6 +29,7 @@ from safesquid_tw.policy.applier import POLICY_SWITCH_INTERVAL
 from safesquid_tw.policy.compiled import Policy
 from safesquid_tw.policy.errors import PolicyError
 from safesquid_tw.policy.release import release_in_pieces
+from safesquid_tw.proxy import leanaccept
 from safesquid_tw.workers.policydelta import NeedWholeVersion, compile_message, merge_waiting
 from safesquid_tw.util.threads import ThreadRunner, pool_runner
 from safesquid_tw.workers.frames import FramedStdio, decode_large
@@ -230,6 +231,7 @@ class Worker:
             family = socket.AF_INET6 if item["family"] == 6 else socket.AF_INET
             port = self.reactor.adoptStreamPort(item["fd"], family, factory)
             one_accept_per_wakeup(port)
+            leanaccept.install(port)
             os.close(item["fd"])  # adoptStreamPort duplicated it
             host = port.getHost()
             self.factory.listening.append((host.host, host.port))
