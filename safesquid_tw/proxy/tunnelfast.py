@@ -90,10 +90,9 @@ class OriginSocket(tcp.Connection):
         if self.connected:
             return tcp.Connection.doWrite(self)
         # Writable for the first time: the connect has finished, well or not.
-        self.stopWriting()
         err = self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
-            self._discard()
+            self._discard()  # (which stops watching it)
             self.tunnel.connect_failed(self, err)
             return None
         self.connected = 1
@@ -170,8 +169,9 @@ class OriginSocket(tcp.Connection):
             self._discard(linger=True)
 
     def _discard(self, linger: bool = False) -> None:
-        self.stopReading()
-        self.stopWriting()
+        if not forget_before_close(self.reactor, self.socket.fileno()):
+            self.stopReading()
+            self.stopWriting()
         self.connected = 0
         self.disconnected = 1
         self.producer = None
@@ -206,6 +206,19 @@ def readable_only(fd_object) -> None:
     reactor._reads.add(fd)
 
 
+def forget_before_close(reactor, fd: int) -> bool:
+    """Stop watching `fd`, which the caller closes next, without an epoll_ctl: closing a
+    descriptor nobody else holds (no dup, no fork since it was made; sockets are close-on-exec)
+    takes it out of the epoll set, so only the reactor's own bookkeeping is updated. False
+    (nothing done) on other reactors: the caller uses stopReading/stopWriting."""
+    if not isinstance(reactor, EPollReactor) or type(reactor._reads) is not set:
+        return False
+    reactor._reads.discard(fd)
+    reactor._writes.discard(fd)
+    reactor._selectables.pop(fd, None)
+    return True
+
+
 def close_now(transport) -> bool:
     """Close the client's plain TCP transport at once when nothing is queued for it: the
     socket closed (which also takes it out of epoll), then the protocol's connectionLost, without
@@ -216,16 +229,9 @@ def close_now(transport) -> bool:
             or transport._tempDataBuffer or len(transport.dataBuffer) != transport.offset
             or transport.producer is not None or not hasattr(transport, "socket")):
         return False
-    reactor = transport.reactor
-    if not isinstance(reactor, EPollReactor):
-        return False
     skt = transport.socket
-    fd = skt.fileno()
-    # The descriptor is about to be closed and is not shared (no dup, no fork since accept):
-    # close(2) removes it from the epoll set, so only the reactor's own bookkeeping is updated.
-    reactor._reads.discard(fd)
-    reactor._writes.discard(fd)
-    reactor._selectables.pop(fd, None)
+    if not forget_before_close(transport.reactor, skt.fileno()):
+        return False
     transport.disconnected = 1
     transport.connected = 0
     try:
