@@ -17,12 +17,17 @@ descriptors; the per-wakeup count (``numberAccepts``, which workers pin at one) 
 from __future__ import annotations
 
 import socket
+import sys
 from errno import EAGAIN, EPERM, EWOULDBLOCK
 
-from twisted.internet import address, tcp
+from twisted.internet import address, main, tcp
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.logger import Logger
+from twisted.python import failure
 
 log = Logger()
+
+_HALF_CLOSES: dict[type, bool] = {}  # protocol class -> implements IHalfCloseableProtocol
 
 _NO_MORE = frozenset({EAGAIN, EWOULDBLOCK})
 _NUMERIC = socket.NI_NUMERICHOST | socket.NI_NUMERICSERV
@@ -58,6 +63,41 @@ class LeanServer(tcp.Server):
     def logPrefix(self) -> str:
         return self.logstr
 
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        if enabled and getattr(self.server, "nodelay_inherited", False):
+            return  # accepted sockets inherit TCP_NODELAY from the listening one (Linux)
+        tcp.Server.setTcpNoDelay(self, enabled)
+
+    def doRead(self):
+        """tcp.Connection.doRead, and the client's end (FIN) handed to a half-closing protocol
+        before the reactor stops watching the socket: a protocol that closes the connection
+        there (a tunnel whose other direction has ended) closes it without an epoll removal."""
+        if self.TLS:
+            return tcp.Connection.doRead(self)
+        try:
+            data = self.socket.recv(self.bufferSize)
+        except OSError as e:
+            if e.args[0] == EWOULDBLOCK:
+                return None
+            return main.CONNECTION_LOST
+        if data:
+            return self.protocol.dataReceived(data)
+        protocol = self.protocol
+        half_closes = _HALF_CLOSES.get(type(protocol))
+        if half_closes is None:
+            half_closes = _HALF_CLOSES[type(protocol)] = IHalfCloseableProtocol.implementedBy(type(protocol))
+        if not half_closes:
+            return main.CONNECTION_DONE  # the reactor calls connectionLost, as Twisted does
+        try:
+            protocol.readConnectionLost()
+        except BaseException:
+            log.failure("handling the end of a client's input")
+            self.connectionLost(failure.Failure())
+            return None
+        if hasattr(self, "socket"):  # still open (half-closed): nothing more to read
+            self.stopReading()
+        return None
+
     def __repr__(self) -> str:
         return self.repstr
 
@@ -69,6 +109,14 @@ def install(port) -> bool:
         return False
     port.transport = LeanServer
     port.doRead = _lean_do_read(port)
+    if sys.platform.startswith("linux"):
+        # Every client connection wants TCP_NODELAY (a proxy relays small writes as they come);
+        # set once here, accepted sockets inherit it: one setsockopt fewer per connection.
+        try:
+            port.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            port.nodelay_inherited = True
+        except OSError:
+            pass
     return True
 
 
