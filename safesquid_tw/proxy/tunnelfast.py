@@ -24,6 +24,7 @@ without file descriptors (unit tests' memory reactors) keep `tunnel.Tunnel`.
 
 from __future__ import annotations
 
+import _socket
 import errno
 import os
 import select
@@ -53,6 +54,9 @@ if TYPE_CHECKING:
 _EAGAIN = errno.EAGAIN
 _IN_PROGRESS = frozenset({0, errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK})
 _SOCKET_FLAGS = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
+# The origin socket is only ever used through the C methods (recv, send, shutdown, close...):
+# the plain C type, without socket.socket's Python-level constructor and close.
+_new_socket = _socket.socket
 _Plain = tcp.Connection
 _RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close sends a reset
 _EPOLLIN = getattr(select, "EPOLLIN", 1)
@@ -301,7 +305,13 @@ class FastTunnel:
 
     # -- opening ----------------------------------------------------------------------------
     def open(self) -> None:
-        d = self.conn.factory.pool.resolver.resolve(self.ctx.target.host)
+        resolver = self.conn.factory.pool.resolver
+        host = self.ctx.target.host
+        addresses = resolver.known(host)
+        if addresses is not None:  # an address or a cached answer: no Deferred needed
+            self._resolved(addresses)
+            return
+        d = resolver.resolve(host)
         if d.called and isinstance(d.result, list):
             self._resolved(d.result)  # an address or a cached answer: no callback chain needed
         else:
@@ -329,7 +339,7 @@ class FastTunnel:
                 return
             peer = f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}"
             try:
-                skt = socket.socket(family, _SOCKET_FLAGS)
+                skt = _new_socket(family, _SOCKET_FLAGS)
             except OSError as e:
                 self._last = ProxyFailure(502, "destination_unavailable", f"cannot connect to {peer}: {e}")
                 continue

@@ -105,3 +105,21 @@ def test_failures_map_to_502_and_are_cached_briefly(exc, status, kind):
     clock.advance(6)
     r.resolve("bad.example")
     assert lookups.calls == ["bad.example", "bad.example"]
+
+
+def test_known_answers_what_resolve_would_fire_with_at_once_and_nothing_else():
+    clock, lookups, r = make()
+    assert r.known("127.0.0.1") == [(socket.AF_INET, "127.0.0.1")]
+    assert r.known("::1") == [(socket.AF_INET6, "::1")]
+    assert r.known("example.com") is None  # not looked up yet; known() never starts a lookup
+    assert lookups.calls == []
+    r.resolve("example.com")
+    assert r.known("example.com") is None  # in flight
+    lookups.answer("example.com", [(socket.AF_INET, "192.0.2.1")])
+    assert r.known("example.com") == [(socket.AF_INET, "192.0.2.1")]
+    clock.advance(61)
+    assert r.known("example.com") is None  # expired: resolve() looks it up again
+    r.resolve("bad.example")
+    lookups.fail("bad.example", OSError("no such name"))
+    assert r.known("bad.example") is None  # a cached failure is resolve()'s to report
+    assert r.known("x.invalid") is None

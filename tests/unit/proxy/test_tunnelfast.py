@@ -275,3 +275,145 @@ def test_a_slow_client_pauses_reading_from_the_origin(listener):
     producer.resumeProducing()
     assert rig.origin in rig.reactor.getReaders()
     far.close()
+
+
+# -- on an epoll reactor: the whole tunnel through real sockets, accept to close -------------------
+
+epollreactor = pytest.importorskip("twisted.internet.epollreactor")
+
+
+class EpollRig:
+    """A proxy port (lean accept) on an epoll reactor that the test turns by hand."""
+
+    def __init__(self, origin_port: int) -> None:
+        from twisted.internet import tcp
+
+        from safesquid_tw.proxy import fastdispatch, leanaccept
+
+        self.reactor = reactor = epollreactor.EPollReactor()
+        fastdispatch.install(reactor)
+        policy = policy_from_document({
+            "format": "safesquid-policy/1",
+            "access": {"default_action": "allow", "rules": []},
+            "connect": {"allowed_ports": [origin_port]},
+        }, 7)
+        self.records = []
+        self.factory = ProxyFactory(
+            reactor=reactor, limits=Limits(), node_name="unit", current_policy=lambda: policy,
+            record_sink=self.records.append, resolver=Resolver(reactor),
+        )
+        self.port = tcp.Port(0, self.factory, 50, "127.0.0.1", reactor=reactor)
+        self.port.startListening()
+        assert leanaccept.install(self.port)
+        self.watched_at_start = set(reactor._selectables)
+
+    def turn_until(self, condition, timeout: float = 5.0) -> None:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert time.monotonic() < deadline, "timed out"
+            self.reactor.runUntilCurrent()
+            self.reactor.doIteration(0.02)
+
+    def receive(self, skt: socket.socket, n: int) -> bytes:
+        """Turn the reactor until `n` bytes or the end came from `skt`."""
+        data = b""
+
+        def enough() -> bool:
+            nonlocal data
+            while select.select([skt], [], [], 0)[0]:
+                piece = skt.recv(max(1, n - len(data)))
+                if not piece:
+                    return True
+                data += piece
+                if len(data) >= n:
+                    return True
+            return False
+
+        self.turn_until(enough)
+        return data
+
+    def close(self) -> None:
+        self.factory.tunnel_sweep.stop()
+        self.port.socket.close()
+        self.reactor._poller.close()
+
+
+@pytest.mark.parametrize("origin_ends_first", [True, False])
+def test_a_whole_tunnel_on_epoll_leaves_nothing_watched_and_one_record(listener, origin_ends_first) -> None:
+    rig = EpollRig(listener.getsockname()[1])
+    try:
+        client = socket.create_connection(("127.0.0.1", rig.port.getHost().port), timeout=5)
+        authority = f"127.0.0.1:{listener.getsockname()[1]}"
+        client.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+        rig.turn_until(lambda: rig.factory.tunnel_sweep.live)
+        far, _ = listener.accept()
+        far.settimeout(5)
+        reply = b"HTTP/1.1 200 Connection established\r\n\r\n"
+        assert rig.receive(client, len(reply)) == reply
+        [conn] = rig.factory.connections
+        origin = conn.tunnel.origin
+        # Connected: watched for reading only (one epoll change from writing).
+        fd = origin.fileno()
+        assert fd in rig.reactor._reads and fd not in rig.reactor._writes
+        client.sendall(b"GET / HTTP/1.1\r\n\r\n")
+        assert rig.receive(far, 18) == b"GET / HTTP/1.1\r\n\r\n"
+        if origin_ends_first:
+            far.sendall(b"answer")
+            far.shutdown(socket.SHUT_WR)
+            assert rig.receive(client, 6) == b"answer"
+            assert rig.receive(client, 1) == b""  # the end passed on
+            assert not rig.records  # the upload direction is still open
+            client.close()
+            rig.turn_until(lambda: rig.records)
+            assert far.recv(10) == b""
+        else:
+            client.shutdown(socket.SHUT_WR)
+            assert rig.receive(far, 1) == b""  # the client's end passed on
+            far.sendall(b"late answer")
+            far.close()
+            assert rig.receive(client, 11) == b"late answer"
+            rig.turn_until(lambda: rig.records)
+            assert client.recv(10) == b""
+            client.close()
+        far.close()
+        [record] = rig.records
+        assert record.method == "CONNECT" and record.status == 200 and record.action == "allow"
+        assert record.bytes_out == (6 if origin_ends_first else 11)
+        assert rig.factory.connections == set() and rig.factory.per_client == {}
+        assert rig.factory.tunnel_sweep.live == set()
+        # Both sockets closed and forgotten: only what was watched before the tunnel remains.
+        assert set(rig.reactor._selectables) == rig.watched_at_start
+        assert rig.reactor._reads | rig.reactor._writes <= rig.watched_at_start
+        assert conn.transport.disconnected and not hasattr(conn.transport, "socket")
+    finally:
+        rig.close()
+
+
+def test_close_now_leaves_a_transport_with_queued_bytes_to_twisted() -> None:
+    from safesquid_tw.proxy.tunnelfast import close_now
+
+    reactor = epollreactor.EPollReactor()
+    ours, theirs = socket.socketpair()
+    try:
+        from twisted.internet import tcp
+
+        lost = []
+
+        class P:
+            def connectionLost(self, reason) -> None:
+                lost.append(reason)
+
+        t = tcp.Connection(ours, P(), reactor)
+        t.connected = 1
+        t.startReading()
+        t.dataBuffer = b"queued"
+        assert close_now(t) is False and t.connected and lost == []
+        t.dataBuffer = b""
+        assert close_now(t) is True
+        assert lost and ours.fileno() == -1 and ours.fileno() not in reactor._selectables
+        assert theirs.recv(10) == b""
+    finally:
+        theirs.close()
+        reactor._poller.close()
