@@ -37,11 +37,12 @@ class LeanServer(tcp.Server):
     """A server-side TCP transport whose log prefix and repr are made only when needed."""
 
     def __init__(self, sock: socket.socket, protocol, client: tuple, server: tcp.Port, sessionno: int,
-                 reactor) -> None:
+                 reactor, peer=None) -> None:
         # tcp.Server.__init__ without its string formatting (see logPrefix, __repr__).
         tcp.Connection.__init__(self, sock, protocol, reactor)
         if len(client) != 2:
             self._addressType = address.IPv6Address
+        self._peer = peer  # the address object already built for buildProtocol
         self.server = server
         self.client = client
         self.sessionno = sessionno
@@ -62,6 +63,12 @@ class LeanServer(tcp.Server):
 
     def logPrefix(self) -> str:
         return self.logstr
+
+    def getPeer(self):
+        peer = self._peer
+        if peer is None:
+            peer = self._peer = self._addressType("TCP", *self.client)
+        return peer
 
     def setTcpNoDelay(self, enabled: bool) -> None:
         if enabled and getattr(self.server, "nodelay_inherited", False):
@@ -150,13 +157,14 @@ def _lean_do_read(port):
                 if len(addr) == 4:  # IPv6: keep the scope id in the host, as Twisted does
                     host = socket.getnameinfo(addr, _NUMERIC)
                     addr = (host[0], *addr[1:])
-                protocol = factory.buildProtocol(build_addr(addr))
+                peer = build_addr(addr)
+                protocol = factory.buildProtocol(peer)
                 if protocol is None:
                     skt.close()
                     continue
                 s = port.sessionno
                 port.sessionno = s + 1
-                transport = LeanServer(skt, protocol, addr, port, s, reactor)
+                transport = LeanServer(skt, protocol, addr, port, s, reactor, peer)
                 protocol.makeConnection(transport)
             # As Twisted: accept more per wakeup while the backlog keeps filling, fewer after.
             if accepted == limit:

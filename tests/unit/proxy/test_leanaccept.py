@@ -99,7 +99,7 @@ def test_every_waiting_client_is_accepted_with_a_lean_transport(listening) -> No
             t = p.transport
             assert isinstance(t, leanaccept.LeanServer) and isinstance(t, tcp.Server)
             assert t.connected and t.getPeer().port in {c.getsockname()[1] for c in clients}
-            assert p.addr.host == "127.0.0.1"
+            assert p.addr.host == "127.0.0.1" and t.getPeer() == p.addr  # built once, at accept
             # Made on demand only, with Twisted's contents.
             assert t.logPrefix() == f"Recorder,{t.sessionno},127.0.0.1"
             assert repr(t) == f"<Recorder #{t.sessionno} on {port.getHost().port}>"
