@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 
 _EAGAIN = errno.EAGAIN
 _IN_PROGRESS = frozenset({0, errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK})
+_STILL_CONNECTING = frozenset({errno.EALREADY, errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK})
 _SOCKET_FLAGS = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
 # The origin socket is only ever used through the C methods (recv, send, shutdown, close...):
 # the plain C type, without socket.socket's Python-level constructor and close.
@@ -349,7 +350,19 @@ class FastTunnel:
                 err = skt.connect_ex((ip, port))
             except OSError as e:
                 err = e.errno or errno.EINVAL
-            if err not in _IN_PROGRESS:
+            if err and err in _IN_PROGRESS and factory.tunnel_sweep.ask_again:
+                # Asked again at once: to a nearby origin (loopback, the same host) the handshake
+                # has usually completed within the first call, and then the tunnel opens now,
+                # without waiting for a writability event (and its epoll changes).
+                try:
+                    err = skt.connect_ex((ip, port))
+                except OSError as e:
+                    err = e.errno or errno.EINVAL
+                if err == errno.EISCONN:
+                    err = 0
+                elif err in _STILL_CONNECTING:
+                    err = errno.EINPROGRESS
+            if err and err not in _IN_PROGRESS:
                 skt.close()
                 self._last = _connect_failure(peer, err, factory.limits.connect_timeout)
                 continue
@@ -357,7 +370,12 @@ class FastTunnel:
             self.origin = origin
             self.deadline = factory.reactor.seconds() + factory.limits.connect_timeout
             factory.tunnel_sweep.add(self)
-            origin.startWriting()
+            if err:
+                origin.startWriting()  # connecting: its first writability says how it went
+                return
+            origin.connected = 1
+            origin.startReading()
+            self.origin_connected(origin)
             return
 
     def connect_failed(self, origin: OriginSocket, err: int) -> None:
@@ -521,6 +539,9 @@ class TunnelSweep:
         self.reactor = reactor
         # Direct sockets need a reactor that watches file descriptors (not a test's memory reactor).
         self.direct = isinstance(reactor, PosixReactorBase)
+        # Ask a connecting socket again at once whether it is connected (see _connect_next);
+        # False: always wait for its writability (unit tests of the connecting phase).
+        self.ask_again = True
         self.period = max(0.05, min(1.0, limits.tunnel_idle_timeout / 4, limits.connect_timeout / 4))
         self.live: set[FastTunnel] = set()
         self._call = None

@@ -44,7 +44,7 @@ def listener():
 
 
 class Rig:
-    def __init__(self, port: int, **limits) -> None:
+    def __init__(self, port: int, ask_again: bool = False, **limits) -> None:
         self.reactor = MemoryReactorClock()
         policy = policy_from_document({
             "format": "safesquid-policy/1",
@@ -57,6 +57,9 @@ class Rig:
             record_sink=self.records.append, resolver=Resolver(self.reactor),
         )
         self.factory.tunnel_sweep.direct = True  # as on a real reactor
+        # The connecting phase is driven by hand here: wait for writability even to loopback
+        # (test_a_nearby_origin_connects_at_once covers the tunnel that opens at once).
+        self.factory.tunnel_sweep.ask_again = ask_again
         self.port = port
         self.client = self.factory.buildProtocol(IPv4Address("TCP", "10.1.2.3", 5555))
         self.client_transport = HalfCloseTransport(peerAddress=IPv4Address("TCP", "10.1.2.3", 5555))
@@ -185,6 +188,35 @@ def test_a_refused_connect_answers_502_records_and_closes(listener):
     assert rig.client_transport.disconnecting
     (record,) = rig.records
     assert record.method == "CONNECT" and record.action == "error" and "refused" in record.detail
+
+
+def test_a_nearby_origin_connects_at_once(listener):
+    rig = Rig(listener.getsockname()[1], ask_again=True)
+    rig.connect()
+    # Loopback: the handshake completed within connect(); asked again, the socket says so, and
+    # the 200 leaves within the CONNECT's own read, the origin watched for reading only.
+    assert rig.client_transport.value() == b"HTTP/1.1 200 Connection established\r\n\r\n"
+    origin = rig.origin
+    assert origin.connected and origin in rig.reactor.getReaders() and origin not in rig.reactor.getWriters()
+    far, _ = listener.accept()
+    far.settimeout(5)
+    rig.client.dataReceived(b"hello")
+    assert read_exactly(far, 5) == b"hello"
+    far.close()
+    rig.origin_event()
+    rig.client.readConnectionLost()
+    (record,) = rig.records
+    assert record.status == 200 and record.bytes_in > 5
+    assert rig.factory.pool.connections_made == 1
+
+
+def test_a_nearby_refusal_answers_502_at_once(listener):
+    port = listener.getsockname()[1]
+    listener.close()
+    rig = Rig(port, ask_again=True)
+    rig.connect()
+    assert rig.client_transport.value().startswith(b"HTTP/1.1 502 ")
+    assert "refused" in rig.records[-1].detail
 
 
 def test_a_connect_to_this_proxy_itself_is_a_loop(listener):
