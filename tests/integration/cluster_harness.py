@@ -72,7 +72,7 @@ def write_key(path: Path, key: str) -> Path:
 # --------------------------------------------------------------------------------------------
 
 
-class ClusterNode:
+class ClusterNode(harness.ExtendedLogReader):
     """A master or slave: its command line and state directory, and the process running now.
 
     `restart()` starts a new process on the same state directory (and, for the master, the
@@ -224,18 +224,6 @@ class ClusterNode:
         if self.portal is None:
             raise ConnectionRefusedError(f"{self.name} has no known portal address")
         return harness.fetch_health(self.portal, timeout)
-
-    def extended_text(self) -> str:
-        try:
-            return self.extended_log.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def extended_mark(self) -> int:
-        try:
-            return self.extended_log.stat().st_size
-        except FileNotFoundError:
-            return 0
 
     def extended_lines(self, predicate: Callable[[str], bool], since: int = 0) -> list[str]:
         """Event-log entries (lines starting with a timestamp) after `since` that match."""

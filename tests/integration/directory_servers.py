@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+
+from processes import free_port, stop_process
 
 BASE_DN = "dc=example,dc=com"
 ADMIN_DN = f"cn=admin,{BASE_DN}"
@@ -39,12 +40,6 @@ GROUP_MEMBERS = {
 }
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def _need(*programs: str) -> None:
     for program in programs:
         if shutil.which(program) is None and not Path(program).exists():
@@ -62,20 +57,6 @@ def _wait_port(host: str, port: int, process: subprocess.Popen, log: Path, timeo
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"{process.args[0]} did not listen on {host}:{port} in {timeout}s: {log.read_text()[-2000:]}")
-
-
-def _stop(process: subprocess.Popen | None) -> None:
-    if process is None or process.poll() is not None:
-        return
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
 
 
 class Slapd:
@@ -122,7 +103,7 @@ dynlist-attrset groupOfURLs memberURL member+memberOf@groupOfNames*
         return self
 
     def stop(self) -> None:
-        _stop(self.process)
+        stop_process(self.process, group=True)
         self.process = None
 
     def settings(self, **overrides) -> dict:
@@ -230,7 +211,7 @@ class Kdc:
         return self
 
     def stop(self) -> None:
-        _stop(self.process)
+        stop_process(self.process, group=True)
         self.process = None
 
     def kinit(self, user: str, ccache: Path) -> dict[str, str]:

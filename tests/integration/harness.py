@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable
 
+from processes import stop_process
+
 from rawhttp import (
     CurlResult,
     HarnessError,
@@ -131,7 +133,26 @@ def fetch_health(portal: tuple[str, int], timeout: float) -> tuple[int, dict | N
     return response.status, document
 
 
-class Node:
+class ExtendedLogReader:
+    """Reading a node's extended.log (the class provides its path as `extended_log`)."""
+
+    extended_log: Path
+
+    def extended_text(self) -> str:
+        try:
+            return self.extended_log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def extended_mark(self) -> int:
+        """Current size of extended.log: pass it as `since` to look only at newer lines."""
+        try:
+            return self.extended_log.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+
+class Node(ExtendedLogReader):
     """One running `twistd -n safesquid` process and its state directory."""
 
     def __init__(self, process: subprocess.Popen, state_dir: Path, policy_path: Path | None,
@@ -209,13 +230,7 @@ class Node:
 
     def stop(self, timeout: float = 15.0) -> int:
         """SIGTERM, then SIGKILL if the node has not stopped within `timeout`."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout)
+        stop_process(self.process, timeout)
         if self in _live_nodes:
             _live_nodes.remove(self)
         return self.process.returncode
@@ -274,19 +289,6 @@ class Node:
         """The newest access record whose url contains `fragment`."""
         return self.wait_for_access(lambda r: fragment in str(r.get("url", "")), timeout,
                                     f"an access record with {fragment!r} in its url")
-
-    def extended_text(self) -> str:
-        try:
-            return self.extended_log.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def extended_mark(self) -> int:
-        """Current size of extended.log: pass it as `since` to look only at newer lines."""
-        try:
-            return self.extended_log.stat().st_size
-        except FileNotFoundError:
-            return 0
 
     def wait_for_extended(self, predicate: Callable[[str], bool], timeout: float = 5.0,
                           since: int = 0, what: str = "an extended.log line") -> str:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
+
+from processes import free_port, stop_process
 
 EICAR = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
 SIGNATURE_NAME = "Eicar-Test-Signature"
@@ -40,12 +41,6 @@ def missing_tools() -> str | None:
     return None
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def _wait(condition, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -54,18 +49,6 @@ def _wait(condition, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def _stop_group(process: subprocess.Popen | None, timeout: float = 10.0) -> None:
-    if process is None or process.poll() is not None:
-        return
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(5)
 
 
 class Clamd:
@@ -112,7 +95,7 @@ class Clamd:
             return False
 
     def stop(self) -> None:
-        _stop_group(self.process)
+        stop_process(self.process, group=True)
 
 
 class CIcap:
@@ -181,7 +164,7 @@ class CIcap:
             return False
 
     def stop(self) -> None:
-        _stop_group(self.process)
+        stop_process(self.process, group=True)
 
 
 class Scanners:

@@ -31,12 +31,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from processes import stop_process
 
 ORIGIN_HOST = "127.0.0.1"
 SERVERS_SCRIPT = Path(__file__).resolve().with_name("origin_servers.py")
@@ -63,13 +64,7 @@ class Origins:
         return self.process.poll() is None
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout)
+        stop_process(self.process, timeout)
 
 
 def start_origins(workdir: Path, timeout: float = 30.0) -> Origins:

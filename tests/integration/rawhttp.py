@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import socket
+import ssl
 import subprocess
 import time
 from typing import Iterable, NamedTuple
@@ -253,6 +254,26 @@ def closed_port(host: str = "127.0.0.1") -> int:
         s.bind((host, 0))
         return s.getsockname()[1]
 
+
+
+def closed_within(sock: socket.socket, timeout: float) -> float | None:
+    """Seconds until the peer closed (or reset) `sock`, None if it is still open after `timeout`.
+
+    Whatever the peer sends meanwhile is read and dropped: only the close counts.
+    """
+    start = time.monotonic()
+    deadline = start + timeout
+    while time.monotonic() < deadline:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            data = sock.recv(65536)
+        except (socket.timeout, ssl.SSLWantReadError):
+            return None
+        except (ConnectionError, ssl.SSLError, OSError):
+            return time.monotonic() - start
+        if not data:
+            return time.monotonic() - start
+    return None
 
 def port_is_free(port: int, host: str = "0.0.0.0") -> bool:
     with socket.socket() as s:

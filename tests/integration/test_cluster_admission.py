@@ -14,6 +14,7 @@ import pytest
 import harness
 from cluster_harness import MASTER_HOST, cluster, fetch, probe, slave_host, write_key  # noqa: F401 - fixture
 from harness import assert_blocked
+from rawhttp import closed_within
 from safesquid_tw import __version__
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -126,22 +127,6 @@ def test_incompatible_version_is_refused_naming_both(cluster, tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-def _closed_within(sock: socket.socket, timeout: float) -> float | None:
-    """Seconds until the peer closed (or reset) `sock`, None if it is still open after `timeout`."""
-    start = time.monotonic()
-    deadline = start + timeout
-    while time.monotonic() < deadline:
-        sock.settimeout(max(0.01, deadline - time.monotonic()))
-        try:
-            data = sock.recv(65536)
-        except (socket.timeout, ssl.SSLWantReadError):
-            return None
-        except (ConnectionError, ssl.SSLError, OSError):
-            return time.monotonic() - start
-        if not data:
-            return time.monotonic() - start
-    return None
-
 
 def _client_hello() -> bytes:
     context = ssl.create_default_context()
@@ -189,16 +174,16 @@ def test_garbage_on_the_control_port_harms_no_slave(cluster, origins):
     closed = {}
     with connect() as s:  # a TLS record header followed by nonsense
         s.sendall(b"\x16\x03\x01\x02\x00" + os.urandom(512))
-        closed["a broken TLS record"] = _closed_within(s, 5)
+        closed["a broken TLS record"] = closed_within(s, 5)
     with _control_plane_tls(addr, junk_source) as s:  # inside TLS, not Perspective Broker
         s.sendall(os.urandom(4096))
-        closed["junk inside the control-plane TLS"] = _closed_within(s, 5)
+        closed["junk inside the control-plane TLS"] = closed_within(s, 5)
     with _control_plane_tls(addr, junk_source) as s:  # a banana string claiming to be enormous
         s.sendall(b"\x7f\x7f\x7f\x7f\x7f\x82" + b"x" * 1024)
-        closed["an oversized banana string"] = _closed_within(s, 5)
+        closed["an oversized banana string"] = closed_within(s, 5)
     with _control_plane_tls(addr, junk_source) as s:  # a PB call before any login: nothing to call
         s.sendall(b"\x01\x80\x04\x82call" + os.urandom(64))
-        closed["a PB message out of nowhere"] = _closed_within(s, 5)
+        closed["a PB message out of nowhere"] = closed_within(s, 5)
     assert all(v is not None for v in closed.values()), f"left open: {[k for k, v in closed.items() if v is None]}"
 
     # A flood: many connections at once, some talking nonsense, some silent.
@@ -239,7 +224,7 @@ def test_garbage_on_the_control_port_harms_no_slave(cluster, origins):
     hanging = {}
     for what, sock in (("half a TLS handshake", half), ("binary garbage", binary)):
         remaining = HANGING_LIMIT_S - (time.monotonic() - hanging_since)
-        hanging[what] = _closed_within(sock, max(remaining, 0.1))
+        hanging[what] = closed_within(sock, max(remaining, 0.1))
         sock.close()
     assert all(v is not None for v in hanging.values()), (
         f"kept open for {HANGING_LIMIT_S} s: {[k for k, v in hanging.items() if v is None]}")

@@ -14,6 +14,7 @@ import pytest
 
 import harness
 from cluster_harness import MASTER_HOST, cluster, fetch, probe, slave_host, write_key  # noqa: F401 - fixture
+from rawhttp import closed_within
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]
 
@@ -30,21 +31,6 @@ def _control_plane_tls(addr: tuple[str, int], source: str) -> ssl.SSLSocket:
     assert tls.selected_alpn_protocol() == ALPN_CONTROL_PLANE
     return tls
 
-
-def _closed_within(sock: socket.socket, timeout: float) -> float | None:
-    start = time.monotonic()
-    deadline = start + timeout
-    while time.monotonic() < deadline:
-        sock.settimeout(max(0.01, deadline - time.monotonic()))
-        try:
-            data = sock.recv(65536)
-        except (socket.timeout, ssl.SSLWantReadError):
-            return None
-        except (ConnectionError, ssl.SSLError, OSError):
-            return time.monotonic() - start
-        if not data:
-            return time.monotonic() - start
-    return None
 
 
 def _banana_string(payload: bytes) -> bytes:
@@ -112,7 +98,7 @@ def test_unauthenticated_peers_are_bounded_while_a_slave_keeps_working(cluster, 
                    source=junk, misbehave="second-hello", count=2)
     assert "ok" in second["answers"][0] and "one key proof per connection" in second["answers"][1]["error"]
 
-    waited = _closed_within(silent, 13.0 - (time.monotonic() - silent_since))
+    waited = closed_within(silent, 13.0 - (time.monotonic() - silent_since))
     assert waited is not None, "a silent control-plane peer was kept past the deadline"
     silent.close()
 
