@@ -74,3 +74,13 @@ def test_a_value_json_cannot_carry_still_fails_as_before(changes) -> None:
 def test_bytes_in_a_text_field_still_fails_as_before() -> None:
     with pytest.raises(TypeError):
         record(user=b"alice").to_json_line()
+
+
+def test_every_field_of_the_record_is_written_in_the_documented_order() -> None:
+    """A field added to AccessRecord must reach the direct line too, not only the general encoder."""
+    from safesquid_tw.accesslog.record import JSON_KEYS
+
+    line = jsonline.encode(record(), iso_utc_millis(record().time))
+    assert tuple(json.loads(line)) == JSON_KEYS
+    fields = {f.name for f in attrs.fields(AccessRecord)}
+    assert fields <= set(JSON_KEYS), fields - set(JSON_KEYS)
