@@ -13,6 +13,8 @@ from typing import Any
 
 import attrs
 
+from safesquid_tw.accesslog.jsonline import json_line
+
 # The order of keys in every JSON line; readers and tests rely on it staying put.
 JSON_KEYS: tuple[str, ...] = (
     "time",
@@ -86,8 +88,12 @@ class AccessRecord:
 
     def to_json_line(self) -> bytes:
         """One JSON object and a newline, keys in `JSON_KEYS` order, ASCII only."""
+        time_text = iso_utc_millis(self.time)
+        line = json_line(self, time_text)  # the usual record, a third of the encoder's time
+        if line is not None:
+            return line
         obj = {
-            "time": iso_utc_millis(self.time),
+            "time": time_text,
             "ts": self.time,
             "node": self.node,
             "client": self.client,
