@@ -151,6 +151,9 @@ class RequestHead(_FieldLookup):
     version: bytes
     headers: Fields  # (name as received, value without surrounding OWS), in order
     _index: dict[bytes, list[bytes]] = attrs.field(default=_INDEX, eq=False, repr=False)
+    # From the parser: (lower-case name, b"Name: value\r\n") per field, in order, i.e. each field
+    # as a forwarded head writes it; None for a head built otherwise (the lean path then builds them).
+    lines: tuple[tuple[bytes, bytes], ...] | None = attrs.field(default=None, eq=False, repr=False)
 
 
 @attrs.frozen(slots=True)
@@ -160,6 +163,7 @@ class ResponseHead(_FieldLookup):
     reason: bytes
     headers: Fields
     _index: dict[bytes, list[bytes]] = attrs.field(default=_INDEX, eq=False, repr=False)
+    lines: tuple[tuple[bytes, bytes], ...] | None = attrs.field(default=None, eq=False, repr=False)  # as RequestHead's
 
 
 def _head_lines(raw: bytes, status: int) -> list[bytes]:
@@ -171,21 +175,23 @@ def _head_lines(raw: bytes, status: int) -> list[bytes]:
     return raw[start:-4].split(b"\r\n")
 
 
-# Field lines seen recently, parsed: (name, value, lower-case name). Most lines of the heads a
+# Field lines seen recently, parsed: (name, value, lower-case name, (lower-case name, the line as
+# forwarded)). Most lines of the heads a
 # proxy sees repeat verbatim (an origin's Server, Content-Type, ETag; a client's Host, User-Agent,
 # Accept), and a dict look-up costs a fraction of the match. The entry is a pure function of the
 # line's bytes, so a hit is exactly what matching would give; the cache is emptied when full.
-_LINE_CACHE: dict[bytes, tuple[bytes, bytes, bytes]] = {}
+_LINE_CACHE: dict[bytes, tuple[bytes, bytes, bytes, tuple[bytes, bytes]]] = {}
 _LINE_CACHE_SIZE = 4096
 _LINE_CACHE_MAX_LINE = 256  # longer lines (cookies, tokens) seldom repeat
 
 
 def _parse_fields(
     lines: list[bytes], max_fields: int, status: int, too_many_status: int
-) -> tuple[Fields, dict[bytes, list[bytes]]]:
+) -> tuple[Fields, dict[bytes, list[bytes]], tuple[tuple[bytes, bytes], ...]]:
     if len(lines) - 1 > max_fields:
         raise ProtocolError(too_many_status, f"more than {max_fields} header fields")
     fields = []
+    forwarded = []
     index: dict[bytes, list[bytes]] = {}
     match = FIELD_LINE.fullmatch
     cache = _LINE_CACHE
@@ -197,19 +203,22 @@ def _parse_fields(
             if m is None:
                 raise ProtocolError(status, diagnose_field_line(line))
             name, value = m.groups()
-            parsed = (name, value.rstrip(b" \t"), name.lower())
+            value = value.rstrip(b" \t")
+            lname = name.lower()
+            parsed = (name, value, lname, (lname, name + b": " + value + b"\r\n"))
             if len(line) <= _LINE_CACHE_MAX_LINE:
                 if len(cache) >= _LINE_CACHE_SIZE:
                     cache.clear()
                 cache[line] = parsed
-        name, value, lname = parsed
+        name, value, lname, as_forwarded = parsed
         fields.append((name, value))
+        forwarded.append(as_forwarded)
         seen = index.get(lname)
         if seen is None:
             index[lname] = [value]
         else:
             seen.append(value)
-    return tuple(fields), index
+    return tuple(fields), index, tuple(forwarded)
 
 
 def parse_request_head(raw: bytes, max_headers: int = 100) -> RequestHead:
@@ -224,8 +233,8 @@ def parse_request_head(raw: bytes, max_headers: int = 100) -> RequestHead:
     method, target, version = m.groups()
     if version not in _VERSIONS:
         raise ProtocolError(505, f"HTTP version {version.decode()} not supported")
-    fields, index = _parse_fields(lines, max_headers, 400, 431)
-    return RequestHead(method, target, version, fields, index)
+    fields, index, forwarded = _parse_fields(lines, max_headers, 400, 431)
+    return RequestHead(method, target, version, fields, index, forwarded)
 
 
 def _diagnose_request_line(line: bytes) -> str:
@@ -251,8 +260,8 @@ def parse_response_head(raw: bytes, max_headers: int = 100) -> ResponseHead:
     status = int(status_text)
     if not 100 <= status <= 599:
         raise ProtocolError(502, f"invalid status code {status}")
-    fields, index = _parse_fields(lines, max_headers, 502, 502)
-    return ResponseHead(version, status, reason or b"", fields, index)
+    fields, index, forwarded = _parse_fields(lines, max_headers, 502, 502)
+    return ResponseHead(version, status, reason or b"", fields, index, forwarded)
 
 
 # ---------------------------------------------------------------------------- body framing
