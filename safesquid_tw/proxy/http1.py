@@ -314,6 +314,17 @@ class Framing:
 NO_BODY = Framing("none")
 CHUNKED = Framing("chunked")
 UNTIL_CLOSE = Framing("close")
+_BY_LENGTH: dict[int, Framing] = {}  # Framing("length", n) for lengths seen recently (immutable, shared)
+
+
+def length_framing(length: int) -> Framing:
+    """Framing("length", length), one shared instance per length seen recently."""
+    framing = _BY_LENGTH.get(length)
+    if framing is None:
+        if len(_BY_LENGTH) >= 1024:
+            _BY_LENGTH.clear()
+        framing = _BY_LENGTH[length] = Framing("length", length)
+    return framing
 
 
 def _content_length(values: list[bytes], status: int) -> int:
@@ -358,7 +369,7 @@ def request_framing(head: RequestHead) -> Framing:
             raise ProtocolError(501, "unsupported transfer coding")
         return CHUNKED
     if cl:
-        return Framing("length", _content_length(cl, 400))
+        return length_framing(_content_length(cl, 400))
     return NO_BODY
 
 
@@ -389,7 +400,7 @@ def response_framing(head: ResponseHead, request_method: bytes) -> Framing:
             raise ProtocolError(502, "chunked is not the final transfer coding")
         return Framing("close", transfer_codings=tuple(codings))
     if cl:
-        return Framing("length", length)
+        return length_framing(length)
     return UNTIL_CLOSE
 
 

@@ -562,3 +562,12 @@ def test_a_block_that_fails_is_never_cached_and_the_cache_stays_bounded():
     assert len(http1._BLOCK_CACHE) <= http1._BLOCK_CACHE_SIZE
     parse_response_head(b"HTTP/1.1 200 OK\r\nX-Long: " + b"v" * 3000 + b"\r\n\r\n")
     assert not any(len(block) > http1._BLOCK_CACHE_MAX_BLOCK for block in http1._BLOCK_CACHE)
+
+
+def test_length_framings_are_shared_and_bounded():
+    from safesquid_tw.proxy import http1
+
+    assert http1.length_framing(100) is http1.length_framing(100) == http1.Framing("length", 100)
+    for n in range(3000):
+        assert http1.length_framing(n).length == n
+    assert len(http1._BY_LENGTH) <= 1024
