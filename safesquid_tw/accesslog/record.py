@@ -13,7 +13,7 @@ from typing import Any
 
 import attrs
 
-from safesquid_tw.accesslog import jsonline
+from safesquid_tw.accesslog.jsonline import json_line
 
 # The order of keys in every JSON line; readers and tests rely on it staying put.
 JSON_KEYS: tuple[str, ...] = (
@@ -89,7 +89,7 @@ class AccessRecord:
     def to_json_line(self) -> bytes:
         """One JSON object and a newline, keys in `JSON_KEYS` order, ASCII only."""
         time_text = iso_utc_millis(self.time)
-        line = jsonline.encode(self, time_text)  # the same bytes, written directly
+        line = json_line(self, time_text)  # the usual record, a third of the encoder's time
         if line is not None:
             return line
         obj = {

@@ -154,10 +154,10 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
         self._timer = self.factory.reactor.callLater(seconds, self._timed_out)
 
     def _disarm(self) -> None:
-        """No deadline for now (a response is in progress): park the call far ahead."""
-        if self._timer is not None and self._timer.active() and self._timer_kind:
-            self._timer_kind = ""
-            self._timer.reset(PARKED)
+        """No deadline for now (a response is in progress). The call stays where it is: firing
+        without a kind does nothing (`_timed_out`), and the next `_arm` moves it (or makes a new
+        one if it fired meanwhile), so a request costs one move of it, not two."""
+        self._timer_kind = ""
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():

@@ -129,6 +129,22 @@ def connection_options(values: Iterable[bytes] | None) -> frozenset[bytes]:
     (``head.values(b"connection")``): `connection_tokens` without walking every field."""
     if not values:
         return _NO_OPTIONS
+    if type(values) is list and len(values) == 1:
+        # One Connection field is the usual message ("keep-alive", "close"): its options are a
+        # pure function of its value, looked up rather than split again (a bounded cache).
+        value = values[0]
+        found = _OPTIONS_OF.get(value)
+        if found is None:
+            found = _options(values)
+            if len(value) <= 128:
+                if len(_OPTIONS_OF) >= 256:
+                    _OPTIONS_OF.clear()
+                _OPTIONS_OF[value] = found
+        return found
+    return _options(values)
+
+
+def _options(values: Iterable[bytes]) -> frozenset[bytes]:
     tokens: set[bytes] = set()
     for value in values:
         for item in value.split(b","):
@@ -139,7 +155,9 @@ def connection_options(values: Iterable[bytes] | None) -> frozenset[bytes]:
 
 
 _NO_OPTIONS: frozenset[bytes] = frozenset()
+_OPTIONS_OF: dict[bytes, frozenset[bytes]] = {}  # one Connection value -> its options
 _DROP_SETS: dict[tuple[bool, frozenset[bytes]], frozenset[bytes]] = {}
+_DROP_OF: dict[tuple[tuple[bool, frozenset[bytes]], bytes], frozenset[bytes]] = {}  # ... and one Connection value
 
 
 def names_not_forwarded(
@@ -156,7 +174,17 @@ def names_not_forwarded(
         base = _DROP_SETS[key] = (_HOP_BY_HOP_KEEPING_UPGRADE if keep_upgrade else HOP_BY_HOP) | also
     if not connection_values:
         return base
+    single = type(connection_values) is list and len(connection_values) == 1
+    if single:  # the usual Connection field ("keep-alive"): the set once per value (bounded)
+        found = _DROP_OF.get((key, connection_values[0]))
+        if found is not None:
+            return found
     nominated = connection_options(connection_values) - base - _NEVER_NOMINATED
     if keep_upgrade:
         nominated -= _UPGRADE
-    return base | nominated if nominated else base
+    drop = base | nominated if nominated else base
+    if single and len(connection_values[0]) <= 128:
+        if len(_DROP_OF) >= 256:
+            _DROP_OF.clear()
+        _DROP_OF[(key, connection_values[0])] = drop
+    return drop

@@ -151,6 +151,9 @@ class RequestHead(_FieldLookup):
     version: bytes
     headers: Fields  # (name as received, value without surrounding OWS), in order
     _index: dict[bytes, list[bytes]] = attrs.field(default=_INDEX, eq=False, repr=False)
+    # From the parser: (lower-case name, b"Name: value\r\n") per field, in order, i.e. each field
+    # as a forwarded head writes it; None for a head built otherwise (the lean path then builds them).
+    lines: tuple[tuple[bytes, bytes], ...] | None = attrs.field(default=None, eq=False, repr=False)
 
 
 @attrs.frozen(slots=True)
@@ -160,56 +163,92 @@ class ResponseHead(_FieldLookup):
     reason: bytes
     headers: Fields
     _index: dict[bytes, list[bytes]] = attrs.field(default=_INDEX, eq=False, repr=False)
+    lines: tuple[tuple[bytes, bytes], ...] | None = attrs.field(default=None, eq=False, repr=False)  # as RequestHead's
 
 
-def _head_lines(raw: bytes, status: int) -> list[bytes]:
-    if not isinstance(raw, bytes):
-        raw = bytes(raw)
-    if not raw.endswith(b"\r\n\r\n"):
-        raise ProtocolError(status, "incomplete head")
-    start = _LEADING_EMPTY_LINES.match(raw).end()
-    return raw[start:-4].split(b"\r\n")
-
-
-# Field lines seen recently, parsed: (name, value, lower-case name). Most lines of the heads a
+# Field lines seen recently, parsed: (name, value, lower-case name, (lower-case name, the line as
+# forwarded)). Most lines of the heads a
 # proxy sees repeat verbatim (an origin's Server, Content-Type, ETag; a client's Host, User-Agent,
 # Accept), and a dict look-up costs a fraction of the match. The entry is a pure function of the
 # line's bytes, so a hit is exactly what matching would give; the cache is emptied when full.
-_LINE_CACHE: dict[bytes, tuple[bytes, bytes, bytes]] = {}
+_LINE_CACHE: dict[bytes, tuple[bytes, bytes, bytes, tuple[bytes, bytes]]] = {}
 _LINE_CACHE_SIZE = 4096
 _LINE_CACHE_MAX_LINE = 256  # longer lines (cookies, tokens) seldom repeat
 
 
+# Whole field blocks (the head after its first line) seen recently, parsed: a client sends the same
+# fields with request after request (User-Agent, Accept..., cookies), an origin the same fields with
+# every answer but its Date's second. Like the line cache, an entry is a pure function of the
+# block's bytes and only successes are kept; the parsed parts are shared by the heads that hit it,
+# which only read them (`values` is documented read-only; fields and lines are tuples).
+_BLOCK_CACHE: dict[bytes, tuple[Fields, dict[bytes, list[bytes]], tuple[tuple[bytes, bytes], ...]]] = {}
+_BLOCK_CACHE_SIZE = 256
+_BLOCK_CACHE_MAX_BLOCK = 2048
+
+
+def _split_head(raw: bytes | bytearray, status: int) -> tuple[bytes, bytes]:
+    """(first line, field block) of a head ending with CRLFCRLF, leading empty lines skipped;
+    the block is the field lines joined by CRLF, without the final CRLFCRLF (b"" for none)."""
+    if not isinstance(raw, bytes):
+        raw = bytes(raw)
+    if not raw.endswith(b"\r\n\r\n"):
+        raise ProtocolError(status, "incomplete head")
+    start = _LEADING_EMPTY_LINES.match(raw).end() if raw.startswith(b"\r\n") else 0
+    eol = raw.find(b"\r\n", start)
+    if eol < 0:  # nothing but empty lines
+        return b"", b""
+    return raw[start:eol], raw[eol + 2 : -4]
+
+
+def _parse_block(
+    block: bytes, max_fields: int, status: int, too_many_status: int
+) -> tuple[Fields, dict[bytes, list[bytes]], tuple[tuple[bytes, bytes], ...]]:
+    parsed = _BLOCK_CACHE.get(block)
+    if parsed is None:
+        parsed = _parse_fields(block.split(b"\r\n") if block else [], max_fields, status, too_many_status)
+        if len(block) <= _BLOCK_CACHE_MAX_BLOCK:
+            if len(_BLOCK_CACHE) >= _BLOCK_CACHE_SIZE:
+                _BLOCK_CACHE.clear()
+            _BLOCK_CACHE[block] = parsed
+    elif len(parsed[0]) > max_fields:
+        raise ProtocolError(too_many_status, f"more than {max_fields} header fields")
+    return parsed
+
+
 def _parse_fields(
     lines: list[bytes], max_fields: int, status: int, too_many_status: int
-) -> tuple[Fields, dict[bytes, list[bytes]]]:
-    if len(lines) - 1 > max_fields:
+) -> tuple[Fields, dict[bytes, list[bytes]], tuple[tuple[bytes, bytes], ...]]:
+    """The field lines (the head's lines after the first)."""
+    if len(lines) > max_fields:
         raise ProtocolError(too_many_status, f"more than {max_fields} header fields")
     fields = []
+    forwarded = []
     index: dict[bytes, list[bytes]] = {}
     match = FIELD_LINE.fullmatch
     cache = _LINE_CACHE
-    for i in range(1, len(lines)):
-        line = lines[i]
+    for line in lines:
         parsed = cache.get(line)
         if parsed is None:
             m = match(line)
             if m is None:
                 raise ProtocolError(status, diagnose_field_line(line))
             name, value = m.groups()
-            parsed = (name, value.rstrip(b" \t"), name.lower())
+            value = value.rstrip(b" \t")
+            lname = name.lower()
+            parsed = (name, value, lname, (lname, name + b": " + value + b"\r\n"))
             if len(line) <= _LINE_CACHE_MAX_LINE:
                 if len(cache) >= _LINE_CACHE_SIZE:
                     cache.clear()
                 cache[line] = parsed
-        name, value, lname = parsed
+        name, value, lname, as_forwarded = parsed
         fields.append((name, value))
+        forwarded.append(as_forwarded)
         seen = index.get(lname)
         if seen is None:
             index[lname] = [value]
         else:
             seen.append(value)
-    return tuple(fields), index
+    return tuple(fields), index, tuple(forwarded)
 
 
 def parse_request_head(raw: bytes, max_headers: int = 100) -> RequestHead:
@@ -217,15 +256,15 @@ def parse_request_head(raw: bytes, max_headers: int = 100) -> RequestHead:
 
     Raises ProtocolError: 400 malformed, 431 more than ``max_headers`` fields, 505 version.
     """
-    lines = _head_lines(raw, 400)
-    m = _REQUEST_LINE.fullmatch(lines[0])
+    first, block = _split_head(raw, 400)
+    m = _REQUEST_LINE.fullmatch(first)
     if m is None:
-        raise ProtocolError(400, _diagnose_request_line(lines[0]))
+        raise ProtocolError(400, _diagnose_request_line(first))
     method, target, version = m.groups()
     if version not in _VERSIONS:
         raise ProtocolError(505, f"HTTP version {version.decode()} not supported")
-    fields, index = _parse_fields(lines, max_headers, 400, 431)
-    return RequestHead(method, target, version, fields, index)
+    fields, index, forwarded = _parse_block(block, max_headers, 400, 431)
+    return RequestHead(method, target, version, fields, index, forwarded)
 
 
 def _diagnose_request_line(line: bytes) -> str:
@@ -241,8 +280,8 @@ def _diagnose_request_line(line: bytes) -> str:
 
 def parse_response_head(raw: bytes, max_headers: int = 100) -> ResponseHead:
     """Parse a response head; every problem raises ProtocolError(502, ...)."""
-    lines = _head_lines(raw, 502)
-    m = _STATUS_LINE.fullmatch(lines[0])
+    first, block = _split_head(raw, 502)
+    m = _STATUS_LINE.fullmatch(first)
     if m is None:
         raise ProtocolError(502, "malformed status line")
     version, status_text, reason = m.groups()
@@ -251,8 +290,8 @@ def parse_response_head(raw: bytes, max_headers: int = 100) -> ResponseHead:
     status = int(status_text)
     if not 100 <= status <= 599:
         raise ProtocolError(502, f"invalid status code {status}")
-    fields, index = _parse_fields(lines, max_headers, 502, 502)
-    return ResponseHead(version, status, reason or b"", fields, index)
+    fields, index, forwarded = _parse_block(block, max_headers, 502, 502)
+    return ResponseHead(version, status, reason or b"", fields, index, forwarded)
 
 
 # ---------------------------------------------------------------------------- body framing
@@ -275,6 +314,17 @@ class Framing:
 NO_BODY = Framing("none")
 CHUNKED = Framing("chunked")
 UNTIL_CLOSE = Framing("close")
+_BY_LENGTH: dict[int, Framing] = {}  # Framing("length", n) for lengths seen recently (immutable, shared)
+
+
+def length_framing(length: int) -> Framing:
+    """Framing("length", length), one shared instance per length seen recently."""
+    framing = _BY_LENGTH.get(length)
+    if framing is None:
+        if len(_BY_LENGTH) >= 1024:
+            _BY_LENGTH.clear()
+        framing = _BY_LENGTH[length] = Framing("length", length)
+    return framing
 
 
 def _content_length(values: list[bytes], status: int) -> int:
@@ -319,7 +369,7 @@ def request_framing(head: RequestHead) -> Framing:
             raise ProtocolError(501, "unsupported transfer coding")
         return CHUNKED
     if cl:
-        return Framing("length", _content_length(cl, 400))
+        return length_framing(_content_length(cl, 400))
     return NO_BODY
 
 
@@ -350,7 +400,7 @@ def response_framing(head: ResponseHead, request_method: bytes) -> Framing:
             raise ProtocolError(502, "chunked is not the final transfer coding")
         return Framing("close", transfer_codings=tuple(codings))
     if cl:
-        return Framing("length", length)
+        return length_framing(length)
     return UNTIL_CLOSE
 
 

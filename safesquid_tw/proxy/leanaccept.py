@@ -75,12 +75,12 @@ class LeanServer(tcp.Server):
             return  # accepted sockets inherit TCP_NODELAY from the listening one (Linux)
         tcp.Server.setTcpNoDelay(self, enabled)
 
+    # The lean dispatch (proxy/fastdispatch.py) reads events of this class in its loop, as it does
+    # tcp.Connection's, and calls `input_ended` when a read finds the end of the stream.
+    reads_in_dispatch = True
+
     def doRead(self):
-        """tcp.Connection.doRead, and the client's end (FIN) handed to a half-closing protocol
-        before the reactor stops watching the socket: a protocol that closes the connection
-        there (a tunnel whose other direction has ended) closes it without an epoll removal."""
-        if self.TLS:
-            return tcp.Connection.doRead(self)
+        """tcp.Connection.doRead, with the end of the client's input handled by `input_ended`."""
         try:
             data = self.socket.recv(self.bufferSize)
         except OSError as e:
@@ -89,6 +89,15 @@ class LeanServer(tcp.Server):
             return main.CONNECTION_LOST
         if data:
             return self.protocol.dataReceived(data)
+        return self.input_ended()
+
+    def input_ended(self):
+        """The client's end (FIN): handed to a half-closing protocol before the reactor stops
+        watching the socket, so a protocol that closes the connection there (a tunnel whose other
+        direction has ended) closes it without an epoll removal. Returns what the reactor should
+        disconnect with, or None."""
+        if self.TLS:
+            return main.CONNECTION_DONE
         protocol = self.protocol
         half_closes = _HALF_CLOSES.get(type(protocol))
         if half_closes is None:

@@ -75,13 +75,21 @@ def request_head(conn: "ClientConnection", ctx: "RequestContext") -> bytes | Non
     parts = [head.method, b" ", target.path.encode("ascii", "replace") or b"/", b" HTTP/1.1\r\nHost: ",
              host_header_for(target), b"\r\n"]
     lines = 4  # request line, Host, Via, the empty line
-    for name, value in head.headers:
-        # Field names with "_" are dropped as on the general path (CGI-style origins would
-        # read X_Forwarded_For as the X-Forwarded-For the proxy vouches for).
-        if name.lower() in drop or b"_" in name:
-            continue
-        parts += (name, b": ", value, b"\r\n")
-        lines += 1
+    forwarded = head.lines
+    if forwarded is not None:  # each field's line as forwarded, made once per distinct line (http1)
+        for lname, line in forwarded:
+            # Field names with "_" are dropped as on the general path (CGI-style origins would
+            # read X_Forwarded_For as the X-Forwarded-For the proxy vouches for).
+            if lname in drop or b"_" in lname:
+                continue
+            parts.append(line)
+            lines += 1
+    else:
+        for name, value in head.headers:
+            if name.lower() in drop or b"_" in name:
+                continue
+            parts += (name, b": ", value, b"\r\n")
+            lines += 1
     if forwarded_for is not None:
         parts += (b"X-Forwarded-For: ", forwarded_for, b"\r\n")
         lines += 1
@@ -101,10 +109,17 @@ def response_head(exchange: "Exchange", head: http1.ResponseHead, framing: http1
     drop = names_not_forwarded(head.values(b"connection"), also=_CONTENT_LENGTH if kind != "none" else _NOTHING)
     parts = [b"HTTP/1.1 %d " % head.status, head.reason, b"\r\n"]
     lines = 3  # status line, Via, the empty line
-    for name, value in head.headers:
-        if name.lower() not in drop:
-            parts += (name, b": ", value, b"\r\n")
-            lines += 1
+    forwarded = head.lines
+    if forwarded is not None:
+        for lname, line in forwarded:
+            if lname not in drop:
+                parts.append(line)
+                lines += 1
+    else:
+        for name, value in head.headers:
+            if name.lower() not in drop:
+                parts += (name, b": ", value, b"\r\n")
+                lines += 1
     parts.append(via_line(head.version, exchange.conn.factory.pseudonym))
     if kind == "length":
         parts.append(b"Content-Length: %d\r\n" % framing.length)

@@ -92,6 +92,25 @@ def parse_target(method: bytes, target: bytes) -> Target:
     """
     if method == b"CONNECT":
         return _parse_connect_target(target)
+    # A Target is immutable and a pure function of the target's bytes: a URL asked for again
+    # (a keep-alive client's polling, a page's shared assets) is a look-up (bounded, successes only).
+    found = _ABSOLUTE_TARGETS.get(target)
+    if found is not None:
+        return found
+    parsed = _parse_absolute_target(target)
+    if len(target) <= _ABSOLUTE_TARGET_MAX:
+        if len(_ABSOLUTE_TARGETS) >= _ABSOLUTE_TARGET_ENTRIES:
+            _ABSOLUTE_TARGETS.clear()
+        _ABSOLUTE_TARGETS[target] = parsed
+    return parsed
+
+
+_ABSOLUTE_TARGETS: dict[bytes, Target] = {}
+_ABSOLUTE_TARGET_ENTRIES = 1024
+_ABSOLUTE_TARGET_MAX = 512
+
+
+def _parse_absolute_target(target: bytes) -> Target:
     m = _ABSOLUTE_FORM.fullmatch(target)
     if m is None:
         raise ProtocolError(400, _diagnose_target(target))

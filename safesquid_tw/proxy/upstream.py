@@ -69,6 +69,7 @@ class UpstreamConnection(protocol.Protocol):
         self._interim = 0
         self._timer = None
         self._timer_info: tuple[str, str, float] | None = None
+        self._body_deadline_due = False  # the read deadline's call waits to be moved (dataReceived)
         self.connected_since = 0.0
 
     # -- lifetime -------------------------------------------------------------------------
@@ -243,8 +244,23 @@ class UpstreamConnection(protocol.Protocol):
         except http1.ProtocolError as e:
             self._fail(ProxyFailure(502, "http_protocol_error", f"the origin sent an invalid response: {e.detail}"))
         finally:
+            if self._body_deadline_due:
+                self._move_body_deadline()
             if batching:
                 client.send_output()
+
+    def _move_body_deadline(self) -> None:
+        """The body's read deadline counts from this read: moved once per read, after it was
+        handled, and only if the body goes on (a response read whole with its head goes back to
+        the pool, whose idle deadline replaces it; no turn of the reactor passes in between)."""
+        self._body_deadline_due = False
+        if self._state == "body" and self._timer_info is not None:
+            seconds = self._timer_info[2]
+            timer = self._timer
+            if timer is not None and timer.active():
+                timer.reset(seconds)
+            else:
+                self._timer = self.pool.reactor.callLater(seconds, self._timed_out)
 
     def _parse_heads(self) -> None:
         while self._state == "head":
@@ -280,7 +296,8 @@ class UpstreamConnection(protocol.Protocol):
             if b"close" in tokens or (head.version == b"HTTP/1.0" and b"keep-alive" not in tokens):
                 self._keep_alive = False
             self._state = "body"
-            self._restart_timer(self.pool.limits.read_timeout, "http_response_timeout", "the response body stalled")
+            self._timer_info = ("http_response_timeout", "the response body stalled", self.pool.limits.read_timeout)
+            self._body_deadline_due = True  # the call itself is moved after this read (dataReceived)
             if sink is not None:
                 sink.upstream_head(head, framing)
             if self._state != "body":
@@ -304,8 +321,7 @@ class UpstreamConnection(protocol.Protocol):
     def _body(self, data: bytes) -> None:
         framing = self._framing
         sink = self.sink
-        if self._timer is not None:
-            self._timer.reset(self.pool.limits.read_timeout)
+        self._body_deadline_due = True
         if framing.kind == "length":
             if len(data) > self._remaining:
                 # More than announced: deliver what was promised, never reuse this connection.

@@ -56,3 +56,23 @@ def test_values_is_none_for_an_absent_field():
     head = http1.parse_request_head(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
     assert head.values(b"connection") is None
     assert head.values(b"host") == [b"a"]
+
+
+def test_one_connection_value_answers_the_same_from_the_cache():
+    from safesquid_tw.proxy import headers
+
+    headers._OPTIONS_OF.clear()
+    headers._DROP_OF.clear()
+    for value in [b"keep-alive", b"Keep-Alive, X-Secret", b"close", b" , ", b"upgrade, x"]:
+        for keep_upgrade in (False, True):
+            first = headers.names_not_forwarded([value], keep_upgrade=keep_upgrade)
+            again = headers.names_not_forwarded([value], keep_upgrade=keep_upgrade)
+            by_tuple = headers.names_not_forwarded((value,), keep_upgrade=keep_upgrade)  # not cached
+            assert first == again == by_tuple
+        assert headers.connection_options([value]) == headers.connection_options([value]) \
+            == headers.connection_options((value,))
+    assert headers.names_not_forwarded([b"X-Secret"]) >= {b"x-secret", b"connection"}
+    for i in range(600):  # bounded
+        headers.names_not_forwarded([b"x-%d" % i])
+        headers.connection_options([b"x-%d" % i])
+    assert len(headers._OPTIONS_OF) <= 256 and len(headers._DROP_OF) <= 256

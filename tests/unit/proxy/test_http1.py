@@ -515,3 +515,59 @@ def test_serialized_heads_parse_back(headers):
     raw = serialize_request_head(b"GET", b"http://a/", headers)
     assert split_head(raw, LINE, HEAD) == len(raw)
     assert parse_request_head(raw).headers == tuple(headers)
+
+
+# -- the field-block cache ------------------------------------------------------------------------
+
+
+def test_a_cached_field_block_parses_exactly_as_a_new_one():
+    from safesquid_tw.proxy import http1
+
+    raw = b"\r\nGET http://a.test/x HTTP/1.1\r\nHost: a.test\r\nAccept:  */* \r\nX-A: 1\r\nx-a: 2\r\n\r\n"
+    http1._BLOCK_CACHE.clear()
+    http1._LINE_CACHE.clear()
+    first = parse_request_head(raw)
+    again = parse_request_head(bytearray(raw))
+    other_path = parse_request_head(raw.replace(b"/x", b"/y"))  # same block, another request line
+    assert first == again and first.lines == again.lines == other_path.lines
+    assert other_path.target == b"http://a.test/y" and other_path.headers == first.headers
+    assert again.get_all(b"x-a") == [b"1", b"2"] and again.get(b"accept") == b"*/*"
+    assert parse_request_head(b"GET / HTTP/1.0\r\n\r\n").headers == ()
+
+
+def test_the_field_limit_holds_for_a_cached_block_too():
+    from safesquid_tw.proxy import http1
+
+    raw = b"GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\nA: 1\r\nB: 2\r\n\r\n"
+    http1._BLOCK_CACHE.clear()
+    parse_request_head(raw, max_headers=10)
+    with pytest.raises(ProtocolError) as caught:
+        parse_request_head(raw, max_headers=2)
+    assert caught.value.status == 431
+    with pytest.raises(ProtocolError) as caught:
+        parse_response_head(b"HTTP/1.1 200 OK\r\nHost: a.test\r\nA: 1\r\nB: 2\r\n\r\n", max_headers=2)
+    assert caught.value.status == 502
+
+
+def test_a_block_that_fails_is_never_cached_and_the_cache_stays_bounded():
+    from safesquid_tw.proxy import http1
+
+    http1._BLOCK_CACHE.clear()
+    for _ in range(2):
+        with pytest.raises(ProtocolError):
+            parse_request_head(b"GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\nBad Name: x\r\n\r\n")
+    assert not http1._BLOCK_CACHE
+    for i in range(http1._BLOCK_CACHE_SIZE + 10):
+        parse_response_head(b"HTTP/1.1 200 OK\r\nX-N: %d\r\n\r\n" % i)
+    assert len(http1._BLOCK_CACHE) <= http1._BLOCK_CACHE_SIZE
+    parse_response_head(b"HTTP/1.1 200 OK\r\nX-Long: " + b"v" * 3000 + b"\r\n\r\n")
+    assert not any(len(block) > http1._BLOCK_CACHE_MAX_BLOCK for block in http1._BLOCK_CACHE)
+
+
+def test_length_framings_are_shared_and_bounded():
+    from safesquid_tw.proxy import http1
+
+    assert http1.length_framing(100) is http1.length_framing(100) == http1.Framing("length", 100)
+    for n in range(3000):
+        assert http1.length_framing(n).length == n
+    assert len(http1._BY_LENGTH) <= 1024

@@ -238,3 +238,18 @@ def test_the_context_reads_connection_close_as_client_wants_close(version, conne
     head = http1.parse_request_head(raw + b"\r\n")
     ctx = RequestContext(0.0, head, parse_target(b"GET", head.target), None, http1.NO_BODY)
     assert ctx.client_close is client_wants_close(version, head.headers)
+
+
+def test_parsed_heads_carry_each_field_as_forwarded_cached_or_not():
+    from safesquid_tw.proxy import http1
+
+    raw = (b"HTTP/1.1 200 OK\r\nServer: nginx  \r\nX-A:\tb\t\r\nx-a: c\r\nX-Long: " + b"v" * 300
+           + b"\r\nContent-Length: 5\r\n\r\n")
+    http1._LINE_CACHE.clear()
+    for _ in range(2):  # parsed anew, then from the cache (the long line never is)
+        head = http1.parse_response_head(raw)
+        assert head.lines == tuple((n.lower(), n + b": " + v + b"\r\n") for n, v in head.headers)
+    request = http1.parse_request_head(b"GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\nX_Y: 1\r\n\r\n")
+    assert request.lines == ((b"host", b"Host: a.test\r\n"), (b"x_y", b"X_Y: 1\r\n"))
+    # A head built by hand has none; the lean path then builds the lines from the fields.
+    assert http1.RequestHead(b"GET", b"/", b"HTTP/1.1", ((b"Host", b"a"),)).lines is None

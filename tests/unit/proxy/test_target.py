@@ -179,3 +179,22 @@ def test_parse_target_raises_only_protocol_errors(method, raw):
         assert again == target
         # what is forwarded is already in its normal form
         assert again.path == target.path
+
+
+def test_absolute_targets_are_remembered_exactly_and_boundedly():
+    from safesquid_tw.proxy import target as target_module
+
+    target_module._ABSOLUTE_TARGETS.clear()
+    first = parse_target(b"GET", b"http://Example.COM:80/a/../b?q=1")
+    again = parse_target(b"HEAD", b"http://Example.COM:80/a/../b?q=1")
+    assert again is first and again.host == "example.com" and again.path == "/b?q=1"
+    # Refusals are never remembered: they fail every time.
+    for _ in range(2):
+        with pytest.raises(ProtocolError):
+            parse_target(b"GET", b"http://user:pw@example.com/")
+    assert b"http://user:pw@example.com/" not in target_module._ABSOLUTE_TARGETS
+    for i in range(target_module._ABSOLUTE_TARGET_ENTRIES + 10):
+        parse_target(b"GET", b"http://example.com/%d" % i)
+    parse_target(b"GET", b"http://example.com/" + b"x" * 600)
+    assert len(target_module._ABSOLUTE_TARGETS) <= target_module._ABSOLUTE_TARGET_ENTRIES
+    assert all(len(t) <= target_module._ABSOLUTE_TARGET_MAX for t in target_module._ABSOLUTE_TARGETS)
