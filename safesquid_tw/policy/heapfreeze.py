@@ -15,14 +15,17 @@ generation, which collections never traverse: the policy, and whatever else live
 of the collector's lists, constant time, so it is cheap enough for the reactor thread.
 
 What freezing costs: a frozen object is still freed by reference counting as soon as nothing
-holds it (a replaced version is), but garbage that is only freed by the collector (a reference
-cycle) is never found while frozen. A compiled policy holds no reference cycle
-(tests/unit/policy/test_heapfreeze.py replaces versions with the collector off and checks that the
-old ones are freed), but cyclic garbage that requests left behind and that was not collected yet
-when a version was frozen stays. So the growth is bounded: the first freeze (start-up, before the
-node serves) follows one full collection and its count is the baseline; when a later swap finds
-the frozen count grown past `GROWTH` times the baseline plus `MARGIN`, it unfreezes, collects
-once (one pause of the old kind, rarely) and freezes again with a new baseline.
+holds it (a replaced version is), but garbage that only the collector frees (a reference cycle)
+is never found while frozen: cyclic garbage that was not collected yet when a version was frozen,
+and objects alive then (a connection's protocol and transport) that end up in a cycle later. A
+compiled policy holds no reference cycle (tests/unit/policy/test_heapfreeze.py replaces versions
+with the collector off and checks that the old ones are freed), so what can pile up is what
+requests leave, and it is bounded by memory: the first freeze (start-up, before the node serves)
+follows one full collection, and the process's resident memory then is the baseline; when a later
+swap finds it grown past `GROWTH` times the baseline plus `MARGIN_BYTES`, it unfreezes, collects
+once (one pause of the old kind, rarely) and freezes again with a new baseline. Memory, not
+`gc.get_freeze_count()`: that one walks every frozen object (13 ms for 300,000 of them), on each
+swap, in every process.
 
 One freezer per process (the collector is per process): a node's policy store calls it as a swap
 observer, a worker process after it installs a version. The `collector` is injectable (the `gc`
@@ -33,16 +36,18 @@ tests that collect it on purpose).
 from __future__ import annotations
 
 import gc
-from typing import Any, Protocol
+import os
+import resource
+from typing import Any, Callable, Protocol
 
 from twisted.logger import Logger
 
 _log = Logger()
 
-# A frozen heap may grow to GROWTH times its size after the last full collection, plus MARGIN
-# objects, before the next swap collects it again.
-GROWTH = 2.0
-MARGIN = 50_000
+# The process may grow to GROWTH times its resident memory after the last full collection, plus
+# MARGIN_BYTES, before the next swap collects the frozen heap again.
+GROWTH = 1.5
+MARGIN_BYTES = 64 * 1024 * 1024
 
 
 class Collector(Protocol):
@@ -52,28 +57,37 @@ class Collector(Protocol):
 
     def unfreeze(self) -> None: ...
 
-    def get_freeze_count(self) -> int: ...
+
+def resident_bytes() -> int:
+    """The process's resident memory: /proc (one small read), else the peak from getrusage."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class HeapFreezer:
-    """Freezes the heap after each policy swap; collects it again when the frozen part grew too much.
+    """Freezes the heap after each policy swap; collects it again when the process grew too much.
 
-    Counters (read by tests and /health-style reports): `freezes`, `full_collections`,
-    `baseline` (frozen objects after the last full collection), `last_frozen`.
+    Counters (plain attributes, for tests and reports): `freezes`, `full_collections`,
+    `baseline` (resident bytes after the last full collection), `last_resident`.
     """
 
-    def __init__(self, collector: Collector = gc, *, growth: float = GROWTH, margin: int = MARGIN) -> None:
+    def __init__(self, collector: Collector = gc, *, memory: Callable[[], int] = resident_bytes,
+                 growth: float = GROWTH, margin: int = MARGIN_BYTES) -> None:
         self.collector = collector
+        self.memory = memory
         self.growth = growth
         self.margin = margin
         self.baseline: int | None = None
         self.freezes = 0
         self.full_collections = 0
-        self.last_frozen = 0
+        self.last_resident = 0
 
     @property
     def limit(self) -> int | None:
-        """Frozen objects beyond which the next swap collects (None before the first one)."""
+        """Resident bytes beyond which the next swap collects (None before the first swap)."""
         if self.baseline is None:
             return None
         return int(self.baseline * self.growth) + self.margin
@@ -81,28 +95,27 @@ class HeapFreezer:
     def version_swapped(self, _policy: Any = None) -> None:
         """Call right after a version became the running one (a store observer's signature)."""
         limit = self.limit
-        frozen = self.collector.get_freeze_count()
-        if limit is None or frozen > limit:
-            self._collect_and_freeze(frozen, limit)
+        self.last_resident = self.memory()
+        if limit is None or self.last_resident > limit:
+            self._collect_and_freeze(limit)
             return
         self.collector.freeze()
         self.freezes += 1
-        self.last_frozen = self.collector.get_freeze_count()
 
-    def _collect_and_freeze(self, frozen: int, limit: int | None) -> None:
+    def _collect_and_freeze(self, limit: int | None) -> None:
         if limit is not None:
-            _log.info("policy heap: {frozen} frozen objects (limit {limit}); collecting them once",
-                      frozen=frozen, limit=limit)
+            _log.info("policy heap: {resident} bytes resident (limit {limit}); collecting the frozen heap once",
+                      resident=self.last_resident, limit=limit)
         self.collector.unfreeze()
         self.collector.collect()
         self.full_collections += 1
         self.collector.freeze()
         self.freezes += 1
-        self.baseline = self.last_frozen = self.collector.get_freeze_count()
+        self.baseline = self.last_resident = self.memory()
 
     def stats(self) -> dict[str, Any]:
         return {"freezes": self.freezes, "full_collections": self.full_collections,
-                "baseline": self.baseline, "frozen": self.last_frozen, "limit": self.limit}
+                "baseline": self.baseline, "resident": self.last_resident, "limit": self.limit}
 
 
 def freeze_after_swaps(store: Any, freezer: HeapFreezer | None = None) -> HeapFreezer:
@@ -117,4 +130,4 @@ def freeze_after_swaps(store: Any, freezer: HeapFreezer | None = None) -> HeapFr
     return freezer
 
 
-__all__ = ["Collector", "GROWTH", "HeapFreezer", "MARGIN", "freeze_after_swaps"]
+__all__ = ["Collector", "GROWTH", "HeapFreezer", "MARGIN_BYTES", "freeze_after_swaps", "resident_bytes"]

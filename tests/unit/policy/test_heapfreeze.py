@@ -88,15 +88,11 @@ def test_a_frozen_version_is_still_freed_when_replaced():
 
 
 class FakeCollector:
-    """Counts frozen objects the way the gc module does: freeze() adds the young ones."""
+    """Records what the freezer asks of the collector; `resident` stands for the process's memory."""
 
-    def __init__(self, live: int) -> None:
-        self.young = live
-        self.frozen = 0
+    def __init__(self, resident: int = 100_000_000) -> None:
+        self.resident = resident
         self.calls: list[str] = []
-
-    def allocate(self, n: int) -> None:
-        self.young += n
 
     def collect(self, generation: int = 2) -> int:
         self.calls.append("collect")
@@ -104,44 +100,43 @@ class FakeCollector:
 
     def freeze(self) -> None:
         self.calls.append("freeze")
-        self.frozen += self.young
-        self.young = 0
 
     def unfreeze(self) -> None:
         self.calls.append("unfreeze")
-        self.young += self.frozen
-        self.frozen = 0
 
-    def get_freeze_count(self) -> int:
-        return self.frozen
+
+def freezer_with(fake: FakeCollector, **kwargs) -> HeapFreezer:
+    return HeapFreezer(fake, memory=lambda: fake.resident, **kwargs)
 
 
 def test_the_first_swap_collects_once_then_swaps_only_freeze():
-    fake = FakeCollector(live=100_000)
-    freezer = HeapFreezer(fake, growth=2.0, margin=1000)
+    fake = FakeCollector(resident=100_000_000)
+    freezer = freezer_with(fake, growth=1.5, margin=10_000_000)
     freezer.version_swapped()
     assert fake.calls == ["unfreeze", "collect", "freeze"]
-    assert freezer.baseline == 100_000 and freezer.limit == 201_000
-    for _ in range(5):
-        fake.allocate(2_000)  # a new version's objects, the old ones freed meanwhile
-        fake.frozen -= 2_000
+    assert freezer.baseline == 100_000_000 and freezer.limit == 160_000_000
+    for n in range(5):
+        fake.resident += 5_000_000  # grows, within the limit
         freezer.version_swapped()
     assert fake.calls[3:] == ["freeze"] * 5
     assert freezer.full_collections == 1 and freezer.freezes == 6
 
 
-def test_a_frozen_heap_grown_past_its_limit_is_collected_again():
-    fake = FakeCollector(live=10_000)
-    freezer = HeapFreezer(fake, growth=2.0, margin=1000)
+def test_a_process_grown_past_its_limit_collects_the_frozen_heap_again():
+    fake = FakeCollector(resident=100_000_000)
+    freezer = freezer_with(fake, growth=1.5, margin=10_000_000)
     freezer.version_swapped()
-    fake.allocate(12_000)  # garbage cycles frozen with a version: never freed while frozen
+    fake.resident = 170_000_000  # garbage cycles frozen with versions: never freed while frozen
     freezer.version_swapped()
-    assert freezer.full_collections == 1 and fake.frozen == 22_000
-    fake.allocate(100)
-    freezer.version_swapped()  # 22,000 frozen > 21,000: collected once, and frozen again
     assert fake.calls[-3:] == ["unfreeze", "collect", "freeze"]
-    assert freezer.full_collections == 2 and freezer.baseline == 22_100
-    assert freezer.stats()["limit"] == 45_200
+    assert freezer.full_collections == 2 and freezer.baseline == 170_000_000
+    assert freezer.stats()["limit"] == 265_000_000
+
+
+def test_the_resident_memory_is_read_cheaply():
+    from safesquid_tw.policy.heapfreeze import resident_bytes
+
+    assert resident_bytes() > 1_000_000
 
 
 def test_the_real_collector_skips_what_was_frozen():
@@ -149,7 +144,7 @@ def test_the_real_collector_skips_what_was_frozen():
     freezer = HeapFreezer()
     try:
         freezer.version_swapped()
-        assert gc.get_freeze_count() > 0
+        assert gc.get_freeze_count() > 0 and freezer.baseline > 0
         assert not any(obj is marker for obj in gc.get_objects())
     finally:
         gc.unfreeze()
@@ -159,8 +154,8 @@ def test_the_real_collector_skips_what_was_frozen():
 def test_a_store_freezes_after_every_swap_and_at_once_when_it_runs_a_version(tmp_path: Path):
     store = PolicyStore(tmp_path)
     store.apply_document(document("v1"), source="test")
-    fake = FakeCollector(live=50_000)
-    freezer = freeze_after_swaps(store, HeapFreezer(fake))
+    fake = FakeCollector()
+    freezer = freeze_after_swaps(store, freezer_with(fake))
     assert freezer.full_collections == 1  # the version loaded while the node was built
     store.apply_document(document("v2"), source="test")
     store.apply_document(document("v2"), source="test")  # the same document: no swap
