@@ -31,6 +31,7 @@ from safesquid_tw.policy.compiled import Policy
 from safesquid_tw.policy.errors import PolicyError
 from safesquid_tw.policy.heapfreeze import HeapFreezer
 from safesquid_tw.policy.release import release_in_pieces
+from safesquid_tw.workers.inlinechange import compiles_inline
 from safesquid_tw.workers.policydelta import NeedWholeVersion, compile_message, merge_waiting
 from safesquid_tw.util.threads import ThreadRunner, pool_runner
 from safesquid_tw.workers.frames import FramedStdio, decode_large
@@ -300,17 +301,24 @@ class Worker:
             self.pipe.send({"t": "policy", "version": current.version, "error": None})
             self._apply_next()
             return
+        # A small change compiles here, on the reactor thread, in a fraction of a millisecond:
+        # handing it to a thread and back cost the reactor more (workers/inlinechange.py).
+        inline = compiles_inline(message)
         # As the node's own policy thread does (policy/applier.py): the reactor thread gets the
         # GIL back quickly while a big version compiles.
         saved_interval = sys.getswitchinterval()
-        sys.setswitchinterval(POLICY_SWITCH_INTERVAL)
+        if not inline:
+            sys.setswitchinterval(POLICY_SWITCH_INTERVAL)
         # And, with the heap freezer, no collection while it compiles: a collection runs in the
         # compiling thread holding the GIL, and a full one traversed the running policy (50 ms
         # and more); what the compile allocated is frozen with the new version instead of traversed.
-        gc_paused = self.heap is not None and gc.isenabled()
+        gc_paused = self.heap is not None and not inline and gc.isenabled()
         if gc_paused:
             gc.disable()
-        self._applying = self.in_thread(compile_sent, message, self.policy.current)
+        if inline:
+            self._applying = defer.maybeDeferred(compile_sent, message, self.policy.current)
+        else:
+            self._applying = self.in_thread(compile_sent, message, self.policy.current)
 
         def applied(policy: Policy) -> None:
             replaced = [self.policy.current]
@@ -318,7 +326,10 @@ class Worker:
             if self.heap is not None:
                 self.heap.version_swapped(policy)  # after every observer: what they built is frozen too
             self.pipe.send({"t": "policy", "version": policy.version, "error": None})
-            if replaced[0] is not None:
+            if inline:
+                # All but the changed section is shared with the new version: little to free.
+                replaced.clear()
+            elif replaced[0] is not None:
                 # Freed a piece at a time in the thread, not all at once on the reactor.
                 self.in_thread(release_in_pieces, replaced).addErrback(
                     lambda failure: log.failure("freeing a replaced policy version failed", failure))
