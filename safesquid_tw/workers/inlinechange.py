@@ -8,8 +8,9 @@ the same version at the same moment, hold both cores. A change of the comment or
 section compiles in 0.05 to 0.3 ms (`policy/incremental.py` reuses every other section), and the
 version it replaces is, but for that section, the same objects as the new one, so freeing it is
 as small. Measured in one process that answers a ping every 5 ms while such versions arrive
-every 0.15 s, on the shared 2-core machine: ping p99 2.6 to 7.8 ms (maximum up to 88 ms)
-through the thread, 0.2 to 2.2 ms (maximum 3 to 5 ms) inline (`bench/README.rst`).
+every 0.15 s, on the shared 2-core machine at load 5 to 7: ping p99 0.2 to 7.8 ms (maximum up to
+88 ms) through the thread, 0.2 to 2.2 ms (maximum 1 to 6 ms) inline; at load 12 the machine's
+own waits hid the difference (`bench/worker_apply_bench.py`, `bench/README.rst`).
 
 A change is compiled inline when it is small: it came as a change (not a whole version, not a
 frame decoded in the thread) and its changed and removed sections hold at most `INLINE_ITEMS`
