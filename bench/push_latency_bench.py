@@ -1,7 +1,7 @@
 """Proxy latency while a big policy is pushed again and again, and the push latency to 3 slaves.
 
     .venv/bin/python bench/push_latency_bench.py [--rules 1000] [--domains 100000] [--slaves 3]
-                                                 [--phase 8] [--rounds 2] [--rate 50]
+                                                 [--phase 8] [--rounds 2] [--rate 50] [--samples FILE]
 
 Starts a local origin (nginx), a master loaded with the `bench/big_policy.py` policy (1000 rules,
 100,000 domains by default) and `--slaves` slaves, all real `twistd` processes on loopback. A paced
