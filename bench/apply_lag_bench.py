@@ -55,6 +55,11 @@ async def run(args: argparse.Namespace) -> int:
     store.applier = PolicyApplier(thread_runner(reactor, pool), switch_interval=POLICY_SWITCH_INTERVAL)
     store.shadow_warnings = args.role != "slave"
     state_follows_store(NodeState(role=args.role, node="bench"), store, now=reactor.seconds)
+    if not args.no_freeze:
+        # As a node's process does (tap.makeService): the running policy out of the collector.
+        from safesquid_tw.policy.heapfreeze import freeze_after_swaps
+
+        freeze_after_swaps(store)
     left, right = socket.socketpair()
     left.setblocking(False)
     right.setblocking(False)
@@ -130,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--phase", type=float, default=4.0, help="seconds per phase")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--tick", type=float, default=0.005, help="seconds between reactor ticks")
+    parser.add_argument("--no-freeze", action="store_true",
+                        help="leave the running policy in the garbage collector (as before policy/heapfreeze.py)")
     args = parser.parse_args(argv)
     outcome: list = []
     d = defer.ensureDeferred(run(args))

@@ -1,7 +1,7 @@
 """Proxy latency while a big policy is pushed again and again, and the push latency to 3 slaves.
 
     .venv/bin/python bench/push_latency_bench.py [--rules 1000] [--domains 100000] [--slaves 3]
-                                                 [--phase 8] [--rounds 2] [--rate 50]
+                                                 [--phase 8] [--rounds 2] [--rate 50] [--samples FILE]
 
 Starts a local origin (nginx), a master loaded with the `bench/big_policy.py` policy (1000 rules,
 100,000 domains by default) and `--slaves` slaves, all real `twistd` processes on loopback. A paced
@@ -218,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--rate", type=float, default=50.0, help="client requests per second")
     parser.add_argument("--worst", type=int, default=0, help="list this many of the slowest answers")
+    parser.add_argument("--samples", metavar="FILE",
+                        help="write every answer (wall-clock send time, latency) and push time as JSON, to "
+                             "place stalls beside other processes' logs")
     parser.add_argument("--client-thread", action="store_true",
                         help="run the paced client as a thread of the bench (as before) instead of a process")
     args = parser.parse_args(argv)
@@ -302,6 +305,14 @@ def main(argv: list[str] | None = None) -> int:
                 before = [t for t in push_times if t <= at]
                 where = f"{at - before[-1]:6.2f} s after push {len(before)}" if before else "before any push"
                 print(f"    {lat * 1e3:8.2f} ms, sent {where}")
+        if args.samples:
+            # CLOCK_MONOTONIC is the same in every process: one offset turns it into wall time.
+            to_wall = time.time() - time.monotonic()
+            Path(args.samples).write_text(json.dumps({
+                "monotonic_to_wall": to_wall,
+                "answers": [(at + to_wall, lat) for at, lat in client.samples],
+                "pushes": [at + to_wall for at in push_times],
+                "phases": [(kind, begin + to_wall, end + to_wall) for kind, begin, end in phases]}))
         p99_quiet = percentile(by_kind["quiet"], .99)
         p99_push = percentile(by_kind["pushes"], .99)
         print(f"  p99 ratio pushes/quiet = {p99_push / p99_quiet:.2f} (target <= 2.0); client errors: {client.errors}")

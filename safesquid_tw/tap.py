@@ -369,7 +369,13 @@ def makeService(options: Options) -> IService:
         # One line and exit status 1, not a traceback from deep inside a store.
         print(f"safesquid: {problem}", file=sys.stderr)
         raise SystemExit(1)
-    return build_node_service(options.config)
+    service = build_node_service(options.config)
+    # The running policy out of the garbage collector's full collections (policy/heapfreeze.py);
+    # here, in the node's own process only, not in tests that build a node in theirs.
+    from safesquid_tw.policy.heapfreeze import freeze_after_swaps
+
+    freeze_after_swaps(service.policy_store)
+    return service
 
 
 __all__ = ["Options", "makeService", "options_to_config"]

@@ -12,6 +12,7 @@ sealed segments. The records it also sends the parent feed the node's access.log
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -28,8 +29,10 @@ from safesquid_tw.config import Limits, NodeConfig
 from safesquid_tw.policy.applier import POLICY_SWITCH_INTERVAL
 from safesquid_tw.policy.compiled import Policy
 from safesquid_tw.policy.errors import PolicyError
+from safesquid_tw.policy.heapfreeze import HeapFreezer
 from safesquid_tw.policy.release import release_in_pieces
 from safesquid_tw.proxy import leanaccept
+from safesquid_tw.workers.inlinechange import compiles_inline
 from safesquid_tw.workers.policydelta import NeedWholeVersion, compile_message, merge_waiting
 from safesquid_tw.util.threads import ThreadRunner, pool_runner
 from safesquid_tw.workers.frames import FramedStdio, decode_large
@@ -120,6 +123,9 @@ class Worker:
         self._failures_sent = 0  # upstream failures the parent has heard of (ProxyCounters)
         self._unchanged_since = 0.0
         self.policy = PolicyHolder()
+        # Freezes the heap after each swap (policy/heapfreeze.py); set by main(), the worker
+        # process's own entry, and not in tests that build a Worker in their process.
+        self.heap: HeapFreezer | None = None
         self.pipe = FramedStdio(self.received, self.parent_gone, self.received_large)
         limits = config.limits
         self.resolver = Resolver(reactor, threads_max=limits.dns_threads, timeout=limits.dns_timeout,
@@ -297,17 +303,35 @@ class Worker:
             self.pipe.send({"t": "policy", "version": current.version, "error": None})
             self._apply_next()
             return
+        # A small change compiles here, on the reactor thread, in a fraction of a millisecond:
+        # handing it to a thread and back cost the reactor more (workers/inlinechange.py).
+        inline = compiles_inline(message)
         # As the node's own policy thread does (policy/applier.py): the reactor thread gets the
         # GIL back quickly while a big version compiles.
         saved_interval = sys.getswitchinterval()
-        sys.setswitchinterval(POLICY_SWITCH_INTERVAL)
-        self._applying = self.in_thread(compile_sent, message, self.policy.current)
+        if not inline:
+            sys.setswitchinterval(POLICY_SWITCH_INTERVAL)
+        # And, with the heap freezer, no collection while it compiles: a collection runs in the
+        # compiling thread holding the GIL, and a full one traversed the running policy (50 ms
+        # and more); what the compile allocated is frozen with the new version instead of traversed.
+        gc_paused = self.heap is not None and not inline and gc.isenabled()
+        if gc_paused:
+            gc.disable()
+        if inline:
+            self._applying = defer.maybeDeferred(compile_sent, message, self.policy.current)
+        else:
+            self._applying = self.in_thread(compile_sent, message, self.policy.current)
 
         def applied(policy: Policy) -> None:
             replaced = [self.policy.current]
             self.policy.install(policy)
+            if self.heap is not None:
+                self.heap.version_swapped(policy)  # after every observer: what they built is frozen too
             self.pipe.send({"t": "policy", "version": policy.version, "error": None})
-            if replaced[0] is not None:
+            if inline:
+                # All but the changed section is shared with the new version: little to free.
+                replaced.clear()
+            elif replaced[0] is not None:
                 # Freed a piece at a time in the thread, not all at once on the reactor.
                 self.in_thread(release_in_pieces, replaced).addErrback(
                     lambda failure: log.failure("freeing a replaced policy version failed", failure))
@@ -328,6 +352,8 @@ class Worker:
 
         def finished(_ignored) -> None:
             sys.setswitchinterval(saved_interval)
+            if gc_paused:
+                gc.enable()
             self._apply_next()
 
         self._applying.addCallbacks(applied, refused)
@@ -450,6 +476,7 @@ def main(argv: list[str]) -> int:
     # Held until this process exits: one writer per slot's spool, also across node restarts.
     lock_slot(slot_directory(Path(config.state_dir), slot))
     worker = Worker(reactor, config, spec["sockets"], slot, spec.get("counts"))
+    worker.heap = HeapFreezer()
     signal.signal(signal.SIGTERM, lambda *_: reactor.callFromThread(worker.stop))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C goes to the node, which stops us
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the node reloads and tells us
