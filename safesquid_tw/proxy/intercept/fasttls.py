@@ -377,7 +377,13 @@ def start_server_tls(transport, creator) -> None:
     producer, streaming = transport.producer, transport.streamingProducer
     if producer is not None:
         transport.unregisterProducer()
-    factory = CoalescingTLSFactory(creator, False, None)
+    # A creator that keeps its factory (session.py: one per cached context) saves making one
+    # per tunnel; the factory only counts its live connections.
+    factory = getattr(creator, "tls_factory", None)
+    if factory is None:
+        factory = CoalescingTLSFactory(creator, False, None)
+        if hasattr(creator, "tls_factory"):
+            creator.tls_factory = factory
     tls = CoalescingTLS(factory, transport.protocol, False)
     transport.protocol = tls
     transport.getHandle = tls.getHandle

@@ -368,3 +368,50 @@ def test_a_handshake_failure_reaches_the_protocol_with_the_alert():
             break
     tls.connectionLost(protocol.connectionDone)
     assert reasons and isinstance(reasons[0].value, SSL.Error)
+
+
+def test_tunnels_to_one_host_share_its_creator_and_tls_factory():
+    """Per inspected tunnel only the TLS connection is new: the creator and its factory are made
+    once per cached context, and each tunnel still gets its own TLS layer and handshake."""
+    import socket
+
+    from twisted.internet import tcp
+    from twisted.internet.testing import MemoryReactor
+
+    from safesquid_tw.proxy.intercept.fasttls import start_server_tls
+    from safesquid_tw.proxy.intercept.session import _creator_for
+
+    ctx = _server_context()
+    assert _creator_for(ctx) is _creator_for(ctx)
+    pairs, layers = [], []
+    try:
+        for _ in range(2):
+            ours, theirs = socket.socketpair()
+            pairs += [ours, theirs]
+            ours.setblocking(False)
+            theirs.settimeout(2)
+            app = App()
+            conn = tcp.Connection(ours, app, reactor=MemoryReactor())
+            conn.connected = True
+            app.makeConnection(conn)
+            start_server_tls(conn, _creator_for(ctx))
+            assert isinstance(conn.protocol, CoalescingTLS) and conn.protocol.wrappedProtocol is app
+            layers.append(conn.protocol)
+            client = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD), None)
+            client.set_connect_state()
+            for _ in range(10):
+                try:
+                    client.do_handshake()
+                    break
+                except SSL.WantReadError:
+                    pass
+                _to_server(client, conn.protocol)
+                client.bio_write(theirs.recv(65536))
+            _to_server(client, conn.protocol)  # the client's Finished
+            assert conn.protocol._handshakeDone
+        assert layers[0] is not layers[1] and layers[0].factory is layers[1].factory
+        assert layers[0]._tlsConnection is not layers[1]._tlsConnection
+        assert set(layers[0].factory.protocols) == set(layers)
+    finally:
+        for sock in pairs:
+            sock.close()
