@@ -68,7 +68,21 @@ class _ServerCreator:
         return SSL.Connection(self._ctx, None)
 
 
-_CREATORS: "weakref.WeakKeyDictionary[SSL.Context, _ServerCreator]" = weakref.WeakKeyDictionary()
+class _CachedContextCreator(_ServerCreator):
+    """A `_ServerCreator` that holds its context weakly: kept in `_CREATORS`, whose weak keys are
+    the contexts, it must not keep its own key alive."""
+
+    __slots__ = ("_ref",)
+
+    def __init__(self, ctx: SSL.Context) -> None:
+        super().__init__(None)
+        self._ref = weakref.ref(ctx)
+
+    def serverConnectionForTLS(self, tls_protocol) -> SSL.Connection:
+        return SSL.Connection(self._ref(), None)  # asked only while the caller holds the context
+
+
+_CREATORS: "weakref.WeakKeyDictionary[SSL.Context, _CachedContextCreator]" = weakref.WeakKeyDictionary()
 
 
 def _creator_for(ctx: SSL.Context) -> _ServerCreator:
@@ -76,7 +90,7 @@ def _creator_for(ctx: SSL.Context) -> _ServerCreator:
     holds the context, and the creator goes when the context does (a new CA, an evicted host)."""
     creator = _CREATORS.get(ctx)
     if creator is None:
-        creator = _CREATORS[ctx] = _ServerCreator(ctx)
+        creator = _CREATORS[ctx] = _CachedContextCreator(ctx)
     return creator
 
 

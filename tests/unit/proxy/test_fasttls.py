@@ -415,3 +415,23 @@ def test_tunnels_to_one_host_share_its_creator_and_tls_factory():
     finally:
         for sock in pairs:
             sock.close()
+
+
+def test_a_context_the_leaf_cache_dropped_is_not_kept_alive_by_its_creator():
+    """A new CA or an evicted host drops a context from the leaf cache: its creator and TLS
+    factory must not keep it (and its certificate and key) alive."""
+    import gc
+    import weakref
+
+    from safesquid_tw.proxy.intercept.session import _creator_for
+
+    ca = create_ca("dropped context CA")
+    leaves = LeafCache(None, None)
+    leaves.set_ca(ca)
+    ctx = leaves._mint(ca, "dropped.example")[0]
+    creator = _creator_for(ctx)
+    creator.serverConnectionForTLS(None)
+    gone = weakref.ref(ctx)
+    del ctx, creator
+    gc.collect()
+    assert gone() is None
