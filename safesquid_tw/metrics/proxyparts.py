@@ -52,6 +52,14 @@ class TlsInspectionCollector:
         pinned = interceptor.pinned.top(10000)
         yield GaugeMetricFamily("safesquid_tls_pinned_hosts", "Hosts whose clients rejected the inspection "
                                 "certificate (pinned apps)", value=len(pinned))
+        origin_tls = getattr(getattr(self.factory, "pool", None), "tls", None)
+        if origin_tls is not None:
+            handshakes = CounterMetricFamily("safesquid_tls_origin_handshakes", "TLS handshakes with origins for "
+                                             "inspected traffic, by whether a kept session was resumed",
+                                             labels=["session"])
+            handshakes.add_metric(["resumed"], origin_tls.resumed)
+            handshakes.add_metric(["full"], origin_tls.handshakes - origin_tls.resumed)
+            yield handshakes
 
 
 class AntivirusCollector:

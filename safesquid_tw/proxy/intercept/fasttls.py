@@ -40,6 +40,7 @@ from twisted.internet import tcp
 from twisted.internet._newtls import _BypassTLS
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import IHandshakeListener, ISSLTransport
+from twisted.internet.main import CONNECTION_LOST
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
@@ -61,6 +62,9 @@ try:  # pyOpenSSL's binding and the Connection attributes the fast paths use
     # Shared buffers: only the reactor thread runs these connections, and every read is copied out.
     _PLAIN_BUF = _ffi.new("char[]", _BIO_CHUNK)
     _CIPHER_BUF = _ffi.new("char[]", _BIO_CHUNK)
+    # OpenSSL 3 and later say "unexpected EOF" with this reason (earlier: SSL_ERROR_SYSCALL).
+    _EOF_REASON = (_lib.SSL_R_UNEXPECTED_EOF_WHILE_READING
+                   if getattr(_lib, "Cryptography_HAS_UNEXPECTED_EOF_WHILE_READING", 0) else None)
     del _probe
 except Exception:  # a pyOpenSSL without them: Twisted's own paths only
     _FAST = False
@@ -361,7 +365,42 @@ class CoalescingTLS(TLSMemoryBIOProtocol):
     def connectionLost(self, reason) -> None:
         self._held = None
         self._waiting = False
+        if _FAST and not self._lostTLSConnection and self._tlsConnection is not None:
+            self._end_of_input()
         super().connectionLost(reason)
+
+    def _end_of_input(self) -> None:
+        """What Twisted's `connectionLost` does when TCP ends before a TLS close alert (most
+        clients close that way), without its exception and traceback-capturing `Failure`: tell
+        OpenSSL the input has ended, deliver the plaintext still buffered, and report an end
+        without a close alert as `ConnectionLost`, as Twisted does. Anything else OpenSSL says
+        (a bad record, a close alert) is left where it is, for Twisted's path to report."""
+        conn = self._tlsConnection
+        ssl = conn._ssl
+        _lib.BIO_set_mem_eof_return(conn._into_ssl, 0)
+        while True:
+            n = _lib.SSL_read(ssl, _PLAIN_BUF, _BIO_CHUNK)
+            if n <= 0:
+                break
+            plain = _ffi.buffer(_PLAIN_BUF, n)[:]
+            if not self._aborted:
+                self.wrappedProtocol.dataReceived(plain)
+            if self._lostTLSConnection or self._tlsConnection is None:
+                return
+        error = _lib.SSL_get_error(ssl, n)
+        queued = _lib.ERR_peek_error()
+        if error == _lib.SSL_ERROR_SYSCALL and not queued:
+            pass
+        elif (error == _lib.SSL_ERROR_SSL and _EOF_REASON is not None
+              and _lib.ERR_GET_REASON(queued) == _EOF_REASON):
+            _lib.ERR_clear_error()
+        else:
+            return
+        if self._reason is None:
+            self._reason = Failure(CONNECTION_LOST)
+        self._lostTLSConnection = True
+        self._flushSendBIO()
+        self.transport.loseConnection()
 
 
 class CoalescingTLSFactory(TLSMemoryBIOFactory):
@@ -377,7 +416,13 @@ def start_server_tls(transport, creator) -> None:
     producer, streaming = transport.producer, transport.streamingProducer
     if producer is not None:
         transport.unregisterProducer()
-    factory = CoalescingTLSFactory(creator, False, None)
+    # A creator that keeps its factory (session.py: one per cached context) saves making one
+    # per tunnel; the factory only counts its live connections.
+    factory = getattr(creator, "tls_factory", None)
+    if factory is None:
+        factory = CoalescingTLSFactory(creator, False, None)
+        if hasattr(creator, "tls_factory"):
+            creator.tls_factory = factory
     tls = CoalescingTLS(factory, transport.protocol, False)
     transport.protocol = tls
     transport.getHandle = tls.getHandle

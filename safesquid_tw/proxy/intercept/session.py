@@ -13,6 +13,7 @@ ClientHello peeked at first (Squid's peek-and-splice), so the SNI can decide.
 from __future__ import annotations
 
 import ipaddress
+import weakref
 from typing import TYPE_CHECKING
 
 from OpenSSL import SSL
@@ -38,9 +39,14 @@ log = Logger()
 
 ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 PEEK_LIMIT = 32 * 1024
+_IP_LAST = frozenset("0123456789.")
 
 
 def is_ip(host: str) -> bool:
+    # Every CONNECT asks: a host name ends in a letter (no top-level domain is all digits) and
+    # has no colon, so it is known without parsing (and raising) in `ipaddress`.
+    if not host or (host[-1] not in _IP_LAST and ":" not in host):
+        return False
     try:
         ipaddress.ip_address(host)
     except ValueError:
@@ -52,13 +58,40 @@ def is_ip(host: str) -> bool:
 class _ServerCreator:
     """`startTLS` with one ready-made context (the host's minted leaf): no per-handshake setup."""
 
-    __slots__ = ("_ctx",)
+    __slots__ = ("_ctx", "tls_factory")
 
     def __init__(self, ctx: SSL.Context) -> None:
         self._ctx = ctx
+        self.tls_factory = None  # made by start_server_tls on first use, then reused
 
     def serverConnectionForTLS(self, tls_protocol) -> SSL.Connection:
         return SSL.Connection(self._ctx, None)
+
+
+class _CachedContextCreator(_ServerCreator):
+    """A `_ServerCreator` that holds its context weakly: kept in `_CREATORS`, whose weak keys are
+    the contexts, it must not keep its own key alive."""
+
+    __slots__ = ("_ref",)
+
+    def __init__(self, ctx: SSL.Context) -> None:
+        super().__init__(None)
+        self._ref = weakref.ref(ctx)
+
+    def serverConnectionForTLS(self, tls_protocol) -> SSL.Connection:
+        return SSL.Connection(self._ref(), None)  # asked only while the caller holds the context
+
+
+_CREATORS: "weakref.WeakKeyDictionary[SSL.Context, _CachedContextCreator]" = weakref.WeakKeyDictionary()
+
+
+def _creator_for(ctx: SSL.Context) -> _ServerCreator:
+    """One creator (with its TLS factory) per cached context, not one per tunnel: the leaf cache
+    holds the context, and the creator goes when the context does (a new CA, an evicted host)."""
+    creator = _CREATORS.get(ctx)
+    if creator is None:
+        creator = _CREATORS[ctx] = _CachedContextCreator(ctx)
+    return creator
 
 
 class TlsSession:
@@ -94,6 +127,8 @@ class TlsSession:
                 raise http1.ProtocolError(421, f"this TLS connection is for {self.host}:{self.port} only")
         hosts = head.get_all(b"host")
         if len(hosts) == 1:
+            if hosts[0] == self.authority:
+                return target  # the usual case, byte for byte: nothing to parse
             try:
                 host, port, _userinfo = _parse_authority(hosts[0].strip(), 443)
             except http1.ProtocolError:
@@ -231,6 +266,11 @@ class Interceptor:
                 ctx.detail = why
             return False
         self.bumped += 1
+        ready = self.leaves.cached(host)
+        if ready is not None:  # the usual case: the host's leaf and context are cached already
+            conn.state = "waiting"
+            self._start_tls(ready, conn, ctx, host, identity, answered, paused=False)
+            return True
         conn.state = "waiting"
         conn.gate.pause("decision")
         d = self.leaves.context_for(host)
@@ -299,7 +339,7 @@ class Interceptor:
         conn.transport.loseConnection()
 
     def _start_tls(self, ssl_ctx: SSL.Context, conn: "ClientConnection", ctx: "RequestContext", host: str,
-                   identity, answered: bool) -> None:
+                   identity, answered: bool, paused: bool = True) -> None:
         if conn.state == "closing" or conn.transport is None:
             return
         if not answered:
@@ -312,9 +352,10 @@ class Interceptor:
         rest = bytes(conn.buf)
         conn.buf.clear()
         conn.send_output_now()  # the 200 (held in this read's batch) leaves in clear, before TLS starts
-        start_server_tls(conn.transport, _ServerCreator(ssl_ctx))
+        start_server_tls(conn.transport, _creator_for(ssl_ctx))
         conn._arm("idle", self.limits.head_timeout)  # the handshake gets as long as a request head
-        conn.gate.resume("decision")
+        if paused:
+            conn.gate.resume("decision")
         if rest:
             conn.transport.protocol.dataReceived(rest)
 

@@ -120,6 +120,9 @@ class UpstreamTLS:
         self.tolerated = tolerated
         self._creators: dict[str, _OriginCreator] = {}
         self._sessions: OrderedDict[tuple[str, int], SSL.Session] = OrderedDict()
+        # Origin handshakes checked, and how many of them resumed a kept session (metrics: is
+        # resumption hitting?).
+        self.handshakes = 0
         self.resumed = 0
 
     def creator_for(self, host: str) -> _OriginCreator:
@@ -166,6 +169,9 @@ class UpstreamTLS:
         tls_protocol = handle.get_app_data()
         problems = getattr(tls_protocol, "safesquid_verify_problems", [])
         detail = None
+        self.handshakes += 1
+        if _resumed(handle):
+            self.resumed += 1
         if problems:
             errno, _depth = problems[0]
             detail = verify_error_text(errno)

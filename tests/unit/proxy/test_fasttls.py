@@ -6,6 +6,7 @@ from __future__ import annotations
 from OpenSSL import SSL
 from twisted.internet import protocol
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 
 from safesquid_tw.proxy.intercept.ca import create_ca
 from safesquid_tw.proxy.intercept.fasttls import CoalescingTLS, CoalescingTLSFactory
@@ -368,3 +369,155 @@ def test_a_handshake_failure_reaches_the_protocol_with_the_alert():
             break
     tls.connectionLost(protocol.connectionDone)
     assert reasons and isinstance(reasons[0].value, SSL.Error)
+
+
+def test_tunnels_to_one_host_share_its_creator_and_tls_factory():
+    """Per inspected tunnel only the TLS connection is new: the creator and its factory are made
+    once per cached context, and each tunnel still gets its own TLS layer and handshake."""
+    import socket
+
+    from twisted.internet import tcp
+    from twisted.internet.testing import MemoryReactor
+
+    from safesquid_tw.proxy.intercept.fasttls import start_server_tls
+    from safesquid_tw.proxy.intercept.session import _creator_for
+
+    ctx = _server_context()
+    assert _creator_for(ctx) is _creator_for(ctx)
+    pairs, layers = [], []
+    try:
+        for _ in range(2):
+            ours, theirs = socket.socketpair()
+            pairs += [ours, theirs]
+            ours.setblocking(False)
+            theirs.settimeout(2)
+            app = App()
+            conn = tcp.Connection(ours, app, reactor=MemoryReactor())
+            conn.connected = True
+            app.makeConnection(conn)
+            start_server_tls(conn, _creator_for(ctx))
+            assert isinstance(conn.protocol, CoalescingTLS) and conn.protocol.wrappedProtocol is app
+            layers.append(conn.protocol)
+            client = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD), None)
+            client.set_connect_state()
+            for _ in range(10):
+                try:
+                    client.do_handshake()
+                    break
+                except SSL.WantReadError:
+                    pass
+                _to_server(client, conn.protocol)
+                client.bio_write(theirs.recv(65536))
+            _to_server(client, conn.protocol)  # the client's Finished
+            assert conn.protocol._handshakeDone
+        assert layers[0] is not layers[1] and layers[0].factory is layers[1].factory
+        assert layers[0]._tlsConnection is not layers[1]._tlsConnection
+        assert set(layers[0].factory.protocols) == set(layers)
+    finally:
+        for sock in pairs:
+            sock.close()
+
+
+def test_a_context_the_leaf_cache_dropped_is_not_kept_alive_by_its_creator():
+    """A new CA or an evicted host drops a context from the leaf cache: its creator and TLS
+    factory must not keep it (and its certificate and key) alive."""
+    import gc
+    import weakref
+
+    from safesquid_tw.proxy.intercept.session import _creator_for
+
+    ca = create_ca("dropped context CA")
+    leaves = LeafCache(None, None)
+    leaves.set_ca(ca)
+    ctx = leaves._mint(ca, "dropped.example")[0]
+    creator = _creator_for(ctx)
+    creator.serverConnectionForTLS(None)
+    gone = weakref.ref(ctx)
+    del ctx, creator
+    gc.collect()
+    assert gone() is None
+
+
+def _pair_of(layer):
+    """`connected_pair` with Twisted's own TLS layer (`layer`) or ours, and the reasons the
+    application's connectionLost gets."""
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    app = App()
+    lost: list = []
+    app.connectionLost = lambda reason: lost.append(reason)
+    factory_class = CoalescingTLSFactory if layer is CoalescingTLS else TLSMemoryBIOFactory
+    factory = factory_class(_ServerCreator(_server_context()), False, protocol.Factory.forProtocol(lambda: app))
+    tls = factory.buildProtocol(None)
+    wire = Recorder()
+    tls.makeConnection(wire)
+    client = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD), None)
+    client.set_connect_state()
+    for _ in range(10):
+        try:
+            client.do_handshake()
+        except SSL.WantReadError:
+            pass
+        _to_server(client, tls)
+        _to_client(wire, client)
+    assert tls._handshakeDone
+    _read_all(client)
+    return app, lost, tls, client
+
+
+def _end_of_tcp(layer, before_eof, fast_only=False):
+    from twisted.internet.error import ConnectionDone
+
+    app, lost, tls, client = _pair_of(layer)
+    before_eof(client)
+    try:
+        data = client.bio_read(1 << 20)
+    except SSL.WantReadError:
+        data = b""
+    if data:
+        tls._tlsConnection.bio_write(data)  # in the BIO, not yet read, when the TCP end comes
+    if layer is CoalescingTLS and fast_only:
+        def no_slow_path(*args):
+            raise AssertionError("pyOpenSSL's recv (an exception per call) was used")
+
+        tls._tlsConnection.recv = no_slow_path
+    tls.connectionLost(Failure(ConnectionDone()))
+    assert len(lost) == 1
+    return app.received, lost[0].type
+
+
+def test_the_end_of_tcp_without_a_close_alert_is_reported_as_twisted_reports_it():
+    """Clients often close TCP without a TLS close alert: the application hears ConnectionLost
+    (as with Twisted's layer), after the plaintext still in the BIO."""
+    from twisted.internet.error import ConnectionLost
+    from twisted.protocols.tls import TLSMemoryBIOProtocol
+
+    def last_words(client):
+        client.send(b"GET /last HTTP/1.1\r\n\r\n")
+
+    for layer in (TLSMemoryBIOProtocol, CoalescingTLS):
+        assert _end_of_tcp(layer, last_words, fast_only=True) == (b"GET /last HTTP/1.1\r\n\r\n", ConnectionLost)
+
+
+def test_a_close_alert_then_the_end_of_tcp_is_a_clean_close():
+    from twisted.internet.error import ConnectionDone
+    from twisted.protocols.tls import TLSMemoryBIOProtocol
+
+    for layer in (TLSMemoryBIOProtocol, CoalescingTLS):
+        assert _end_of_tcp(layer, lambda client: client.shutdown()) == (b"", ConnectionDone)
+
+
+def test_garbage_before_the_end_of_tcp_is_an_ssl_error_as_with_twisted():
+    from twisted.internet.error import ConnectionDone
+    from twisted.protocols.tls import TLSMemoryBIOProtocol
+
+    results = []
+    for layer in (TLSMemoryBIOProtocol, CoalescingTLS):
+        app, lost, tls, client = _pair_of(layer)
+        client.send(b"x")
+        record = bytearray(client.bio_read(1 << 16))
+        record[-1] ^= 0xFF  # a record that fails its authentication tag
+        tls._tlsConnection.bio_write(bytes(record))
+        tls.connectionLost(Failure(ConnectionDone()))
+        results.append((app.received, lost[0].type))
+    assert results[0] == results[1] and results[1][1] is SSL.Error

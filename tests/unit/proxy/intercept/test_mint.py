@@ -161,3 +161,88 @@ def test_cached_leaf_is_renewed_near_expiry(ca):
     assert cache.cached("a.example") is not None
     now[0] = NOW + datetime.timedelta(days=396)
     assert cache.cached("a.example") is None
+
+
+# -- the server context's choices: what a client gets, and resumption kept -------------------
+
+def _handshake(server_ctx, client_ctx, session=None):
+    """A pyOpenSSL client and server over memory BIOs; returns (client, server) once done."""
+    from OpenSSL import SSL
+
+    client = SSL.Connection(client_ctx, None)
+    client.set_connect_state()
+    client.set_tlsext_host_name(b"shop.example")
+    if session is not None:
+        client.set_session(session)
+    server = SSL.Connection(server_ctx, None)
+    server.set_accept_state()
+    for _ in range(10):
+        for me, peer in ((client, server), (server, client)):
+            try:
+                me.do_handshake()
+            except SSL.WantReadError:
+                pass
+            try:
+                peer.bio_write(me.bio_read(65536))
+            except SSL.WantReadError:
+                pass
+    try:  # TLS 1.3 tickets arrive after the handshake: let the client read them
+        client.recv(1)
+    except SSL.WantReadError:
+        pass
+    return client, server
+
+
+def _client_context(ca, *, max_version=None, tls13_suites=None):
+    from OpenSSL import SSL
+    from OpenSSL.crypto import X509
+
+    ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    ctx.get_cert_store().add_cert(X509.from_cryptography(ca.cert))
+    ctx.set_verify(SSL.VERIFY_PEER, lambda *args: args[-1])
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_CLIENT)
+    if max_version is not None:
+        ctx.set_max_proto_version(max_version)
+    if tls13_suites is not None:
+        ctx.set_tls13_ciphersuites(tls13_suites)
+    return ctx
+
+
+@pytest.fixture(scope="module")
+def shop_context(ca, leaf_key):
+    from safesquid_tw.proxy.intercept.mint import server_context
+
+    return server_context(ca, leaf_key, mint_leaf(ca, leaf_key, "shop.example", now=NOW))
+
+
+def test_tls13_clients_get_aes128_gcm(ca, shop_context):
+    client, _server = _handshake(shop_context, _client_context(ca))
+    assert client.get_protocol_version_name() == "TLSv1.3"
+    assert client.get_cipher_name() == "TLS_AES_128_GCM_SHA256"
+
+
+def test_a_client_that_prefers_chacha20_gets_it(ca, shop_context):
+    ctx = _client_context(ca, tls13_suites=b"TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_GCM_SHA256")
+    client, _server = _handshake(shop_context, ctx)
+    assert client.get_cipher_name() == "TLS_CHACHA20_POLY1305_SHA256"
+
+
+def test_tls12_clients_get_ecdhe_ecdsa_aes128_gcm(ca, shop_context):
+    from OpenSSL import SSL
+
+    client, _server = _handshake(shop_context, _client_context(ca, max_version=SSL.TLS1_2_VERSION))
+    assert client.get_protocol_version_name() == "TLSv1.2"
+    assert client.get_cipher_name() == "ECDHE-ECDSA-AES128-GCM-SHA256"
+
+
+@pytest.mark.parametrize("tls12", [False, True])
+def test_clients_resume_their_session(ca, shop_context, tls12):
+    from OpenSSL import SSL
+
+    ctx = _client_context(ca, max_version=SSL.TLS1_2_VERSION if tls12 else None)
+    first, _ = _handshake(shop_context, ctx)
+    from OpenSSL._util import lib
+
+    assert not lib.SSL_session_reused(first._ssl)
+    again, server = _handshake(shop_context, ctx, session=first.get_session())
+    assert lib.SSL_session_reused(again._ssl) and lib.SSL_session_reused(server._ssl)

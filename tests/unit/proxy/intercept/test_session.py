@@ -50,5 +50,16 @@ def test_connect_inside_a_tunnel_is_refused():
     assert info.value.status == 400
 
 
-def test_is_ip():
-    assert is_ip("192.0.2.1") and is_ip("2001:db8::1") and not is_ip("example.com")
+@pytest.mark.parametrize("host, expected", [
+    ("192.0.2.1", True), ("2001:db8::1", True), ("::1", True), ("::ffff:192.0.2.1", True),
+    ("example.com", False), ("example.com.", False), ("host1", False), ("1.example", False),
+    ("192.0.2.300", False), ("192.0.2.1.", False), ("fe80::1%eth0", True), ("", False),
+])
+def test_is_ip(host, expected):
+    assert is_ip(host) is expected
+
+
+@pytest.mark.parametrize("port, host_header", [(443, b"[2001:db8::1]"), (8443, b"[2001:db8::1]:8443")])
+def test_ipv6_tunnels_take_their_own_host_field(port, host_header):
+    t = session("2001:db8::1", port).target_for(head(b"/v6", host_header))
+    assert t.host == "2001:db8::1" and t.port == port

@@ -151,6 +151,7 @@ def test_a_verified_origins_session_is_resumed_for_the_same_host_and_port_only(t
     again = _connect(tls, origin, "origin.test")
     assert _lib.SSL_session_reused(again.getHandle()._ssl)
     assert tls.check(again, "origin.test", "192.0.2.1:443") == (None, False)  # the name still checked
+    assert (tls.handshakes, tls.resumed) == (2, 1)  # what the metrics show: resumption hitting
     # Never offered to another port or another host name (which would also be another SNI).
     for host, port in (("origin.test", 8443), ("other.test", 443)):
         assert tls.connection_creator(host, port) is tls.creator_for(host)
