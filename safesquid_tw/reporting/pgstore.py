@@ -321,34 +321,84 @@ def _float(value: float) -> str:
 
 
 _Totals = dict[tuple[int, str], list[int]]
-_Tops = dict[tuple[str, int, str], list[int]]
+# Top counts by (dimension, hour), then by key: a record adds to five small tables found once per
+# hour, with its keys as they are (no tuple built per record and dimension), and each table
+# turns into upsert columns with list operations.
+_Tops = dict[tuple[str, int], dict[str, list[int]]]
 _TOP_KEYS = ("domain", "user", "category", "application", "rule")  # positions 7.. of a fact
 
 
 def _count(node: str, facts: Iterable[tuple[Any, ...]], minutes: _Totals, tops: _Tops) -> None:
     """Add the records of `facts` (of `node`) to the minute totals and the hourly top counts."""
-    for seq, minute, blocked, bytes_in, bytes_out, errored, aborted, *keys in facts:
+    hour = None
+    tables: list[dict[str, list[int]]] = []
+    for _seq, minute, blocked, bytes_in, bytes_out, errored, aborted, *keys in facts:
         totals = minutes.get((minute, node))
         if totals is None:
-            totals = minutes[(minute, node)] = [0, 0, 0, 0, 0, 0]
-        totals[0] += 1
-        totals[1] += blocked
-        totals[2] += bytes_in
-        totals[3] += bytes_out
-        totals[4] += errored
-        totals[5] += aborted
-        hour = minute - minute % 3600
+            minutes[(minute, node)] = [1, blocked, bytes_in, bytes_out, errored, aborted]
+        else:
+            totals[0] += 1
+            totals[1] += blocked
+            totals[2] += bytes_in
+            totals[3] += bytes_out
+            totals[4] += errored
+            totals[5] += aborted
+        if minute - minute % 3600 != hour:
+            hour = minute - minute % 3600
+            tables = [tops.setdefault((dimension, hour), {}) for dimension in _TOP_KEYS]
         size = bytes_in + bytes_out
-        for dimension, key in zip(_TOP_KEYS, keys):
+        for table, key in zip(tables, keys):
             if key is None:
                 continue
-            top = tops.get((dimension, hour, key))
+            top = table.get(key)
             if top is None:
-                tops[(dimension, hour, key)] = [1, blocked, size]
+                table[key] = [1, blocked, size]
             else:
                 top[0] += 1
                 top[1] += blocked
                 top[2] += size
+
+
+def _tops_by_day(tops: _Tops) -> _Tops:
+    """The same counts per (dimension, UTC day). A commit's records usually fall in one hour: its
+    tables are then used as they are (read only)."""
+    out: _Tops = {}
+    merged: set[tuple[str, int]] = set()
+    for (dimension, hour), table in tops.items():
+        day = (dimension, hour - hour % 86400)
+        have = out.get(day)
+        if have is None:
+            out[day] = table
+            continue
+        if day not in merged:  # a second hour of the day: sum into a table of its own
+            have = out[day] = {key: list(values) for key, values in have.items()}
+            merged.add(day)
+        for key, (requests, blocked, size) in table.items():
+            top = have.get(key)
+            if top is None:
+                have[key] = [requests, blocked, size]
+            else:
+                top[0] += requests
+                top[1] += blocked
+                top[2] += size
+    return out
+
+
+def _top_columns(tops: _Tops) -> list[str]:
+    """The upsert's columns (dimension, bucket, key, requests, blocked, bytes) as array literals."""
+    dimensions: list[str] = []
+    buckets: list[int] = []
+    keys: list[str] = []
+    counts: list[tuple[int, int, int]] = []
+    for (dimension, bucket), table in tops.items():
+        if table:
+            dimensions += [dimension] * len(table)
+            buckets += [bucket] * len(table)
+            keys += table
+            counts += table.values()
+    requests, blocked, sizes = zip(*counts) if counts else ((), (), ())
+    return [_text_array(dimensions), _int_array(buckets), _text_array(keys), _int_array(requests),
+            _int_array(blocked), _int_array(sizes)]
 
 
 def _coarser(counts: dict[tuple[Any, ...], list[int]], at: int, span: int) -> dict[tuple[Any, ...], list[int]]:
@@ -757,9 +807,9 @@ class PostgresReportStore:
         if minutes:
             conn.execute(_UPSERT_MINUTE, _columns(minutes, (1,)))
             conn.execute(_UPSERT_HOUR, _columns(_coarser(minutes, 0, 3600), (1,)))
-        if tops:
-            conn.execute(_UPSERT_TOP_HOUR, _columns(tops, (0, 2)))
-            conn.execute(_UPSERT_TOP_DAY, _columns(_coarser(tops, 1, 86400), (0, 2)))
+        if any(tops.values()):
+            conn.execute(_UPSERT_TOP_HOUR, _top_columns(tops))
+            conn.execute(_UPSERT_TOP_DAY, _top_columns(_tops_by_day(tops)))
         touched: dict[str, set[int]] = {}
         for minute, node in minutes:
             touched.setdefault(node, set()).add(minute - minute % 3600)
