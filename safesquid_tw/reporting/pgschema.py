@@ -317,8 +317,50 @@ def create_day(conn, day: int) -> None:
 
 def drop_day(conn, day: int) -> None:
     """Drop the partitions of `day` (call inside a transaction)."""
-    for table in ("requests", "rollup_top_hour", "rollup_top_node_hour"):
+    for table in DAY_PARTITIONED:
         conn.execute(f"DROP TABLE IF EXISTS {partition_name(day, table)}")
+
+
+# Tables partitioned by day, and the prefix of a day partition detached by retention and not yet
+# dropped (its files not yet returned to the disk).
+DAY_PARTITIONED = ("requests", "rollup_top_hour", "rollup_top_node_hour")
+RETIRED_PREFIX = "retired_"
+
+
+def retire_day(conn, day: int) -> None:
+    """Detach the partitions of `day` from their tables and rename them `retired_...` (call inside
+    a transaction). The records leave every query at commit, which is quick: the tables' files
+    are removed later by `drop_retired`, whose commit (unlinking gigabytes) holds no lock that
+    ingest or a report needs. Dropping an attached partition unlinks them while holding its
+    parent table's lock, so ingest and every report wait for the disk."""
+    for table in DAY_PARTITIONED:
+        name = partition_name(day, table)
+        found = conn.execute(
+            "SELECT (SELECT count(*) FROM pg_inherits WHERE inhrelid = to_regclass(%s) AND inhparent = %s::regclass)"
+            " FROM (SELECT to_regclass(%s) AS r) AS t WHERE r IS NOT NULL", (name, table, name)).fetchone()
+        if found is not None:
+            if found[0]:  # (a table of that name that is no partition goes the same way)
+                conn.execute(f"ALTER TABLE {table} DETACH PARTITION {name}")
+            conn.execute(f"DROP TABLE IF EXISTS {RETIRED_PREFIX}{name}")
+            conn.execute(f"ALTER TABLE {name} RENAME TO {RETIRED_PREFIX}{name}")
+
+
+def retired_tables(conn) -> list[str]:
+    """Day partitions detached by retention and not yet dropped."""
+    patterns = [f"{RETIRED_PREFIX}{table}_%" for table in DAY_PARTITIONED]
+    return [name for (name,) in conn.execute(
+        "SELECT relname FROM pg_class WHERE relkind = 'r' AND relnamespace = (SELECT oid FROM pg_namespace WHERE nspname = current_schema())"
+        " AND relname LIKE ANY (%s) ORDER BY relname", (patterns,))
+        if name[len(RETIRED_PREFIX):].rpartition("_")[2].isdigit()]
+
+
+def drop_retired(conn) -> int:
+    """Drop the detached day partitions, one transaction each (the connection in autocommit);
+    returns how many."""
+    names = retired_tables(conn)
+    for name in names:
+        conn.execute(f"DROP TABLE IF EXISTS {name}")
+    return len(names)
 
 
 __all__ = [
@@ -327,9 +369,13 @@ __all__ = [
     "SchemaTooNew",
     "create_day",
     "day_of",
+    "DAY_PARTITIONED",
     "drop_day",
+    "drop_retired",
     "migrate",
     "partition_name",
     "partitioned_days",
+    "retire_day",
+    "retired_tables",
     "wanted_days",
 ]

@@ -882,11 +882,16 @@ class PostgresReportStore:
             except Exception as e:
                 raise self._broken(e) from None
 
-    def prune(self, older_than: float, batch: int = 0) -> int:
-        """Drop the day partitions that end by `older_than`, delete older records of the day it
-        falls in, roll-up buckets that end by then and quarantined records received before
+    def prune(self, older_than: float, batch: int = 0, *, reclaim: bool = True) -> int:
+        """Take out the day partitions that end by `older_than`, delete older records of the day
+        it falls in, roll-up buckets that end by then and quarantined records received before
         then; create the partitions of the coming days. Returns the records removed.
-        (`batch` is accepted for the SQLite store's signature: a partition goes at once.)"""
+        (`batch` is accepted for the SQLite store's signature: a partition goes at once.)
+
+        A day's partitions are detached (a short transaction: ingest and reports wait only for
+        it), then dropped by `reclaim_space` after the writer's lock is released (its commit
+        unlinks the day's files, gigabytes, which takes about a second on a busy disk and blocks
+        nobody). With `reclaim=False` they wait for the next call of either."""
         cutoff_day = pgschema.day_of(older_than)
         with self._write_lock:
             try:
@@ -900,7 +905,7 @@ class PostgresReportStore:
                         removed += conn.execute(
                             "SELECT coalesce(sum(requests), 0) FROM rollup_hour WHERE bucket >= %s AND bucket < %s",
                             (day * pgschema.DAY, (day + 1) * pgschema.DAY)).fetchone()[0]
-                        pgschema.drop_day(conn, day)
+                        pgschema.retire_day(conn, day)
                     self._days.discard(day)
                 with conn.transaction():
                     removed += conn.execute(
@@ -920,9 +925,22 @@ class PostgresReportStore:
                     conn.execute("DELETE FROM ingest_ledger WHERE last_time < %s", (older_than,))
                     self.generation += 1
                     recount_after_prune(lambda sql, params: conn.execute(*_translate(sql, params)), older_than)
-                return removed
             except Exception as e:
                 raise self._broken(e) from None
+        if reclaim:
+            self.reclaim_space()
+        return removed
+
+    def reclaim_space(self) -> int:
+        """Drop the day partitions retention has detached (their files go back to the disk);
+        returns how many tables. Each DROP is its own transaction on a connection of its own, so
+        neither ingest nor reports wait for it."""
+        try:
+            with psycopg.connect(self.url, autocommit=True, **self._kwargs) as conn:
+                conn.execute(f"SET statement_timeout = {WRITE_TIMEOUT_MS}")
+                return pgschema.drop_retired(conn)
+        except _UNAVAILABLE as e:
+            raise StoreUnavailable(f"the report database failed: {_first_line(e)}") from None
 
     # -- reading --------------------------------------------------------------------------------
 
