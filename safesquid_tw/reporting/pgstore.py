@@ -136,6 +136,9 @@ _COLUMNS = (
     "bytes_in", "bytes_out", "duration_ms", "action", "rule", "category", "application",
     "policy_version", "dlp", "detail", "transfer", "tls", "groups",
 )  # fmt: skip
+# Filters with an index (column, time) of their own: a search with one of them reads it in time
+# order; one without them merges every node's newest records (index (node, time)).
+_ORDERED_BY_INDEX = ("node", "user", "client", "domain", "rule")
 _FILTERS = frozenset(
     {"start", "end", "node", "user", "client", "domain", "rule", "status", "action", "category", "transfer", "tls"}
 )
@@ -1000,11 +1003,14 @@ class PostgresReportStore:
             "transfer": transfer, "tls": tls,
         }  # fmt: skip
         where, params = _where(filters)
-        rows = self._query(
-            f"SELECT {_SELECT} FROM requests{where} ORDER BY time DESC, node, segment DESC, seq DESC"
-            " LIMIT %s OFFSET %s",
-            [*params, int(limit), int(offset)],
-        )
+        if any(filters[key] is not None for key in _ORDERED_BY_INDEX):
+            rows = self._query(
+                f"SELECT {_SELECT} FROM requests{where} ORDER BY time DESC, node, segment DESC, seq DESC"
+                " LIMIT %s OFFSET %s",
+                [*params, int(limit), int(offset)],
+            )
+        else:
+            rows = self._newest_of_every_node(where, params, float(start), float(end), int(limit), int(offset))
         found = []
         for row in rows:
             record = dict(zip(_COLUMNS, row))
@@ -1015,6 +1021,26 @@ class PostgresReportStore:
                 record["policy_version"] = int(version)
             found.append(record)
         return found
+
+    def _newest_of_every_node(self, where: str, params: list[Any], start: float, end: float, limit: int,
+                              offset: int) -> list[tuple[Any, ...]]:
+        """The newest matching records of the period when no filter has an index that keeps
+        time order: the newest `limit + offset` of each node (index (node, time), read backwards,
+        at most that many rows each), merged. The nodes with records in the period are those of
+        its hourly roll-up, which is committed with the records."""
+        nodes = [node for (node,) in self._query(
+            "SELECT DISTINCT node FROM rollup_hour WHERE bucket >= %s AND bucket < %s",
+            [start // 3600 * 3600, end])]
+        if not nodes:
+            return []
+        branch = (f"(SELECT {_SELECT}, time AS order_time FROM requests{where} AND node = %s"
+                  " ORDER BY time DESC, segment DESC, seq DESC LIMIT %s)")
+        sql = ("SELECT * FROM (" + " UNION ALL ".join([branch] * len(nodes))
+               + ") AS newest ORDER BY order_time DESC, node, segment DESC, seq DESC LIMIT %s OFFSET %s")
+        values: list[Any] = []
+        for node in sorted(nodes):
+            values += [*params, node, limit + offset]
+        return [row[:-1] for row in self._query(sql, [*values, limit, offset])]
 
     def quarantined(self, *, node: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         """Records that could not be stored, newest first, with the reason and the raw bytes."""
