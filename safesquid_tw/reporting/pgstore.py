@@ -1003,14 +1003,17 @@ class PostgresReportStore:
             "transfer": transfer, "tls": tls,
         }  # fmt: skip
         where, params = _where(filters)
+        limit, offset = int(limit), int(offset)
         if any(filters[key] is not None for key in _ORDERED_BY_INDEX):
             rows = self._query(
                 f"SELECT {_SELECT} FROM requests{where} ORDER BY time DESC, node, segment DESC, seq DESC"
                 " LIMIT %s OFFSET %s",
-                [*params, int(limit), int(offset)],
+                [*params, limit, offset],
             )
+        elif all(filters[key] is None for key in _FILTERS - {"start", "end"}):
+            rows = self._newest_of_every_node(where, params, float(start), float(end), limit, offset)
         else:
-            rows = self._newest_of_every_node(where, params, float(start), float(end), int(limit), int(offset))
+            rows = self._newest_in_windows(filters, float(start), float(end), limit, offset)
         found = []
         for row in rows:
             record = dict(zip(_COLUMNS, row))
@@ -1041,6 +1044,25 @@ class PostgresReportStore:
         for node in sorted(nodes):
             values += [*params, node, limit + offset]
         return [row[:-1] for row in self._query(sql, [*values, limit, offset])]
+
+    def _newest_in_windows(self, filters: dict[str, Any], start: float, end: float, limit: int,
+                           offset: int) -> list[tuple[Any, ...]]:
+        """The newest matching records of the period when the filters have no index of their own
+        (status, action, category, transfer, tls): the latest 10 minutes of the period first,
+        then 6 times as long each time, until a window holds `limit + offset` of them or covers
+        the whole period. Each window is read through the time index (BRIN) in one pass: a
+        common value is found in the first window, a rare one costs about one pass over the
+        period, as a scan of it would."""
+        span = 600.0
+        while True:
+            low = max(start, end - span)
+            where, params = _where({**filters, "start": low, "end": end})
+            rows = self._query(
+                f"SELECT {_SELECT} FROM requests{where} ORDER BY time DESC, node, segment DESC, seq DESC"
+                " LIMIT %s OFFSET %s", [*params, limit, offset])
+            if low <= start or len(rows) == limit:
+                return rows
+            span *= 6
 
     def quarantined(self, *, node: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         """Records that could not be stored, newest first, with the reason and the raw bytes."""
