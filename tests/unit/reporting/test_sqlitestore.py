@@ -370,6 +370,17 @@ def test_search_pages_through_nodes_in_one_order(store: ReportStore) -> None:
         assert got == want, filters
 
 
+def test_search_by_an_unindexed_filter_finds_matches_hours_apart(store: ReportStore) -> None:
+    """Matches spread over hours (PostgreSQL reads growing windows of the period for them)."""
+    store.ingest("n1", 1, 0, [rec(k * 1000, action="deny" if k % 4 == 1 else "allow") for k in range(40)])
+    store.ingest("n2", 1, 0, [rec(k * 1000 + 7, action="deny" if k % 4 == 3 else "allow") for k in range(40)])
+    want = sorted([k * 1000 for k in range(40) if k % 4 == 1] + [k * 1000 + 7 for k in range(40) if k % 4 == 3],
+                  reverse=True)
+    for limit, offset in ((3, 0), (3, 2), (50, 0), (5, 15)):
+        found = store.search(start=T0, end=T0 + 40_000, action="deny", limit=limit, offset=offset)
+        assert [r["time"] - T0 for r in found] == want[offset:offset + limit], (limit, offset)
+
+
 def test_count_refuses_unknown_filters(store: ReportStore) -> None:
     with pytest.raises(TypeError):
         store.count(usr="alice")
