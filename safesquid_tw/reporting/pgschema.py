@@ -359,7 +359,8 @@ def retired_tables(conn) -> list[str]:
     """Day partitions detached by retention and not yet dropped."""
     patterns = [f"{RETIRED_PREFIX}{table}_%" for table in DAY_PARTITIONED]
     return [name for (name,) in conn.execute(
-        "SELECT relname FROM pg_class WHERE relkind = 'r' AND relnamespace = (SELECT oid FROM pg_namespace WHERE nspname = current_schema())"
+        "SELECT relname FROM pg_class WHERE relkind = 'r'"
+        " AND relnamespace = (SELECT oid FROM pg_namespace WHERE nspname = current_schema())"
         " AND relname LIKE ANY (%s) ORDER BY relname", (patterns,))
         if name[len(RETIRED_PREFIX):].rpartition("_")[2].isdigit()]
 
