@@ -22,7 +22,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Iterable
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 DAY = 86400
 # Days kept as real partitions around now; anything further goes to the default partition.
 PAST_DAYS_PARTITIONED = 800
@@ -214,8 +214,39 @@ BEGIN
 END $$;
 """
 
+# Version 6: less work for the server per record at ingest.
+# - The roll-up tables updated at every commit keep free room in their pages (fillfactor), so
+#   that an upsert that adds to a row writes its new version on the same page without a new
+#   index entry (a HOT update): the top roll-ups' upserts cost the server about a third less.
+#   Pages written before the upgrade stay full until rewritten; new day partitions of the hourly
+#   top roll-up are created with the same setting (`create_day`).
+# - The records' index on time alone is a BRIN index (block ranges: records arrive in time
+#   order, so a range of pages covers a short span of time), a few kilobytes per day instead of a
+#   B-tree entry per record. It serves the queries that select by time only (the ends of a
+#   count, retention inside a day, recent records of one kind); a search for the newest records
+#   without a filter that has an index of its own reads each node's newest from (node, time)
+#   and merges them (`PostgresReportStore.search`). Building it reads the records once (about a
+#   minute per 10 million records, at the first start of a master of this version).
+ROLLUP_FILLFACTOR = 60
+_V6 = f"""
+DROP INDEX IF EXISTS requests_time;
+CREATE INDEX requests_time_brin ON requests USING brin (time) WITH (pages_per_range = 32, autosummarize = on);
+ALTER TABLE rollup_minute SET (fillfactor = {ROLLUP_FILLFACTOR});
+ALTER TABLE rollup_hour SET (fillfactor = {ROLLUP_FILLFACTOR});
+ALTER TABLE rollup_top_day SET (fillfactor = {ROLLUP_FILLFACTOR});
+DO $$
+DECLARE
+    p record;
+BEGIN
+    FOR p IN SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+             JOIN pg_class t ON t.oid = i.inhparent WHERE t.relname = 'rollup_top_hour' LOOP
+        EXECUTE format('ALTER TABLE %I SET (fillfactor = {ROLLUP_FILLFACTOR})', p.relname);
+    END LOOP;
+END $$;
+"""
+
 # Step n brings version n - 1 to version n. Append, never edit a released step.
-MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3, _V4, _V5)
+MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3, _V4, _V5, _V6)
 
 
 def migrate(conn) -> int:
@@ -287,7 +318,8 @@ def create_day(conn, day: int) -> None:
             conn.execute(f"DELETE FROM {table}_other WHERE {where}", (low, high))
         bounds = (f"('{low.isoformat()}') TO ('{high.isoformat()}')" if table == "requests"
                   else f"({low}) TO ({high})")
-        conn.execute(f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF {table} FOR VALUES FROM {bounds}")
+        storage = f" WITH (fillfactor = {ROLLUP_FILLFACTOR})" if table == "rollup_top_hour" else ""
+        conn.execute(f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF {table} FOR VALUES FROM {bounds}{storage}")
         if moved:
             conn.execute(f"INSERT INTO {table} SELECT * FROM moving")
             conn.execute("DROP TABLE moving")
@@ -295,8 +327,51 @@ def create_day(conn, day: int) -> None:
 
 def drop_day(conn, day: int) -> None:
     """Drop the partitions of `day` (call inside a transaction)."""
-    for table in ("requests", "rollup_top_hour", "rollup_top_node_hour"):
+    for table in DAY_PARTITIONED:
         conn.execute(f"DROP TABLE IF EXISTS {partition_name(day, table)}")
+
+
+# Tables partitioned by day, and the prefix of a day partition detached by retention and not yet
+# dropped (its files not yet returned to the disk).
+DAY_PARTITIONED = ("requests", "rollup_top_hour", "rollup_top_node_hour")
+RETIRED_PREFIX = "retired_"
+
+
+def retire_day(conn, day: int) -> None:
+    """Detach the partitions of `day` from their tables and rename them `retired_...` (call inside
+    a transaction). The records leave every query at commit, which is quick: the tables' files
+    are removed later by `drop_retired`, whose commit (unlinking gigabytes) holds no lock that
+    ingest or a report needs. Dropping an attached partition unlinks them while holding its
+    parent table's lock, so ingest and every report wait for the disk."""
+    for table in DAY_PARTITIONED:
+        name = partition_name(day, table)
+        found = conn.execute(
+            "SELECT (SELECT count(*) FROM pg_inherits WHERE inhrelid = to_regclass(%s) AND inhparent = %s::regclass)"
+            " FROM (SELECT to_regclass(%s) AS r) AS t WHERE r IS NOT NULL", (name, table, name)).fetchone()
+        if found is not None:
+            if found[0]:  # (a table of that name that is no partition goes the same way)
+                conn.execute(f"ALTER TABLE {table} DETACH PARTITION {name}")
+            conn.execute(f"DROP TABLE IF EXISTS {RETIRED_PREFIX}{name}")
+            conn.execute(f"ALTER TABLE {name} RENAME TO {RETIRED_PREFIX}{name}")
+
+
+def retired_tables(conn) -> list[str]:
+    """Day partitions detached by retention and not yet dropped."""
+    patterns = [f"{RETIRED_PREFIX}{table}_%" for table in DAY_PARTITIONED]
+    return [name for (name,) in conn.execute(
+        "SELECT relname FROM pg_class WHERE relkind = 'r'"
+        " AND relnamespace = (SELECT oid FROM pg_namespace WHERE nspname = current_schema())"
+        " AND relname LIKE ANY (%s) ORDER BY relname", (patterns,))
+        if name[len(RETIRED_PREFIX):].rpartition("_")[2].isdigit()]
+
+
+def drop_retired(conn) -> int:
+    """Drop the detached day partitions, one transaction each (the connection in autocommit);
+    returns how many."""
+    names = retired_tables(conn)
+    for name in names:
+        conn.execute(f"DROP TABLE IF EXISTS {name}")
+    return len(names)
 
 
 __all__ = [
@@ -305,9 +380,13 @@ __all__ = [
     "SchemaTooNew",
     "create_day",
     "day_of",
+    "DAY_PARTITIONED",
     "drop_day",
+    "drop_retired",
     "migrate",
     "partition_name",
     "partitioned_days",
+    "retire_day",
+    "retired_tables",
     "wanted_days",
 ]

@@ -136,6 +136,9 @@ _COLUMNS = (
     "bytes_in", "bytes_out", "duration_ms", "action", "rule", "category", "application",
     "policy_version", "dlp", "detail", "transfer", "tls", "groups",
 )  # fmt: skip
+# Filters with an index (column, time) of their own: a search with one of them reads it in time
+# order; one without them merges every node's newest records (index (node, time)).
+_ORDERED_BY_INDEX = ("node", "user", "client", "domain", "rule")
 _FILTERS = frozenset(
     {"start", "end", "node", "user", "client", "domain", "rule", "status", "action", "category", "transfer", "tls"}
 )
@@ -321,34 +324,84 @@ def _float(value: float) -> str:
 
 
 _Totals = dict[tuple[int, str], list[int]]
-_Tops = dict[tuple[str, int, str], list[int]]
+# Top counts by (dimension, hour), then by key: a record adds to five small tables found once per
+# hour, with its keys as they are (no tuple built per record and dimension), and each table
+# turns into upsert columns with list operations.
+_Tops = dict[tuple[str, int], dict[str, list[int]]]
 _TOP_KEYS = ("domain", "user", "category", "application", "rule")  # positions 7.. of a fact
 
 
 def _count(node: str, facts: Iterable[tuple[Any, ...]], minutes: _Totals, tops: _Tops) -> None:
     """Add the records of `facts` (of `node`) to the minute totals and the hourly top counts."""
-    for seq, minute, blocked, bytes_in, bytes_out, errored, aborted, *keys in facts:
+    hour = None
+    tables: list[dict[str, list[int]]] = []
+    for _seq, minute, blocked, bytes_in, bytes_out, errored, aborted, *keys in facts:
         totals = minutes.get((minute, node))
         if totals is None:
-            totals = minutes[(minute, node)] = [0, 0, 0, 0, 0, 0]
-        totals[0] += 1
-        totals[1] += blocked
-        totals[2] += bytes_in
-        totals[3] += bytes_out
-        totals[4] += errored
-        totals[5] += aborted
-        hour = minute - minute % 3600
+            minutes[(minute, node)] = [1, blocked, bytes_in, bytes_out, errored, aborted]
+        else:
+            totals[0] += 1
+            totals[1] += blocked
+            totals[2] += bytes_in
+            totals[3] += bytes_out
+            totals[4] += errored
+            totals[5] += aborted
+        if minute - minute % 3600 != hour:
+            hour = minute - minute % 3600
+            tables = [tops.setdefault((dimension, hour), {}) for dimension in _TOP_KEYS]
         size = bytes_in + bytes_out
-        for dimension, key in zip(_TOP_KEYS, keys):
+        for table, key in zip(tables, keys):
             if key is None:
                 continue
-            top = tops.get((dimension, hour, key))
+            top = table.get(key)
             if top is None:
-                tops[(dimension, hour, key)] = [1, blocked, size]
+                table[key] = [1, blocked, size]
             else:
                 top[0] += 1
                 top[1] += blocked
                 top[2] += size
+
+
+def _tops_by_day(tops: _Tops) -> _Tops:
+    """The same counts per (dimension, UTC day). A commit's records usually fall in one hour: its
+    tables are then used as they are (read only)."""
+    out: _Tops = {}
+    merged: set[tuple[str, int]] = set()
+    for (dimension, hour), table in tops.items():
+        day = (dimension, hour - hour % 86400)
+        have = out.get(day)
+        if have is None:
+            out[day] = table
+            continue
+        if day not in merged:  # a second hour of the day: sum into a table of its own
+            have = out[day] = {key: list(values) for key, values in have.items()}
+            merged.add(day)
+        for key, (requests, blocked, size) in table.items():
+            top = have.get(key)
+            if top is None:
+                have[key] = [requests, blocked, size]
+            else:
+                top[0] += requests
+                top[1] += blocked
+                top[2] += size
+    return out
+
+
+def _top_columns(tops: _Tops) -> list[str]:
+    """The upsert's columns (dimension, bucket, key, requests, blocked, bytes) as array literals."""
+    dimensions: list[str] = []
+    buckets: list[int] = []
+    keys: list[str] = []
+    counts: list[tuple[int, int, int]] = []
+    for (dimension, bucket), table in tops.items():
+        if table:
+            dimensions += [dimension] * len(table)
+            buckets += [bucket] * len(table)
+            keys += table
+            counts += table.values()
+    requests, blocked, sizes = zip(*counts) if counts else ((), (), ())
+    return [_text_array(dimensions), _int_array(buckets), _text_array(keys), _int_array(requests),
+            _int_array(blocked), _int_array(sizes)]
 
 
 def _coarser(counts: dict[tuple[Any, ...], list[int]], at: int, span: int) -> dict[tuple[Any, ...], list[int]]:
@@ -757,9 +810,9 @@ class PostgresReportStore:
         if minutes:
             conn.execute(_UPSERT_MINUTE, _columns(minutes, (1,)))
             conn.execute(_UPSERT_HOUR, _columns(_coarser(minutes, 0, 3600), (1,)))
-        if tops:
-            conn.execute(_UPSERT_TOP_HOUR, _columns(tops, (0, 2)))
-            conn.execute(_UPSERT_TOP_DAY, _columns(_coarser(tops, 1, 86400), (0, 2)))
+        if any(tops.values()):
+            conn.execute(_UPSERT_TOP_HOUR, _top_columns(tops))
+            conn.execute(_UPSERT_TOP_DAY, _top_columns(_tops_by_day(tops)))
         touched: dict[str, set[int]] = {}
         for minute, node in minutes:
             touched.setdefault(node, set()).add(minute - minute % 3600)
@@ -832,11 +885,16 @@ class PostgresReportStore:
             except Exception as e:
                 raise self._broken(e) from None
 
-    def prune(self, older_than: float, batch: int = 0) -> int:
-        """Drop the day partitions that end by `older_than`, delete older records of the day it
-        falls in, roll-up buckets that end by then and quarantined records received before
+    def prune(self, older_than: float, batch: int = 0, *, reclaim: bool = True) -> int:
+        """Take out the day partitions that end by `older_than`, delete older records of the day
+        it falls in, roll-up buckets that end by then and quarantined records received before
         then; create the partitions of the coming days. Returns the records removed.
-        (`batch` is accepted for the SQLite store's signature: a partition goes at once.)"""
+        (`batch` is accepted for the SQLite store's signature: a partition goes at once.)
+
+        A day's partitions are detached (a short transaction: ingest and reports wait only for
+        it), then dropped by `reclaim_space` after the writer's lock is released (its commit
+        unlinks the day's files, gigabytes, which takes about a second on a busy disk and blocks
+        nobody). With `reclaim=False` they wait for the next call of either."""
         cutoff_day = pgschema.day_of(older_than)
         with self._write_lock:
             try:
@@ -850,7 +908,7 @@ class PostgresReportStore:
                         removed += conn.execute(
                             "SELECT coalesce(sum(requests), 0) FROM rollup_hour WHERE bucket >= %s AND bucket < %s",
                             (day * pgschema.DAY, (day + 1) * pgschema.DAY)).fetchone()[0]
-                        pgschema.drop_day(conn, day)
+                        pgschema.retire_day(conn, day)
                     self._days.discard(day)
                 with conn.transaction():
                     removed += conn.execute(
@@ -870,9 +928,22 @@ class PostgresReportStore:
                     conn.execute("DELETE FROM ingest_ledger WHERE last_time < %s", (older_than,))
                     self.generation += 1
                     recount_after_prune(lambda sql, params: conn.execute(*_translate(sql, params)), older_than)
-                return removed
             except Exception as e:
                 raise self._broken(e) from None
+        if reclaim:
+            self.reclaim_space()
+        return removed
+
+    def reclaim_space(self) -> int:
+        """Drop the day partitions retention has detached (their files go back to the disk);
+        returns how many tables. Each DROP is its own transaction on a connection of its own, so
+        neither ingest nor reports wait for it."""
+        try:
+            with psycopg.connect(self.url, autocommit=True, **self._kwargs) as conn:
+                conn.execute(f"SET statement_timeout = {WRITE_TIMEOUT_MS}")
+                return pgschema.drop_retired(conn)
+        except _UNAVAILABLE as e:
+            raise StoreUnavailable(f"the report database failed: {_first_line(e)}") from None
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -932,11 +1003,17 @@ class PostgresReportStore:
             "transfer": transfer, "tls": tls,
         }  # fmt: skip
         where, params = _where(filters)
-        rows = self._query(
-            f"SELECT {_SELECT} FROM requests{where} ORDER BY time DESC, node, segment DESC, seq DESC"
-            " LIMIT %s OFFSET %s",
-            [*params, int(limit), int(offset)],
-        )
+        limit, offset = int(limit), int(offset)
+        if any(filters[key] is not None for key in _ORDERED_BY_INDEX):
+            rows = self._query(
+                f"SELECT {_SELECT} FROM requests{where} ORDER BY time DESC, node, segment DESC, seq DESC"
+                " LIMIT %s OFFSET %s",
+                [*params, limit, offset],
+            )
+        elif all(filters[key] is None for key in _FILTERS - {"start", "end"}):
+            rows = self._newest_of_every_node(where, params, float(start), float(end), limit, offset)
+        else:
+            rows = self._newest_in_windows(filters, float(start), float(end), limit, offset)
         found = []
         for row in rows:
             record = dict(zip(_COLUMNS, row))
@@ -947,6 +1024,45 @@ class PostgresReportStore:
                 record["policy_version"] = int(version)
             found.append(record)
         return found
+
+    def _newest_of_every_node(self, where: str, params: list[Any], start: float, end: float, limit: int,
+                              offset: int) -> list[tuple[Any, ...]]:
+        """The newest matching records of the period when no filter has an index that keeps
+        time order: the newest `limit + offset` of each node (index (node, time), read backwards,
+        at most that many rows each), merged. The nodes with records in the period are those of
+        its hourly roll-up, which is committed with the records."""
+        nodes = [node for (node,) in self._query(
+            "SELECT DISTINCT node FROM rollup_hour WHERE bucket >= %s AND bucket < %s",
+            [start // 3600 * 3600, end])]
+        if not nodes:
+            return []
+        branch = (f"(SELECT {_SELECT}, time AS order_time FROM requests{where} AND node = %s"
+                  " ORDER BY time DESC, segment DESC, seq DESC LIMIT %s)")
+        sql = ("SELECT * FROM (" + " UNION ALL ".join([branch] * len(nodes))
+               + ") AS newest ORDER BY order_time DESC, node, segment DESC, seq DESC LIMIT %s OFFSET %s")
+        values: list[Any] = []
+        for node in sorted(nodes):
+            values += [*params, node, limit + offset]
+        return [row[:-1] for row in self._query(sql, [*values, limit, offset])]
+
+    def _newest_in_windows(self, filters: dict[str, Any], start: float, end: float, limit: int,
+                           offset: int) -> list[tuple[Any, ...]]:
+        """The newest matching records of the period when the filters have no index of their own
+        (status, action, category, transfer, tls): the latest 10 minutes of the period first,
+        then 6 times as long each time, until a window holds `limit + offset` of them or covers
+        the whole period. Each window is read through the time index (BRIN) in one pass: a
+        common value is found in the first window, a rare one costs about one pass over the
+        period, as a scan of it would."""
+        span = 600.0
+        while True:
+            low = max(start, end - span)
+            where, params = _where({**filters, "start": low, "end": end})
+            rows = self._query(
+                f"SELECT {_SELECT} FROM requests{where} ORDER BY time DESC, node, segment DESC, seq DESC"
+                " LIMIT %s OFFSET %s", [*params, limit, offset])
+            if low <= start or len(rows) == limit:
+                return rows
+            span *= 6
 
     def quarantined(self, *, node: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         """Records that could not be stored, newest first, with the reason and the raw bytes."""

@@ -336,3 +336,37 @@ def test_both_stores_satisfy_the_interface(tmp_path, pg_url):
             assert isinstance(store, ReportStoreBackend)
         finally:
             store.close()
+
+
+def test_a_version_5_database_gets_room_in_its_rollup_pages(pg_url):
+    """Version 6 sets a fillfactor on the roll-ups that every commit updates (HOT updates), on
+    the partitions that exist and on those made later; the counts already there stay."""
+    day = pgschema.day_of(T0)
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE schema_version (version integer NOT NULL)")
+        for step in pgschema.MIGRATIONS[:5]:
+            conn.execute(step)
+        conn.execute("INSERT INTO schema_version VALUES (5)")
+        for table in ("requests", "rollup_top_hour", "rollup_top_node_hour"):
+            low, high = ((f"'{day * 86400}'", f"'{(day + 1) * 86400}'") if table != "requests" else
+                         (f"to_timestamp({day * 86400})", f"to_timestamp({(day + 1) * 86400})"))
+            conn.execute(f"CREATE TABLE {pgschema.partition_name(day, table)} PARTITION OF {table}"
+                         f" FOR VALUES FROM ({low}) TO ({high})")
+        hour = int(T0) // 3600 * 3600
+        conn.execute("INSERT INTO rollup_top_hour VALUES ('domain', %s, 'www.example.com', 4, 0, 40)", (hour,))
+        conn.execute("INSERT INTO rollup_top_day VALUES ('domain', %s, 'www.example.com', 4, 0, 40)", (day * 86400,))
+    store = PostgresReportStore(pg_url, wall_clock=lambda: T0)
+    try:
+        store.ingest("n1", 1, 0, [rec(1), rec(2)])
+        [entry] = aggregate.top(store, "domain", hour, hour + 3600).entries
+        assert (entry.key, entry.requests, entry.bytes) == ("www.example.com", 6, 260)
+    finally:
+        store.close()
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(pgschema.SCHEMA_VERSION,)]
+        options = dict(conn.execute(
+            "SELECT relname, reloptions FROM pg_class WHERE relname IN (%s, %s, 'rollup_top_day', 'rollup_minute',"
+            " 'rollup_hour', 'rollup_top_hour_other')",
+            (pgschema.partition_name(day, "rollup_top_hour"), pgschema.partition_name(day + 1, "rollup_top_hour")),
+        ).fetchall())
+    assert len(options) == 6 and all(value == ["fillfactor=60"] for value in options.values()), options

@@ -353,6 +353,34 @@ def test_search_pages_newest_first(store: ReportStore) -> None:
     assert [[r["seq"] for r in page] for page in pages] == [[9, 8, 7, 6], [5, 4, 3, 2], [1, 0]]
 
 
+def test_search_pages_through_nodes_in_one_order(store: ReportStore) -> None:
+    """Newest first, whichever index a store reads: pages of a search without an indexed filter
+    put the records of every node together."""
+    for n, node in enumerate(("n3", "n1", "n2")):
+        for segment in (1, 2):
+            store.ingest(node, segment, 0, [rec(i * 6 + n * 2 + segment, action="deny" if i % 2 else "allow")
+                                            for i in range(4)])
+    expected = sorted(((r["time"], r["node"], r["segment"], r["seq"]) for r in store.search(
+        start=T0, end=T0 + 60, limit=100)), reverse=True)
+    assert len(expected) == 24 and len({k[0] for k in expected}) == 24
+    for filters in ({}, {"action": "deny"}):
+        want = [k for k in expected if not filters or k[3] % 2]
+        pages = [store.search(start=T0, end=T0 + 60, limit=5, offset=o, **filters) for o in range(0, 25, 5)]
+        got = [(r["time"], r["node"], r["segment"], r["seq"]) for page in pages for r in page]
+        assert got == want, filters
+
+
+def test_search_by_an_unindexed_filter_finds_matches_hours_apart(store: ReportStore) -> None:
+    """Matches spread over hours (PostgreSQL reads growing windows of the period for them)."""
+    store.ingest("n1", 1, 0, [rec(k * 1000, action="deny" if k % 4 == 1 else "allow") for k in range(40)])
+    store.ingest("n2", 1, 0, [rec(k * 1000 + 7, action="deny" if k % 4 == 3 else "allow") for k in range(40)])
+    want = sorted([k * 1000 for k in range(40) if k % 4 == 1] + [k * 1000 + 7 for k in range(40) if k % 4 == 3],
+                  reverse=True)
+    for limit, offset in ((3, 0), (3, 2), (50, 0), (5, 15)):
+        found = store.search(start=T0, end=T0 + 40_000, action="deny", limit=limit, offset=offset)
+        assert [r["time"] - T0 for r in found] == want[offset:offset + limit], (limit, offset)
+
+
 def test_count_refuses_unknown_filters(store: ReportStore) -> None:
     with pytest.raises(TypeError):
         store.count(usr="alice")
