@@ -29,6 +29,8 @@ from safesquid_tw.policy.tlsinspection import compile_tls_inspection
 # Memo tables are cleared when they reach this size: a working set of hosts and clients stays
 # fast, and a scan over millions of names cannot grow memory without bound.
 _MEMO_LIMIT = 65536
+# Remembered CONNECT decisions per version: the busy (client class, host, port) triples.
+_CONNECT_MEMO_LIMIT = 4096
 
 
 class CompiledPolicy:
@@ -66,6 +68,9 @@ class CompiledPolicy:
         self._ports: dict[int, int] = {}
         self.forwarding = Forwarding(document.get("forwarding", {}))
         self.uses_tls_condition: bool = self._rules.tls_conditioned  # some rule matches on `tls`
+        # (client rule mask, host, port[, user, groups]) -> Decision of a CONNECT; None until
+        # first used, False when this version's CONNECT decisions may not be remembered.
+        self.connect_memo: dict[tuple, Decision] | bool | None = None
 
     # -- memo tables -------------------------------------------------------------------------
 
@@ -198,6 +203,34 @@ class CompiledPolicy:
         self._credentials.inherit(previous._credentials)
         if self.directory is not None and previous.directory is not None:
             self.directory.adopt(previous.directory)
+
+    # -- CONNECT decisions remembered ----------------------------------------------------------
+
+    def connect_memo_key(self, client_ip: str, host: str, port: int, identity) -> tuple | None:
+        """The key under which a CONNECT's decision may be remembered, or None when it may depend
+        on more than (the client's rule mask, the host, the port, the user and groups): a rule
+        with a schedule (the clock), a `tls` condition, or application signatures for this host
+        (they read the headers). With none of those, `decide` of a CONNECT reads nothing else:
+        the method is constant, the path empty, the URL made of scheme, host and port."""
+        memo = self.connect_memo
+        if memo is None:
+            if self._rules.tls_conditioned or any(rule.schedule is not None for rule in self._rules.rules):
+                self.connect_memo = False
+                return None
+            memo = self.connect_memo = {}
+        elif memo is False:
+            return None
+        if self._host(host)[3]:  # application candidates
+            return None
+        if identity is None:
+            return (self._client(client_ip)[0], host, port)
+        return (self._client(client_ip)[0], host, port, identity.user, identity.groups)
+
+    def remember_connect(self, key: tuple, decision: Decision) -> None:
+        memo = self.connect_memo
+        if len(memo) >= _CONNECT_MEMO_LIMIT:
+            memo.clear()
+        memo[key] = decision
 
 
 def _aware_now(now: datetime | float | None) -> datetime:

@@ -489,6 +489,20 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
         compiled = ctx.policy.compiled
         target = ctx.target
         head = ctx.head
+        if head.method == b"CONNECT":
+            # Most CONNECT decisions depend on the client's class, host and port only: remembered
+            # per policy version (CompiledPolicy.connect_memo_key says when).
+            key = compiled.connect_memo_key(self.client_ip, target.host, target.port, identity)
+            if key is not None:
+                decision = compiled.connect_memo.get(key)
+                if decision is None:
+                    decision = self._decision(ctx, compiled, target, head, identity)
+                    compiled.remember_connect(key, decision)
+                self._decided(ctx, compiled, target, head, identity, decision)
+                return
+        self._decided(ctx, compiled, target, head, identity, self._decision(ctx, compiled, target, head, identity))
+
+    def _decision(self, ctx: RequestContext, compiled, target, head, identity):
         facts = RequestFacts(
             client_ip=self.client_ip,
             method=head.method.decode("ascii"),
@@ -505,6 +519,9 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
         decision = compiled.decide(facts)
         if target.other_paths and decision.action == "allow":
             decision = strictest_decision(compiled, facts, target.other_paths, decision)
+        return decision
+
+    def _decided(self, ctx: RequestContext, compiled, target, head, identity, decision) -> None:
         ctx.rule = decision.rule
         ctx.category = decision.category
         ctx.application = decision.application
