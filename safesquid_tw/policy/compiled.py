@@ -69,8 +69,10 @@ class CompiledPolicy:
         self.forwarding = Forwarding(document.get("forwarding", {}))
         self.uses_tls_condition: bool = self._rules.tls_conditioned  # some rule matches on `tls`
         # (client rule mask, host, port[, user, groups]) -> Decision of a CONNECT; None until
-        # first used, False when this version's CONNECT decisions may not be remembered.
-        self.connect_memo: dict[tuple, Decision] | bool | None = None
+        # first used, False when this version's CONNECT decisions may not be remembered; a key
+        # whose decision follows the clock maps to False.
+        self.connect_memo: dict[tuple, Decision | bool] | bool | None = None
+        self._scheduled_mask = 0  # rules with a schedule (set with connect_memo)
 
     # -- memo tables -------------------------------------------------------------------------
 
@@ -208,16 +210,18 @@ class CompiledPolicy:
 
     def connect_memo_key(self, client_ip: str, host: str, port: int, identity) -> tuple | None:
         """The key under which a CONNECT's decision may be remembered, or None when it may depend
-        on more than (the client's rule mask, the host, the port, the user and groups): a rule
-        with a schedule (the clock), a `tls` condition, or application signatures for this host
-        (they read the headers). With none of those, `decide` of a CONNECT reads nothing else:
-        the method is constant, the path empty, the URL made of scheme, host and port."""
+        on more than (the client's rule mask, the host, the port, the user and groups): a `tls`
+        condition in this version, or application signatures for this host (they read the
+        headers). Otherwise `decide` of a CONNECT reads nothing else but the clock, and that only
+        for a rule with a schedule among the rules this request could match: `remember_connect`
+        checks. (The method is constant, the path empty, the URL made of scheme, host and port.)"""
         memo = self.connect_memo
         if memo is None:
-            if self._rules.tls_conditioned or any(rule.schedule is not None for rule in self._rules.rules):
+            if self._rules.tls_conditioned:
                 self.connect_memo = False
                 return None
             memo = self.connect_memo = {}
+            self._scheduled_mask = sum(1 << i for i, rule in enumerate(self._rules.rules) if rule.schedule is not None)
         elif memo is False:
             return None
         if self._host(host)[3]:  # application candidates
@@ -226,10 +230,25 @@ class CompiledPolicy:
             return (self._client(client_ip)[0], host, port)
         return (self._client(client_ip)[0], host, port, identity.user, identity.groups)
 
-    def remember_connect(self, key: tuple, decision: Decision) -> None:
+    def remember_connect(self, key: tuple, decision: Decision, client_ip: str, host: str, port: int,
+                         identity) -> None:
+        """Remember `decision` (just made by `decide`) under `key`, or remember that this key's
+        decision depends on the clock (False: decided afresh every time)."""
         memo = self.connect_memo
         if len(memo) >= _CONNECT_MEMO_LIMIT:
             memo.clear()
+        scheduled = self._scheduled_mask
+        if scheduled:
+            table = self._rules
+            mask = self._host(host)[2] & self._no_application_mask & table.method_mask("CONNECT") & scheduled
+            if mask:
+                mask &= self._port(port) & self._client(client_ip)[0]
+            if mask:
+                mask &= table.identity_mask(identity.user if identity is not None else None,
+                                            identity.groups if identity is not None else frozenset())
+            if mask:  # a scheduled rule could match this CONNECT: its decision follows the clock
+                memo[key] = False
+                return
         memo[key] = decision
 
 

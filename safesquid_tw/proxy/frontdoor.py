@@ -499,9 +499,11 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
             key = compiled.connect_memo_key(self.client_ip, target.host, target.port, identity)
             if key is not None:
                 decision = compiled.connect_memo.get(key)
-                if decision is None:
+                if not decision:  # None: not decided yet; False: follows the clock
+                    remember = decision is None
                     decision = self._decision(ctx, compiled, target, head, identity)
-                    compiled.remember_connect(key, decision)
+                    if remember:
+                        compiled.remember_connect(key, decision, self.client_ip, target.host, target.port, identity)
                 self._decided(ctx, compiled, target, head, identity, decision)
                 return
         self._decided(ctx, compiled, target, head, identity, self._decision(ctx, compiled, target, head, identity))

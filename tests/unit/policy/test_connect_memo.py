@@ -46,21 +46,32 @@ def test_remembered_decisions_equal_fresh_ones() -> None:
             fresh = policy.decide(connect_facts(client, host, port, identity))
             remembered = policy.connect_memo.get(key)
             if remembered is None:
-                policy.remember_connect(key, fresh)
+                policy.remember_connect(key, fresh, client, host, port, identity)
             else:
                 assert remembered == fresh
     assert policy.connect_memo_key("10.1.2.3", "h", 1, None) == policy.connect_memo_key("10.7.7.7", "h", 1, None)
     assert policy.connect_memo_key("10.1.2.3", "h", 1, None) != policy.connect_memo_key("192.0.2.1", "h", 1, None)
 
 
-@pytest.mark.parametrize("rule", [
-    {"name": "hours", "action": "deny", "schedule": {"days": ["mon"], "from": "09:00", "to": "17:00", "timezone": "UTC"}},
-    {"name": "tls", "action": "deny", "tls": ["bypassed"]},
-])
-def test_not_remembered_when_time_or_tls_can_change_it(rule: dict[str, Any]) -> None:
-    policy = compiled([rule])
+def test_not_remembered_when_a_tls_condition_can_change_it() -> None:
+    policy = compiled([{"name": "tls", "action": "deny", "tls": ["bypassed"]}])
     assert policy.connect_memo_key("192.0.2.1", "www.example.com", 443, None) is None
     assert policy.connect_memo is False
+
+
+def test_follows_the_clock_only_where_a_scheduled_rule_could_match() -> None:
+    hours = {"days": ["mon"], "from": "09:00", "to": "17:00", "timezone": "UTC"}
+    policy = compiled([
+        {"name": "hours", "action": "deny", "domains": ["news.example"], "schedule": hours},
+        {"name": "lan", "action": "deny", "clients": ["10.0.0.0/8"], "domains": ["social.example"]},
+    ])
+    for host in ("news.example", "social.example"):
+        key = policy.connect_memo_key("10.1.2.3", host, 443, None)
+        assert key is not None
+        policy.remember_connect(key, policy.decide(connect_facts("10.1.2.3", host, 443)), "10.1.2.3", host, 443, None)
+    assert policy.connect_memo[policy.connect_memo_key("10.1.2.3", "news.example", 443, None)] is False
+    remembered = policy.connect_memo[policy.connect_memo_key("10.1.2.3", "social.example", 443, None)]
+    assert remembered.rule == "lan"
 
 
 def test_not_remembered_for_hosts_with_application_signatures() -> None:
@@ -74,5 +85,6 @@ def test_memo_is_bounded(monkeypatch) -> None:
     policy = compiled(RULES)
     for i in range(10):
         key = policy.connect_memo_key("192.0.2.1", f"h{i}.example", 443, None)
-        policy.remember_connect(key, policy.decide(connect_facts("192.0.2.1", f"h{i}.example", 443)))
+        policy.remember_connect(key, policy.decide(connect_facts("192.0.2.1", f"h{i}.example", 443)),
+                                "192.0.2.1", f"h{i}.example", 443, None)
     assert len(policy.connect_memo) <= 3
