@@ -228,7 +228,7 @@ class CompiledPolicy:
             return None
         if identity is None:
             return (self._client(client_ip)[0], host, port)
-        return (self._client(client_ip)[0], host, port, identity.user, identity.groups)
+        return (self._client(client_ip)[0], host, port, identity.user, frozenset(identity.groups))
 
     def remember_connect(self, key: tuple, decision: Decision, client_ip: str, host: str, port: int,
                          identity) -> None:
