@@ -29,6 +29,8 @@ from safesquid_tw.policy.tlsinspection import compile_tls_inspection
 # Memo tables are cleared when they reach this size: a working set of hosts and clients stays
 # fast, and a scan over millions of names cannot grow memory without bound.
 _MEMO_LIMIT = 65536
+# Remembered CONNECT decisions per version: the busy (client class, host, port) triples.
+_CONNECT_MEMO_LIMIT = 4096
 
 
 class CompiledPolicy:
@@ -66,6 +68,11 @@ class CompiledPolicy:
         self._ports: dict[int, int] = {}
         self.forwarding = Forwarding(document.get("forwarding", {}))
         self.uses_tls_condition: bool = self._rules.tls_conditioned  # some rule matches on `tls`
+        # (client rule mask, host, port[, user, groups]) -> Decision of a CONNECT; None until
+        # first used, False when this version's CONNECT decisions may not be remembered; a key
+        # whose decision follows the clock maps to False.
+        self.connect_memo: dict[tuple, Decision | bool] | bool | None = None
+        self._scheduled_mask = 0  # rules with a schedule (set with connect_memo)
 
     # -- memo tables -------------------------------------------------------------------------
 
@@ -198,6 +205,51 @@ class CompiledPolicy:
         self._credentials.inherit(previous._credentials)
         if self.directory is not None and previous.directory is not None:
             self.directory.adopt(previous.directory)
+
+    # -- CONNECT decisions remembered ----------------------------------------------------------
+
+    def connect_memo_key(self, client_ip: str, host: str, port: int, identity) -> tuple | None:
+        """The key under which a CONNECT's decision may be remembered, or None when it may depend
+        on more than (the client's rule mask, the host, the port, the user and groups): a `tls`
+        condition in this version, or application signatures for this host (they read the
+        headers). Otherwise `decide` of a CONNECT reads nothing else but the clock, and that only
+        for a rule with a schedule among the rules this request could match: `remember_connect`
+        checks. (The method is constant, the path empty, the URL made of scheme, host and port.)"""
+        memo = self.connect_memo
+        if memo is None:
+            if self._rules.tls_conditioned:
+                self.connect_memo = False
+                return None
+            memo = self.connect_memo = {}
+            self._scheduled_mask = sum(1 << i for i, rule in enumerate(self._rules.rules) if rule.schedule is not None)
+        elif memo is False:
+            return None
+        if self._host(host)[3]:  # application candidates
+            return None
+        if identity is None:
+            return (self._client(client_ip)[0], host, port)
+        return (self._client(client_ip)[0], host, port, identity.user, frozenset(identity.groups))
+
+    def remember_connect(self, key: tuple, decision: Decision, client_ip: str, host: str, port: int,
+                         identity) -> None:
+        """Remember `decision` (just made by `decide`) under `key`, or remember that this key's
+        decision depends on the clock (False: decided afresh every time)."""
+        memo = self.connect_memo
+        if len(memo) >= _CONNECT_MEMO_LIMIT:
+            memo.clear()
+        scheduled = self._scheduled_mask
+        if scheduled:
+            table = self._rules
+            mask = self._host(host)[2] & self._no_application_mask & table.method_mask("CONNECT") & scheduled
+            if mask:
+                mask &= self._port(port) & self._client(client_ip)[0]
+            if mask:
+                mask &= table.identity_mask(identity.user if identity is not None else None,
+                                            identity.groups if identity is not None else frozenset())
+            if mask:  # a scheduled rule could match this CONNECT: its decision follows the clock
+                memo[key] = False
+                return
+        memo[key] = decision
 
 
 def _aware_now(now: datetime | float | None) -> datetime:

@@ -34,6 +34,7 @@ from safesquid_tw.proxy.bodyinspection import BodyInspection
 from safesquid_tw.proxy.intercept.tlsmode import tls_mode
 from safesquid_tw.proxy.target import host_header_for, is_asterisk_options, parse_target
 from safesquid_tw.proxy.tunnel import Tunnel
+from safesquid_tw.proxy.connecthead import parse_connect_head
 from safesquid_tw.proxy.tunnelfast import close_now, open_tunnel
 from safesquid_tw.proxy.urlnorm import blocked_request_any, strictest_decision
 
@@ -274,7 +275,10 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
         raw = bytes(self.buf[:end])
         del self.buf[:end]
         self._disarm()
-        head = http1.parse_request_head(raw, limits.max_headers)
+        if raw.startswith(b"CONNECT "):  # tunnels repeat their heads verbatim (proxy/connecthead.py)
+            head = parse_connect_head(raw, limits.max_headers)
+        else:
+            head = http1.parse_request_head(raw, limits.max_headers)
         self._handle(head, len(raw))
         return True
 
@@ -489,6 +493,22 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
         compiled = ctx.policy.compiled
         target = ctx.target
         head = ctx.head
+        if head.method == b"CONNECT":
+            # Most CONNECT decisions depend on the client's class, host and port only: remembered
+            # per policy version (CompiledPolicy.connect_memo_key says when).
+            key = compiled.connect_memo_key(self.client_ip, target.host, target.port, identity)
+            if key is not None:
+                decision = compiled.connect_memo.get(key)
+                if not decision:  # None: not decided yet; False: follows the clock
+                    remember = decision is None
+                    decision = self._decision(ctx, compiled, target, head, identity)
+                    if remember:
+                        compiled.remember_connect(key, decision, self.client_ip, target.host, target.port, identity)
+                self._decided(ctx, compiled, target, head, identity, decision)
+                return
+        self._decided(ctx, compiled, target, head, identity, self._decision(ctx, compiled, target, head, identity))
+
+    def _decision(self, ctx: RequestContext, compiled, target, head, identity):
         facts = RequestFacts(
             client_ip=self.client_ip,
             method=head.method.decode("ascii"),
@@ -505,6 +525,9 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
         decision = compiled.decide(facts)
         if target.other_paths and decision.action == "allow":
             decision = strictest_decision(compiled, facts, target.other_paths, decision)
+        return decision
+
+    def _decided(self, ctx: RequestContext, compiled, target, head, identity, decision) -> None:
         ctx.rule = decision.rule
         ctx.category = decision.category
         ctx.application = decision.application
