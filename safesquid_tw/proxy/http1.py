@@ -76,11 +76,13 @@ def split_head(
     function splits response heads; there every error means 502 to the client.
     """
     size = len(buf)
-    start = _LEADING_EMPTY_LINES.match(buf).end()
-    limit = min(size, max_head_bytes)
-    end = buf.find(b"\r\n\r\n", max(start, scanned - 3), limit)
+    # (The usual head starts with its first line: no match to run. min/max written out: this
+    # runs for every head, request and response.)
+    start = _LEADING_EMPTY_LINES.match(buf).end() if buf.startswith(b"\r\n") else 0
+    limit = size if size < max_head_bytes else max_head_bytes
+    end = buf.find(b"\r\n\r\n", start if start > scanned - 3 else scanned - 3, limit)
     stop = end + 4 if end != -1 else limit
-    check_from = max(start, scanned)
+    check_from = start if start > scanned else scanned
     if check_from > start and buf[check_from - 1] == 13:
         check_from -= 1  # a CR at the old end may pair with an LF that just arrived
     if check_from < stop:
