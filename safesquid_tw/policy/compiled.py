@@ -66,6 +66,10 @@ class CompiledPolicy:
         self._ports: dict[int, int] = {}
         self.forwarding = Forwarding(document.get("forwarding", {}))
         self.uses_tls_condition: bool = self._rules.tls_conditioned  # some rule matches on `tls`
+        # Decisions by every fact they can depend on, except headers (read only for hosts with
+        # application candidates) and the time (read only by a rule with a schedule): a decision
+        # that read either is not kept. See `decide`.
+        self._decisions: dict[tuple, Decision] = {}
 
     # -- memo tables -------------------------------------------------------------------------
 
@@ -116,6 +120,17 @@ class CompiledPolicy:
 
     def decide(self, facts: RequestFacts) -> Decision:
         host, categories, mask, app_candidates = self._host(facts.host)
+        key = None
+        if not app_candidates:  # the decision reads no header: a repeat may reuse it
+            key = (facts.host, facts.method, facts.port, facts.client_ip, facts.user, facts.groups, facts.tls,
+                   facts.scheme, facts.path)
+            try:
+                known = self._decisions.get(key)
+            except TypeError:  # groups given as a mutable set: decided without the memo
+                key = known = None
+            if known is not None:
+                return known
+        timed = False  # a schedule was consulted: the decision depends on the time
         application = None
         if app_candidates:
             application = self._applications.first_match(app_candidates, facts.path, facts.headers)
@@ -152,15 +167,24 @@ class CompiledPolicy:
                         mask ^= lowest
                         continue
                 if rule.schedule is not None:
+                    timed = True
                     if now is None:
                         now = _aware_now(facts.now)
                     if not rule.schedule.active(now):
                         mask ^= lowest
                         continue
-            return Decision(rule.action, rule.name, rule.reason, _reported_category(rule, categories), application)
-        return Decision(
-            self.default_action, None, self._default_reason, categories[0] if categories else None, application
-        )
+            decision = Decision(rule.action, rule.name, rule.reason, _reported_category(rule, categories), application)
+            break
+        else:
+            decision = Decision(
+                self.default_action, None, self._default_reason, categories[0] if categories else None, application
+            )
+        if key is not None and not timed:
+            decisions = self._decisions
+            if len(decisions) >= _MEMO_LIMIT:
+                decisions.clear()
+            decisions[key] = decision
+        return decision
 
     # -- authentication ----------------------------------------------------------------------
 
