@@ -118,12 +118,22 @@ class CompiledPolicy:
 
     # -- access decision ---------------------------------------------------------------------
 
+    def known_decision(self, host: str, method: str, port: int, client_ip: str, user: str | None,
+                       groups: frozenset[str], tls: str | None, scheme: str, path: str) -> Decision | None:
+        """The decision `decide` kept for facts with these values (whatever their headers and
+        time: it keeps only decisions that read neither), or None: then build the facts and
+        call `decide`. Saves the request path building facts for a repeat."""
+        try:
+            return self._decisions.get((host, method, port, client_ip, user, groups, tls, scheme, path))
+        except TypeError:  # groups given as a mutable set
+            return None
+
     def decide(self, facts: RequestFacts) -> Decision:
         host, categories, mask, app_candidates = self._host(facts.host)
         key = None
         if not app_candidates:  # the decision reads no header: a repeat may reuse it
             key = (facts.host, facts.method, facts.port, facts.client_ip, facts.user, facts.groups, facts.tls,
-                   facts.scheme, facts.path)
+                   facts.scheme, facts.path)  # the order of known_decision's arguments
             try:
                 known = self._decisions.get(key)
             except TypeError:  # groups given as a mutable set: decided without the memo

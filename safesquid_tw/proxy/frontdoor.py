@@ -489,22 +489,31 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
         compiled = ctx.policy.compiled
         target = ctx.target
         head = ctx.head
-        facts = RequestFacts(
-            client_ip=self.client_ip,
-            method=head.method.decode("ascii"),
-            scheme=target.scheme,
-            host=target.host,
-            port=target.port,
-            path=target.match_path,
-            user=identity.user if identity is not None else None,
-            groups=identity.groups if identity is not None else frozenset(),
-            headers=HeaderView(head),
-            now=ctx.start,  # schedules read the reactor's clock, not the wall's
-            tls=tls_mode(self, ctx) if compiled.uses_tls_condition else None,
-        )
-        decision = compiled.decide(facts)
-        if target.other_paths and decision.action == "allow":
-            decision = strictest_decision(compiled, facts, target.other_paths, decision)
+        method = head.method.decode("ascii")
+        user = identity.user if identity is not None else None
+        groups = identity.groups if identity is not None else frozenset()
+        tls = tls_mode(self, ctx) if compiled.uses_tls_condition else None
+        # A repeat of a decision that read no header and no time needs no facts (policy/compiled.py).
+        decision = compiled.known_decision(target.host, method, target.port, self.client_ip, user, groups, tls,
+                                           target.scheme, target.match_path)
+        if decision is None or target.other_paths:
+            facts = RequestFacts(
+                client_ip=self.client_ip,
+                method=method,
+                scheme=target.scheme,
+                host=target.host,
+                port=target.port,
+                path=target.match_path,
+                user=user,
+                groups=groups,
+                headers=HeaderView(head),
+                now=ctx.start,  # schedules read the reactor's clock, not the wall's
+                tls=tls,
+            )
+            if decision is None:
+                decision = compiled.decide(facts)
+            if target.other_paths and decision.action == "allow":
+                decision = strictest_decision(compiled, facts, target.other_paths, decision)
         ctx.rule = decision.rule
         ctx.category = decision.category
         ctx.application = decision.application

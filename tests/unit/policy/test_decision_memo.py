@@ -86,3 +86,27 @@ def test_groups_given_as_a_set_are_decided_without_the_memo() -> None:
     facts = attrs.evolve(BASE, user="bob", groups={"staff"})
     assert policy.decide(facts).rule == "staff"
     assert policy.decide(facts).rule == "staff"
+
+
+def _known(policy, facts):
+    return policy.known_decision(facts.host, facts.method, facts.port, facts.client_ip, facts.user, facts.groups,
+                                 facts.tls, facts.scheme, facts.path)
+
+
+def test_known_decision_answers_only_what_decide_kept() -> None:
+    policy = compiled([
+        {"name": "weekdays", "action": "deny", "domains": ["timed.example"],
+         "schedule": {"days": ["wed"], "timezone": "UTC"}},
+        {"name": "no-fbapp", "action": "deny", "applications": ["fbapp"]},
+        {"name": "ads", "action": "deny", "url_patterns": ["*/ads/*"]},
+    ])
+    plain = attrs.evolve(BASE, path="/ads/1")
+    assert _known(policy, plain) is None
+    decision = policy.decide(plain)
+    assert decision.rule == "ads" and _known(policy, plain) == decision
+    assert _known(policy, attrs.evolve(plain, path="/other")) is None
+    for facts in (attrs.evolve(BASE, host="timed.example", now=WEDNESDAY),
+                  attrs.evolve(BASE, host="www.facebook.example", headers={"user-agent": "FBAN"})):
+        assert policy.decide(facts).rule is not None
+        assert _known(policy, facts) is None  # read the time or a header: not kept
+    assert policy.known_decision("h", "GET", 80, "192.0.2.1", "bob", {"staff"}, None, "http", "/") is None
