@@ -253,11 +253,39 @@ def _parse_fields(
     return tuple(fields), index, tuple(forwarded)
 
 
+# Whole heads parsed recently, by their bytes and field limit: a client repeats its request head
+# byte for byte (the same URL, the same fields), an origin its response head within the second of
+# its Date. A head is a pure function of those (heads are frozen; their field tuples and index are
+# shared read-only already, see the block cache); only successes are kept; emptied when full.
+_HEAD_CACHE: dict[tuple[bytes, int], "RequestHead | ResponseHead"] = {}
+_HEAD_CACHE_SIZE = 256
+_HEAD_CACHE_MAX = _BLOCK_CACHE_MAX_BLOCK
+
+
+def _remember_head(key: tuple[bytes, int], head: "RequestHead | ResponseHead") -> None:
+    if len(key[0]) <= _HEAD_CACHE_MAX:
+        if len(_HEAD_CACHE) >= _HEAD_CACHE_SIZE:
+            _HEAD_CACHE.clear()
+        _HEAD_CACHE[key] = head
+
+
 def parse_request_head(raw: bytes, max_headers: int = 100) -> RequestHead:
     """Parse a request head (``raw`` ends with the CRLFCRLF found by ``split_head``).
 
     Raises ProtocolError: 400 malformed, 431 more than ``max_headers`` fields, 505 version.
     """
+    if type(raw) is bytes:
+        key = (raw, max_headers)
+        head = _HEAD_CACHE.get(key)
+        if type(head) is RequestHead:
+            return head
+        head = _parse_request_head(raw, max_headers)
+        _remember_head(key, head)
+        return head
+    return _parse_request_head(raw, max_headers)
+
+
+def _parse_request_head(raw: bytes, max_headers: int) -> RequestHead:
     first, block = _split_head(raw, 400)
     m = _REQUEST_LINE.fullmatch(first)
     if m is None:
@@ -282,6 +310,18 @@ def _diagnose_request_line(line: bytes) -> str:
 
 def parse_response_head(raw: bytes, max_headers: int = 100) -> ResponseHead:
     """Parse a response head; every problem raises ProtocolError(502, ...)."""
+    if type(raw) is bytes:
+        key = (raw, max_headers)
+        head = _HEAD_CACHE.get(key)
+        if type(head) is ResponseHead:
+            return head
+        head = _parse_response_head(raw, max_headers)
+        _remember_head(key, head)
+        return head
+    return _parse_response_head(raw, max_headers)
+
+
+def _parse_response_head(raw: bytes, max_headers: int) -> ResponseHead:
     first, block = _split_head(raw, 502)
     m = _STATUS_LINE.fullmatch(first)
     if m is None:
