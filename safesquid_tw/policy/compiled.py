@@ -29,6 +29,8 @@ from safesquid_tw.policy.tlsinspection import compile_tls_inspection
 # Memo tables are cleared when they reach this size: a working set of hosts and clients stays
 # fast, and a scan over millions of names cannot grow memory without bound.
 _MEMO_LIMIT = 65536
+# Kept decisions (`CompiledPolicy.decide`): keyed by path too, so kept fewer (a few MB at most).
+_DECISION_MEMO_LIMIT = 4096
 
 
 class CompiledPolicy:
@@ -191,7 +193,7 @@ class CompiledPolicy:
             )
         if key is not None and not timed:
             decisions = self._decisions
-            if len(decisions) >= _MEMO_LIMIT:
+            if len(decisions) >= _DECISION_MEMO_LIMIT:
                 decisions.clear()
             decisions[key] = decision
         return decision

@@ -110,3 +110,12 @@ def test_known_decision_answers_only_what_decide_kept() -> None:
         assert policy.decide(facts).rule is not None
         assert _known(policy, facts) is None  # read the time or a header: not kept
     assert policy.known_decision("h", "GET", 80, "192.0.2.1", "bob", {"staff"}, None, "http", "/") is None
+
+
+def test_kept_decisions_stay_bounded() -> None:
+    from safesquid_tw.policy import compiled as compiled_module
+
+    policy = compiled([])
+    for i in range(compiled_module._DECISION_MEMO_LIMIT + 10):
+        policy.decide(attrs.evolve(BASE, path=f"/p{i}"))
+    assert len(policy._decisions) <= compiled_module._DECISION_MEMO_LIMIT
