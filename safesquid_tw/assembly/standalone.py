@@ -11,6 +11,9 @@ from safesquid_tw.config import NodeConfig
 from safesquid_tw.reporting.recordcheck import QuarantineFile, quarantining
 from safesquid_tw.resources import sample_policy_path
 
+# A batch the standalone node's own report store takes at once (records, payload bytes).
+LOCAL_BATCH_LIMITS = {"max_records": 5000, "max_bytes": 4 << 20}
+
 
 def build_standalone(config: NodeConfig, reactor) -> MultiService:
     base = NodeBase.create(config, reactor)
@@ -26,6 +29,9 @@ def build_standalone(config: NodeConfig, reactor) -> MultiService:
     def ingest_locally(batch):
         return base.in_thread(ingest, batch.node, batch.segment, batch.first_seq, batch.records)
 
+    # Records stored in this process need not fit a control-plane message: a sealed segment (half
+    # a second of traffic, see cluster/shipper.py) goes in one or a few commits, not one per 500.
+    parts.shipper.batch_limits = LOCAL_BATCH_LIMITS
     parts.shipper.set_sender(ingest_locally)
     base.report_retention(reports)
     top.reports = reports

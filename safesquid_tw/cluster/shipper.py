@@ -46,6 +46,10 @@ class LogShipper(Service):
         # More spools shipped as the same stream after this one: on a node with workers, each
         # worker's (workers/spools.py SlotSource: sealed_segments, read_batches, acknowledge).
         self.sources: list = []
+        # Limits of one batch (`read_batches` keywords). A slave's batches cross the control plane
+        # and keep the spool's defaults; a standalone node stores its own in bigger ones (fewer
+        # commits and thread round trips per record: assembly/standalone.py).
+        self.batch_limits: dict[str, int] = {}
 
     def set_sender(self, sender: Sender | None) -> None:
         """Where batches go now (None while the master is away: records wait in the spool)."""
@@ -109,7 +113,7 @@ class LogShipper(Service):
     async def _ship_source(self, source) -> bool:
         """Ship `source`'s sealed segments in order; False when the link went away meanwhile."""
         for segment in await self.in_thread(source.sealed_segments):
-            batches = await self.in_thread(lambda: list(source.read_batches(segment)))
+            batches = await self.in_thread(lambda: list(source.read_batches(segment, **self.batch_limits)))
             for batch in batches:
                 sender = self.sender
                 if sender is None:

@@ -29,8 +29,8 @@ from safesquid_tw.policy.tlsinspection import compile_tls_inspection
 # Memo tables are cleared when they reach this size: a working set of hosts and clients stays
 # fast, and a scan over millions of names cannot grow memory without bound.
 _MEMO_LIMIT = 65536
-# Remembered CONNECT decisions per version: the busy (client class, host, port) triples.
-_CONNECT_MEMO_LIMIT = 4096
+# Kept decisions (`CompiledPolicy.decide`): keyed by path too, so kept fewer (a few MB at most).
+_DECISION_MEMO_LIMIT = 4096
 
 
 class CompiledPolicy:
@@ -68,11 +68,10 @@ class CompiledPolicy:
         self._ports: dict[int, int] = {}
         self.forwarding = Forwarding(document.get("forwarding", {}))
         self.uses_tls_condition: bool = self._rules.tls_conditioned  # some rule matches on `tls`
-        # (client rule mask, host, port[, user, groups]) -> Decision of a CONNECT; None until
-        # first used, False when this version's CONNECT decisions may not be remembered; a key
-        # whose decision follows the clock maps to False.
-        self.connect_memo: dict[tuple, Decision | bool] | bool | None = None
-        self._scheduled_mask = 0  # rules with a schedule (set with connect_memo)
+        # Decisions by every fact they can depend on, except headers (read only for hosts with
+        # application candidates) and the time (read only by a rule with a schedule): a decision
+        # that read either is not kept. See `decide`.
+        self._decisions: dict[tuple, Decision] = {}
 
     # -- memo tables -------------------------------------------------------------------------
 
@@ -121,8 +120,29 @@ class CompiledPolicy:
 
     # -- access decision ---------------------------------------------------------------------
 
+    def known_decision(self, host: str, method: str, port: int, client_ip: str, user: str | None,
+                       groups: frozenset[str], tls: str | None, scheme: str, path: str) -> Decision | None:
+        """The decision `decide` kept for facts with these values (whatever their headers and
+        time: it keeps only decisions that read neither), or None: then build the facts and
+        call `decide`. Saves the request path building facts for a repeat."""
+        try:
+            return self._decisions.get((host, method, port, client_ip, user, groups, tls, scheme, path))
+        except TypeError:  # groups given as a mutable set
+            return None
+
     def decide(self, facts: RequestFacts) -> Decision:
         host, categories, mask, app_candidates = self._host(facts.host)
+        key = None
+        if not app_candidates:  # the decision reads no header: a repeat may reuse it
+            key = (facts.host, facts.method, facts.port, facts.client_ip, facts.user, facts.groups, facts.tls,
+                   facts.scheme, facts.path)  # the order of known_decision's arguments
+            try:
+                known = self._decisions.get(key)
+            except TypeError:  # groups given as a mutable set: decided without the memo
+                key = known = None
+            if known is not None:
+                return known
+        timed = False  # a schedule was consulted: the decision depends on the time
         application = None
         if app_candidates:
             application = self._applications.first_match(app_candidates, facts.path, facts.headers)
@@ -159,15 +179,24 @@ class CompiledPolicy:
                         mask ^= lowest
                         continue
                 if rule.schedule is not None:
+                    timed = True
                     if now is None:
                         now = _aware_now(facts.now)
                     if not rule.schedule.active(now):
                         mask ^= lowest
                         continue
-            return Decision(rule.action, rule.name, rule.reason, _reported_category(rule, categories), application)
-        return Decision(
-            self.default_action, None, self._default_reason, categories[0] if categories else None, application
-        )
+            decision = Decision(rule.action, rule.name, rule.reason, _reported_category(rule, categories), application)
+            break
+        else:
+            decision = Decision(
+                self.default_action, None, self._default_reason, categories[0] if categories else None, application
+            )
+        if key is not None and not timed:
+            decisions = self._decisions
+            if len(decisions) >= _DECISION_MEMO_LIMIT:
+                decisions.clear()
+            decisions[key] = decision
+        return decision
 
     # -- authentication ----------------------------------------------------------------------
 
@@ -205,51 +234,6 @@ class CompiledPolicy:
         self._credentials.inherit(previous._credentials)
         if self.directory is not None and previous.directory is not None:
             self.directory.adopt(previous.directory)
-
-    # -- CONNECT decisions remembered ----------------------------------------------------------
-
-    def connect_memo_key(self, client_ip: str, host: str, port: int, identity) -> tuple | None:
-        """The key under which a CONNECT's decision may be remembered, or None when it may depend
-        on more than (the client's rule mask, the host, the port, the user and groups): a `tls`
-        condition in this version, or application signatures for this host (they read the
-        headers). Otherwise `decide` of a CONNECT reads nothing else but the clock, and that only
-        for a rule with a schedule among the rules this request could match: `remember_connect`
-        checks. (The method is constant, the path empty, the URL made of scheme, host and port.)"""
-        memo = self.connect_memo
-        if memo is None:
-            if self._rules.tls_conditioned:
-                self.connect_memo = False
-                return None
-            memo = self.connect_memo = {}
-            self._scheduled_mask = sum(1 << i for i, rule in enumerate(self._rules.rules) if rule.schedule is not None)
-        elif memo is False:
-            return None
-        if self._host(host)[3]:  # application candidates
-            return None
-        if identity is None:
-            return (self._client(client_ip)[0], host, port)
-        return (self._client(client_ip)[0], host, port, identity.user, frozenset(identity.groups))
-
-    def remember_connect(self, key: tuple, decision: Decision, client_ip: str, host: str, port: int,
-                         identity) -> None:
-        """Remember `decision` (just made by `decide`) under `key`, or remember that this key's
-        decision depends on the clock (False: decided afresh every time)."""
-        memo = self.connect_memo
-        if len(memo) >= _CONNECT_MEMO_LIMIT:
-            memo.clear()
-        scheduled = self._scheduled_mask
-        if scheduled:
-            table = self._rules
-            mask = self._host(host)[2] & self._no_application_mask & table.method_mask("CONNECT") & scheduled
-            if mask:
-                mask &= self._port(port) & self._client(client_ip)[0]
-            if mask:
-                mask &= table.identity_mask(identity.user if identity is not None else None,
-                                            identity.groups if identity is not None else frozenset())
-            if mask:  # a scheduled rule could match this CONNECT: its decision follows the clock
-                memo[key] = False
-                return
-        memo[key] = decision
 
 
 def _aware_now(now: datetime | float | None) -> datetime:

@@ -493,41 +493,31 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
         compiled = ctx.policy.compiled
         target = ctx.target
         head = ctx.head
-        if head.method == b"CONNECT":
-            # Most CONNECT decisions depend on the client's class, host and port only: remembered
-            # per policy version (CompiledPolicy.connect_memo_key says when).
-            key = compiled.connect_memo_key(self.client_ip, target.host, target.port, identity)
-            if key is not None:
-                decision = compiled.connect_memo.get(key)
-                if not decision:  # None: not decided yet; False: follows the clock
-                    remember = decision is None
-                    decision = self._decision(ctx, compiled, target, head, identity)
-                    if remember:
-                        compiled.remember_connect(key, decision, self.client_ip, target.host, target.port, identity)
-                self._decided(ctx, compiled, target, head, identity, decision)
-                return
-        self._decided(ctx, compiled, target, head, identity, self._decision(ctx, compiled, target, head, identity))
-
-    def _decision(self, ctx: RequestContext, compiled, target, head, identity):
-        facts = RequestFacts(
-            client_ip=self.client_ip,
-            method=head.method.decode("ascii"),
-            scheme=target.scheme,
-            host=target.host,
-            port=target.port,
-            path=target.match_path,
-            user=identity.user if identity is not None else None,
-            groups=identity.groups if identity is not None else frozenset(),
-            headers=HeaderView(head),
-            now=ctx.start,  # schedules read the reactor's clock, not the wall's
-            tls=tls_mode(self, ctx) if compiled.uses_tls_condition else None,
-        )
-        decision = compiled.decide(facts)
-        if target.other_paths and decision.action == "allow":
-            decision = strictest_decision(compiled, facts, target.other_paths, decision)
-        return decision
-
-    def _decided(self, ctx: RequestContext, compiled, target, head, identity, decision) -> None:
+        method = head.method.decode("ascii")
+        user = identity.user if identity is not None else None
+        groups = identity.groups if identity is not None else frozenset()
+        tls = tls_mode(self, ctx) if compiled.uses_tls_condition else None
+        # A repeat of a decision that read no header and no time needs no facts (policy/compiled.py).
+        decision = compiled.known_decision(target.host, method, target.port, self.client_ip, user, groups, tls,
+                                           target.scheme, target.match_path)
+        if decision is None or target.other_paths:
+            facts = RequestFacts(
+                client_ip=self.client_ip,
+                method=method,
+                scheme=target.scheme,
+                host=target.host,
+                port=target.port,
+                path=target.match_path,
+                user=user,
+                groups=groups,
+                headers=HeaderView(head),
+                now=ctx.start,  # schedules read the reactor's clock, not the wall's
+                tls=tls,
+            )
+            if decision is None:
+                decision = compiled.decide(facts)
+            if target.other_paths and decision.action == "allow":
+                decision = strictest_decision(compiled, facts, target.other_paths, decision)
         ctx.rule = decision.rule
         ctx.category = decision.category
         ctx.application = decision.application

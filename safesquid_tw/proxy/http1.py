@@ -76,11 +76,13 @@ def split_head(
     function splits response heads; there every error means 502 to the client.
     """
     size = len(buf)
-    start = _LEADING_EMPTY_LINES.match(buf).end()
-    limit = min(size, max_head_bytes)
-    end = buf.find(b"\r\n\r\n", max(start, scanned - 3), limit)
+    # (The usual head starts with its first line: no match to run. min/max written out: this
+    # runs for every head, request and response.)
+    start = _LEADING_EMPTY_LINES.match(buf).end() if buf.startswith(b"\r\n") else 0
+    limit = size if size < max_head_bytes else max_head_bytes
+    end = buf.find(b"\r\n\r\n", start if start > scanned - 3 else scanned - 3, limit)
     stop = end + 4 if end != -1 else limit
-    check_from = max(start, scanned)
+    check_from = start if start > scanned else scanned
     if check_from > start and buf[check_from - 1] == 13:
         check_from -= 1  # a CR at the old end may pair with an LF that just arrived
     if check_from < stop:
@@ -251,11 +253,39 @@ def _parse_fields(
     return tuple(fields), index, tuple(forwarded)
 
 
+# Whole heads parsed recently, by their bytes and field limit: a client repeats its request head
+# byte for byte (the same URL, the same fields), an origin its response head within the second of
+# its Date. A head is a pure function of those (heads are frozen; their field tuples and index are
+# shared read-only already, see the block cache); only successes are kept; emptied when full.
+_HEAD_CACHE: dict[tuple[bytes, int], "RequestHead | ResponseHead"] = {}
+_HEAD_CACHE_SIZE = 256
+_HEAD_CACHE_MAX = _BLOCK_CACHE_MAX_BLOCK
+
+
+def _remember_head(key: tuple[bytes, int], head: "RequestHead | ResponseHead") -> None:
+    if len(key[0]) <= _HEAD_CACHE_MAX:
+        if len(_HEAD_CACHE) >= _HEAD_CACHE_SIZE:
+            _HEAD_CACHE.clear()
+        _HEAD_CACHE[key] = head
+
+
 def parse_request_head(raw: bytes, max_headers: int = 100) -> RequestHead:
     """Parse a request head (``raw`` ends with the CRLFCRLF found by ``split_head``).
 
     Raises ProtocolError: 400 malformed, 431 more than ``max_headers`` fields, 505 version.
     """
+    if type(raw) is bytes:
+        key = (raw, max_headers)
+        head = _HEAD_CACHE.get(key)
+        if type(head) is RequestHead:
+            return head
+        head = _parse_request_head(raw, max_headers)
+        _remember_head(key, head)
+        return head
+    return _parse_request_head(raw, max_headers)
+
+
+def _parse_request_head(raw: bytes, max_headers: int) -> RequestHead:
     first, block = _split_head(raw, 400)
     m = _REQUEST_LINE.fullmatch(first)
     if m is None:
@@ -280,6 +310,18 @@ def _diagnose_request_line(line: bytes) -> str:
 
 def parse_response_head(raw: bytes, max_headers: int = 100) -> ResponseHead:
     """Parse a response head; every problem raises ProtocolError(502, ...)."""
+    if type(raw) is bytes:
+        key = (raw, max_headers)
+        head = _HEAD_CACHE.get(key)
+        if type(head) is ResponseHead:
+            return head
+        head = _parse_response_head(raw, max_headers)
+        _remember_head(key, head)
+        return head
+    return _parse_response_head(raw, max_headers)
+
+
+def _parse_response_head(raw: bytes, max_headers: int) -> ResponseHead:
     first, block = _split_head(raw, 502)
     m = _STATUS_LINE.fullmatch(first)
     if m is None:

@@ -40,6 +40,15 @@ SET_BY_US = frozenset({b"host", b"content-length", b"max-forwards", b"expect"}) 
 _CONTENT_LENGTH = frozenset({b"content-length"})
 _NOTHING: frozenset[bytes] = frozenset()
 _VIA_LINES: dict[tuple[bytes, bytes], bytes] = {}
+# Heads built recently, by the identity of their parsed field lines. `http1` shares one tuple of
+# forwarded lines among the heads of the same field block (its block cache), so a repeated block
+# finds its head here. An entry holds that tuple (its id cannot be reused while the entry lives)
+# and every other input of the head, each compared on a hit: the head is a pure function of them
+# (the field block fixes the fields, their Connection options and any Via; the target object fixes
+# path and Host). Only heads that passed `_checked` are kept; the memo is emptied when full.
+_REQUEST_MEMO: dict[int, tuple] = {}
+_RESPONSE_MEMO: dict[int, tuple] = {}
+_MEMO_SIZE = 256
 
 
 def via_line(version: bytes, pseudonym: bytes) -> bytes:
@@ -70,12 +79,22 @@ def request_head(conn: "ClientConnection", ctx: "RequestContext") -> bytes | Non
         forwarded_for = None
     else:
         return None
-    drop = names_not_forwarded(index.get(b"connection"), also=SET_BY_US)
     target = ctx.target
+    forwarded = head.lines
+    pseudonym = conn.factory.pseudonym
+    if forwarded is not None:
+        # The same client sends the same field block for the same target again and again: the
+        # head built last time for exactly these inputs is reused (see _REQUEST_MEMO).
+        entry = _REQUEST_MEMO.get(id(forwarded))
+        if (
+            entry is not None and entry[0] is forwarded and entry[1] is target and entry[2] == head.method
+            and entry[3] == forwarded_for and entry[4] == head.version and entry[5] == pseudonym
+        ):
+            return entry[6]
+    drop = names_not_forwarded(index.get(b"connection"), also=SET_BY_US)
     parts = [head.method, b" ", target.path.encode("ascii", "replace") or b"/", b" HTTP/1.1\r\nHost: ",
              host_header_for(target), b"\r\n"]
     lines = 4  # request line, Host, Via, the empty line
-    forwarded = head.lines
     if forwarded is not None:  # each field's line as forwarded, made once per distinct line (http1)
         for lname, line in forwarded:
             # Field names with "_" are dropped as on the general path (CGI-style origins would
@@ -93,9 +112,12 @@ def request_head(conn: "ClientConnection", ctx: "RequestContext") -> bytes | Non
     if forwarded_for is not None:
         parts += (b"X-Forwarded-For: ", forwarded_for, b"\r\n")
         lines += 1
-    parts.append(via_line(head.version, conn.factory.pseudonym))
+    parts.append(via_line(head.version, pseudonym))
     parts.append(b"\r\n")
-    return _checked(parts, lines)
+    data = _checked(parts, lines)
+    if forwarded is not None:
+        _remember(_REQUEST_MEMO, forwarded, (forwarded, target, head.method, forwarded_for, head.version, pseudonym, data))
+    return data
 
 
 def response_head(exchange: "Exchange", head: http1.ResponseHead, framing: http1.Framing) -> bytes | None:
@@ -104,12 +126,28 @@ def response_head(exchange: "Exchange", head: http1.ResponseHead, framing: http1
     Sets the exchange's `_response_close` as the general path does."""
     ctx = exchange.ctx
     kind = framing.kind
-    if ctx.version != b"HTTP/1.1" or (kind != "length" and kind != "none") or head.has(b"via"):
+    if ctx.version != b"HTTP/1.1" or (kind != "length" and kind != "none"):
+        return None
+    client_close = ctx.client_close or not exchange._body_done
+    forwarded = head.lines
+    pseudonym = exchange.conn.factory.pseudonym
+    length = framing.length if kind == "length" else None
+    if forwarded is not None:
+        # An origin answers with the same field block (all but its Date's second) again and
+        # again: the head built last time for exactly these inputs is reused (see _RESPONSE_MEMO).
+        entry = _RESPONSE_MEMO.get(id(forwarded))
+        if (
+            entry is not None and entry[0] is forwarded and entry[1] == head.status and entry[2] == head.reason
+            and entry[3] == length and entry[4] == client_close and entry[5] == head.version
+            and entry[6] == pseudonym
+        ):
+            exchange._response_close = client_close
+            return entry[7]
+    if head.has(b"via"):
         return None
     drop = names_not_forwarded(head.values(b"connection"), also=_CONTENT_LENGTH if kind != "none" else _NOTHING)
     parts = [b"HTTP/1.1 %d " % head.status, head.reason, b"\r\n"]
     lines = 3  # status line, Via, the empty line
-    forwarded = head.lines
     if forwarded is not None:
         for lname, line in forwarded:
             if lname not in drop:
@@ -120,17 +158,26 @@ def response_head(exchange: "Exchange", head: http1.ResponseHead, framing: http1
             if name.lower() not in drop:
                 parts += (name, b": ", value, b"\r\n")
                 lines += 1
-    parts.append(via_line(head.version, exchange.conn.factory.pseudonym))
+    parts.append(via_line(head.version, pseudonym))
     if kind == "length":
-        parts.append(b"Content-Length: %d\r\n" % framing.length)
+        parts.append(b"Content-Length: %d\r\n" % length)
         lines += 1
-    client_close = ctx.client_close or not exchange._body_done
     if client_close:
         parts.append(b"Connection: close\r\n")
         lines += 1
     parts.append(b"\r\n")
+    data = _checked(parts, lines)
     exchange._response_close = client_close
-    return _checked(parts, lines)
+    if forwarded is not None:
+        _remember(_RESPONSE_MEMO, forwarded,
+                  (forwarded, head.status, head.reason, length, client_close, head.version, pseudonym, data))
+    return data
+
+
+def _remember(memo: dict[int, tuple], forwarded: tuple, entry: tuple) -> None:
+    if len(memo) >= _MEMO_SIZE:
+        memo.clear()
+    memo[id(forwarded)] = entry
 
 
 def _checked(parts: list[bytes], lines: int) -> bytes:

@@ -22,6 +22,7 @@ from safesquid_tw.proxy import http1
 from safesquid_tw.proxy.directwrite import write_now
 from safesquid_tw.proxy.responses import ProxyFailure
 from safesquid_tw.proxy.flow import ReadGate
+from safesquid_tw.proxy.peekready import readable_now
 from safesquid_tw.proxy.headers import connection_options
 from safesquid_tw.proxy.resolver import Resolver
 
@@ -411,8 +412,9 @@ class UpstreamConnection(protocol.Protocol):
         """Whether the origin sent something (or closed) that the reactor has not read yet.
 
         Late bytes that arrived in the same instant as a new request would otherwise be read
-        as that request's response. One non-blocking peek, on plain TCP only: a TLS connection
-        legitimately receives records (session tickets) while idle, and they never surface as data.
+        as that request's response. One zero-timeout poll (proxy/peekready.py), on plain TCP only:
+        a TLS connection legitimately receives records (session tickets) while idle, and they
+        never surface as data.
         """
         if self.key[0] != "http":
             return False
@@ -420,12 +422,7 @@ class UpstreamConnection(protocol.Protocol):
         sock = handle() if handle is not None else None
         if not isinstance(sock, socket.socket):
             return False
-        try:
-            return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) is not None
-        except BlockingIOError:
-            return False
-        except OSError:
-            return True
+        return readable_now(sock)  # poll(2): the peek's answer without its usual exception
 
     def go_idle(self) -> None:
         self._restart_timer(self.pool.limits.upstream_idle_timeout, "idle", "")

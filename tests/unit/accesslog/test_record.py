@@ -88,6 +88,8 @@ def test_a_line_break_in_a_value_cannot_split_the_record():
         ("http://example.com#frag@x", "http://example.com#frag@x"),
         ("http://u:p@host", "http://host"),
         ("example.com:443", "example.com:443"),
+        ("user@example.com:443", "user@example.com:443"),
+        ("http://example.com/plain?q=1", "http://example.com/plain?q=1"),
         ("", ""),
     ],
 )

@@ -131,6 +131,28 @@ def test_batches_stay_within_the_wire_limits(clock, spool):
         assert sum(len(r) for r in batch.records) <= 256 * 1024
 
 
+def test_batch_limits_make_bigger_batches_with_the_same_records(clock, spool):
+    """A standalone node stores its own records in bigger batches (assembly/standalone.py)."""
+    shipper = started(clock, spool)
+    shipper.batch_limits = {"max_records": 5000, "max_bytes": 4 << 20}
+    for i in range(1200):
+        spool.append(record(i))
+    spool.seal()
+    sender = Sender()
+    shipper.set_sender(sender)
+    assert len(sender.batches) == 1 and len(sender.batches[0].records) == 1200
+    assert len(spool.sealed_segments()) == 1  # kept until its batch is acknowledged
+    sender.ack()
+    assert spool.sealed_segments() == [] and shipper.shipped_records == 1200
+    assert sender.records() == [record(i) for i in range(1200)]
+
+
+def test_standalone_batches_fit_a_sealed_segment():
+    from safesquid_tw.assembly.standalone import LOCAL_BATCH_LIMITS
+
+    assert LOCAL_BATCH_LIMITS["max_records"] >= 500 and LOCAL_BATCH_LIMITS["max_bytes"] >= 256 * 1024
+
+
 def test_a_failed_batch_is_sent_again_and_nothing_is_deleted_meanwhile(clock, spool):
     shipper = started(clock, spool)
     for i in range(3):

@@ -571,3 +571,52 @@ def test_length_framings_are_shared_and_bounded():
     for n in range(3000):
         assert http1.length_framing(n).length == n
     assert len(http1._BY_LENGTH) <= 1024
+
+
+# -- the whole-head cache -------------------------------------------------------------------------
+
+
+def test_a_cached_head_is_exactly_the_head_parsed_anew():
+    from safesquid_tw.proxy import http1
+
+    request = b"GET http://a.test/x HTTP/1.1\r\nHost: a.test\r\nAccept: */*\r\n\r\n"
+    response = b"HTTP/1.1 200 OK\r\nDate: Thu, 03 Dec 2026 15:00:00 GMT\r\nContent-Length: 5\r\n\r\n"
+    http1._HEAD_CACHE.clear()
+    for raw, parse, fresh in ((request, parse_request_head, http1._parse_request_head),
+                              (response, parse_response_head, http1._parse_response_head)):
+        first = parse(raw)
+        assert parse(bytes(raw)) is first  # the second parse of the same bytes is the cached head
+        assert first == fresh(raw, 100) and first.lines == fresh(raw, 100).lines
+        assert parse(bytearray(raw)) == first  # a bytearray is parsed anew, with the same result
+    # A request and a response never stand for one another.
+    with pytest.raises(ProtocolError):
+        parse_response_head(request)
+    with pytest.raises(ProtocolError):
+        parse_request_head(response)
+
+
+def test_the_head_cache_keeps_the_field_limit_apart_and_no_failure():
+    from safesquid_tw.proxy import http1
+
+    raw = b"GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\nA: 1\r\nB: 2\r\n\r\n"
+    http1._HEAD_CACHE.clear()
+    parse_request_head(raw, max_headers=10)
+    with pytest.raises(ProtocolError) as caught:
+        parse_request_head(raw, max_headers=2)
+    assert caught.value.status == 431
+    bad = b"GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\nBad Name: x\r\n\r\n"
+    for _ in range(2):
+        with pytest.raises(ProtocolError):
+            parse_request_head(bad)
+    assert all(key[0] != bad for key in http1._HEAD_CACHE)
+
+
+def test_the_head_cache_stays_bounded():
+    from safesquid_tw.proxy import http1
+
+    http1._HEAD_CACHE.clear()
+    for i in range(http1._HEAD_CACHE_SIZE + 10):
+        parse_response_head(b"HTTP/1.1 200 OK\r\nX-N: %d\r\n\r\n" % i)
+    assert len(http1._HEAD_CACHE) <= http1._HEAD_CACHE_SIZE
+    parse_response_head(b"HTTP/1.1 200 OK\r\nX-Long: " + b"v" * 3000 + b"\r\n\r\n")
+    assert not any(len(key[0]) > http1._HEAD_CACHE_MAX for key in http1._HEAD_CACHE)

@@ -253,3 +253,39 @@ def test_parsed_heads_carry_each_field_as_forwarded_cached_or_not():
     assert request.lines == ((b"host", b"Host: a.test\r\n"), (b"x_y", b"X_Y: 1\r\n"))
     # A head built by hand has none; the lean path then builds the lines from the fields.
     assert http1.RequestHead(b"GET", b"/", b"HTTP/1.1", ((b"Host", b"a"),)).lines is None
+
+
+def test_heads_reused_from_the_memo_are_those_built_anew(monkeypatch):
+    """Every exchange twice on the lean path (the second time its heads come from the memo, the
+    field blocks being cached by http1) and once on the general one: the same bytes each time."""
+    for doc in (policy_doc(), policy_doc("replace", trusted=["10.0.0.0/8"]), policy_doc("delete")):
+        for request_head, response in itertools.product(REQUEST_HEADS, RESPONSES):
+            first, general = both(monkeypatch, doc, request_head, response)
+            again, _general = both(monkeypatch, doc, request_head, response)
+            assert first == general and again == general
+
+
+def test_the_memo_is_consulted_and_keeps_every_input_apart(monkeypatch):
+    leanpath._REQUEST_MEMO.clear()
+    leanpath._RESPONSE_MEMO.clear()
+    built = []
+    checked = leanpath._checked
+    monkeypatch.setattr(leanpath, "_checked", lambda *a: built.append(1) or checked(*a))
+    node = Node(policy_doc(), lean=True, monkeypatch=monkeypatch)
+    upstream, client, _producers = node.exchange(REQUEST_HEADS[0], [OK_100])
+    assert len(built) == 2
+    assert node.exchange(REQUEST_HEADS[0], [OK_100])[:2] == (upstream, client)
+    assert len(built) == 2  # both heads came from the memo
+    # The same field blocks with another length, another target: other heads.
+    other = node.exchange(REQUEST_HEADS[0].replace(b"/a ", b"/b "), [OK_100.replace(b"5\r\n", b"4\r\n")[:-1]])
+    assert other[0].startswith(b"GET /b HTTP/1.1\r\n") and b"Content-Length: 4\r\n" in other[1]
+    # A client that asks to close gets Connection: close although the response block is the same.
+    closing = node.exchange(REQUEST_HEADS[6], [OK_100])
+    assert b"Connection: close\r\n" in closing[1] and node.client_transport.disconnecting
+
+
+def test_the_memo_stays_bounded():
+    leanpath._RESPONSE_MEMO.clear()
+    for i in range(leanpath._MEMO_SIZE * 3):
+        leanpath._remember(leanpath._RESPONSE_MEMO, (i,), ((i,),))
+    assert len(leanpath._RESPONSE_MEMO) <= leanpath._MEMO_SIZE
