@@ -217,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--phase", type=float, default=8.0, help="seconds per phase")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--rate", type=float, default=50.0, help="client requests per second")
+    parser.add_argument("--push-interval", type=float, default=0.0, metavar="S",
+                        help="start a push at most every S seconds (default 0: each as soon as the last "
+                             "reached every slave, about ten a second)")
     parser.add_argument("--worst", type=int, default=0, help="list this many of the slowest answers")
     parser.add_argument("--samples", metavar="FILE",
                         help="write every answer (wall-clock send time, latency) and push time as JSON, to "
@@ -280,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"version {version} did not reach every slave within 60 s", flush=True)
                     return 1
                 pushes.append(reached - sent)
+                pause = sent + args.push_interval - time.monotonic()
+                if pause > 0:  # the next push on time, or none in this phase
+                    time.sleep(max(0.0, min(pause, start + args.phase - time.monotonic())))
             phases.append(("pushes", start, time.monotonic()))
             for name, p in processes.items():
                 push_cpu[name] += process_cpu_seconds(p) - cpu_before[name]
