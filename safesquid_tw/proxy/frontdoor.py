@@ -34,7 +34,6 @@ from safesquid_tw.proxy.bodyinspection import BodyInspection
 from safesquid_tw.proxy.intercept.tlsmode import tls_mode
 from safesquid_tw.proxy.target import host_header_for, is_asterisk_options, parse_target
 from safesquid_tw.proxy.tunnel import Tunnel
-from safesquid_tw.proxy.connecthead import parse_connect_head
 from safesquid_tw.proxy.tunnelfast import close_now, open_tunnel
 from safesquid_tw.proxy.urlnorm import blocked_request_any, strictest_decision
 
@@ -275,10 +274,7 @@ class ClientConnection(SelfAnswers, BodyInspection, protocol.Protocol):
         raw = bytes(self.buf[:end])
         del self.buf[:end]
         self._disarm()
-        if raw.startswith(b"CONNECT "):  # tunnels repeat their heads verbatim (proxy/connecthead.py)
-            head = parse_connect_head(raw, limits.max_headers)
-        else:
-            head = http1.parse_request_head(raw, limits.max_headers)
+        head = http1.parse_request_head(raw, limits.max_headers)
         self._handle(head, len(raw))
         return True
 

@@ -187,6 +187,14 @@ _BLOCK_CACHE: dict[bytes, tuple[Fields, dict[bytes, list[bytes]], tuple[tuple[by
 _BLOCK_CACHE_SIZE = 256
 _BLOCK_CACHE_MAX_BLOCK = 2048
 
+# No cache here (lines, blocks, whole heads) keeps a field that carries credentials: a password
+# sent with a request does not stay in the node's memory after it, whatever the request was.
+_CREDENTIAL_FIELDS = frozenset({b"authorization", b"proxy-authorization"})
+
+
+def _no_credentials(index: dict[bytes, list[bytes]]) -> bool:
+    return b"proxy-authorization" not in index and b"authorization" not in index
+
 
 def _split_head(raw: bytes | bytearray, status: int) -> tuple[bytes, bytes]:
     """(first line, field block) of a head ending with CRLFCRLF, leading empty lines skipped;
@@ -208,7 +216,7 @@ def _parse_block(
     parsed = _BLOCK_CACHE.get(block)
     if parsed is None:
         parsed = _parse_fields(block.split(b"\r\n") if block else [], max_fields, status, too_many_status)
-        if len(block) <= _BLOCK_CACHE_MAX_BLOCK:
+        if len(block) <= _BLOCK_CACHE_MAX_BLOCK and _no_credentials(parsed[1]):
             if len(_BLOCK_CACHE) >= _BLOCK_CACHE_SIZE:
                 _BLOCK_CACHE.clear()
             _BLOCK_CACHE[block] = parsed
@@ -238,7 +246,7 @@ def _parse_fields(
             value = value.rstrip(b" \t")
             lname = name.lower()
             parsed = (name, value, lname, (lname, name + b": " + value + b"\r\n"))
-            if len(line) <= _LINE_CACHE_MAX_LINE:
+            if len(line) <= _LINE_CACHE_MAX_LINE and lname not in _CREDENTIAL_FIELDS:
                 if len(cache) >= _LINE_CACHE_SIZE:
                     cache.clear()
                 cache[line] = parsed
@@ -262,11 +270,20 @@ _HEAD_CACHE_SIZE = 256
 _HEAD_CACHE_MAX = _BLOCK_CACHE_MAX_BLOCK
 
 
-def _remember_head(key: tuple[bytes, int], head: "RequestHead | ResponseHead") -> None:
-    if len(key[0]) <= _HEAD_CACHE_MAX:
+def _cached_head(raw: bytes, max_headers: int, kind: type, parse) -> "RequestHead | ResponseHead":
+    """`parse(raw, max_headers)`, from `_HEAD_CACHE` when these bytes were parsed as `kind` before."""
+    if type(raw) is not bytes:
+        return parse(raw, max_headers)
+    key = (raw, max_headers)
+    head = _HEAD_CACHE.get(key)
+    if type(head) is kind:
+        return head
+    head = parse(raw, max_headers)
+    if len(raw) <= _HEAD_CACHE_MAX and _no_credentials(head._index):
         if len(_HEAD_CACHE) >= _HEAD_CACHE_SIZE:
             _HEAD_CACHE.clear()
         _HEAD_CACHE[key] = head
+    return head
 
 
 def parse_request_head(raw: bytes, max_headers: int = 100) -> RequestHead:
@@ -274,15 +291,7 @@ def parse_request_head(raw: bytes, max_headers: int = 100) -> RequestHead:
 
     Raises ProtocolError: 400 malformed, 431 more than ``max_headers`` fields, 505 version.
     """
-    if type(raw) is bytes:
-        key = (raw, max_headers)
-        head = _HEAD_CACHE.get(key)
-        if type(head) is RequestHead:
-            return head
-        head = _parse_request_head(raw, max_headers)
-        _remember_head(key, head)
-        return head
-    return _parse_request_head(raw, max_headers)
+    return _cached_head(raw, max_headers, RequestHead, _parse_request_head)
 
 
 def _parse_request_head(raw: bytes, max_headers: int) -> RequestHead:
@@ -310,15 +319,7 @@ def _diagnose_request_line(line: bytes) -> str:
 
 def parse_response_head(raw: bytes, max_headers: int = 100) -> ResponseHead:
     """Parse a response head; every problem raises ProtocolError(502, ...)."""
-    if type(raw) is bytes:
-        key = (raw, max_headers)
-        head = _HEAD_CACHE.get(key)
-        if type(head) is ResponseHead:
-            return head
-        head = _parse_response_head(raw, max_headers)
-        _remember_head(key, head)
-        return head
-    return _parse_response_head(raw, max_headers)
+    return _cached_head(raw, max_headers, ResponseHead, _parse_response_head)
 
 
 def _parse_response_head(raw: bytes, max_headers: int) -> ResponseHead:

@@ -620,3 +620,46 @@ def test_the_head_cache_stays_bounded():
     assert len(http1._HEAD_CACHE) <= http1._HEAD_CACHE_SIZE
     parse_response_head(b"HTTP/1.1 200 OK\r\nX-Long: " + b"v" * 3000 + b"\r\n\r\n")
     assert not any(len(key[0]) > http1._HEAD_CACHE_MAX for key in http1._HEAD_CACHE)
+
+
+CONNECT_HEAD = b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\nUser-Agent: t\r\n\r\n"
+
+
+def test_a_connect_head_is_parsed_once_and_the_field_limit_still_applies() -> None:
+    from safesquid_tw.proxy import http1
+
+    first = http1.parse_request_head(CONNECT_HEAD, 100)
+    assert first.get(b"host") == b"example.com:443"
+    assert http1.parse_request_head(CONNECT_HEAD, 100) is first
+    with pytest.raises(http1.ProtocolError) as caught:
+        http1.parse_request_head(CONNECT_HEAD, 1)
+    assert caught.value.status == 431
+
+
+@pytest.mark.parametrize("raw, status", [
+    (b"CONNECT example.com:443 HTTP/1.1\r\nHost : x\r\n\r\n", 400),  # space before the colon
+    (b"CONNECT example.com:443 HTTP/3.0\r\nHost: x\r\n\r\n", 505),
+    (b"CONNECT  example.com:443 HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    (b"CONNECT example.com:443 HTTP/1.1\r\n folded\r\n\r\n", 400),
+])
+def test_a_refused_connect_head_is_refused_every_time(raw: bytes, status: int) -> None:
+    from safesquid_tw.proxy import http1
+
+    for _ in range(2):
+        with pytest.raises(http1.ProtocolError) as caught:
+            http1.parse_request_head(raw, 100)
+        assert caught.value.status == status
+
+
+@pytest.mark.parametrize("field", [b"Proxy-Authorization", b"Authorization"])
+def test_credentials_are_kept_by_no_cache(field: bytes) -> None:
+    """A password sent with a request does not stay in the parser's caches after it."""
+    from safesquid_tw.proxy import http1
+
+    line = field + b": Basic YTpi"
+    raw = b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n" + line + b"\r\n\r\n"
+    head = http1.parse_request_head(raw, 100)
+    assert head.get(field.lower()) == b"Basic YTpi"
+    assert all(key[0] != raw for key in http1._HEAD_CACHE)
+    assert all(b"YTpi" not in block for block in http1._BLOCK_CACHE)
+    assert line not in http1._LINE_CACHE
